@@ -1,0 +1,158 @@
+"""Service settings: read once, at app creation, from the environment (and `.env`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+DEFAULT_BASE_URL = "https://api.replicate.com"
+
+_T = TypeVar("_T")
+
+
+class SettingsError(ValueError):
+    """A variable has a value the service cannot start with; the message names it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service is configured with. Nothing reads os.environ after this."""
+
+    replicate_api_token: str | None = field(default=None, repr=False)
+    admin_api_key: str | None = field(default=None, repr=False)
+    host: str = "0.0.0.0"  # noqa: S104 - a container must listen on every interface
+    port: int = 5003
+    concurrent_limit: int = 60
+    requests_per_minute: int = 600
+    create_burst: int = 10
+    polls_per_minute: int = 2400
+    replicate_base_url: str = DEFAULT_BASE_URL
+    output_dir: Path = Path("output")
+    state_file: Path = Path("data/state.sqlite3")
+    lease_ttl_seconds: float = 30.0
+    task_timeout_seconds: float = 300.0
+    poll_interval_seconds: float = 1.0
+    max_batch_size: int = 1000
+    max_request_bytes: int = 16 * 1024 * 1024
+    dispatch_threads: int = 128
+    max_queued_tasks: int = 10000
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        """Parse settings from an environment mapping; raise SettingsError naming the variable."""
+        env = _Env(environ)
+        concurrent = env.integer("REPLICATE_CONCURRENT_LIMIT", None, 1, 10000)
+        alias = env.integer("REPLICATE_GLOBAL_MAX_CONCURRENT", None, 1, 10000)
+        if concurrent is not None and alias is not None and concurrent != alias:
+            raise SettingsError(
+                "REPLICATE_CONCURRENT_LIMIT and its alias REPLICATE_GLOBAL_MAX_CONCURRENT disagree "
+                f"({concurrent} vs {alias}); set only one"
+            )
+        return cls(
+            replicate_api_token=env.secret("REPLICATE_API_TOKEN"),
+            admin_api_key=env.secret("CONCURRENT_DOCKER_ADMIN_API_KEY"),
+            host=env.text("FLASK_HOST", cls.host),
+            port=env.required_int("FLASK_PORT", cls.port, 1, 65535),
+            concurrent_limit=concurrent or alias or cls.concurrent_limit,
+            requests_per_minute=env.required_int(
+                "REPLICATE_REQUESTS_PER_MINUTE", cls.requests_per_minute, 1, 100000
+            ),
+            create_burst=env.required_int("REPLICATE_CREATE_BURST", cls.create_burst, 1, 1000),
+            polls_per_minute=env.required_int(
+                "REPLICATE_POLLS_PER_MINUTE", cls.polls_per_minute, 1, 100000
+            ),
+            replicate_base_url=env.base_url("REPLICATE_BASE_URL"),
+            output_dir=Path(env.text("OUTPUT_DIR", str(cls.output_dir))),
+            state_file=Path(env.text("STATE_FILE", str(cls.state_file))),
+            lease_ttl_seconds=env.number("LEASE_TTL_SECONDS", cls.lease_ttl_seconds, 0.5, 3600),
+            task_timeout_seconds=env.number(
+                "TASK_TIMEOUT_SECONDS", cls.task_timeout_seconds, 1, 86400
+            ),
+            poll_interval_seconds=env.number(
+                "POLL_INTERVAL_SECONDS", cls.poll_interval_seconds, 0.01, 60
+            ),
+            max_batch_size=env.required_int("MAX_BATCH_SIZE", cls.max_batch_size, 1, 100000),
+            max_request_bytes=env.required_int(
+                "MAX_REQUEST_BYTES", cls.max_request_bytes, 1024, 1024**3
+            ),
+            dispatch_threads=env.required_int("DISPATCH_THREADS", cls.dispatch_threads, 1, 4096),
+            max_queued_tasks=env.required_int(
+                "MAX_QUEUED_TASKS", cls.max_queued_tasks, 1, 10_000_000
+            ),
+            log_level=env.choice(
+                "LOG_LEVEL", cls.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")
+            ),
+        )
+
+
+class _Env:
+    """Typed access to an environment mapping, with errors that name the variable."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def _raw(self, name: str) -> str | None:
+        value = self._environ.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def text(self, name: str, default: str) -> str:
+        return self._raw(name) or default
+
+    def secret(self, name: str) -> str | None:
+        value = self._raw(name)
+        if value is not None and any(ch.isspace() or not ch.isprintable() for ch in value):
+            # The value itself is never echoed: it is a secret.
+            raise SettingsError(f"{name} contains whitespace or control characters")
+        return value
+
+    def _parse(self, name: str, kind: Callable[[str], _T], what: str) -> _T | None:
+        raw = self._raw(name)
+        if raw is None:
+            return None
+        try:
+            return kind(raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be {what}, got {raw!r}") from None
+
+    def integer(self, name: str, default: int | None, low: int, high: int) -> int | None:
+        value = self._parse(name, int, "an integer")
+        if value is None:
+            return default
+        if not low <= value <= high:
+            raise SettingsError(f"{name} must be between {low} and {high}, got {value}")
+        return value
+
+    def required_int(self, name: str, default: int, low: int, high: int) -> int:
+        value = self.integer(name, default, low, high)
+        assert value is not None  # noqa: S101 - default is an int, so value is too
+        return value
+
+    def number(self, name: str, default: float, low: float, high: float) -> float:
+        value = self._parse(name, float, "a number")
+        if value is None:
+            return default
+        if not math.isfinite(value) or not low <= value <= high:
+            raise SettingsError(f"{name} must be between {low} and {high}, got {value}")
+        return value
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = (self._raw(name) or default).upper()
+        if value not in allowed:
+            raise SettingsError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        return value
+
+    def base_url(self, name: str) -> str:
+        value = self._raw(name) or DEFAULT_BASE_URL
+        if not value.startswith(("http://", "https://")):
+            raise SettingsError(f"{name} must start with http:// or https://, got {value!r}")
+        # The client appends /v1/... itself, so a trailing /v1 would double it.
+        trimmed = value.rstrip("/")
+        if trimmed.endswith("/v1"):
+            raise SettingsError(f"{name} must not end in /v1 (the client adds it), got {value!r}")
+        return trimmed
