@@ -1,0 +1,729 @@
+"""Per-account concurrency and rate limits shared by every thread and process on a host.
+
+Two mechanisms, both kept in one shared store (SQLite here; Redis later, behind
+the same ``LimitStore`` protocol):
+
+* Concurrency = leases with an expiry. A holder keeps its lease alive through
+  the manager's heartbeat thread; a process that dies simply stops renewing,
+  so its slots come back after ``lease_ttl`` seconds. There is no counter to
+  leak. Waiters queue as tickets ordered by an autoincrement sequence, which
+  gives FIFO admission across processes.
+* Rate = GCRA per (account, kind). ``reserve`` spends a token and returns how
+  long the caller must wait before using it, so callers sleep outside every
+  lock and transaction (the upstream limiter slept while holding its lock and
+  deadlocked).
+
+An "account" is an opaque string (the caller passes a hash of the token); this
+module knows nothing of Flask, Replicate or models.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple, Protocol
+
+__all__ = [
+    "AccountStats",
+    "ConcurrencyManager",
+    "DeadlineExceeded",
+    "Kind",
+    "LimitStore",
+    "Limits",
+    "SQLiteLimitStore",
+]
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["create", "poll"]
+
+# Inclusive bounds checked by Limits.validate(); a 0 would block forever and a
+# negative rate would divide by zero or go backwards (upstream defect §3.8).
+_LIMIT_RANGES: dict[str, tuple[int, int]] = {
+    "max_concurrent": (1, 10_000),
+    "requests_per_minute": (1, 100_000),
+    "burst": (1, 1_000),
+    "polls_per_minute": (1, 100_000),
+}
+
+# Transactions here last microseconds; this only matters under heavy
+# contention, and a writer that waits this long means something is wrong.
+_BUSY_TIMEOUT_S = 10.0
+# A bogus Retry-After (or "inf") must not freeze an account for good.
+_MAX_BACKOFF_S = 3600.0
+# Sleeps are measured on another clock than time.time(); a wake-up a hair
+# early must not be mistaken for a new back-off.
+_BACKOFF_EPSILON_S = 0.01
+_WINDOW_S = 60.0
+_BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-account limits; the same values apply to every account."""
+
+    max_concurrent: int  # predictions in flight per account
+    requests_per_minute: int  # prediction creates per minute per account
+    burst: int = 1  # creates allowed back-to-back above the steady pace
+    polls_per_minute: int = 2400  # non-create calls per account (Replicate: 3000)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field that is not an int in range."""
+        for name, (low, high) in _LIMIT_RANGES.items():
+            value = getattr(self, name)
+            # bool is an int subclass; True as a limit is a caller bug.
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+
+
+class DeadlineExceeded(Exception):
+    """A wait for a slot or a token would pass the caller's deadline."""
+
+
+class AccountStats(NamedTuple):
+    account: str
+    in_flight: int  # live (unexpired) leases
+    waiting: int  # callers (any process) currently waiting for a lease
+    creates_last_minute: int  # create tokens whose use time fell in the last 60 s
+    backoff_remaining: float  # seconds of shared 429 back-off left
+
+
+class LimitStore(Protocol):
+    """Shared state behind ConcurrencyManager. Every method is one short atomic step."""
+
+    @property
+    def lease_ttl(self) -> float:
+        """Seconds a lease or ticket lives without renewal."""
+        ...
+
+    def get_limits(self) -> Limits: ...
+
+    def set_limits(self, limits: Limits) -> None: ...
+
+    def try_acquire(self, account: str, ticket: str) -> str | None:
+        """Enqueue or refresh ``ticket``; return a lease id if it may enter now."""
+        ...
+
+    def renew(self, lease_ids: Sequence[str], ticket_ids: Sequence[str]) -> None: ...
+
+    def release(self, lease_id: str) -> None: ...
+
+    def leave_queue(self, ticket: str) -> None: ...
+
+    def reserve(self, account: str, kind: Kind, *, max_wait: float = math.inf) -> float:
+        """Spend one token now; return seconds to wait before using it.
+
+        If the wait would exceed ``max_wait`` nothing is spent and the (too
+        long) wait is returned, so callers never burn a token they cannot use.
+        """
+        ...
+
+    def back_off(self, account: str, seconds: float) -> None: ...
+
+    def backoff_remaining(self, account: str) -> float: ...
+
+    def stats(self, account: str | None = None) -> list[AccountStats]: ...
+
+
+_SCHEMA = (
+    # Single row (id = 1) present only once set_limits() stored an override.
+    """CREATE TABLE IF NOT EXISTS cm_limits (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        max_concurrent INTEGER NOT NULL,
+        requests_per_minute INTEGER NOT NULL,
+        burst INTEGER NOT NULL,
+        polls_per_minute INTEGER NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS cm_leases (
+        id TEXT PRIMARY KEY, account TEXT NOT NULL, expires REAL NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS cm_leases_account ON cm_leases (account)",
+    "CREATE INDEX IF NOT EXISTS cm_leases_expires ON cm_leases (expires)",
+    # AUTOINCREMENT: a seq is never reused, so a new ticket can never sort
+    # ahead of an older one even after the newest row was deleted.
+    """CREATE TABLE IF NOT EXISTS cm_tickets (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, ticket TEXT NOT NULL UNIQUE,
+        account TEXT NOT NULL, expires REAL NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS cm_tickets_account ON cm_tickets (account, seq)",
+    "CREATE INDEX IF NOT EXISTS cm_tickets_expires ON cm_tickets (expires)",
+    """CREATE TABLE IF NOT EXISTS cm_pacers (
+        account TEXT NOT NULL, kind TEXT NOT NULL, tat REAL NOT NULL,
+        PRIMARY KEY (account, kind)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS cm_backoffs (
+        account TEXT PRIMARY KEY, until REAL NOT NULL) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS cm_create_log (
+        account TEXT NOT NULL, at REAL NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS cm_create_log_account ON cm_create_log (account, at)",
+    "CREATE INDEX IF NOT EXISTS cm_create_log_at ON cm_create_log (at)",
+)
+
+
+class SQLiteLimitStore:
+    """LimitStore on one SQLite file (WAL) shared by every process on the host.
+
+    Each thread gets its own connection, so a writer waiting on SQLite's busy
+    timeout never holds a Python lock that other threads (or /health) need.
+    Times stored are ``clock()`` values, wall-clock by default so that all
+    processes agree.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        default_limits: Limits,
+        *,
+        lease_ttl: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        default_limits.validate()
+        if not (math.isfinite(lease_ttl) and lease_ttl > 0):
+            raise ValueError(f"lease_ttl must be a positive number of seconds, got {lease_ttl!r}")
+        self._path = os.fspath(path)
+        if self._path in ("", ":memory:"):
+            # Per-thread connections to ":memory:" would each see a private database.
+            raise ValueError("SQLiteLimitStore needs a file path shared by all processes")
+        Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        self._defaults = default_limits
+        self._ttl = float(lease_ttl)
+        self._clock = clock
+        self._local = threading.local()
+        # Connections inherited through fork() must not be used or closed in
+        # the child (closing would drop the child's own POSIX locks); keep them.
+        self._inherited: list[sqlite3.Connection] = []
+        self._create_schema()
+
+    @property
+    def lease_ttl(self) -> float:
+        return self._ttl
+
+    # -- connections and transactions ------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None and getattr(self._local, "pid", None) == os.getpid():
+            return conn
+        if conn is not None:
+            self._inherited.append(conn)
+        # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
+        conn = sqlite3.connect(self._path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+        # NORMAL is durable across process crashes in WAL mode; only an OS
+        # crash can lose the last commits, which for limit state is harmless.
+        conn.execute("PRAGMA synchronous = NORMAL")
+        self._local.conn = conn
+        self._local.pid = os.getpid()
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A short write transaction; IMMEDIATE takes the write lock up front
+        so read-then-write never fails half way with SQLITE_BUSY."""
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            # Never leave a transaction open on this thread's connection:
+            # the next BEGIN would fail and the write lock would be held.
+            if conn.in_transaction:
+                conn.rollback()
+            raise
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A consistent snapshot; in WAL mode readers never wait for writers."""
+        conn = self._connection()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            if conn.in_transaction:
+                conn.rollback()
+
+    def _create_schema(self) -> None:
+        self._enable_wal(self._connection())
+        with self._write() as conn:
+            for statement in _SCHEMA:
+                conn.execute(statement)
+
+    @staticmethod
+    def _enable_wal(conn: sqlite3.Connection) -> None:
+        """Switch the file to WAL (persistent; a no-op once done).
+
+        When several workers open a brand-new file at once, the switch can
+        fail with SQLITE_BUSY without consulting the busy handler, so retry
+        briefly. Startup only, and no lock is held while sleeping.
+        """
+        give_up = time.monotonic() + _BUSY_TIMEOUT_S
+        while True:
+            try:
+                row = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", None) not in _BUSY_CODES:
+                    raise
+                if time.monotonic() > give_up:
+                    raise
+                time.sleep(random.uniform(0.005, 0.05))  # noqa: S311 - jitter only
+                continue
+            if row is None or str(row[0]).lower() != "wal":
+                # Still correct (BEGIN IMMEDIATE serialises writers) but readers
+                # such as stats() may then wait for writers; e.g. network filesystems.
+                logger.warning("SQLite refused WAL mode (journal_mode=%s)", row)
+            return
+
+    # -- limits -------------------------------------------------------------
+
+    def _limits(self, conn: sqlite3.Connection) -> Limits:
+        row = conn.execute(
+            "SELECT max_concurrent, requests_per_minute, burst, polls_per_minute"
+            " FROM cm_limits WHERE id = 1"
+        ).fetchone()
+        if row is None:
+            return self._defaults
+        return Limits(int(row[0]), int(row[1]), int(row[2]), int(row[3]))
+
+    def get_limits(self) -> Limits:
+        return self._limits(self._connection())
+
+    def set_limits(self, limits: Limits) -> None:
+        limits.validate()
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO cm_limits"
+                " (id, max_concurrent, requests_per_minute, burst, polls_per_minute)"
+                " VALUES (1, ?, ?, ?, ?)",
+                (
+                    limits.max_concurrent,
+                    limits.requests_per_minute,
+                    limits.burst,
+                    limits.polls_per_minute,
+                ),
+            )
+
+    # -- leases and tickets -----------------------------------------------
+
+    def try_acquire(self, account: str, ticket: str) -> str | None:
+        with self._write() as conn:
+            now = self._clock()
+            # Purging here, inside the granting transaction, is what frees
+            # the slots of dead holders: no separate reaper to fail.
+            conn.execute("DELETE FROM cm_leases WHERE expires <= ?", (now,))
+            conn.execute("DELETE FROM cm_tickets WHERE expires <= ?", (now,))
+            seq = self._upsert_ticket(conn, account, ticket, now)
+            free = self._limits(conn).max_concurrent - _count(
+                conn, "SELECT COUNT(*) FROM cm_leases WHERE account = ?", (account,)
+            )
+            if free <= 0:  # also covers a lowered limit: in-flight work finishes first
+                return None
+            ahead = _count(
+                conn,
+                "SELECT COUNT(*) FROM cm_tickets WHERE account = ? AND seq < ?",
+                (account, seq),
+            )
+            if ahead >= free:  # FIFO: only the first `free` waiters may enter
+                return None
+            conn.execute("DELETE FROM cm_tickets WHERE seq = ?", (seq,))
+            lease_id = uuid.uuid4().hex
+            conn.execute(
+                "INSERT INTO cm_leases (id, account, expires) VALUES (?, ?, ?)",
+                (lease_id, account, now + self._ttl),
+            )
+            return lease_id
+
+    def _upsert_ticket(
+        self, conn: sqlite3.Connection, account: str, ticket: str, now: float
+    ) -> int:
+        """Refresh the ticket, or enqueue it at the back (if new, or expired
+        and purged)."""
+        expires = now + self._ttl
+        row = conn.execute("SELECT seq FROM cm_tickets WHERE ticket = ?", (ticket,)).fetchone()
+        if row is not None:
+            conn.execute("UPDATE cm_tickets SET expires = ? WHERE seq = ?", (expires, row[0]))
+            return int(row[0])
+        cursor = conn.execute(
+            "INSERT INTO cm_tickets (ticket, account, expires) VALUES (?, ?, ?)",
+            (ticket, account, expires),
+        )
+        if cursor.lastrowid is None:  # pragma: no cover - sqlite always sets it
+            raise RuntimeError("SQLite returned no rowid for a new ticket")
+        return cursor.lastrowid
+
+    def renew(self, lease_ids: Sequence[str], ticket_ids: Sequence[str]) -> None:
+        if not lease_ids and not ticket_ids:
+            return
+        with self._write() as conn:
+            expires = self._clock() + self._ttl
+            # A lease that expired but was not purged yet is revived: nobody
+            # was granted its slot (grants purge first), so this stays safe and
+            # a holder paused past its ttl is still counted while it works.
+            conn.executemany(
+                "UPDATE cm_leases SET expires = ? WHERE id = ?",
+                [(expires, lease_id) for lease_id in lease_ids],
+            )
+            conn.executemany(
+                "UPDATE cm_tickets SET expires = ? WHERE ticket = ?",
+                [(expires, ticket) for ticket in ticket_ids],
+            )
+
+    def release(self, lease_id: str) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM cm_leases WHERE id = ?", (lease_id,))
+
+    def leave_queue(self, ticket: str) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM cm_tickets WHERE ticket = ?", (ticket,))
+
+    # -- rate (GCRA) and back-off --------------------------------------------
+
+    def reserve(self, account: str, kind: Kind, *, max_wait: float = math.inf) -> float:
+        if kind not in ("create", "poll"):
+            raise ValueError(f"kind must be 'create' or 'poll', got {kind!r}")
+        with self._write() as conn:
+            now = self._clock()
+            limits = self._limits(conn)
+            rate = limits.requests_per_minute if kind == "create" else limits.polls_per_minute
+            interval = _WINDOW_S / rate  # emission interval T
+            tolerance = (limits.burst - 1) * interval  # tau
+            # During a shared back-off the account behaves as if "now" were
+            # the end of the back-off, so every kind waits it out and tokens
+            # taken during it are still spaced by GCRA afterwards.
+            arrival = max(now, _backoff_until(conn, account))
+            tat = _tat(conn, account, kind, default=arrival)
+            use_at = max(arrival, tat - tolerance)
+            if use_at - now > max_wait:
+                return use_at - now  # spend nothing: the caller cannot use it
+            conn.execute(
+                "INSERT OR REPLACE INTO cm_pacers (account, kind, tat) VALUES (?, ?, ?)",
+                (account, kind, max(tat, arrival) + interval),
+            )
+            if kind == "create":
+                self._log_create(conn, account, use_at, now)
+            return use_at - now
+
+    @staticmethod
+    def _log_create(conn: sqlite3.Connection, account: str, use_at: float, now: float) -> None:
+        # Logged at the time the token may be used, so creates_last_minute
+        # approximates what Replicate sees rather than how many are queued.
+        conn.execute("DELETE FROM cm_create_log WHERE at <= ?", (now - _WINDOW_S,))
+        conn.execute("INSERT INTO cm_create_log (account, at) VALUES (?, ?)", (account, use_at))
+
+    def back_off(self, account: str, seconds: float) -> None:
+        if math.isnan(seconds) or seconds < 0:
+            raise ValueError(f"back-off seconds must be >= 0, got {seconds!r}")
+        seconds = min(seconds, _MAX_BACKOFF_S)
+        with self._write() as conn:
+            now = self._clock()
+            until = max(_backoff_until(conn, account), now + seconds)
+            conn.execute(
+                "INSERT OR REPLACE INTO cm_backoffs (account, until) VALUES (?, ?)",
+                (account, until),
+            )
+            # Later create reservations start after the back-off.
+            tat = max(_tat(conn, account, "create", default=until), until)
+            conn.execute(
+                "INSERT OR REPLACE INTO cm_pacers (account, kind, tat) VALUES (?, 'create', ?)",
+                (account, tat),
+            )
+
+    def backoff_remaining(self, account: str) -> float:
+        until = _backoff_until(self._connection(), account)
+        return max(0.0, until - self._clock())
+
+    # -- observability --------------------------------------------------------
+
+    def stats(self, account: str | None = None) -> list[AccountStats]:
+        """Read-only snapshot; never takes the write lock, so health checks
+        cannot block behind the limiter."""
+        with self._read() as conn:
+            now = self._clock()
+            accounts = [account] if account is not None else _active_accounts(conn, now)
+            return [_account_stats(conn, name, now) for name in accounts]
+
+
+def _count(conn: sqlite3.Connection, sql: str, params: tuple[object, ...]) -> int:
+    row = conn.execute(sql, params).fetchone()
+    return int(row[0]) if row is not None else 0
+
+
+def _tat(conn: sqlite3.Connection, account: str, kind: str, *, default: float) -> float:
+    row = conn.execute(
+        "SELECT tat FROM cm_pacers WHERE account = ? AND kind = ?", (account, kind)
+    ).fetchone()
+    return float(row[0]) if row is not None else default
+
+
+def _backoff_until(conn: sqlite3.Connection, account: str) -> float:
+    row = conn.execute("SELECT until FROM cm_backoffs WHERE account = ?", (account,)).fetchone()
+    return float(row[0]) if row is not None else 0.0
+
+
+def _active_accounts(conn: sqlite3.Connection, now: float) -> list[str]:
+    rows = conn.execute(
+        "SELECT account FROM cm_leases WHERE expires > :now"
+        " UNION SELECT account FROM cm_tickets WHERE expires > :now"
+        " UNION SELECT account FROM cm_backoffs WHERE until > :now"
+        " UNION SELECT account FROM cm_create_log WHERE at > :since"
+        " ORDER BY 1",
+        {"now": now, "since": now - _WINDOW_S},
+    ).fetchall()
+    return [str(row[0]) for row in rows]
+
+
+def _account_stats(conn: sqlite3.Connection, account: str, now: float) -> AccountStats:
+    return AccountStats(
+        account=account,
+        in_flight=_count(
+            conn,
+            "SELECT COUNT(*) FROM cm_leases WHERE account = ? AND expires > ?",
+            (account, now),
+        ),
+        waiting=_count(
+            conn,
+            "SELECT COUNT(*) FROM cm_tickets WHERE account = ? AND expires > ?",
+            (account, now),
+        ),
+        creates_last_minute=_count(
+            conn,
+            "SELECT COUNT(*) FROM cm_create_log WHERE account = ? AND at > ? AND at <= ?",
+            (account, now - _WINDOW_S, now),
+        ),
+        backoff_remaining=max(0.0, _backoff_until(conn, account) - now),
+    )
+
+
+class ConcurrencyManager:
+    """Per-process front end: waits for leases and tokens, keeps leases alive.
+
+    One per process. All waiting happens here, outside any store transaction
+    and outside every lock.
+    """
+
+    def __init__(
+        self,
+        store: LimitStore,
+        *,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+        poll_interval: float = 0.05,
+        heartbeat_interval: float | None = None,
+    ) -> None:
+        if not (math.isfinite(poll_interval) and poll_interval > 0):
+            raise ValueError(f"poll_interval must be a positive number, got {poll_interval!r}")
+        if heartbeat_interval is None:
+            # Three beats per ttl: one missed beat (a busy database) is survivable.
+            heartbeat_interval = store.lease_ttl / 3
+        if not (math.isfinite(heartbeat_interval) and heartbeat_interval > 0):
+            raise ValueError(f"heartbeat_interval must be positive, got {heartbeat_interval!r}")
+        self._store = store
+        self._clock = clock
+        self._sleep = sleep
+        self._poll_interval = poll_interval
+        self._heartbeat_interval = heartbeat_interval
+        self._reset_process_state()
+
+    def _reset_process_state(self) -> None:
+        """Fresh per-process state; also run in a forked child (gunicorn
+        --preload), where the parent's threads and registrations do not exist."""
+        self._pid = os.getpid()
+        self._registry_lock = threading.Lock()
+        self._leases: set[str] = set()
+        self._tickets: set[str] = set()
+        # Local releases bump the generation and wake waiters at once; waiters
+        # still poll so that releases in other processes are seen.
+        self._changed = threading.Condition()
+        self._generation = 0
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        self._closed = False
+
+    # -- concurrency ------------------------------------------------------------
+
+    @contextmanager
+    def slot(self, account: str, deadline: float) -> Iterator[None]:
+        """Hold one of the account's in-flight slots for the body of the block."""
+        lease_id = self._acquire(account, deadline)
+        try:
+            yield
+        finally:
+            self._release(lease_id)
+
+    def _acquire(self, account: str, deadline: float) -> str:
+        self._check_open()
+        if self._clock() >= deadline:
+            raise DeadlineExceeded(f"deadline passed before waiting for a slot ({account})")
+        self._ensure_heartbeat()
+        ticket = uuid.uuid4().hex
+        self._track(self._tickets, ticket)
+        lease_id: str | None = None
+        try:
+            lease_id = self._wait_for_lease(account, ticket, deadline)
+            self._track(self._leases, lease_id)
+            return lease_id
+        finally:
+            self._untrack(self._tickets, ticket)
+            if lease_id is None:
+                # Giving up may move later waiters (here or elsewhere) to the front.
+                self._best_effort(self._store.leave_queue, ticket)
+                self._notify()
+
+    def _wait_for_lease(self, account: str, ticket: str, deadline: float) -> str:
+        while True:
+            generation = self._generation
+            if self._closed:
+                raise RuntimeError("ConcurrencyManager has been shut down")
+            lease_id = self._store.try_acquire(account, ticket)
+            if lease_id is not None:
+                return lease_id
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                raise DeadlineExceeded(f"no concurrency slot for {account} before the deadline")
+            self._wait_for_change(generation, min(remaining, self._jittered_poll()))
+
+    def _wait_for_change(self, generation: int, timeout: float) -> None:
+        with self._changed:
+            # Skip the wait if a release happened since we read the
+            # generation: its notify would otherwise be lost.
+            if self._generation == generation:
+                self._changed.wait(timeout)
+
+    def _jittered_poll(self) -> float:
+        # Jitter spreads the polls of many waiters so they do not hit the
+        # database in lock-step. Not security-relevant randomness.
+        return self._poll_interval * random.uniform(0.5, 1.5)  # noqa: S311
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._generation += 1
+            self._changed.notify_all()
+
+    def _release(self, lease_id: str) -> None:
+        self._untrack(self._leases, lease_id)
+        self._best_effort(self._store.release, lease_id)
+        self._notify()
+
+    @staticmethod
+    def _best_effort(cleanup: Callable[[str], None], item: str) -> None:
+        """Run a cleanup whose failure must not mask the caller's result or
+        exception: an unrenewed lease or ticket expires by itself within lease_ttl."""
+        try:
+            cleanup(item)
+        except Exception:
+            logger.error("cleanup of %s failed; it will expire", item, exc_info=True)
+
+    # -- heartbeat --------------------------------------------------------------
+
+    def _track(self, registry: set[str], item: str) -> None:
+        with self._registry_lock:
+            registry.add(item)
+
+    def _untrack(self, registry: set[str], item: str) -> None:
+        with self._registry_lock:
+            registry.discard(item)
+
+    def _ensure_heartbeat(self) -> None:
+        with self._registry_lock:
+            if self._heartbeat is not None and self._heartbeat.is_alive():
+                return
+            # Started lazily so that a manager built before gunicorn forks
+            # gets its thread in the worker that uses it.
+            self._heartbeat = threading.Thread(
+                target=self._heartbeat_loop, name="concurrency-heartbeat", daemon=True
+            )
+            self._heartbeat.start()
+
+    def _heartbeat_loop(self) -> None:
+        stop = self._stop
+        while not stop.wait(self._heartbeat_interval):
+            self._renew_once()
+
+    def _renew_once(self) -> None:
+        with self._registry_lock:
+            leases, tickets = list(self._leases), list(self._tickets)
+        if not leases and not tickets:
+            return
+        try:
+            self._store.renew(leases, tickets)
+        except Exception:
+            # Keep beating: one failed renewal is survivable (interval is a
+            # fraction of the ttl); a dead heartbeat would drop every lease.
+            logger.error("lease heartbeat failed; retrying", exc_info=True)
+
+    # -- rate -------------------------------------------------------------------
+
+    def wait_for_create(self, account: str, deadline: float) -> None:
+        """Take one create token and sleep until it may be used."""
+        self._wait_for_token(account, "create", deadline)
+
+    def wait_for_poll(self, account: str, deadline: float) -> None:
+        """Take one non-create (poll, cancel) token and sleep until it may be used."""
+        self._wait_for_token(account, "poll", deadline)
+
+    def _wait_for_token(self, account: str, kind: Kind, deadline: float) -> None:
+        self._check_open()
+        while True:
+            budget = deadline - self._clock()
+            if budget < 0:
+                raise DeadlineExceeded(f"deadline passed before a {kind} token ({account})")
+            wait = self._store.reserve(account, kind, max_wait=budget)
+            if wait > budget:
+                raise DeadlineExceeded(
+                    f"{kind} token for {account} needs {wait:.3f}s, only {budget:.3f}s left"
+                )
+            if wait > 0:
+                self._sleep(wait)  # outside every lock and transaction
+            if self._store.backoff_remaining(account) <= _BACKOFF_EPSILON_S:
+                return
+            # A 429 back-off began while we slept: using this token now would
+            # hit a throttled account, so take a new one placed after it.
+
+    def throttled(self, account: str, retry_after: float) -> None:
+        """A 429 was seen: every worker of the account, in every process, backs off."""
+        self._store.back_off(account, retry_after)
+
+    # -- configuration and status -------------------------------------------------
+
+    def limits(self) -> Limits:
+        return self._store.get_limits()
+
+    def configure(self, limits: Limits) -> None:
+        """Store new limits for every process. A lower limit admits nobody
+        new until in-flight work has drained below it."""
+        limits.validate()
+        self._store.set_limits(limits)
+        self._notify()  # a raised limit may admit local waiters now
+
+    def stats(self, account: str | None = None) -> list[AccountStats]:
+        return self._store.stats(account)
+
+    def shutdown(self) -> None:
+        """Stop the heartbeat and give back this process's leases and tickets."""
+        self._closed = True
+        self._stop.set()
+        heartbeat = self._heartbeat
+        if heartbeat is not None and heartbeat is not threading.current_thread():
+            heartbeat.join(timeout=5.0)
+        with self._registry_lock:
+            leases, tickets = list(self._leases), list(self._tickets)
+            self._leases.clear()
+            self._tickets.clear()
+        for lease_id in leases:
+            self._best_effort(self._store.release, lease_id)
+        for ticket in tickets:
+            self._best_effort(self._store.leave_queue, ticket)
+        self._notify()
+
+    def _check_open(self) -> None:
+        if self._pid != os.getpid():
+            self._reset_process_state()
+        if self._closed:
+            raise RuntimeError("ConcurrencyManager has been shut down")
