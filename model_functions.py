@@ -1,0 +1,492 @@
+"""What each model does: validate a request against the catalogue, call Replicate, keep its output.
+
+No Flask here. Every Replicate call goes through a per-token `replicate.Client` and through the
+account's limits (a lease while the prediction is in flight, a paced token for every create and
+every poll). Errors come out as `GenerationError` with a kind the HTTP layer maps to a status.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import replicate
+from replicate.exceptions import ReplicateError
+
+from catalogue import MODELS, ModelSpec, Param
+from concurrency_manager import ConcurrencyManager, DeadlineExceeded
+from outputs import DownloadError, SavedFile, output_sources, save_outputs
+
+log = logging.getLogger(__name__)
+
+TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
+NOT_RETRIED = {401: "replicate_unauthorized", 402: "replicate_payment_required",
+               404: "replicate_not_found", 422: "replicate_invalid_input"}
+CONTENT_POLICY_MARKERS = ("(E005)", "flagged as sensitive", "NSFW")
+MAX_SERVER_ERRORS = 3
+MAX_URI_LENGTH = 2048
+DOWNLOAD_GRACE_SECONDS = 120.0
+
+
+# --------------------------------------------------------------------------- validation
+
+
+class InvalidRequest(ValueError):
+    """The caller's input is wrong; `field` names where, `extra` adds keys to the error body."""
+
+    def __init__(self, field: str, message: str, **extra: object) -> None:
+        super().__init__(message)
+        self.field = field
+        self.extra = extra
+
+
+def resolve_model(name: object, field: str = "model_name") -> ModelSpec:
+    """Return the catalogue entry for a short id (`flux-dev`) or a full ref (`owner/name`)."""
+    if not isinstance(name, str) or not name:
+        raise InvalidRequest(field, f"{field} is required and must be a string")
+    for spec in MODELS.values():
+        if name in (spec.id, spec.ref):
+            return spec
+    raise InvalidRequest(
+        field, f"Model '{name[:200]}' not supported", supported_models=sorted(MODELS)
+    )
+
+
+def build_input(
+    spec: ModelSpec, prompt: object, params: Mapping[str, object], prefix: str = ""
+) -> dict[str, object]:
+    """Validate every parameter against the catalogue and return the full model input."""
+    if prompt is None:
+        raise InvalidRequest(f"{prefix}prompt", f"{prefix}prompt is required")
+    checked = {"prompt": _check(_prompt_param(spec), prompt, f"{prefix}prompt")}
+    if not str(checked["prompt"]).strip():
+        raise InvalidRequest(f"{prefix}prompt", f"{prefix}prompt must not be empty")
+    for name, value in params.items():
+        param = spec.param(name)
+        if param is None or name == "prompt":
+            allowed = ", ".join(p.name for p in spec.params if p.name != "prompt")
+            raise InvalidRequest(
+                f"{prefix}{name}",
+                f"Unknown parameter '{name[:100]}' for model {spec.id}; allowed: {allowed}",
+            )
+        checked[name] = _check(param, value, f"{prefix}{name}")
+    for param in spec.params:
+        if param.name not in checked:
+            if param.required:
+                raise InvalidRequest(f"{prefix}{param.name}", f"{prefix}{param.name} is required")
+            if param.default is not None:
+                checked[param.name] = param.default
+    return checked
+
+
+def _prompt_param(spec: ModelSpec) -> Param:
+    param = spec.param("prompt")
+    if param is None:  # every catalogue entry has one; a test guards the catalogue
+        raise InvalidRequest("model_name", f"model {spec.id} takes no prompt")
+    return param
+
+
+def _check(param: Param, value: object, field: str) -> object:
+    """Return the value if it fits the parameter's type, choices and range."""
+    checker = _CHECKERS[param.type]
+    checker(param, value, field)
+    if param.choices is not None and value not in param.choices:
+        options = ", ".join(repr(c) for c in param.choices)
+        raise InvalidRequest(field, f"{field} must be one of {options}")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if param.minimum is not None and value < param.minimum:
+            raise InvalidRequest(field, f"{field} must be >= {param.minimum}")
+        if param.maximum is not None and value > param.maximum:
+            raise InvalidRequest(field, f"{field} must be <= {param.maximum}")
+    return value
+
+
+def _check_string(param: Param, value: object, field: str) -> None:
+    if not isinstance(value, str):
+        raise InvalidRequest(field, f"{field} must be a string")
+    if param.max_length is not None and len(value) > param.max_length:
+        raise InvalidRequest(field, f"{field} must be at most {param.max_length} characters")
+
+
+def _check_integer(param: Param, value: object, field: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(field, f"{field} must be an integer")
+
+
+def _check_number(param: Param, value: object, field: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidRequest(field, f"{field} must be a number")
+
+
+def _check_boolean(param: Param, value: object, field: str) -> None:
+    if not isinstance(value, bool):
+        raise InvalidRequest(field, f"{field} must be true or false")
+
+
+def _check_uri(param: Param, value: object, field: str) -> None:
+    """Accept an http(s) URL or a data: URI; never a path on this server."""
+    message = (f"{field} must be an http(s) URL or a data: URI "
+               "(paths on the server are not accepted)")
+    if not isinstance(value, str):
+        raise InvalidRequest(field, message)
+    if value.startswith("data:"):
+        if "," not in value:
+            raise InvalidRequest(field, f"{field} is not a valid data: URI")
+        return
+    parts = urlsplit(value)
+    if (parts.scheme not in ("http", "https") or not parts.netloc or len(value) > MAX_URI_LENGTH
+            or any(ch.isspace() or not ch.isprintable() for ch in value)):
+        raise InvalidRequest(field, message)
+
+
+_CHECKERS: dict[str, Callable[[Param, object, str], None]] = {
+    "string": _check_string,
+    "integer": _check_integer,
+    "number": _check_number,
+    "boolean": _check_boolean,
+    "uri": _check_uri,
+}
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class GenerationError(Exception):
+    """A task failed; `kind` says how, the message is safe to show the caller."""
+
+    def __init__(self, kind: str, message: str, *, prediction_id: str | None = None,
+                 upstream_status: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.prediction_id = prediction_id
+        self.upstream_status = upstream_status
+
+
+def account_key(token: str) -> str:
+    """Name an account by a hash of its token: limits, stats and logs never hold the token."""
+    return "acct_" + hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- clients
+
+
+class _Throttle(threading.local):
+    """The last 429 this thread saw (ReplicateError drops Retry-After and the body retry_after)."""
+
+    retry_after: float | None = None
+
+
+_throttle = _Throttle()
+_RESETS_IN = re.compile(r"resets in ~?(\d+(?:\.\d+)?)\s*s")
+
+
+def retry_after_of(response: httpx.Response) -> float | None:
+    """Read how long Replicate asks us to wait: header, body `retry_after`, or the detail text."""
+    header = response.headers.get("retry-after", "").strip()
+    if header.replace(".", "", 1).isdigit():
+        return float(header)
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    if isinstance(body, dict):
+        value = body.get("retry_after")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        match = _RESETS_IN.search(str(body.get("detail", "")))
+        if match:
+            return float(match.group(1))
+    return None
+
+
+class GuardedTransport(httpx.BaseTransport):
+    """Give every request a timeout and remember 429 hints for the calling thread.
+
+    replicate 1.0.7 sends prediction creates with no timeout at all, so a hung create would pin a
+    worker forever; and its ReplicateError keeps neither Retry-After nor the body's retry_after.
+    """
+
+    def __init__(self, timeout: httpx.Timeout, max_connections: int) -> None:
+        self._timeout = timeout.as_dict()
+        limits = httpx.Limits(max_connections=max_connections,
+                              max_keepalive_connections=max_connections)
+        self._inner = httpx.HTTPTransport(limits=limits)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        given = request.extensions.get("timeout") or {}
+        request.extensions["timeout"] = {
+            key: given.get(key) if given.get(key) is not None else default
+            for key, default in self._timeout.items()
+        }
+        response = self._inner.handle_request(request)
+        if response.status_code == 429:
+            response.read()
+            _throttle.retry_after = retry_after_of(response)
+        return response
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class ClientPool:
+    """One replicate.Client per token (bounded LRU), never the module-level default client."""
+
+    def __init__(self, base_url: str, *, max_clients: int = 256, max_connections: int = 100,
+                 timeout: httpx.Timeout | None = None) -> None:
+        self._base_url = base_url
+        self._max = max_clients
+        self._max_connections = max_connections
+        self._timeout = timeout or httpx.Timeout(30.0, connect=5.0, pool=10.0)
+        self._clients: OrderedDict[str, replicate.Client] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, token: str) -> replicate.Client:
+        """Return the client for this token, building (and warming) it once."""
+        key = account_key(token)
+        with self._lock:
+            client = self._clients.get(key)
+            if client is None:
+                client = self._build(token)
+                self._clients[key] = client
+                while len(self._clients) > self._max:
+                    self._clients.popitem(last=False)
+            self._clients.move_to_end(key)
+            return client
+
+    def _build(self, token: str) -> replicate.Client:
+        transport = GuardedTransport(self._timeout, self._max_connections)
+        client = replicate.Client(api_token=token, base_url=self._base_url, transport=transport)
+        # The client builds its httpx client lazily without a lock: touching it here, under ours,
+        # stops concurrent first calls from each building (and leaking) a pool of their own.
+        _ = client._client  # noqa: SLF001
+        return client
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class Attempt:
+    """One prediction (or create that failed) made for a task."""
+
+    model: str
+    prediction_id: str | None = None
+    status: str | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {"model": self.model, "prediction_id": self.prediction_id,
+                "status": self.status, "error": self.error}
+
+
+@dataclass
+class Generated:
+    """What a finished task produced."""
+
+    prediction_id: str
+    files: list[SavedFile]
+    attempts: list[Attempt] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The shared machinery a task runs on."""
+
+    manager: ConcurrencyManager
+    clients: ClientPool
+    output_root: Path
+    api_origin: str
+    task_timeout: float
+    poll_interval: float
+    clock: Callable[[], float] = time.time
+    sleep: Callable[[float], None] = time.sleep
+
+
+@dataclass(frozen=True)
+class Job:
+    """One prediction to make and where its files go."""
+
+    spec: ModelSpec
+    input: dict[str, object]
+    token: str = field(repr=False)
+    dest_dir: Path
+    stem: str
+
+    @property
+    def account(self) -> str:
+        return account_key(self.token)
+
+
+def generate(job: Job, rt: Runtime, attempts: list[Attempt] | None = None) -> Generated:
+    """Run one prediction within the account's limits, then download its outputs at once."""
+    attempts = attempts if attempts is not None else []
+    deadline = rt.clock() + rt.task_timeout
+    client = rt.clients.get(job.token)
+    try:
+        with rt.manager.slot(job.account, deadline):
+            prediction = _create(client, job, rt, deadline, attempts)
+            final = _await_terminal(client, job, rt, prediction, deadline)
+    except DeadlineExceeded:
+        raise GenerationError(
+            "deadline_exceeded",
+            f"no slot or create budget within the {rt.task_timeout:g} s task deadline",
+        ) from None
+    attempts[-1].status = "succeeded"
+    files = _download(final, job, rt, deadline)
+    return Generated(prediction_id=final.id, files=files, attempts=attempts)
+
+
+def _create(client: replicate.Client, job: Job, rt: Runtime, deadline: float,
+            attempts: list[Attempt]) -> Any:
+    """Create the prediction; 429s back off the whole account and retry the same model."""
+    server_errors = 0
+    while True:
+        rt.manager.wait_for_create(job.account, deadline)
+        attempt = Attempt(model=job.spec.ref)
+        attempts.append(attempt)
+        try:
+            prediction = client.models.predictions.create(model=job.spec.ref, input=job.input)
+        except ReplicateError as exc:
+            attempt.error = _describe(exc)
+            server_errors += _handle_create_error(exc, job, rt, server_errors)
+            continue
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            # Nothing reached Replicate, so nothing was created: safe to try again.
+            attempt.error = f"could not reach Replicate: {type(exc).__name__}"
+            server_errors += 1
+            _raise_after_too_many(server_errors, attempt.error)
+            rt.sleep(min(2.0**server_errors, max(0.0, deadline - rt.clock())))
+            continue
+        except httpx.HTTPError as exc:
+            # The request was sent and its answer lost: the prediction may exist. Creating again
+            # could pay twice, so the task fails instead.
+            attempt.error = f"lost Replicate's answer to a create: {type(exc).__name__}"
+            raise GenerationError("create_uncertain", attempt.error + "; not retried to avoid "
+                                  "paying twice") from None
+        attempt.prediction_id = prediction.id
+        attempt.status = prediction.status
+        log.info("created prediction %s model=%s account=%s", prediction.id, job.spec.ref,
+                 job.account)
+        return prediction
+
+
+def _handle_create_error(exc: ReplicateError, job: Job, rt: Runtime, server_errors: int) -> int:
+    """Back off on 429, retry a few 5xx, raise on everything else; return 5xx to add."""
+    status = exc.status or 0
+    if status == 429:
+        retry_after = _throttle.retry_after or _retry_after_from_detail(exc) or 5.0
+        _throttle.retry_after = None
+        rt.manager.throttled(job.account, min(max(retry_after, 0.5), 60.0))
+        log.warning("replicate throttled creates for account=%s; backing off %.1fs",
+                    job.account, retry_after)
+        return 0
+    if status in NOT_RETRIED:
+        raise GenerationError(NOT_RETRIED[status], _describe(exc), upstream_status=status)
+    if status >= 500:
+        _raise_after_too_many(server_errors + 1, _describe(exc), status)
+        rt.sleep(min(2.0 ** (server_errors + 1), 10.0))
+        return 1
+    raise GenerationError("upstream_error", _describe(exc), upstream_status=status)
+
+
+def _raise_after_too_many(count: int, message: str, status: int | None = None) -> None:
+    if count >= MAX_SERVER_ERRORS:
+        raise GenerationError("upstream_unavailable", f"{message} (after {count} tries)",
+                              upstream_status=status)
+
+
+def _retry_after_from_detail(exc: ReplicateError) -> float | None:
+    match = _RESETS_IN.search(exc.detail or "")
+    return float(match.group(1)) if match else None
+
+
+def _describe(exc: ReplicateError) -> str:
+    parts = [f"Replicate answered {exc.status}"]
+    if exc.title:
+        parts.append(exc.title)
+    if exc.detail:
+        parts.append(exc.detail.strip())
+    return ": ".join(parts)
+
+
+def _await_terminal(client: replicate.Client, job: Job, rt: Runtime, prediction: Any,
+                    deadline: float) -> Any:
+    """Poll (paced) until the prediction ends; past the deadline cancel it on Replicate."""
+    errors = 0
+    while prediction.status not in TERMINAL:
+        pause = min(rt.poll_interval, deadline - rt.clock())
+        if pause <= 0:
+            _cancel(client, job, rt, prediction.id)
+            raise GenerationError(
+                "deadline_exceeded",
+                f"prediction {prediction.id} did not finish within {rt.task_timeout:g} s "
+                "and was canceled", prediction_id=prediction.id)
+        rt.sleep(pause)
+        try:
+            rt.manager.wait_for_poll(job.account, deadline)
+            prediction = client.predictions.get(prediction.id)
+            errors = 0
+        except DeadlineExceeded:
+            continue
+        except Exception as exc:  # noqa: BLE001 - a failed poll costs nothing; try again
+            errors += 1
+            log.warning("poll of %s failed (%d in a row): %s", prediction.id, errors,
+                        type(exc).__name__)
+    return _check_terminal(prediction)
+
+
+def _check_terminal(prediction: Any) -> Any:
+    """Turn a failed, canceled or empty prediction into a GenerationError."""
+    pid = prediction.id
+    if prediction.status == "succeeded":
+        if not output_sources(prediction.output):
+            raise GenerationError("empty_output", f"prediction {pid} succeeded with no output "
+                                  "(often a safety filter)", prediction_id=pid)
+        return prediction
+    error = str(prediction.error or prediction.status)
+    if prediction.status == "failed":
+        kind = "content_policy" if any(m in error for m in CONTENT_POLICY_MARKERS) else \
+            "model_failed"
+        raise GenerationError(kind, f"prediction {pid} failed: {error}", prediction_id=pid)
+    raise GenerationError("canceled", f"prediction {pid} was {prediction.status} on Replicate",
+                          prediction_id=pid)
+
+
+def _cancel(client: replicate.Client, job: Job, rt: Runtime, prediction_id: str) -> None:
+    """Best effort: stop paying for a prediction nobody will wait for."""
+    try:
+        rt.manager.wait_for_poll(job.account, rt.clock() + 10.0)
+        client.predictions.cancel(prediction_id)
+        log.info("canceled prediction %s account=%s", prediction_id, job.account)
+    except Exception as exc:  # noqa: BLE001 - the task fails either way; say so in the log
+        log.warning("cancel of %s failed: %s", prediction_id, type(exc).__name__)
+
+
+def _download(prediction: Any, job: Job, rt: Runtime, deadline: float) -> list[SavedFile]:
+    """Download the outputs now: Replicate deletes them after an hour."""
+    fallback = job.input.get("output_format")
+    try:
+        return save_outputs(
+            output_sources(prediction.output), job.dest_dir, job.stem, root=rt.output_root,
+            deadline=max(deadline, rt.clock() + DOWNLOAD_GRACE_SECONDS), auth_token=job.token,
+            auth_origin=rt.api_origin, clock=rt.clock,
+            fallback_ext=f".{fallback}" if isinstance(fallback, str) else None)
+    except DownloadError as exc:
+        raise GenerationError("download_failed", f"prediction {prediction.id} succeeded but "
+                              f"its output could not be saved: {exc}",
+                              prediction_id=prediction.id) from None
+    except OSError as exc:
+        raise GenerationError("storage_error", f"prediction {prediction.id} succeeded but "
+                              f"writing its output failed: {exc.strerror}",
+                              prediction_id=prediction.id) from None

@@ -1,0 +1,99 @@
+"""Shared fixtures: a Replicate simulator on 127.0.0.1 and the service built against it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from app import create_app
+from replicate_simulator import SimConfig, Simulator
+from settings import Settings
+
+ADMIN_KEY = "test-admin-key-0123456789"
+SERVER_TOKEN = "r8_server_test_token"
+USER_TOKEN = "r8_user_one_test_tok"
+OTHER_TOKEN = "r8_user_two_test_tok"
+
+ADMIN = {"X-Admin-API-Key": ADMIN_KEY}
+USER = {"X-Replicate-API-Key": USER_TOKEN}
+OTHER = {"X-Replicate-API-Key": OTHER_TOKEN}
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test may see the developer's real tokens or settings."""
+    for name in list(os.environ):
+        if name.startswith(("REPLICATE_", "CONCURRENT_DOCKER_", "FLASK_")) or name in (
+            "OUTPUT_DIR", "STATE_FILE", "LEASE_TTL_SECONDS", "TASK_TIMEOUT_SECONDS",
+        ):
+            monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session")
+def sim_server() -> Iterator[Simulator]:
+    sim = Simulator(SimConfig())
+    sim.start()
+    yield sim
+    sim.stop()
+
+
+@pytest.fixture
+def sim(sim_server: Simulator) -> Simulator:
+    """The simulator, reset to fast defaults for each test."""
+    sim_server.reset()
+    sim_server.config = SimConfig(run_seconds=0.05, queue_seconds=0.01)
+    return sim_server
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, sim: Simulator) -> Callable[..., Settings]:
+    def build(**overrides: Any) -> Settings:
+        base = Settings(
+            replicate_api_token=SERVER_TOKEN,
+            admin_api_key=ADMIN_KEY,
+            replicate_base_url=sim.base_url,
+            output_dir=tmp_path / "output",
+            state_file=tmp_path / "data" / "state.sqlite3",
+            concurrent_limit=5,
+            requests_per_minute=6000,
+            create_burst=50,
+            polls_per_minute=60000,
+            poll_interval_seconds=0.02,
+            task_timeout_seconds=20,
+            lease_ttl_seconds=5,
+            dispatch_threads=32,
+        )
+        return replace(base, **overrides)
+
+    return build
+
+
+@pytest.fixture
+def make_app(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., Flask]]:
+    apps: list[Flask] = []
+
+    def build(**overrides: Any) -> Flask:
+        app = create_app(make_settings(**overrides))
+        apps.append(app)
+        return app
+
+    yield build
+    for app in apps:
+        app.extensions["generator"].close()
+
+
+@pytest.fixture
+def app(make_app: Callable[..., Flask]) -> Flask:
+    return make_app()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
