@@ -1,0 +1,75 @@
+"""Run the service as the image does (gunicorn + gunicorn.conf.py) in a child process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+GUNICORN = Path(sys.executable).parent / "gunicorn"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Gunicorn:
+    """A real gunicorn master with its workers, in its own process group."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, cwd: Path = ROOT,
+                 command: list[str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
+                    "FLASK_HOST": "127.0.0.1", "FLASK_PORT": str(self.port), **env}
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        argv = command or [str(GUNICORN), "-c", "gunicorn.conf.py", "app:create_app()"]
+        self.proc = subprocess.Popen(  # noqa: S603 - fixed argv, test only
+            argv, cwd=cwd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited: {self.log()}")
+            try:
+                if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"gunicorn not ready: {self.log()}")
+
+    def post(self, path: str, body: Any, headers: dict[str, str], timeout: float = 120) -> Any:
+        return requests.post(self.url + path, json=body, headers=headers, timeout=timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the master and every worker at once: nothing gets to clean up."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
