@@ -37,6 +37,7 @@ CONTENT_POLICY_MARKERS = ("(E005)", "flagged as sensitive", "NSFW")
 MAX_SERVER_ERRORS = 3
 MAX_URI_LENGTH = 2048
 DOWNLOAD_GRACE_SECONDS = 120.0
+CANCEL_WAIT_SECONDS = 60.0
 
 
 # --------------------------------------------------------------------------- validation
@@ -366,7 +367,7 @@ def _create(client: replicate.Client, job: Job, rt: Runtime, deadline: float,
             attempt.error = f"could not reach Replicate: {type(exc).__name__}"
             server_errors += 1
             _raise_after_too_many(server_errors, attempt.error)
-            rt.sleep(min(2.0**server_errors, max(0.0, deadline - rt.clock())))
+            rt.sleep(min(_retry_pause(server_errors), max(0.0, deadline - rt.clock())))
             continue
         except httpx.HTTPError as exc:
             # The request was sent and its answer lost: the prediction may exist. Creating again
@@ -395,7 +396,7 @@ def _handle_create_error(exc: ReplicateError, job: Job, rt: Runtime, server_erro
         raise GenerationError(NOT_RETRIED[status], _describe(exc), upstream_status=status)
     if status >= 500:
         _raise_after_too_many(server_errors + 1, _describe(exc), status)
-        rt.sleep(min(2.0 ** (server_errors + 1), 10.0))
+        rt.sleep(_retry_pause(server_errors + 1))
         return 1
     raise GenerationError("upstream_error", _describe(exc), upstream_status=status)
 
@@ -404,6 +405,11 @@ def _raise_after_too_many(count: int, message: str, status: int | None = None) -
     if count >= MAX_SERVER_ERRORS:
         raise GenerationError("upstream_unavailable", f"{message} (after {count} tries)",
                               upstream_status=status)
+
+
+def _retry_pause(count: int) -> float:
+    """Exponential pause before retrying a create that did not reach or was refused by Replicate."""
+    return float(min(0.5 * 2**count, 10.0))
 
 
 def _retry_after_from_detail(exc: ReplicateError) -> float | None:
@@ -466,7 +472,8 @@ def _check_terminal(prediction: Any) -> Any:
 def _cancel(client: replicate.Client, job: Job, rt: Runtime, prediction_id: str) -> None:
     """Best effort: stop paying for a prediction nobody will wait for."""
     try:
-        rt.manager.wait_for_poll(job.account, rt.clock() + 10.0)
+        # A shared 429 back-off may pause polls for a while; a cancel is worth waiting for.
+        rt.manager.wait_for_poll(job.account, rt.clock() + CANCEL_WAIT_SECONDS)
         client.predictions.cancel(prediction_id)
         log.info("canceled prediction %s account=%s", prediction_id, job.account)
     except Exception as exc:  # noqa: BLE001 - the task fails either way; say so in the log

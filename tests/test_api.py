@@ -373,3 +373,62 @@ def test_admin_key_without_server_token_is_refused_clearly(
     assert post(client, "/generate", {"model_name": "flux-dev", "prompt": "x"}, USER)\
         .status_code == 200
     assert ADMIN_KEY not in response.get_data(as_text=True)
+
+
+# --------------------------------------------------------------------------- edges
+
+
+def test_data_uri_outputs_are_saved_with_their_real_format(
+        app: Flask, client: FlaskClient, sim: Simulator) -> None:
+    sim.config.output_as_data_uri = True
+    data = post(client, "/generate", {"model_name": "flux-kontext-max", "prompt": "x"},
+                ADMIN).get_json()
+    (path,) = files_on_disk(app, data["files"])
+    assert path.suffix == ".png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_full_queue_is_refused_with_429_and_retry_after(
+        make_app: Callable[..., Flask], sim: Simulator) -> None:
+    client = make_app(max_queued_tasks=2).test_client()
+    response = post(client, "/generate-batch",
+                    {"model_name": "flux-dev", "prompts": ["a", "b", "c"]}, ADMIN)
+    assert response.status_code == 429 and int(response.headers["Retry-After"]) > 0
+    assert "error" in response.get_json() and sim.predictions() == []
+
+
+def test_a_create_500_is_retried_on_the_same_model(client: FlaskClient, sim: Simulator) -> None:
+    sim.inject("POST", r"/predictions$", 500, {"detail": "Internal server error"})
+    data = post(client, "/generate", {"model_name": "flux-dev", "prompt": "x"}, ADMIN).get_json()
+    assert data["success"] is True
+    attempts = data["results"][0]["attempts"]
+    assert [a["model"] for a in attempts] == ["black-forest-labs/flux-dev"] * 2
+    assert "500" in attempts[0]["error"] and attempts[1]["prediction_id"] == data["prediction_id"]
+
+
+def test_unreachable_replicate_is_a_502_after_a_few_tries(
+        make_app: Callable[..., Flask]) -> None:
+    client = make_app(replicate_base_url="http://127.0.0.1:9").test_client()
+    response = post(client, "/generate", {"model_name": "flux-dev", "prompt": "x"}, ADMIN)
+    data = response.get_json()
+    assert response.status_code == 502 and data["error_type"] == "upstream_unavailable"
+    assert len(data["results"][0]["attempts"]) == 3
+
+
+def test_no_odd_body_makes_it_answer_500(client: FlaskClient, sim: Simulator) -> None:
+    odd: list[Any] = [None, 0, "x", [], {}, {"model_name": None}, {"model_name": ["flux-dev"]},
+                      {"model_name": "flux-dev", "prompt": {"a": 1}},
+                      {"model_name": "flux-dev", "prompt": "x", "seed": 10**40},
+                      {"model_name": "flux-dev", "prompt": "x", "guidance": float("nan")},
+                      {"model_name": "flux-dev", "prompt": "x", "custom_filename": ["a"]},
+                      {"model_name": "flux-dev", "prompts": [None]},
+                      {"model_name": "flux-dev", "prompts": ["a"], "custom_filenames": [1]},
+                      {"model_name": "flux-dev", "prompts": ["a"], "custom_filenames": "a"},
+                      {"tasks": [{"prompt": "a", "model_name": 5}]}, {"tasks": {}},
+                      {"tasks": [{"prompt": "a", "model_name": "flux-dev", "tasks": []}]},
+                      {"concurrent_limit": 10**30}, {"concurrent_limit": 2.5}]
+    for path in ("/generate", "/generate-batch", "/configure"):
+        for body in odd:
+            response = client.post(path, json=body, headers=ADMIN)
+            assert 400 <= response.status_code < 500, (path, body, response.get_json())
+            assert isinstance(response.get_json()["error"], str)
+    assert sim.predictions() == []
