@@ -27,12 +27,15 @@ def main() -> int:
     base_url = simulator.start("127.0.0.1", args.sim_port)
     env = {**os.environ, "REPLICATE_BASE_URL": base_url, "REPLICATE_API_TOKEN": DEMO_TOKEN,
            "CONCURRENT_DOCKER_ADMIN_API_KEY": DEMO_ADMIN_KEY, "FLASK_HOST": "127.0.0.1",
-           "FLASK_PORT": str(args.port), "STATE_FILE": str(ROOT / "data" / "demo.sqlite3"),
-           "OUTPUT_DIR": str(ROOT / "output")}
+           "FLASK_PORT": str(args.port), "STATE_FILE": "data/demo.sqlite3",
+           # Relative to the service's working directory (ROOT), so results read "output/...".
+           "OUTPUT_DIR": "output"}
     gunicorn = Path(sys.executable).parent / "gunicorn"
     service = subprocess.Popen(  # noqa: S603 - fixed argv
         [str(gunicorn), "-c", "gunicorn.conf.py", "app:create_app()"], cwd=ROOT, env=env)
     _banner(args.port, base_url)
+    # `kill` (SIGTERM) stops the demo as Ctrl-C does, instead of orphaning gunicorn.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return service.wait()
     except KeyboardInterrupt:
@@ -40,6 +43,10 @@ def main() -> int:
         return service.wait(timeout=30)
     finally:
         simulator.stop()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _parse_args() -> argparse.Namespace:
