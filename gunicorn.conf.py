@@ -98,8 +98,9 @@ preload_app = False
 timeout = 30
 
 # On SIGTERM (docker stop) workers stop accepting and get this long to finish in-flight requests,
-# then are killed. It equals compose's stop_grace_period (30s); Docker's SIGKILL comes at the same
-# moment, so gunicorn may not log the forced exit. Longer requests are cut off at shutdown.
+# then are killed. compose's stop_grace_period is 35s, so gunicorn finishes (or logs the forced
+# exit) before Docker's SIGKILL; a bare `docker stop` waits only 10 s unless given `-t 35`.
+# Longer requests are cut off at shutdown.
 graceful_timeout = 30
 
 # The heartbeat above is a file touched every second. In a container /tmp is on the overlay (disk)

@@ -27,17 +27,24 @@ class Gunicorn:
     """A real gunicorn master with its workers, in its own process group."""
 
     def __init__(self, env: dict[str, str], log_path: Path, cwd: Path = ROOT,
-                 command: list[str] | None = None) -> None:
+                 command: list[str] | None = None,
+                 run_as: tuple[int, int] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
                     "FLASK_HOST": "127.0.0.1", "FLASK_PORT": str(self.port), **env}
+        # Kept so a probe can run in the service's exact environment (the image's HEALTHCHECK).
+        self.env = full_env
         self.log_path = log_path
         self._log = log_path.open("wb")
         argv = command or [str(GUNICORN), "-c", "gunicorn.conf.py", "app:create_app()"]
+        # run_as=(uid, gid) drops privileges in the child, supplementary groups included (a root
+        # caller's would otherwise survive); None keeps the caller's identity.
+        uid, gid = run_as if run_as is not None else (None, None)
         self.proc = subprocess.Popen(  # noqa: S603 - fixed argv, test only
             argv, cwd=cwd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            start_new_session=True, user=uid, group=gid,
+            extra_groups=None if run_as is None else [])
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
