@@ -241,6 +241,9 @@ def _prompts_mode(body: dict[str, Any], max_items: int) -> list[Task]:
 def _tasks_mode(body: dict[str, Any], max_items: int) -> list[Task]:
     items = _items(body, "tasks", max_items)
     shared = {k: v for k, v in body.items() if k not in ("model_name", "tasks")}
+    if "prompt" in shared:
+        # Each task's own prompt would silently win over it: say so instead.
+        raise InvalidRequest("prompt", "With tasks, put each prompt inside its task")
     tasks = []
     for i, item in enumerate(items):
         where = f"tasks[{i}]"

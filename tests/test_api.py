@@ -306,6 +306,7 @@ def test_batch_validation_errors(client: FlaskClient, sim: Simulator) -> None:
         ({"model_name": "flux-dev", "tasks": ["a"]}, "tasks[0]"),
         ({"model_name": "flux-dev", "tasks": [{"custom_filename": "a"}]}, "tasks[0].prompt"),
         ({"tasks": [{"prompt": "a"}]}, "tasks[0].model_name"),
+        ({"model_name": "flux-dev", "prompt": "shared", "tasks": [{"prompt": "a"}]}, "prompt"),
         ({"tasks": [{"prompt": "a", "model_name": "flux-dev", "guidance": 99}]},
          "tasks[0].guidance"),
         ({"model_name": "flux-dev", "tasks": [
