@@ -39,6 +39,13 @@ def test_health_needs_no_key_and_reports_limits(client: FlaskClient) -> None:
     assert body["concurrency_status"]["requests_per_minute"] == 6000
 
 
+def test_read_only_routes_refuse_other_methods(client: FlaskClient) -> None:
+    for path in ("/health", "/models", "/status"):
+        response = client.post(path, json={}, headers=ADMIN)
+        assert response.status_code == 405 and "error" in response.get_json()
+    assert client.get("/configure", headers=ADMIN).status_code == 405
+
+
 def test_models_lists_every_parameter_with_type_choices_and_default(client: FlaskClient) -> None:
     body = client.get("/models").get_json()
     assert body["model_count"] == 3

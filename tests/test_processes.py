@@ -97,6 +97,8 @@ def test_two_processes_share_one_concurrency_limit(
     stats = sim.stats(SERVER_TOKEN)
     assert stats["predictions"] == 24
     assert stats["inflight_peak"] == 5  # bound, and reached: the limit really binds
+    assert sim.max_creates_in_window(SERVER_TOKEN, 60) <= settings.requests_per_minute + \
+        settings.create_burst
 
 
 def test_two_processes_share_one_create_rate(
@@ -108,12 +110,16 @@ def test_two_processes_share_one_create_rate(
     remote_prompts = [f"r{i}" for i in range(6)]
     local_prompts = [f"l{i}" for i in range(6)]
     with ThreadPoolExecutor(2) as pool:
-        remote = pool.submit(server.post, "/generate-batch", batch(remote_prompts), ADMIN)
-        here = pool.submit(local.post, "/generate-batch", json=batch(local_prompts),
-                           headers=ADMIN)
-        assert remote.result().json()["success"] is True
-        assert here.result().get_json()["success"] is True
+        remote = pool.submit(server.post, "/generate-batch",
+                             batch(remote_prompts, [f"remote_{p}" for p in remote_prompts]), ADMIN)
+        here = pool.submit(local.post, "/generate-batch", json=batch(
+            local_prompts, [f"local_{p}" for p in local_prompts]), headers=ADMIN)
+        assert_batch_ok(remote.result().json(), remote_prompts,
+                        [f"remote_{p}" for p in remote_prompts])
+        assert_batch_ok(here.result().get_json(), local_prompts,
+                        [f"local_{p}" for p in local_prompts])
     assert sim.stats(SERVER_TOKEN)["creates_accepted"] == 12
+    assert sim.stats(SERVER_TOKEN)["inflight_peak"] <= 5
     # GCRA at 1/s with a burst of 3: at most W + 3 creates in any W-second window.
     assert sim.max_creates_in_window(SERVER_TOKEN, 60) <= 60 + 3
     for window in (1, 3, 5):
