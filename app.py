@@ -297,13 +297,9 @@ def status() -> Response:
     """Live figures: everyone sees totals, a user their own account, the admin every account."""
     settings, generator = _settings(), _generator()
     caller = _resolve_caller(settings) if _has_key() else None
-    if caller is None:
-        accounts = []
-    elif caller.admin:
-        accounts = generator.manager.stats()
-    else:
-        accounts = generator.manager.stats(caller.account)
     totals = generator.manager.stats()
+    accounts = [a for a in totals if caller is not None and (caller.admin or
+                                                              a.account == caller.account)]
     return jsonify(
         service=SERVICE, version=VERSION, limits=_limits_view(generator.manager.limits()),
         admin_api_configured=bool(settings.admin_api_key),
