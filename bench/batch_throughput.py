@@ -57,6 +57,17 @@ def run_batch(server: Gunicorn, items: int) -> tuple[float, dict[str, object]]:
     return time.monotonic() - started, response.json()
 
 
+def serve_batch(sim: Simulator, items: int, limit: int, rpm: int,
+                burst: int) -> tuple[float, dict[str, object]]:
+    """Start the service with these limits, run one batch through it, stop it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        server = start_service(sim, Path(tmp), limit, rpm=rpm, burst=burst)
+        try:
+            return run_batch(server, items)
+        finally:
+            server.stop()
+
+
 def baseline(sim: Simulator, items: int, limit: int) -> float:
     """The same work with no service: a pool of `limit` threads, create then poll every 1 s."""
     client = replicate.Client(api_token=TOKEN + "_baseline", base_url=sim.base_url)
@@ -79,12 +90,7 @@ def concurrency(args: argparse.Namespace) -> None:
                               create_rate_per_minute=1e6, create_burst=100000,
                               other_rate_per_minute=1e6, other_burst=100000))
     sim.start()
-    with tempfile.TemporaryDirectory() as tmp:
-        server = start_service(sim, Path(tmp), args.limit, rpm=100000, burst=1000)
-        try:
-            wall, data = run_batch(server, args.items)
-        finally:
-            server.stop()
+    wall, data = serve_batch(sim, args.items, args.limit, rpm=100000, burst=1000)
     ok = data.get("successful_count")
     base = baseline(sim, args.items, args.limit)
     ideal = math.ceil(args.items / args.limit) * args.run_seconds
@@ -100,12 +106,7 @@ def concurrency(args: argparse.Namespace) -> None:
 def rpm(args: argparse.Namespace) -> None:
     sim = Simulator(SimConfig(run_seconds=args.run_seconds, queue_seconds=0.0))
     sim.start()
-    with tempfile.TemporaryDirectory() as tmp:
-        server = start_service(sim, Path(tmp), args.limit, rpm=args.rpm, burst=1)
-        try:
-            wall, data = run_batch(server, args.items)
-        finally:
-            server.stop()
+    wall, data = serve_batch(sim, args.items, args.limit, rpm=args.rpm, burst=1)
     times = sorted(sim.create_times(TOKEN))
     span = times[-1] - times[0]
     achieved = (len(times) - 1) / span * 60 if span > 0 else float("inf")
@@ -121,12 +122,7 @@ def storm(args: argparse.Namespace) -> None:
     sim = Simulator(SimConfig(run_seconds=args.run_seconds, queue_seconds=0.0,
                               create_rate_per_minute=args.rpm, create_burst=5))
     sim.start()
-    with tempfile.TemporaryDirectory() as tmp:
-        server = start_service(sim, Path(tmp), args.limit, rpm=600, burst=10)
-        try:
-            wall, data = run_batch(server, args.items)
-        finally:
-            server.stop()
+    wall, data = serve_batch(sim, args.items, args.limit, rpm=600, burst=10)
     stats = sim.stats(TOKEN)
     ideal = max(0.0, (args.items - 5) / args.rpm * 60) + args.run_seconds
     print(f"items={args.items} ok={data.get('successful_count')} service rpm=600 "
