@@ -13,17 +13,22 @@ from functools import wraps
 from typing import Any, TypeVar, cast
 
 from dotenv import find_dotenv, load_dotenv
-from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, send_file
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as WerkzeugResponse
 
+import webhooks
 from catalogue import MODELS
 from concurrency_manager import Limits
 from dispatcher import QueueFull, ShuttingDown
-from generation import Generator, Task, TaskResult
-from model_functions import GenerationError, InvalidRequest, account_key, build_input, resolve_model
-from outputs import InvalidName, default_stem, safe_filename
-from settings import Settings
+from generation import Generator
+from job_store import IdempotencyConflict, JobRow
+from jobs import JobRunner, Submission, output_path, webhook_secret
+from model_functions import GenerationError, InvalidRequest, account_key
+from outputs import InvalidName
+from request_parsing import Parsed, estimate, parse_batch, parse_single, request_hash
+from routing import FallbackChains
+from settings import Settings, SettingsError
 
 SERVICE = "replicate-concurrent-generation"
 VERSION = "3.1.0"
@@ -32,6 +37,7 @@ AUTH_MESSAGE = ("No valid API key provided. Either provide X-Admin-API-Key or "
 STATUS_BY_KIND = {"deadline_exceeded": 504, "shutting_down": 503, "storage_error": 507,
                   "internal_error": 500}
 TOKEN_SHAPE = re.compile(r"^[\x21-\x7e]{8,256}$")
+IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
 LIMIT_FIELDS = {"concurrent_limit": "max_concurrent", "requests_per_minute": "requests_per_minute",
                 "burst": "burst", "polls_per_minute": "polls_per_minute"}
 
@@ -75,10 +81,17 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    generator = Generator(settings)
+    try:
+        chains = FallbackChains.parse(settings.fallback_chains)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    runner = JobRunner(settings)
     app.extensions["settings"] = settings
-    app.extensions["generator"] = generator
-    atexit.register(generator.close)
+    app.extensions["chains"] = chains
+    app.extensions["jobs"] = runner
+    app.extensions["generator"] = runner.generator
+    # gunicorn's worker_exit hook closes it first; this covers every other way of serving.
+    atexit.register(runner.close)
     app.register_blueprint(bp)
     app.register_error_handler(ApiError, _api_error)
     app.register_error_handler(HTTPException, _http_error)
@@ -129,6 +142,14 @@ def _generator() -> Generator:
     return cast(Generator, current_app.extensions["generator"])
 
 
+def _runner() -> JobRunner:
+    return cast(JobRunner, current_app.extensions["jobs"])
+
+
+def _chains() -> FallbackChains:
+    return cast(FallbackChains, current_app.extensions["chains"])
+
+
 # --------------------------------------------------------------------------- auth
 
 
@@ -157,6 +178,9 @@ def require_key(role: str = "any") -> Callable[[F], F]:
             if role == "admin" and not caller.admin:
                 raise ApiError(403, "This route needs the admin key (X-Admin-API-Key)")
             g.caller = caller
+            if caller.token is not None and not caller.admin:
+                # A user's orphaned jobs can resume once their token is known again.
+                _runner().remember(caller.token)
             return view(*args, **kwargs)
 
         return cast(F, guarded)
@@ -185,96 +209,6 @@ def _json_object() -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(400, "Request body must be a JSON object")
     return body
-
-
-def _single_task(body: dict[str, Any]) -> Task:
-    params = {k: v for k, v in body.items() if k not in ("model_name", "custom_filename")}
-    spec = resolve_model(body.get("model_name"))
-    model_input = build_input(spec, params.pop("prompt", None), params)
-    stem = (safe_filename(body["custom_filename"], "custom_filename")
-            if body.get("custom_filename") is not None else default_stem(spec.id, None))
-    return Task(index=0, spec=spec, input=model_input, stem=stem)
-
-
-def _batch_tasks(body: dict[str, Any], max_items: int) -> list[Task]:
-    if "tasks" in body and "prompts" in body:
-        raise InvalidRequest("tasks", "Give either tasks or prompts, not both")
-    if "tasks" in body:
-        tasks = _tasks_mode(body, max_items)
-    elif "prompts" in body:
-        tasks = _prompts_mode(body, max_items)
-    else:
-        raise InvalidRequest("prompts", "Either tasks array or prompts array is required")
-    _check_unique_names(tasks)
-    return tasks
-
-
-def _items(body: dict[str, Any], key: str, max_items: int) -> list[Any]:
-    items = body[key]
-    if not isinstance(items, list) or not items:
-        raise InvalidRequest(key, f"{key} must be a non-empty array")
-    if len(items) > max_items:
-        raise InvalidRequest(key, f"{key} has {len(items)} items; at most {max_items} per batch")
-    return items
-
-
-def _prompts_mode(body: dict[str, Any], max_items: int) -> list[Task]:
-    prompts = _items(body, "prompts", max_items)
-    names = body.get("custom_filenames")
-    if names is not None and (not isinstance(names, list) or len(names) != len(prompts)):
-        raise InvalidRequest("custom_filenames",
-                             "custom_filenames length must match prompts length")
-    spec = resolve_model(body.get("model_name"))
-    shared = {k: v for k, v in body.items()
-              if k not in ("model_name", "prompts", "custom_filenames")}
-    tasks = []
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InvalidRequest(f"prompts[{i}]", f"prompts[{i}] must be a non-empty string")
-        model_input = build_input(spec, prompt, shared)
-        stem = (safe_filename(names[i], f"custom_filenames[{i}]") if names is not None
-                else default_stem(spec.id, i))
-        tasks.append(Task(index=i, spec=spec, input=model_input, stem=stem))
-    return tasks
-
-
-def _tasks_mode(body: dict[str, Any], max_items: int) -> list[Task]:
-    items = _items(body, "tasks", max_items)
-    shared = {k: v for k, v in body.items() if k not in ("model_name", "tasks")}
-    if "prompt" in shared:
-        # Each task's own prompt would silently win over it: say so instead.
-        raise InvalidRequest("prompt", "With tasks, put each prompt inside its task")
-    tasks = []
-    for i, item in enumerate(items):
-        where = f"tasks[{i}]"
-        if not isinstance(item, dict):
-            raise InvalidRequest(where, f"Task {i} must be a dictionary")
-        spec = resolve_model(item.get("model_name", body.get("model_name")),
-                             f"{where}.model_name")
-        own = {k: v for k, v in item.items() if k not in ("model_name", "custom_filename")}
-        if "prompt" not in own:
-            raise InvalidRequest(f"{where}.prompt", f"Task {i} missing required field: prompt")
-        params = {**shared, **own}
-        model_input = build_input(spec, params.pop("prompt"), params, prefix=f"{where}.")
-        stem = (safe_filename(item["custom_filename"], f"{where}.custom_filename")
-                if item.get("custom_filename") is not None else default_stem(spec.id, i))
-        tasks.append(Task(index=i, spec=spec, input=model_input, stem=stem))
-    return tasks
-
-
-def _check_unique_names(tasks: list[Task]) -> None:
-    """Two items may not write the same file, including the `_N` names of multi-output items."""
-    seen: dict[str, int] = {}
-    for task in tasks:
-        count = task.input.get("num_outputs", 1)
-        names = [task.stem] if count == 1 else [f"{task.stem}_{n}" for n in
-                                                range(1, int(cast(int, count)) + 1)]
-        for name in names:
-            other = seen.setdefault(name.casefold(), task.index)
-            if other != task.index:
-                raise InvalidRequest("custom_filenames",
-                                     f"item {task.index} would write '{name}', as item {other} "
-                                     "does; file names must be unique within a batch")
 
 
 # --------------------------------------------------------------------------- routes
@@ -366,50 +300,210 @@ def _limits_view(limits: Limits) -> dict[str, int]:
 
 @bp.post("/generate")
 @require_key()
-def generate() -> tuple[Response, int]:
-    """Generate one prompt's outputs and wait for them."""
-    token = _paying_token(g.caller)
-    task = _single_task(_json_object())
-    request_id, results = _run([task], token)
-    result = results[0]
-    body: dict[str, Any] = {"success": result.ok, "model_name": task.spec.id,
-                            "prompt": task.prompt, "files": result.files,
-                            "count": len(result.files), "prediction_id": result.prediction_id,
-                            "request_id": request_id, "results": [result.as_dict()]}
-    if result.error is not None:
-        body["error"] = f"Generation failed: {result.error}"
-        body["error_type"] = result.error.kind
-        return jsonify(body), STATUS_BY_KIND.get(result.error.kind, 502)
-    return jsonify(body), 200
+def generate() -> tuple[Response, int, dict[str, str]]:
+    """Generate one prompt's outputs: wait for them, or (async) return the job at once."""
+    body = _json_object()
+    parsed = parse_single(body, _chains())
+    return _submit("generate", body, parsed, _single_view)
 
 
 @bp.post("/generate-batch")
 @require_key()
-def generate_batch() -> tuple[Response, int]:
+def generate_batch() -> tuple[Response, int, dict[str, str]]:
     """Generate many prompts in parallel; results come back in input order."""
-    token = _paying_token(g.caller)
     body = _json_object()
-    tasks = _batch_tasks(body, _settings().max_batch_size)
-    request_id, results = _run(tasks, token)
-    ok = [r for r in results if r.ok]
-    failed = [r for r in results if not r.ok]
-    models_used = sorted({t.spec.id for t in tasks})
-    return jsonify(
-        success=not failed, model_name=models_used[0] if len(models_used) == 1 else models_used,
-        request_id=request_id, total_prompts=len(results), successful_count=len(ok),
-        failed_count=len(failed),
-        successful_results=[{"prompt_index": r.task.index, "files": r.files,
-                             "prompt": r.task.prompt, "count": len(r.files)} for r in ok],
-        failed_results=[{"prompt_index": r.task.index, "prompt": r.task.prompt,
-                         "error": str(r.error), "error_type": r.error.kind if r.error else None}
-                        for r in failed],
-        results=[r.as_dict() for r in results]), 200
+    parsed = parse_batch(body, _settings().max_batch_size, _chains())
+    return _submit("batch", body, parsed, _batch_view)
 
 
-def _run(tasks: list[Task], token: str) -> tuple[str, list[TaskResult]]:
-    generator = _generator()
-    request_id, dest_dir = generator.new_request_dir()
-    return request_id, generator.run(token, tasks, dest_dir)
+View = Callable[[JobRow, list[dict[str, Any]]], tuple[dict[str, Any], int]]
+
+
+def _submit(kind: str, body: dict[str, Any], parsed: Parsed,
+            view: View) -> tuple[Response, int, dict[str, str]]:
+    """Run a parsed request as a job: 202 with the job when async, else wait and answer."""
+    if parsed.options.dry_run:
+        return jsonify(estimate(parsed.tasks)), 200, {}
+    token = _paying_token(g.caller)
+    submission = Submission(
+        kind=kind, tasks=parsed.tasks, idempotency_key=_idempotency_key(),
+        request_hash=request_hash(request.path, body),
+        webhook_url=_webhook_target(parsed.options.webhook),
+        webhook_private=g.caller.admin)
+    runner = _runner()
+    try:
+        job, created = runner.submit(token, submission)
+    except IdempotencyConflict:
+        raise ApiError(422, "This Idempotency-Key was already used with a different request "
+                       "body", field="Idempotency-Key") from None
+    headers = {"Location": f"/jobs/{job.id}"}
+    if not created:
+        headers["Idempotent-Replayed"] = "true"
+    if parsed.options.run_async or _prefers_async():
+        headers["Preference-Applied"] = "respond-async"
+        return jsonify(runner.describe(job, url_root="", items=False)), 202, headers
+    finished = runner.wait(job.id)
+    if finished is None:  # removed by retention while we waited: cannot happen in practice
+        raise ApiError(404, "Job not found")
+    items = [runner.describe_item(i, url_root="") for i in runner.store.items(job.id)]
+    payload, status = view(finished, items)
+    return jsonify(payload), status, headers
+
+
+def _single_view(job: JobRow, items: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
+    """The seed's /generate shape, plus the job and the full result."""
+    item = items[0]
+    body: dict[str, Any] = {"success": item["success"], "model_name": item["model_requested"],
+                            "model_used": item["model_used"], "prompt": item["prompt"],
+                            "files": item["files"], "urls": item["urls"],
+                            "count": item["count"], "prediction_id": item["prediction_id"],
+                            "request_id": job.request_id, "job_id": job.id,
+                            "cost_usd": item["cost_usd"], "results": items}
+    if item["success"]:
+        return body, 200
+    body["error"] = f"Generation failed: {item['error']}"
+    body["error_type"] = item["error_type"]
+    body["placeholder"] = item["placeholder"]
+    return body, STATUS_BY_KIND.get(str(item["error_type"]), 502)
+
+
+def _batch_view(job: JobRow, items: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
+    """The seed's /generate-batch shape, plus the job and every result in input order."""
+    ok = [i for i in items if i["success"]]
+    failed = [i for i in items if not i["success"]]
+    models = sorted({str(i["model_requested"]) for i in items})
+    return {
+        "success": not failed, "model_name": models[0] if len(models) == 1 else models,
+        "request_id": job.request_id, "job_id": job.id, "state": job.state,
+        "total_prompts": len(items), "successful_count": len(ok), "failed_count": len(failed),
+        "successful_results": [{"prompt_index": i["index"], "files": i["files"],
+                                "urls": i["urls"], "prompt": i["prompt"], "count": i["count"]}
+                               for i in ok],
+        "failed_results": [{"prompt_index": i["index"], "prompt": i["prompt"],
+                            "error": i["error"], "error_type": i["error_type"]}
+                           for i in failed],
+        "cost_usd": round(sum(float(i["cost_usd"] or 0) for i in items), 6),
+        "results": items}, 200
+
+
+def _prefers_async() -> bool:
+    prefer = request.headers.get("Prefer", "")
+    return any(p.strip().lower().startswith("respond-async") for p in prefer.split(","))
+
+
+def _idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not IDEMPOTENCY_KEY.match(key):
+        raise ApiError(400, "Idempotency-Key must be 1 to 255 printable ASCII characters",
+                       field="Idempotency-Key")
+    return key
+
+
+def _webhook_target(url: str | None) -> str | None:
+    """Check a webhook URL against the policy for this caller (see docs/webhooks.md)."""
+    if url is None:
+        return None
+    if not _settings().webhook_signing_key:
+        raise InvalidRequest("webhook", "Webhooks are not enabled on this server "
+                             "(WEBHOOK_SIGNING_KEY is not set)")
+    return webhooks.check_target(url, allow_private=g.caller.admin)
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+@bp.get("/jobs")
+@require_key()
+def list_jobs() -> Response:
+    """The caller's jobs (every job for the admin key), newest first, a page at a time."""
+    limit = _int_arg("limit", 20, 1, 100)
+    after = request.args.get("after")
+    cursor = None
+    if after:
+        last = _owned_job(after)
+        cursor = (last.created_at, last.id)
+    account = None if g.caller.admin else g.caller.account
+    runner = _runner()
+    jobs = runner.store.list_jobs(account, limit + 1, cursor)
+    page = jobs[:limit]
+    has_more = len(jobs) > limit
+    return jsonify(object="list", data=[runner.describe(j, url_root="", items=False)
+                                        for j in page],
+                   has_more=has_more,
+                   next=f"/jobs?limit={limit}&after={page[-1].id}" if has_more else None)
+
+
+@bp.get("/jobs/<job_id>")
+@require_key()
+def get_job(job_id: str) -> Response:
+    """A job's state, counts, timestamps and items in input order, with partial results."""
+    return jsonify(_runner().describe(_owned_job(job_id), url_root=""))
+
+
+@bp.post("/jobs/<job_id>/cancel")
+@require_key()
+def cancel_job(job_id: str) -> Response:
+    """Drop queued items, cancel running predictions on Replicate, keep finished results."""
+    job = _owned_job(job_id)
+    runner = _runner()
+    updated = runner.cancel(job.id) or job
+    return jsonify(runner.describe(updated, url_root=""))
+
+
+@bp.get("/files/<path:relative>")
+@require_key()
+def get_file(relative: str) -> WerkzeugResponse:
+    """Stream an output to the account whose job wrote it (ranges and content type included)."""
+    runner = _runner()
+    job_id = runner.store.file_job(relative)
+    job = runner.store.get(job_id) if job_id else None
+    path = output_path(runner.generator.runtime.output_root, relative)
+    if job is None or path is None or not _may_see(job):
+        raise ApiError(404, "File not found")
+    return send_file(path, conditional=True, max_age=0)
+
+
+@bp.get("/webhooks/secret")
+@require_key()
+def webhook_signing_secret() -> Response:
+    """The caller's own secret for verifying this service's webhooks."""
+    key = _settings().webhook_signing_key
+    if not key:
+        raise ApiError(404, "Webhooks are not enabled on this server")
+    return jsonify(secret=webhook_secret(key, _account_of(g.caller)),
+                   scheme="Standard Webhooks (HMAC-SHA256)")
+
+
+def _owned_job(job_id: str) -> JobRow:
+    job = _runner().store.get(job_id)
+    if job is None or not _may_see(job):
+        # Someone else's job looks exactly like a job that does not exist.
+        raise ApiError(404, "Job not found")
+    return job
+
+
+def _may_see(job: JobRow) -> bool:
+    caller: Caller = g.caller
+    return caller.admin or (caller.account is not None and hmac.compare_digest(
+        caller.account, job.account))
+
+
+def _account_of(caller: Caller) -> str:
+    if caller.account is None:
+        raise ApiError(503, "The server has no REPLICATE_API_TOKEN configured",
+                       headers={"Retry-After": "60"})
+    return caller.account
+
+
+def _int_arg(name: str, default: int, low: int, high: int) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise InvalidRequest(name, f"{name} must be an integer from {low} to {high}")
+    return int(raw)
 
 
 # --------------------------------------------------------------------------- errors
@@ -434,7 +528,7 @@ def _http_error(exc: HTTPException) -> WerkzeugResponse:
 def _unexpected_error(exc: Exception) -> tuple[Response, int, dict[str, str]]:
     if isinstance(exc, InvalidRequest):
         return jsonify(_error_body(str(exc), field=exc.field, **exc.extra)), 400, {}
-    if isinstance(exc, InvalidName):
+    if isinstance(exc, InvalidName | webhooks.InvalidWebhook):
         return jsonify(_error_body(str(exc), field=exc.field)), 400, {}
     if isinstance(exc, QueueFull):
         return (jsonify(_error_body(str(exc))), 429,

@@ -1,7 +1,8 @@
-"""The Flask-free core: turn validated tasks into results, in input order.
+"""The Flask-free core: run one validated task down its model chain, within the account's limits.
 
-The HTTP layer builds `Task`s and calls `Generator.run`; scripts on the host can do the same and
-share the service's per-account limits through the same state file.
+`jobs.JobRunner` runs every task of every request through `execute`, on the `Generator`'s
+dispatcher; scripts on the host use the same classes and share the service's limits through the
+same state file.
 """
 
 from __future__ import annotations
@@ -9,22 +10,22 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
+from typing import Any
 
-from catalogue import ModelSpec
+import routing
+from catalogue import MODELS, ModelSpec
 from concurrency_manager import ConcurrencyManager, Limits, SQLiteLimitStore
 from dispatcher import Dispatcher
 from model_functions import (
+    NO_HOOKS,
     Attempt,
     ClientPool,
-    Generated,
     GenerationError,
+    Hooks,
     Job,
     Runtime,
-    account_key,
     generate,
 )
 from settings import Settings
@@ -34,48 +35,132 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Task:
-    """One validated item of a request."""
+    """One validated item of a request: the model to call first, its input, where files go, and
+    what may happen if that model fails."""
 
     index: int
     spec: ModelSpec
     input: dict[str, object]
     stem: str
+    requested: ModelSpec | None = None
+    chain: tuple[ModelSpec, ...] = ()
+    routed: str | None = None
+    notes: tuple[str, ...] = ()
+    fallback_on_content_policy: bool = False
+    placeholder: bool = False
 
     @property
     def prompt(self) -> str:
         return str(self.input["prompt"])
 
+    @property
+    def model_requested(self) -> ModelSpec:
+        return self.requested or self.spec
+
+    def to_record(self) -> dict[str, object]:
+        """What the job store keeps of the task (plain JSON; models by id)."""
+        return {"model": self.spec.id, "input": self.input, "stem": self.stem,
+                "requested": self.model_requested.id, "chain": [m.id for m in self.chain],
+                "routed": self.routed, "notes": list(self.notes),
+                "fallback_on_content_policy": self.fallback_on_content_policy,
+                "placeholder": self.placeholder}
+
+    @classmethod
+    def from_record(cls, index: int, record: dict[str, Any]) -> Task:
+        return cls(index=index, spec=MODELS[record["model"]], input=dict(record["input"]),
+                   stem=str(record["stem"]), requested=MODELS[record["requested"]],
+                   chain=tuple(MODELS[m] for m in record["chain"]), routed=record["routed"],
+                   notes=tuple(record["notes"]),
+                   fallback_on_content_policy=bool(record["fallback_on_content_policy"]),
+                   placeholder=bool(record["placeholder"]))
+
 
 @dataclass
 class TaskResult:
-    """The outcome of one task, reported in input order."""
+    """What running one task came to: files (relative to the output root) or an error, and every
+    attempt on every model of its chain."""
 
     task: Task
     files: list[str] = field(default_factory=list)
-    prediction_id: str | None = None
     error: GenerationError | None = None
     attempts: list[Attempt] = field(default_factory=list)
+    model_used: ModelSpec | None = None
+    cost_usd: float | None = None
+    placeholder: bool = False
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
-    def as_dict(self) -> dict[str, object]:
-        out: dict[str, object] = {
-            "index": self.task.index,
-            "prompt": self.task.prompt,
-            "success": self.ok,
-            "files": self.files,
-            "count": len(self.files),
-            "model_requested": self.task.spec.id,
-            "model_used": self.task.spec.id if self.ok else None,
-            "prediction_id": self.prediction_id,
-            "attempts": [a.as_dict() for a in self.attempts],
-            "error": str(self.error) if self.error else None,
-        }
-        if self.error is not None:
-            out["error_type"] = self.error.kind
-        return out
+
+def execute(task: Task, token: str, rt: Runtime, dest_dir: Path, result: TaskResult, *,
+            hooks: Hooks = NO_HOOKS, resume: tuple[str, str] | None = None) -> None:
+    """Run the task on its model, then down its fallback chain while the model itself fails.
+
+    `resume` is (prediction id, model id) of a prediction created before a restart: that model
+    is picked up by polling it. Raises Suspended when the process stops mid-task.
+    """
+    models = [task.spec, *task.chain]
+    position = _resume_position(models, resume)
+    for spec in models[position:]:
+        mapped = _input_for(task, spec, result)
+        if mapped is None:
+            continue
+        job = Job(spec=spec, input=mapped, token=token, dest_dir=dest_dir, stem=task.stem)
+        resume_id = resume[0] if resume and resume[1] == spec.id else None
+        try:
+            generated = generate(job, rt, result.attempts, hooks=hooks, resume=resume_id)
+        except GenerationError as exc:
+            _note_failure(result, exc)
+            if not routing.should_fall_back(exc.kind,
+                                             on_content_policy=task.fallback_on_content_policy):
+                break
+            continue
+        result.error, result.model_used = None, spec
+        result.files = [f.relative for f in generated.files]
+        result.cost_usd = routing.estimate_cost(spec, mapped)
+        return
+    if result.error is None:
+        result.error = GenerationError("no_model_available", "no model of the fallback chain can "
+                                       "honour this request")
+    if task.placeholder and result.error.kind not in NO_PLACEHOLDER:
+        saved = routing.write_placeholder(task.model_requested, dest_dir, task.stem,
+                                          root=rt.output_root)
+        result.files, result.placeholder = [saved.relative], True
+
+
+NO_PLACEHOLDER = frozenset({"canceled", "shutting_down"})
+
+
+def _resume_position(models: list[ModelSpec], resume: tuple[str, str] | None) -> int:
+    if resume is None:
+        return 0
+    for position, spec in enumerate(models):
+        if spec.id == resume[1]:
+            return position
+    return 0
+
+
+def _input_for(task: Task, spec: ModelSpec, result: TaskResult) -> dict[str, object] | None:
+    """The task's input for this model of its chain, or None when it cannot honour it."""
+    if spec is task.spec:
+        return task.input
+    mapped = routing.fallback_input(task.spec, task.input, spec)
+    if mapped is None:
+        result.notes.append(f"fallback to {spec.id} skipped: it cannot honour this request")
+        return None
+    model_input, notes = mapped
+    result.notes.append(f"fell back to {spec.id}")
+    result.notes.extend(notes)
+    return model_input
+
+
+def _note_failure(result: TaskResult, exc: GenerationError) -> None:
+    result.error = exc
+    if result.attempts and result.attempts[-1].error is None:
+        result.attempts[-1].status = "failed"
+        result.attempts[-1].error = str(exc)
 
 
 def build_limits(settings: Settings) -> Limits:
@@ -115,48 +200,10 @@ class Generator:
         request_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(4)
         return request_id, self.runtime.output_root / request_id
 
-    def run(self, token: str, tasks: list[Task], dest_dir: Path) -> list[TaskResult]:
-        """Run the tasks in parallel within the account's limits; return results in order."""
-        jobs = [Job(spec=t.spec, input=t.input, token=token, dest_dir=dest_dir, stem=t.stem)
-                for t in tasks]
-        results = [TaskResult(task=t) for t in tasks]
-        futures = self.dispatcher.submit_many(account_key(token), [
-            partial(generate, job, self.runtime, result.attempts)
-            for job, result in zip(jobs, results, strict=True)])
-        for result, future in zip(results, futures, strict=True):
-            _collect(result, future, self.settings.output_dir)
-        return results
-
     def close(self) -> None:
         """Stop taking work, finish what runs, give back this process's leases."""
         self.dispatcher.shutdown(wait=True)
         self.manager.shutdown()
-
-
-def _collect(result: TaskResult, future: Future[Generated], shown_root: Path) -> None:
-    """Fill a result from its finished future; unexpected errors never escape as a 500."""
-    try:
-        generated = future.result()
-    except CancelledError:
-        result.error = GenerationError("shutting_down", "the service stopped before this task ran")
-        return
-    except GenerationError as exc:
-        result.error = exc
-        result.prediction_id = exc.prediction_id or _last_prediction(result.attempts)
-        return
-    except Exception as exc:  # noqa: BLE001 - one broken task must not sink its batch
-        log.exception("task %d failed unexpectedly", result.task.index)
-        result.error = GenerationError("internal_error", f"internal error: {type(exc).__name__}")
-        return
-    result.prediction_id = generated.prediction_id
-    result.files = [(shown_root / f.relative).as_posix() for f in generated.files]
-
-
-def _last_prediction(attempts: list[Attempt]) -> str | None:
-    for attempt in reversed(attempts):
-        if attempt.prediction_id:
-            return attempt.prediction_id
-    return None
 
 
 def _origin(url: str) -> str:

@@ -134,3 +134,18 @@ control_socket_disable = True
 # forwarded_allow_ips stays at gunicorn's default (127.0.0.1 and ::1, or FORWARDED_ALLOW_IPS if
 # set): X-Forwarded-* headers are trusted only from a proxy on this host, so a client cannot spoof
 # its scheme. Set FORWARDED_ALLOW_IPS to the proxy's address when one fronts the service.
+
+
+def worker_exit(server: object, worker: object) -> None:
+    """Stop the worker's job runner before the interpreter shuts down.
+
+    Left to interpreter exit, the dispatcher's pool threads would be joined before any atexit
+    hook runs, so a SIGTERM would wait for every queued item. Closing here takes no new items,
+    gives running ones the grace period and leaves the rest in the store for the next start.
+    """
+    app = getattr(worker, "wsgi", None)
+    extensions = getattr(app, "extensions", None)
+    runner = extensions.get("jobs") if isinstance(extensions, dict) else None
+    close = getattr(runner, "close", None)
+    if callable(close):
+        close()

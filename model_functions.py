@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -98,6 +99,11 @@ def _prompt_param(spec: ModelSpec) -> Param:
     return param
 
 
+def check_value(param: Param, value: object, field: str) -> object:
+    """Return the value if it fits the parameter; else InvalidRequest naming `field`."""
+    return _check(param, value, field)
+
+
 def _check(param: Param, value: object, field: str) -> object:
     """Return the value if it fits the parameter's type, choices and range."""
     checker = _CHECKERS[param.type]
@@ -151,12 +157,25 @@ def _check_uri(param: Param, value: object, field: str) -> None:
         raise InvalidRequest(field, message)
 
 
+def _check_uri_list(param: Param, value: object, field: str) -> None:
+    """Accept a list of 1..max_items URIs, each as `_check_uri` does; name the bad item."""
+    most = param.max_items
+    if not isinstance(value, list):
+        raise InvalidRequest(field, f"{field} must be a list of http(s) URLs or data: URIs")
+    if not value or (most is not None and len(value) > most):
+        limit = f"1 to {most}" if most is not None else "at least 1"
+        raise InvalidRequest(field, f"{field} must hold {limit} items, not {len(value)}")
+    for i, item in enumerate(value):
+        _check_uri(param, item, f"{field}[{i}]")
+
+
 _CHECKERS: dict[str, Callable[[Param, object, str], None]] = {
     "string": _check_string,
     "integer": _check_integer,
     "number": _check_number,
     "boolean": _check_boolean,
     "uri": _check_uri,
+    "uri_list": _check_uri_list,
 }
 
 
@@ -329,31 +348,79 @@ class Job:
         return account_key(self.token)
 
 
-def generate(job: Job, rt: Runtime, attempts: list[Attempt] | None = None) -> Generated:
-    """Run one prediction within the account's limits, then download its outputs at once."""
+class Suspended(Exception):
+    """The process is stopping: the task was left as it is, for the next start to resume."""
+
+
+def _never() -> bool:
+    return False
+
+
+def _always() -> bool:
+    return True
+
+
+def _ignore(_attempt: Attempt) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """How a durable job follows and steers one task.
+
+    `on_created` runs as soon as a prediction exists (so its id is stored before anything else
+    happens); `should_cancel` is asked before a create and at every poll; `may_create` false
+    means the process is stopping and takes nothing new; `should_suspend` tells a stopping
+    process to leave a running prediction for the next start to poll.
+    """
+
+    on_created: Callable[[Attempt], None] = _ignore
+    should_cancel: Callable[[], bool] = _never
+    may_create: Callable[[], bool] = _always
+    should_suspend: Callable[[], bool] = _never
+
+
+NO_HOOKS = Hooks()
+
+
+def generate(job: Job, rt: Runtime, attempts: list[Attempt] | None = None, *,
+             hooks: Hooks = NO_HOOKS, resume: str | None = None) -> Generated:
+    """Run one prediction within the account's limits, then download its outputs at once.
+
+    With `resume`, the prediction already exists (created before a crash): it is polled, never
+    created again.
+    """
     attempts = attempts if attempts is not None else []
     deadline = rt.clock() + rt.task_timeout
     client = rt.clients.get(job.token)
     try:
         with rt.manager.slot(job.account, deadline):
-            prediction = _create(client, job, rt, deadline, attempts)
-            final = _await_terminal(client, job, rt, prediction, deadline)
+            if resume is None:
+                prediction = _create(client, job, rt, deadline, attempts, hooks)
+            else:
+                prediction = SimpleNamespace(id=resume, status="starting")
+            final = _await_terminal(client, job, rt, prediction, deadline, hooks)
     except DeadlineExceeded:
         raise GenerationError(
             "deadline_exceeded",
             f"no slot or create budget within the {rt.task_timeout:g} s task deadline",
         ) from None
-    attempts[-1].status = "succeeded"
+    if attempts:
+        attempts[-1].status = "succeeded"
     files = _download(final, job, rt, deadline)
     return Generated(prediction_id=final.id, files=files, attempts=attempts)
 
 
 def _create(client: replicate.Client, job: Job, rt: Runtime, deadline: float,
-            attempts: list[Attempt]) -> Any:
+            attempts: list[Attempt], hooks: Hooks) -> Any:
     """Create the prediction; 429s back off the whole account and retry the same model."""
     server_errors = 0
     while True:
         rt.manager.wait_for_create(job.account, deadline)
+        if not hooks.may_create():
+            raise Suspended
+        if hooks.should_cancel():
+            raise GenerationError("canceled", "the job was canceled before this item started")
         attempt = Attempt(model=job.spec.ref)
         attempts.append(attempt)
         try:
@@ -377,6 +444,7 @@ def _create(client: replicate.Client, job: Job, rt: Runtime, deadline: float,
                                   "paying twice") from None
         attempt.prediction_id = prediction.id
         attempt.status = prediction.status
+        hooks.on_created(attempt)
         log.info("created prediction %s model=%s account=%s", prediction.id, job.spec.ref,
                  job.account)
         return prediction
@@ -427,10 +495,16 @@ def _describe(exc: ReplicateError) -> str:
 
 
 def _await_terminal(client: replicate.Client, job: Job, rt: Runtime, prediction: Any,
-                    deadline: float) -> Any:
-    """Poll (paced) until the prediction ends; past the deadline cancel it on Replicate."""
+                    deadline: float, hooks: Hooks = NO_HOOKS) -> Any:
+    """Poll (paced) until the prediction ends; past the deadline or on request, cancel it."""
     errors = 0
     while prediction.status not in TERMINAL:
+        if hooks.should_cancel():
+            _cancel(client, job, rt, prediction.id)
+            raise GenerationError("canceled", f"prediction {prediction.id} was canceled with "
+                                  "its job", prediction_id=prediction.id)
+        if hooks.should_suspend():
+            raise Suspended
         pause = min(rt.poll_interval, deadline - rt.clock())
         if pause <= 0:
             _cancel(client, job, rt, prediction.id)
@@ -445,6 +519,15 @@ def _await_terminal(client: replicate.Client, job: Job, rt: Runtime, prediction:
             errors = 0
         except DeadlineExceeded:
             continue
+        except ReplicateError as exc:
+            if exc.status in (401, 404):
+                # The prediction is gone or not this token's: polling again cannot help.
+                raise GenerationError(NOT_RETRIED[exc.status], f"polling {prediction.id}: "
+                                      f"{_describe(exc)}", prediction_id=prediction.id,
+                                      upstream_status=exc.status) from None
+            errors += 1
+            log.warning("poll of %s failed (%d in a row): %s", prediction.id, errors,
+                        _describe(exc))
         except Exception as exc:  # noqa: BLE001 - a failed poll costs nothing; try again
             errors += 1
             log.warning("poll of %s failed (%d in a row): %s", prediction.id, errors,

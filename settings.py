@@ -40,6 +40,13 @@ class Settings:
     dispatch_threads: int = 128
     max_queued_tasks: int = 10000
     log_level: str = "INFO"
+    job_retention_seconds: float = 7 * 86400.0
+    shutdown_grace_seconds: float = 20.0
+    webhook_signing_key: str | None = field(default=None, repr=False)
+    webhook_max_attempts: int = 8
+    webhook_retry_base_seconds: float = 5.0
+    webhook_timeout_seconds: float = 10.0
+    fallback_chains: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -86,6 +93,23 @@ class Settings:
             log_level=env.choice(
                 "LOG_LEVEL", cls.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")
             ),
+            job_retention_seconds=env.number(
+                "JOB_RETENTION_SECONDS", cls.job_retention_seconds, 60, 10 * 365 * 86400
+            ),
+            shutdown_grace_seconds=env.number(
+                "SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds, 0, 3600
+            ),
+            webhook_signing_key=env.secret("WEBHOOK_SIGNING_KEY"),
+            webhook_max_attempts=env.required_int(
+                "WEBHOOK_MAX_ATTEMPTS", cls.webhook_max_attempts, 1, 50
+            ),
+            webhook_retry_base_seconds=env.number(
+                "WEBHOOK_RETRY_BASE_SECONDS", cls.webhook_retry_base_seconds, 0.01, 3600
+            ),
+            webhook_timeout_seconds=env.number(
+                "WEBHOOK_TIMEOUT_SECONDS", cls.webhook_timeout_seconds, 0.1, 120
+            ),
+            fallback_chains=env.text("REPLICATE_FALLBACK_CHAINS", "") or None,
         )
 
 

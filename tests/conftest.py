@@ -86,7 +86,7 @@ def make_app(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., F
 
     yield build
     for app in apps:
-        app.extensions["generator"].close()
+        app.extensions["jobs"].close()
 
 
 @pytest.fixture

@@ -1,0 +1,471 @@
+"""Durable jobs: every job, item, prediction id and attempt in the shared SQLite state file.
+
+A job belongs to the process that runs it (`owner`, a worker id with a heartbeat). When an owner's
+heartbeat stops, another process claims its unfinished jobs and resumes them: an item with a
+prediction id is polled, never created again. Nothing here calls Replicate.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlite_db import Database
+
+ITEM_STATES = ("queued", "running", "succeeded", "failed", "canceled")
+ITEM_TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+JOB_TERMINAL = frozenset({"succeeded", "partially_failed", "failed", "canceled"})
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS jobs (
+        id TEXT PRIMARY KEY,
+        account TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        state TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        item_count INTEGER NOT NULL,
+        owner TEXT,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        cancel_requested_at REAL,
+        idempotency_key TEXT,
+        request_hash TEXT,
+        webhook_url TEXT,
+        webhook_private INTEGER NOT NULL DEFAULT 0,
+        webhook_state TEXT,
+        webhook_attempts INTEGER NOT NULL DEFAULT 0,
+        webhook_next_at REAL,
+        webhook_error TEXT
+    )""",
+    "CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs(account, idempotency_key)"
+    " WHERE idempotency_key IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS jobs_by_account ON jobs(account, created_at DESC, id DESC)",
+    "CREATE INDEX IF NOT EXISTS jobs_open ON jobs(state) WHERE state IN ('queued', 'running')",
+    "CREATE INDEX IF NOT EXISTS jobs_webhooks ON jobs(webhook_next_at)"
+    " WHERE webhook_state = 'pending'",
+    """CREATE TABLE IF NOT EXISTS job_items (
+        job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        idx INTEGER NOT NULL,
+        spec TEXT NOT NULL,
+        state TEXT NOT NULL,
+        prediction_id TEXT,
+        prediction_model TEXT,
+        model_used TEXT,
+        attempts TEXT NOT NULL DEFAULT '[]',
+        files TEXT NOT NULL DEFAULT '[]',
+        error TEXT,
+        error_type TEXT,
+        cost_usd REAL,
+        placeholder INTEGER NOT NULL DEFAULT 0,
+        notes TEXT NOT NULL DEFAULT '[]',
+        queued_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        PRIMARY KEY (job_id, idx)
+    )""",
+    """CREATE TABLE IF NOT EXISTS job_files (
+        path TEXT PRIMARY KEY,
+        job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE
+    )""",
+    "CREATE INDEX IF NOT EXISTS job_files_by_job ON job_files(job_id)",
+    """CREATE TABLE IF NOT EXISTS job_workers (
+        id TEXT PRIMARY KEY,
+        heartbeat_at REAL NOT NULL
+    )""",
+)
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before with another request body."""
+
+
+@dataclass(frozen=True)
+class NewItem:
+    """What an item will run: the serialised plan (models, input, names); opaque to the store."""
+
+    spec: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class NewJob:
+    id: str
+    account: str
+    kind: str
+    request_id: str
+    items: Sequence[NewItem]
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    webhook_url: str | None = None
+    webhook_private: bool = False
+
+
+@dataclass
+class ItemRow:
+    job_id: str
+    index: int
+    spec: dict[str, Any]
+    state: str
+    prediction_id: str | None
+    prediction_model: str | None
+    model_used: str | None
+    attempts: list[dict[str, Any]]
+    files: list[str]
+    error: str | None
+    error_type: str | None
+    cost_usd: float | None
+    placeholder: bool
+    notes: list[str]
+    queued_at: float
+    started_at: float | None
+    finished_at: float | None
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in ITEM_TERMINAL
+
+
+@dataclass
+class JobRow:
+    id: str
+    account: str
+    kind: str
+    state: str
+    request_id: str
+    item_count: int
+    owner: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    cancel_requested_at: float | None
+    idempotency_key: str | None
+    request_hash: str | None
+    webhook_url: str | None
+    webhook_private: bool
+    webhook_state: str | None
+    webhook_attempts: int
+    webhook_next_at: float | None
+    webhook_error: str | None
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in JOB_TERMINAL
+
+
+@dataclass(frozen=True)
+class ItemOutcome:
+    """How an item ended."""
+
+    state: str
+    model_used: str | None = None
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    error: str | None = None
+    error_type: str | None = None
+    cost_usd: float | None = None
+    placeholder: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+_JOB_COLUMNS = ("id, account, kind, state, request_id, item_count, owner, created_at, started_at,"
+                " finished_at, cancel_requested_at, idempotency_key, request_hash, webhook_url,"
+                " webhook_private, webhook_state, webhook_attempts, webhook_next_at, webhook_error")
+_ITEM_COLUMNS = ("job_id, idx, spec, state, prediction_id, prediction_model, model_used, attempts,"
+                 " files, error, error_type, cost_usd, placeholder, notes, queued_at, started_at,"
+                 " finished_at")
+
+
+class JobStore:
+    """The jobs tables of the state file. Times are wall-clock seconds given by the caller."""
+
+    def __init__(self, path: str) -> None:
+        self._db = Database(path)
+        with self._db.write() as conn:
+            for statement in _SCHEMA:
+                conn.execute(statement)
+
+    # -- submitting ------------------------------------------------------------------------
+
+    def create(self, job: NewJob, owner: str, now: float) -> tuple[JobRow, bool]:
+        """Insert a job and its items at once; with a known Idempotency-Key return that job.
+
+        Returns (job, created). Raises IdempotencyConflict when the key was used with another
+        body.
+        """
+        with self._db.write() as conn:
+            if job.idempotency_key is not None:
+                existing = conn.execute(
+                    f"SELECT {_JOB_COLUMNS} FROM jobs WHERE account = ? AND idempotency_key = ?",
+                    (job.account, job.idempotency_key)).fetchone()
+                if existing is not None:
+                    row = _job(existing)
+                    if row.request_hash != job.request_hash:
+                        raise IdempotencyConflict(job.idempotency_key)
+                    return row, False
+            conn.execute(
+                "INSERT INTO jobs (id, account, kind, state, request_id, item_count, owner,"
+                " created_at, idempotency_key, request_hash, webhook_url, webhook_private)"
+                " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job.id, job.account, job.kind, job.request_id, len(job.items), owner, now,
+                 job.idempotency_key, job.request_hash, job.webhook_url,
+                 int(job.webhook_private)))
+            conn.executemany(
+                "INSERT INTO job_items (job_id, idx, spec, state, queued_at)"
+                " VALUES (?, ?, ?, 'queued', ?)",
+                [(job.id, i, json.dumps(item.spec), now) for i, item in enumerate(job.items)])
+            created = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?",
+                                   (job.id,)).fetchone()
+        return _job(created), True
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobRow | None:
+        with self._db.read() as conn:
+            row = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?",
+                               (job_id,)).fetchone()
+            if row is None:
+                return None
+            job = _job(row)
+            job.counts = _counts(conn, job_id)
+            return job
+
+    def items(self, job_id: str, *, only_open: bool = False) -> list[ItemRow]:
+        where = " AND state IN ('queued', 'running')" if only_open else ""
+        with self._db.read() as conn:
+            rows = conn.execute(f"SELECT {_ITEM_COLUMNS} FROM job_items WHERE job_id = ?{where}"
+                                " ORDER BY idx", (job_id,)).fetchall()
+        return [_item(r) for r in rows]
+
+    def item(self, job_id: str, index: int) -> ItemRow | None:
+        with self._db.read() as conn:
+            row = conn.execute(f"SELECT {_ITEM_COLUMNS} FROM job_items WHERE job_id = ? AND"
+                               " idx = ?", (job_id, index)).fetchone()
+        return _item(row) if row is not None else None
+
+    def list_jobs(self, account: str | None, limit: int,
+                  after: tuple[float, str] | None = None) -> list[JobRow]:
+        """Newest first; `after` is the (created_at, id) of the last job of the previous page."""
+        clauses, params = [], []  # type: tuple[list[str], list[object]]
+        if account is not None:
+            clauses.append("account = ?")
+            params.append(account)
+        if after is not None:
+            clauses.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            params.extend([after[0], after[0], after[1]])
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        with self._db.read() as conn:
+            rows = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs{where}"
+                                " ORDER BY created_at DESC, id DESC LIMIT ?",
+                                (*params, limit)).fetchall()
+            jobs = [_job(r) for r in rows]
+            for job in jobs:
+                job.counts = _counts(conn, job.id)
+        return jobs
+
+    def cancel_requested(self, job_id: str) -> bool:
+        row = self._db.connection().execute(
+            "SELECT cancel_requested_at FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row is None or row[0] is not None
+
+    def file_job(self, path: str) -> str | None:
+        """The job that wrote this output (relative to the output root), if any."""
+        row = self._db.connection().execute(
+            "SELECT job_id FROM job_files WHERE path = ?", (path,)).fetchone()
+        return str(row[0]) if row else None
+
+    # -- running ---------------------------------------------------------------------------
+
+    def start_item(self, job_id: str, index: int, now: float) -> ItemRow | None:
+        """Mark an item running (its job too); None if it already ended (e.g. canceled)."""
+        with self._db.write() as conn:
+            row = conn.execute(f"SELECT {_ITEM_COLUMNS} FROM job_items WHERE job_id = ? AND"
+                               " idx = ?", (job_id, index)).fetchone()
+            if row is None or row[3] in ITEM_TERMINAL:
+                return None
+            conn.execute("UPDATE job_items SET state = 'running', started_at ="
+                         " COALESCE(started_at, ?) WHERE job_id = ? AND idx = ?",
+                         (now, job_id, index))
+            conn.execute("UPDATE jobs SET state = 'running', started_at = COALESCE(started_at, ?)"
+                         " WHERE id = ? AND state = 'queued'", (now, job_id))
+        item = _item(row)
+        item.state = "running"
+        item.started_at = item.started_at or now
+        return item
+
+    def record_attempts(self, job_id: str, index: int, attempts: list[dict[str, Any]],
+                        prediction: tuple[str, str] | None) -> None:
+        """Write the attempts so far, and the prediction now in flight (id, model) or none."""
+        with self._db.write() as conn:
+            conn.execute("UPDATE job_items SET attempts = ?, prediction_id = ?,"
+                         " prediction_model = ? WHERE job_id = ? AND idx = ?",
+                         (json.dumps(attempts), prediction[0] if prediction else None,
+                          prediction[1] if prediction else None, job_id, index))
+
+    def finish_item(self, job_id: str, index: int, outcome: ItemOutcome, now: float) -> None:
+        with self._db.write() as conn:
+            conn.execute(
+                "UPDATE job_items SET state = ?, model_used = ?, attempts = ?, files = ?,"
+                " error = ?, error_type = ?, cost_usd = ?, placeholder = ?, notes = ?,"
+                " finished_at = ? WHERE job_id = ? AND idx = ?",
+                (outcome.state, outcome.model_used, json.dumps(outcome.attempts),
+                 json.dumps(outcome.files), outcome.error, outcome.error_type, outcome.cost_usd,
+                 int(outcome.placeholder), json.dumps(outcome.notes), now, job_id, index))
+            conn.executemany("INSERT OR REPLACE INTO job_files (path, job_id) VALUES (?, ?)",
+                             [(path, job_id) for path in outcome.files])
+
+    def finish_job_if_done(self, job_id: str, now: float) -> JobRow | None:
+        """Close the job once every item ended; return it only to the caller that closed it."""
+        with self._db.write() as conn:
+            row = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?",
+                               (job_id,)).fetchone()
+            if row is None or row[3] in JOB_TERMINAL:
+                return None
+            counts = _counts(conn, job_id)
+            if counts["queued"] or counts["running"]:
+                return None
+            job = _job(row)
+            job.state = _final_state(job, counts)
+            job.finished_at = now
+            job.counts = counts
+            webhook = "pending" if job.webhook_url else None
+            conn.execute("UPDATE jobs SET state = ?, finished_at = ?, owner = NULL,"
+                         " webhook_state = ?, webhook_next_at = ? WHERE id = ?",
+                         (job.state, now, webhook, now if webhook else None, job_id))
+            job.webhook_state = webhook
+        return job
+
+    def request_cancel(self, job_id: str, now: float) -> list[int]:
+        """Flag the job canceled and drop its queued items; return the items still running."""
+        with self._db.write() as conn:
+            conn.execute("UPDATE jobs SET cancel_requested_at = COALESCE(cancel_requested_at, ?)"
+                         " WHERE id = ? AND state IN ('queued', 'running')", (now, job_id))
+            conn.execute("UPDATE job_items SET state = 'canceled', finished_at = ?,"
+                         " error = 'canceled before it started', error_type = 'canceled'"
+                         " WHERE job_id = ? AND state = 'queued' AND prediction_id IS NULL",
+                         (now, job_id))
+            running = conn.execute("SELECT idx FROM job_items WHERE job_id = ? AND state IN"
+                                   " ('queued', 'running')", (job_id,)).fetchall()
+        return [int(r[0]) for r in running]
+
+    # -- owners: heartbeats and recovery -----------------------------------------------------
+
+    def heartbeat(self, worker: str, now: float) -> None:
+        with self._db.write() as conn:
+            conn.execute("INSERT INTO job_workers (id, heartbeat_at) VALUES (?, ?)"
+                         " ON CONFLICT(id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                         (worker, now))
+
+    def retire(self, worker: str) -> None:
+        """A worker that stops cleanly hands its open jobs over at once."""
+        with self._db.write() as conn:
+            conn.execute("UPDATE jobs SET owner = NULL WHERE owner = ?", (worker,))
+            conn.execute("DELETE FROM job_workers WHERE id = ?", (worker,))
+
+    def claim_orphans(self, worker: str, accounts: Iterable[str], now: float,
+                      ttl: float) -> list[str]:
+        """Take over open jobs whose owner is gone, for accounts this worker can pay with."""
+        wanted = list(accounts)
+        if not wanted:
+            return []
+        marks = ", ".join("?" for _ in wanted)
+        with self._db.write() as conn:
+            conn.execute("DELETE FROM job_workers WHERE heartbeat_at < ?", (now - ttl,))
+            rows = conn.execute(
+                f"SELECT id FROM jobs WHERE state IN ('queued', 'running') AND account IN ({marks})"
+                " AND (owner IS NULL OR owner NOT IN (SELECT id FROM job_workers))",
+                wanted).fetchall()
+            ids = [str(r[0]) for r in rows]
+            conn.executemany("UPDATE jobs SET owner = ? WHERE id = ?", [(worker, i) for i in ids])
+        return ids
+
+    def release_job(self, job_id: str, worker: str) -> None:
+        """Give a job back to the pool of orphans (this worker could not queue it)."""
+        with self._db.write() as conn:
+            conn.execute("UPDATE jobs SET owner = NULL WHERE id = ? AND owner = ?",
+                         (job_id, worker))
+
+    # -- webhooks --------------------------------------------------------------------------
+
+    def claim_webhook(self, now: float, lease: float) -> JobRow | None:
+        """Take one due delivery, pushing its next attempt out by `lease` while it runs."""
+        with self._db.write() as conn:
+            row = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE webhook_state = 'pending'"
+                               " AND webhook_next_at <= ? ORDER BY webhook_next_at LIMIT 1",
+                               (now,)).fetchone()
+            if row is None:
+                return None
+            conn.execute("UPDATE jobs SET webhook_next_at = ? WHERE id = ?",
+                         (now + lease, row[0]))
+            job = _job(row)
+            job.counts = _counts(conn, job.id)
+        return job
+
+    def webhook_done(self, job_id: str, state: str, attempts: int, next_at: float | None,
+                     error: str | None) -> None:
+        with self._db.write() as conn:
+            conn.execute("UPDATE jobs SET webhook_state = ?, webhook_attempts = ?,"
+                         " webhook_next_at = ?, webhook_error = ? WHERE id = ?",
+                         (state, attempts, next_at, error, job_id))
+
+    def next_webhook_at(self) -> float | None:
+        row = self._db.connection().execute(
+            "SELECT MIN(webhook_next_at) FROM jobs WHERE webhook_state = 'pending'").fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    # -- retention -------------------------------------------------------------------------
+
+    def expired(self, before: float, limit: int = 500) -> list[tuple[str, str]]:
+        """Finished jobs older than the retention (and not awaiting a webhook): (id, request_id)."""
+        rows = self._db.connection().execute(
+            "SELECT id, request_id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?"
+            " AND (webhook_state IS NULL OR webhook_state != 'pending') LIMIT ?",
+            (before, limit)).fetchall()
+        return [(str(r[0]), str(r[1])) for r in rows]
+
+    def delete(self, job_ids: Sequence[str]) -> None:
+        with self._db.write() as conn:
+            for table, column in (("job_files", "job_id"), ("job_items", "job_id"),
+                                  ("jobs", "id")):
+                conn.executemany(f"DELETE FROM {table} WHERE {column} = ?",  # noqa: S608
+                                 [(i,) for i in job_ids])
+
+
+def _final_state(job: JobRow, counts: dict[str, int]) -> str:
+    if job.cancel_requested_at is not None:
+        return "canceled"
+    if counts["succeeded"] == job.item_count:
+        return "succeeded"
+    if counts["succeeded"] == 0:
+        return "failed"
+    return "partially_failed"
+
+
+def _counts(conn: sqlite3.Connection, job_id: str) -> dict[str, int]:
+    counts = dict.fromkeys(ITEM_STATES, 0)
+    for state, count in conn.execute("SELECT state, COUNT(*) FROM job_items WHERE job_id = ?"
+                                     " GROUP BY state", (job_id,)):
+        counts[str(state)] = int(count)
+    return counts
+
+
+def _job(row: Sequence[Any]) -> JobRow:
+    return JobRow(
+        id=row[0], account=row[1], kind=row[2], state=row[3], request_id=row[4],
+        item_count=int(row[5]), owner=row[6], created_at=float(row[7]), started_at=row[8],
+        finished_at=row[9], cancel_requested_at=row[10], idempotency_key=row[11],
+        request_hash=row[12], webhook_url=row[13], webhook_private=bool(row[14]),
+        webhook_state=row[15], webhook_attempts=int(row[16]), webhook_next_at=row[17],
+        webhook_error=row[18])
+
+
+def _item(row: Sequence[Any]) -> ItemRow:
+    return ItemRow(
+        job_id=row[0], index=int(row[1]), spec=json.loads(row[2]), state=row[3],
+        prediction_id=row[4], prediction_model=row[5], model_used=row[6],
+        attempts=json.loads(row[7]), files=json.loads(row[8]), error=row[9], error_type=row[10],
+        cost_usd=row[11], placeholder=bool(row[12]), notes=json.loads(row[13]),
+        queued_at=float(row[14]), started_at=row[15], finished_at=row[16])

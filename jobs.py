@@ -1,0 +1,426 @@
+"""Durable jobs: every request becomes a job whose items run on the dispatcher and are recorded in
+the state file as they go, so that a crash or a restart loses nothing and pays for nothing twice.
+
+A job is owned by the process that runs it. A background thread keeps this process's heartbeat,
+takes over the open jobs of processes whose heartbeat stopped (an item with a prediction id is
+polled, never created again), removes jobs past their retention and delivers webhooks.
+
+Tokens are never written to disk: the server token comes from the settings, and a user's token is
+kept in memory from the user's requests. A user job orphaned by a crash therefore resumes as soon
+as its owner makes any authenticated request to any process.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import webhooks
+from catalogue import MODELS
+from dispatcher import QueueFull, ShuttingDown
+from generation import Generator, Task, TaskResult, execute
+from job_store import ItemOutcome, ItemRow, JobRow, JobStore, NewItem, NewJob
+from model_functions import Attempt, GenerationError, Hooks, Suspended, account_key
+from settings import Settings
+
+log = logging.getLogger(__name__)
+
+RETENTION_SWEEP_SECONDS = 60.0
+WEBHOOK_LEASE_SECONDS = 120.0
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A request turned into tasks, with what the job record needs besides them."""
+
+    kind: str
+    tasks: list[Task]
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    webhook_url: str | None = None
+    webhook_private: bool = False
+
+
+class JobRunner:
+    """Runs and resumes jobs for this process; one per process, built by `create_app`."""
+
+    def __init__(self, settings: Settings, generator: Generator | None = None, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.generator = generator or Generator(settings)
+        self.store = JobStore(str(settings.state_file))
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        self._clock = clock
+        self._tokens: dict[str, str] = {}
+        self._done: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        self._running = 0
+        self._idle = threading.Condition(self._lock)
+        self._stopping = False
+        self._suspending = False
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._last_sweep = 0.0
+        if settings.replicate_api_token:
+            self.remember(settings.replicate_api_token)
+        self.store.heartbeat(self.worker_id, clock())
+        self._threads = [threading.Thread(target=self._maintain, name="jobs-maintain",
+                                          daemon=True),
+                         threading.Thread(target=self._deliver_webhooks, name="jobs-webhooks",
+                                          daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    # -- submitting --------------------------------------------------------------------------
+
+    def remember(self, token: str) -> None:
+        """Keep a caller's token in memory so that its orphaned jobs can resume here."""
+        account = account_key(token)
+        with self._lock:
+            known = account in self._tokens
+            self._tokens[account] = token
+        if not known:
+            self._wake.set()
+
+    def submit(self, token: str, submission: Submission) -> tuple[JobRow, bool]:
+        """Record the job durably, then start it; returns (job, created)."""
+        if self._stopping:
+            raise ShuttingDown
+        self.remember(token)
+        request_id, _ = self.generator.new_request_dir()
+        new = NewJob(id="job_" + secrets.token_urlsafe(16), account=account_key(token),
+                     kind=submission.kind, request_id=request_id,
+                     items=[NewItem(spec=t.to_record()) for t in submission.tasks],
+                     idempotency_key=submission.idempotency_key,
+                     request_hash=submission.request_hash, webhook_url=submission.webhook_url,
+                     webhook_private=submission.webhook_private)
+        job, created = self.store.create(new, self.worker_id, self._clock())
+        if created:
+            try:
+                self._queue(job, token)
+            except (QueueFull, ShuttingDown):
+                # Refused as a whole (429/503): the caller retries; nothing was run or paid.
+                self.store.delete([job.id])
+                raise
+        return job, created
+
+    def _queue(self, job: JobRow, token: str) -> None:
+        """Queue the job's open items on the dispatcher (in input order), all or none."""
+        indexes = [item.index for item in self.store.items(job.id, only_open=True)]
+        if not indexes:
+            self._close_if_done(job.id)
+            return
+        self.generator.dispatcher.submit_many(job.account, [
+            partial(self._run_item, job, index, token) for index in indexes])
+
+    def _resume(self, job: JobRow, token: str) -> None:
+        try:
+            self._queue(job, token)
+        except (QueueFull, ShuttingDown):
+            # The job is safe in the store: hand it back so a sweep (here or elsewhere) takes it
+            # up again once there is room.
+            log.warning("job %s waits in the store: this process is full or stopping", job.id)
+            self.store.release_job(job.id, self.worker_id)
+
+    # -- running -----------------------------------------------------------------------------
+
+    def _run_item(self, job: JobRow, index: int, token: str) -> None:
+        with self._lock:
+            self._running += 1
+        try:
+            self._run_item_inner(job, index, token)
+        finally:
+            with self._lock:
+                self._running -= 1
+                self._idle.notify_all()
+
+    def _run_item_inner(self, job: JobRow, index: int, token: str) -> None:
+        if self._stopping:
+            return
+        item = self.store.start_item(job.id, index, self._clock())
+        if item is None:
+            self._close_if_done(job.id)
+            return
+        task = Task.from_record(index, item.spec)
+        result = TaskResult(task=task, attempts=[Attempt(**a) for a in item.attempts])
+        resume = ((item.prediction_id, item.prediction_model)
+                  if item.prediction_id and item.prediction_model else None)
+        hooks = Hooks(on_created=lambda attempt: self._record(job.id, index, result, attempt),
+                      should_cancel=lambda: self.store.cancel_requested(job.id),
+                      may_create=lambda: not self._stopping,
+                      should_suspend=lambda: self._suspending)
+        dest = self.generator.runtime.output_root / job.request_id
+        try:
+            execute(task, token, self.generator.runtime, dest, result, hooks=hooks,
+                    resume=resume)
+        except Suspended:
+            log.info("job %s item %d left for the next start", job.id, index)
+            return
+        except Exception as exc:  # noqa: BLE001 - one broken item must not sink its job
+            if self._stopping:
+                # The limiter closes under a stopping process; the item resumes next start.
+                return
+            log.exception("job %s item %d failed unexpectedly", job.id, index)
+            result.error = GenerationError("internal_error", f"internal error: "
+                                           f"{type(exc).__name__}")
+        self.store.finish_item(job.id, index, _outcome(result), self._clock())
+        self._close_if_done(job.id)
+
+    def _record(self, job_id: str, index: int, result: TaskResult, attempt: Attempt) -> None:
+        """Store a new prediction's id before anything else happens to it."""
+        assert attempt.prediction_id is not None  # noqa: S101 - called only after a create
+        self.store.record_attempts(job_id, index, [a.as_dict() for a in result.attempts],
+                                   (attempt.prediction_id, _model_id(attempt.model)))
+
+    def _close_if_done(self, job_id: str) -> None:
+        job = self.store.finish_job_if_done(job_id, self._clock())
+        if job is None:
+            return
+        log.info("job %s %s: %s", job.id, job.state, job.counts)
+        with self._lock:
+            event = self._done.pop(job_id, None)
+        if event is not None:
+            event.set()
+        if job.webhook_state == "pending":
+            self._wake.set()
+
+    # -- reading and steering ----------------------------------------------------------------
+
+    def wait(self, job_id: str, timeout: float | None = None) -> JobRow | None:
+        """Block until the job ends (here or in another process); None on timeout."""
+        give_up = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            event = self._done.setdefault(job_id, threading.Event())
+        try:
+            while True:
+                job = self.store.get(job_id)
+                if job is None or job.terminal:
+                    return job
+                if give_up is not None and time.monotonic() >= give_up:
+                    return None
+                # Locally finished jobs set the event; others are seen by re-reading the store.
+                event.wait(0.5)
+        finally:
+            with self._lock:
+                self._done.pop(job_id, None)
+
+    def cancel(self, job_id: str) -> JobRow | None:
+        """Drop queued items now; running ones are canceled on Replicate by their runner."""
+        self.store.request_cancel(job_id, self._clock())
+        self._close_if_done(job_id)
+        return self.store.get(job_id)
+
+    # -- background: heartbeat, recovery, retention ----------------------------------------
+
+    def _maintain(self) -> None:
+        interval = max(0.05, self.settings.lease_ttl_seconds / 3)
+        while not self._stop.is_set():
+            try:
+                self._maintain_once()
+            except Exception:  # noqa: BLE001 - the loop must survive a busy database
+                log.exception("job maintenance failed; retrying")
+            self._wake.wait(interval)
+            self._wake.clear()
+
+    def _maintain_once(self) -> None:
+        now = self._clock()
+        self.store.heartbeat(self.worker_id, now)
+        if not self._stopping:
+            self._resume_orphans(now)
+        if now - self._last_sweep >= RETENTION_SWEEP_SECONDS:
+            self._last_sweep = now
+            self.purge_expired(now)
+
+    def _resume_orphans(self, now: float) -> None:
+        with self._lock:
+            tokens = dict(self._tokens)
+        for job_id in self.store.claim_orphans(self.worker_id, tokens, now,
+                                               self.settings.lease_ttl_seconds):
+            job = self.store.get(job_id)
+            if job is not None:
+                log.info("resuming job %s (%s)", job.id, job.counts)
+                self._resume(job, tokens[job.account])
+
+    def purge_expired(self, now: float) -> int:
+        """Delete jobs (and their files) that finished longer ago than the retention."""
+        expired = self.store.expired(now - self.settings.job_retention_seconds)
+        root = self.generator.runtime.output_root
+        for _, request_id in expired:
+            directory = (root / request_id).resolve()
+            if directory.parent == root and directory.is_dir():
+                shutil.rmtree(directory, ignore_errors=True)
+        self.store.delete([job_id for job_id, _ in expired])
+        if expired:
+            log.info("removed %d jobs past their retention", len(expired))
+        return len(expired)
+
+    # -- background: webhooks ----------------------------------------------------------------
+
+    def _deliver_webhooks(self) -> None:
+        while not self._stop.is_set():
+            try:
+                delivered = self._deliver_one()
+            except Exception:  # noqa: BLE001 - the loop must survive a bad receiver or database
+                log.exception("webhook delivery failed; retrying")
+                delivered = False
+            if not delivered:
+                due = self.store.next_webhook_at()
+                pause = 1.0 if due is None else min(1.0, max(0.02, due - self._clock()))
+                self._stop.wait(pause)
+
+    def _deliver_one(self) -> bool:
+        key = self.settings.webhook_signing_key
+        job = self.store.claim_webhook(self._clock(), WEBHOOK_LEASE_SECONDS)
+        if job is None or key is None or job.webhook_url is None:
+            return False
+        payload = self.describe(job, url_root="")
+        attempt = job.webhook_attempts + 1
+        result = webhooks.deliver(
+            job.webhook_url, payload, secret=webhook_secret(key, job.account),
+            msg_id=f"msg_{job.id}", allow_private=job.webhook_private,
+            timeout=self.settings.webhook_timeout_seconds)
+        if result.ok:
+            self.store.webhook_done(job.id, "delivered", attempt, None, None)
+            log.info("webhook for job %s delivered (attempt %d)", job.id, attempt)
+            return True
+        if not result.retryable or attempt >= self.settings.webhook_max_attempts:
+            self.store.webhook_done(job.id, "failed", attempt, None, result.error)
+            log.warning("webhook for job %s given up after %d attempts: %s", job.id, attempt,
+                        result.error)
+            return True
+        pause = max(result.retry_after or 0.0,
+                    webhooks.backoff(attempt, base=self.settings.webhook_retry_base_seconds))
+        self.store.webhook_done(job.id, "pending", attempt, self._clock() + pause, result.error)
+        log.info("webhook for job %s failed (attempt %d, %s); next in %.1fs", job.id, attempt,
+                 result.error, pause)
+        return True
+
+    # -- views ---------------------------------------------------------------------------------
+
+    def describe(self, job: JobRow, *, url_root: str, items: bool = True) -> dict[str, Any]:
+        """The job as the API shows it: state, counts, timestamps and (optionally) its items."""
+        body: dict[str, Any] = {
+            "id": job.id, "object": "job", "kind": job.kind, "state": job.state,
+            "status_url": f"{url_root}/jobs/{job.id}", "request_id": job.request_id,
+            "total": job.item_count, "counts": job.counts,
+            "created_at": _iso(job.created_at), "started_at": _iso(job.started_at),
+            "finished_at": _iso(job.finished_at),
+            "cancel_requested_at": _iso(job.cancel_requested_at),
+            "cost_usd": None,
+        }
+        if job.webhook_url:
+            body["webhook"] = {"url": job.webhook_url, "state": job.webhook_state,
+                               "attempts": job.webhook_attempts, "error": job.webhook_error}
+        if items:
+            rows = self.store.items(job.id)
+            body["items"] = [self.describe_item(r, url_root=url_root) for r in rows]
+            costs = [r.cost_usd for r in rows if r.cost_usd is not None]
+            body["cost_usd"] = round(sum(costs), 6) if costs else 0.0
+        return body
+
+    def describe_item(self, item: ItemRow, *, url_root: str) -> dict[str, Any]:
+        spec = item.spec
+        shown = self.settings.output_dir
+        return {
+            "index": item.index, "state": item.state,
+            "success": item.state == "succeeded",
+            "prompt": spec["input"].get("prompt"),
+            "files": [(shown / f).as_posix() for f in item.files],
+            "urls": [f"{url_root}/files/{f}" for f in item.files],
+            "count": len(item.files),
+            "model_requested": spec["requested"],
+            "model_used": item.model_used,
+            "routed": spec.get("routed"),
+            "notes": [*spec.get("notes", []), *item.notes],
+            "prediction_id": item.prediction_id or _last_prediction(item.attempts),
+            "attempts": item.attempts,
+            "cost_usd": item.cost_usd,
+            "placeholder": item.placeholder,
+            "error": item.error, "error_type": item.error_type,
+            "queued_at": _iso(item.queued_at), "started_at": _iso(item.started_at),
+            "finished_at": _iso(item.finished_at),
+        }
+
+    # -- stopping ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop taking items, let running ones finish within the grace period, leave the rest
+        (and any prediction still running) for the next start; then stop the engine."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self.generator.dispatcher.shutdown(wait=False)
+        give_up = time.monotonic() + self.settings.shutdown_grace_seconds
+        with self._lock:
+            while self._running and time.monotonic() < give_up:
+                self._idle.wait(max(0.0, min(0.2, give_up - time.monotonic())))
+            self._suspending = True
+            # Suspended items notice at their next poll.
+            while self._running and time.monotonic() < give_up + 5.0:
+                self._idle.wait(0.2)
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout=5.0)
+        self.store.retire(self.worker_id)
+        self.generator.close()
+
+
+def webhook_secret(signing_key: str, account: str) -> str:
+    """Each account's own webhook secret (`whsec_...`), derived from the server's key: one
+    account can never sign, and so forge, webhooks for another account's receiver."""
+    digest = hmac.new(signing_key.encode(), b"webhook-secret:" + account.encode(),
+                      hashlib.sha256).digest()
+    return "whsec_" + base64.b64encode(digest).decode()
+
+
+def _outcome(result: TaskResult) -> ItemOutcome:
+    error = result.error
+    state = "succeeded" if error is None else ("canceled" if error.kind == "canceled"
+                                               else "failed")
+    return ItemOutcome(
+        state=state, model_used=result.model_used.id if result.model_used else None,
+        attempts=[a.as_dict() for a in result.attempts], files=result.files,
+        error=str(error) if error else None, error_type=error.kind if error else None,
+        cost_usd=result.cost_usd, placeholder=result.placeholder, notes=result.notes)
+
+
+def _model_id(ref: str) -> str:
+    for spec in MODELS.values():
+        if ref in (spec.id, spec.ref):
+            return spec.id
+    return ref
+
+
+def _last_prediction(attempts: list[dict[str, Any]]) -> str | None:
+    for attempt in reversed(attempts):
+        if attempt.get("prediction_id"):
+            return str(attempt["prediction_id"])
+    return None
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+def output_path(root: Path, relative: str) -> Path | None:
+    """The file under the output root a /files path names, or None if it would leave the root."""
+    candidate = (root / relative).resolve()
+    if root not in candidate.parents or not candidate.is_file():
+        return None
+    return candidate

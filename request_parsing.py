@@ -1,0 +1,200 @@
+"""Turn a request body (the service's JSON, or a library/CLI call) into validated tasks.
+
+Flask-free: every problem is an `InvalidRequest` naming the field. The options that steer a
+request rather than a model (async, webhook, dry_run, fallback, placeholder) are taken out of the
+body first, so they never reach a model's parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, cast
+
+import routing
+from generation import Task
+from model_functions import InvalidRequest, resolve_model
+from outputs import default_stem, safe_filename
+
+OPTION_KEYS = ("async", "webhook", "dry_run", "fallback", "fallback_on_content_policy",
+               "placeholder")
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to run a request, as opposed to what to generate."""
+
+    run_async: bool = False
+    webhook: str | None = None
+    dry_run: bool = False
+    fallback: bool = True
+    fallback_on_content_policy: bool = False
+    placeholder: bool = False
+
+
+@dataclass(frozen=True)
+class Parsed:
+    tasks: list[Task]
+    options: Options
+
+
+def request_hash(route: str, body: dict[str, Any]) -> str:
+    """A stable fingerprint of a request: same route and same JSON (key order aside)."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(f"{route}\n{canonical}".encode()).hexdigest()
+
+
+def parse_options(body: dict[str, Any]) -> tuple[Options, dict[str, Any]]:
+    """Split the request options from the rest of the body."""
+    rest = {k: v for k, v in body.items() if k not in OPTION_KEYS}
+    flags = {}
+    for name in ("async", "dry_run", "fallback", "fallback_on_content_policy", "placeholder"):
+        value = body.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise InvalidRequest(name, f"{name} must be true or false")
+        flags[name] = value
+    webhook = body.get("webhook")
+    if webhook is not None and not isinstance(webhook, str):
+        raise InvalidRequest("webhook", "webhook must be a URL string")
+    options = Options(
+        run_async=bool(flags["async"]), webhook=webhook, dry_run=bool(flags["dry_run"]),
+        fallback=flags["fallback"] is not False,
+        fallback_on_content_policy=bool(flags["fallback_on_content_policy"]),
+        placeholder=bool(flags["placeholder"]))
+    return options, rest
+
+
+def parse_single(body: dict[str, Any], chains: routing.FallbackChains) -> Parsed:
+    """The body of POST /generate: one prompt for one model."""
+    options, rest = parse_options(body)
+    params = {k: v for k, v in rest.items() if k not in ("model_name", "custom_filename")}
+    requested = resolve_model(rest.get("model_name"))
+    stem = (safe_filename(rest["custom_filename"], "custom_filename")
+            if rest.get("custom_filename") is not None else default_stem(requested.id, None))
+    task = _task(0, requested, params.pop("prompt", None), params, stem, options, chains, "")
+    return Parsed(tasks=[task], options=options)
+
+
+def parse_batch(body: dict[str, Any], max_items: int, chains: routing.FallbackChains) -> Parsed:
+    """The body of POST /generate-batch: `prompts` for one model, or a `tasks` list."""
+    options, rest = parse_options(body)
+    if "tasks" in rest and "prompts" in rest:
+        raise InvalidRequest("tasks", "Give either tasks or prompts, not both")
+    if "tasks" in rest:
+        tasks = _tasks_mode(rest, max_items, options, chains)
+    elif "prompts" in rest:
+        tasks = _prompts_mode(rest, max_items, options, chains)
+    else:
+        raise InvalidRequest("prompts", "Either tasks array or prompts array is required")
+    check_unique_names(tasks)
+    return Parsed(tasks=tasks, options=options)
+
+
+def _task(index: int, requested: Any, prompt: object, params: dict[str, Any], stem: str,
+          options: Options, chains: routing.FallbackChains, prefix: str) -> Task:
+    if options.placeholder and requested.kind != "image":
+        raise InvalidRequest("placeholder", f"{requested.id} makes {requested.kind}: the black "
+                             "placeholder exists only for image models")
+    planned = routing.plan(requested, prompt, params, prefix=prefix, chains=chains,
+                           fallback=options.fallback)
+    return Task(index=index, spec=planned.spec, input=planned.input, stem=stem,
+                requested=planned.requested, chain=planned.chain, routed=planned.routed,
+                notes=planned.notes,
+                fallback_on_content_policy=options.fallback_on_content_policy,
+                placeholder=options.placeholder)
+
+
+def _items(body: dict[str, Any], key: str, max_items: int) -> list[Any]:
+    items = body[key]
+    if not isinstance(items, list) or not items:
+        raise InvalidRequest(key, f"{key} must be a non-empty array")
+    if len(items) > max_items:
+        raise InvalidRequest(key, f"{key} has {len(items)} items; at most {max_items} per batch")
+    return items
+
+
+def _prompts_mode(body: dict[str, Any], max_items: int, options: Options,
+                  chains: routing.FallbackChains) -> list[Task]:
+    prompts = _items(body, "prompts", max_items)
+    names = body.get("custom_filenames")
+    if names is not None and (not isinstance(names, list) or len(names) != len(prompts)):
+        raise InvalidRequest("custom_filenames",
+                             "custom_filenames length must match prompts length")
+    requested = resolve_model(body.get("model_name"))
+    shared = {k: v for k, v in body.items()
+              if k not in ("model_name", "prompts", "custom_filenames")}
+    tasks = []
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InvalidRequest(f"prompts[{i}]", f"prompts[{i}] must be a non-empty string")
+        stem = (safe_filename(names[i], f"custom_filenames[{i}]") if names is not None
+                else default_stem(requested.id, i))
+        tasks.append(_task(i, requested, prompt, dict(shared), stem, options, chains, ""))
+    return tasks
+
+
+def _tasks_mode(body: dict[str, Any], max_items: int, options: Options,
+                chains: routing.FallbackChains) -> list[Task]:
+    items = _items(body, "tasks", max_items)
+    shared = {k: v for k, v in body.items() if k not in ("model_name", "tasks")}
+    if "prompt" in shared:
+        # Each task's own prompt would silently win over it: say so instead.
+        raise InvalidRequest("prompt", "With tasks, put each prompt inside its task")
+    tasks = []
+    for i, item in enumerate(items):
+        where = f"tasks[{i}]"
+        if not isinstance(item, dict):
+            raise InvalidRequest(where, f"Task {i} must be a dictionary")
+        requested = resolve_model(item.get("model_name", body.get("model_name")),
+                                  f"{where}.model_name")
+        own = {k: v for k, v in item.items() if k not in ("model_name", "custom_filename")}
+        if "prompt" not in own:
+            raise InvalidRequest(f"{where}.prompt", f"Task {i} missing required field: prompt")
+        params = {**shared, **own}
+        stem = (safe_filename(item["custom_filename"], f"{where}.custom_filename")
+                if item.get("custom_filename") is not None else default_stem(requested.id, i))
+        tasks.append(_task(i, requested, params.pop("prompt"), params, stem, options, chains,
+                           f"{where}."))
+    return tasks
+
+
+def check_unique_names(tasks: list[Task]) -> None:
+    """Two items may not write the same file, including the `_N` names of multi-output items."""
+    seen: dict[str, int] = {}
+    for task in tasks:
+        count = task.input.get("num_outputs", 1)
+        names = [task.stem] if count == 1 else [f"{task.stem}_{n}" for n in
+                                                range(1, int(cast(int, count)) + 1)]
+        for name in names:
+            other = seen.setdefault(name.casefold(), task.index)
+            if other != task.index:
+                raise InvalidRequest("custom_filenames",
+                                     f"item {task.index} would write '{name}', as item {other} "
+                                     "does; file names must be unique within a batch")
+
+
+def estimate(tasks: list[Task]) -> dict[str, Any]:
+    """What a request would cost and which models it would use, without calling Replicate."""
+    items: list[dict[str, Any]] = []
+    for task in tasks:
+        items.append({
+            "index": task.index, "model_requested": task.model_requested.id,
+            "model": task.spec.id, "routed": task.routed, "notes": list(task.notes),
+            "fallback_chain": [m.id for m in task.chain],
+            "estimated_cost_usd": routing.estimate_cost(task.spec, task.input),
+            "max_cost_usd_with_fallbacks": round(routing.estimate_cost(task.spec, task.input)
+                                                 + sum(_chain_costs(task)), 6),
+        })
+    total = round(sum(routing.estimate_cost(t.spec, t.input) for t in tasks), 6)
+    return {"dry_run": True, "estimated_cost_usd": total, "total_items": len(items),
+            "models": sorted({str(i["model"]) for i in items}), "items": items}
+
+
+def _chain_costs(task: Task) -> list[float]:
+    costs = []
+    for spec in task.chain:
+        mapped = routing.fallback_input(task.spec, task.input, spec)
+        if mapped is not None:
+            costs.append(routing.estimate_cost(spec, mapped[0]))
+    return costs
