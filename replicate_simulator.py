@@ -18,7 +18,8 @@ holding it. Raw tokens are never logged or reported: accounts are keyed by ``tok
 
 Prompt markers (fault injection per prediction): ``#fail``, ``#nsfw``, ``#oom`` (failed with the
 real error strings), ``#empty`` (succeeded with ``[]``), ``#hang`` (never terminal until
-canceled), ``#slow=<seconds>`` (that processing time).
+canceled), ``#slow=<seconds>`` (that processing time). Any of them written ``#fail@flux-dev``
+applies only to that model, so one model of a fallback chain can fail while the next succeeds.
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ _WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"replicate-simulator-secret!").de
 _CREATE_PATH = re.compile(r"^/v1/(?:(?:models|deployments)/[^/]+/[^/]+/)?predictions/?$")
 _PREFER_WAIT = re.compile(r"^\s*wait(?:\s*=\s*(\d+))?\s*$")
 _SLOW_MARKER = re.compile(r"#slow=(\d+(?:\.\d+)?)")
+_SCOPED_MARKER = re.compile(r"(#(?:fail|nsfw|oom|empty|hang))@([\w.\-/]+)")
 _FAIL_MARKERS = (("#fail", ERROR_TRANSIENT), ("#nsfw", ERROR_SENSITIVE), ("#oom", ERROR_OOM))
 _MODEL_BODY_KEYS = frozenset(
     {"input", "webhook", "webhook_completed", "webhook_events_filter", "stream"}
@@ -430,14 +432,19 @@ class _Behaviour:
     empty: bool = False
 
 
-def _behaviour(prompt: str) -> _Behaviour:
-    slow = _SLOW_MARKER.search(prompt)
-    error = next((text for marker, text in _FAIL_MARKERS if marker in prompt), None)
+def _behaviour(prompt: str, ref: str = "") -> _Behaviour:
+    """Read the markers; ``#fail@<name>`` (any marker) applies only to models whose ref
+    (``owner/name``) ends with that name, so a test can fail one model of a fallback chain."""
+    name = ref.rsplit("/", 1)[-1]
+    applies = {m.group(0) for m in _SCOPED_MARKER.finditer(prompt) if m.group(2) in (name, ref)}
+    plain = _SCOPED_MARKER.sub(lambda m: m.group(1) if m.group(0) in applies else "", prompt)
+    slow = _SLOW_MARKER.search(plain)
+    error = next((text for marker, text in _FAIL_MARKERS if marker in plain), None)
     return _Behaviour(
         error=error,
         run_seconds=float(slow.group(1)) if slow else None,
-        hang="#hang" in prompt,
-        empty="#empty" in prompt,
+        hang="#hang" in plain,
+        empty="#empty" in plain,
     )
 
 
@@ -1147,7 +1154,7 @@ class Simulator:
     ) -> _Prediction:
         """Create the record and count the accepted create with its in-flight level."""
         now, cfg = self.now(), self.config
-        behaviour = _behaviour(str(inp.get("prompt", "")))
+        behaviour = _behaviour(str(inp.get("prompt", "")), spec.ref)
         run_s = behaviour.run_seconds if behaviour.run_seconds is not None else cfg.run_seconds
         pred = _Prediction(
             id=_new_id(),
