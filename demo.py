@@ -27,6 +27,8 @@ def main() -> int:
     base_url = simulator.start("127.0.0.1", args.sim_port)
     env = {**os.environ, "REPLICATE_BASE_URL": base_url, "REPLICATE_API_TOKEN": DEMO_TOKEN,
            "CONCURRENT_DOCKER_ADMIN_API_KEY": DEMO_ADMIN_KEY, "FLASK_HOST": "127.0.0.1",
+           # Demo only, so webhooks can be tried; a real deployment sets its own secret.
+           "WEBHOOK_SIGNING_KEY": "demo-webhook-signing-key",
            "FLASK_PORT": str(args.port), "STATE_FILE": "data/demo.sqlite3",
            # Relative to the service's working directory (ROOT), so results read "output/...".
            "OUTPUT_DIR": "output"}
