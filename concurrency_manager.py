@@ -28,10 +28,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, NamedTuple, Protocol
+
+from sqlite_db import Database
 
 __all__ = [
     "AccountStats",
@@ -56,16 +57,12 @@ _LIMIT_RANGES: dict[str, tuple[int, int]] = {
     "polls_per_minute": (1, 100_000),
 }
 
-# Transactions here last microseconds; this only matters under heavy
-# contention, and a writer that waits this long means something is wrong.
-_BUSY_TIMEOUT_S = 10.0
 # A bogus Retry-After (or "inf") must not freeze an account for good.
 _MAX_BACKOFF_S = 3600.0
 # Sleeps are measured on another clock than time.time(); a wake-up a hair
 # early must not be mistaken for a new back-off.
 _BACKOFF_EPSILON_S = 0.01
 _WINDOW_S = 60.0
-_BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 @dataclass(frozen=True)
@@ -188,98 +185,31 @@ class SQLiteLimitStore:
         default_limits.validate()
         if not (math.isfinite(lease_ttl) and lease_ttl > 0):
             raise ValueError(f"lease_ttl must be a positive number of seconds, got {lease_ttl!r}")
-        self._path = os.fspath(path)
-        if self._path in ("", ":memory:"):
-            # Per-thread connections to ":memory:" would each see a private database.
-            raise ValueError("SQLiteLimitStore needs a file path shared by all processes")
-        Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = Database(path)
         self._defaults = default_limits
         self._ttl = float(lease_ttl)
         self._clock = clock
-        self._local = threading.local()
-        # Connections inherited through fork() must not be used or closed in
-        # the child (closing would drop the child's own POSIX locks); keep them.
-        self._inherited: list[sqlite3.Connection] = []
         self._create_schema()
 
     @property
     def lease_ttl(self) -> float:
         return self._ttl
 
-    # -- connections and transactions ------------------------------------
+    # -- connections and transactions (one per thread, see sqlite_db) -----
 
     def _connection(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None and getattr(self._local, "pid", None) == os.getpid():
-            return conn
-        if conn is not None:
-            self._inherited.append(conn)
-        # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
-        conn = sqlite3.connect(self._path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
-        # NORMAL is durable across process crashes in WAL mode; only an OS
-        # crash can lose the last commits, which for limit state is harmless.
-        conn.execute("PRAGMA synchronous = NORMAL")
-        self._local.conn = conn
-        self._local.pid = os.getpid()
-        return conn
+        return self._db.connection()
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """A short write transaction; IMMEDIATE takes the write lock up front
-        so read-then-write never fails half way with SQLITE_BUSY."""
-        conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            # Never leave a transaction open on this thread's connection:
-            # the next BEGIN would fail and the write lock would be held.
-            if conn.in_transaction:
-                conn.rollback()
-            raise
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
+        return self._db.write()
 
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        """A consistent snapshot; in WAL mode readers never wait for writers."""
-        conn = self._connection()
-        conn.execute("BEGIN")
-        try:
-            yield conn
-        finally:
-            if conn.in_transaction:
-                conn.rollback()
+    def _read(self) -> AbstractContextManager[sqlite3.Connection]:
+        return self._db.read()
 
     def _create_schema(self) -> None:
-        self._enable_wal(self._connection())
         with self._write() as conn:
             for statement in _SCHEMA:
                 conn.execute(statement)
-
-    @staticmethod
-    def _enable_wal(conn: sqlite3.Connection) -> None:
-        """Switch the file to WAL (persistent; a no-op once done).
-
-        When several workers open a brand-new file at once, the switch can
-        fail with SQLITE_BUSY without consulting the busy handler, so retry
-        briefly. Startup only, and no lock is held while sleeping.
-        """
-        give_up = time.monotonic() + _BUSY_TIMEOUT_S
-        while True:
-            try:
-                row = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-            except sqlite3.OperationalError as exc:
-                if getattr(exc, "sqlite_errorcode", None) not in _BUSY_CODES:
-                    raise
-                if time.monotonic() > give_up:
-                    raise
-                time.sleep(random.uniform(0.005, 0.05))  # noqa: S311 - jitter only
-                continue
-            if row is None or str(row[0]).lower() != "wal":
-                # Still correct (BEGIN IMMEDIATE serialises writers) but readers
-                # such as stats() may then wait for writers; e.g. network filesystems.
-                logger.warning("SQLite refused WAL mode (journal_mode=%s)", row)
-            return
 
     # -- limits -------------------------------------------------------------
 

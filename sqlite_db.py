@@ -17,7 +17,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-BUSY_TIMEOUT_S = 30.0
+# Transactions here last microseconds; this only matters under heavy contention, and a writer
+# that waits this long means something is wrong.
+BUSY_TIMEOUT_S = 10.0
 _BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
 
 
