@@ -205,6 +205,7 @@ class JobStore:
                     row = _job(existing)
                     if row.request_hash != job.request_hash:
                         raise IdempotencyConflict(job.idempotency_key)
+                    row.counts = _counts(conn, row.id)
                     return row, False
             conn.execute(
                 "INSERT INTO jobs (id, account, kind, state, request_id, item_count, owner,"
@@ -217,9 +218,10 @@ class JobStore:
                 "INSERT INTO job_items (job_id, idx, spec, state, queued_at)"
                 " VALUES (?, ?, ?, 'queued', ?)",
                 [(job.id, i, json.dumps(item.spec), now) for i, item in enumerate(job.items)])
-            created = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?",
-                                   (job.id,)).fetchone()
-        return _job(created), True
+            created = _job(conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?",
+                                        (job.id,)).fetchone())
+            created.counts = _counts(conn, job.id)
+        return created, True
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -265,6 +267,11 @@ class JobStore:
             for job in jobs:
                 job.counts = _counts(conn, job.id)
         return jobs
+
+    def owner(self, job_id: str) -> str | None:
+        row = self._db.connection().execute("SELECT owner FROM jobs WHERE id = ?",
+                                            (job_id,)).fetchone()
+        return str(row[0]) if row and row[0] is not None else None
 
     def cancel_requested(self, job_id: str) -> bool:
         row = self._db.connection().execute(

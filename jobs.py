@@ -160,8 +160,8 @@ class JobRunner:
                   if item.prediction_id and item.prediction_model else None)
         hooks = Hooks(on_created=lambda attempt: self._record(job.id, index, result, attempt),
                       should_cancel=lambda: self.store.cancel_requested(job.id),
-                      may_create=lambda: not self._stopping,
-                      should_suspend=lambda: self._suspending)
+                      may_create=lambda: not self._stopping and self._owns(job.id),
+                      should_suspend=lambda: self._suspending or not self._owns(job.id))
         dest = self.generator.runtime.output_root / job.request_id
         try:
             execute(task, token, self.generator.runtime, dest, result, hooks=hooks,
@@ -178,6 +178,11 @@ class JobRunner:
                                            f"{type(exc).__name__}")
         self.store.finish_item(job.id, index, _outcome(result), self._clock())
         self._close_if_done(job.id)
+
+    def _owns(self, job_id: str) -> bool:
+        """Still this process's job? A process whose heartbeat stalled past the TTL may have
+        lost it to another: it must then neither create nor keep polling."""
+        return self.store.owner(job_id) == self.worker_id
 
     def _record(self, job_id: str, index: int, result: TaskResult, attempt: Attempt) -> None:
         """Store a new prediction's id before anything else happens to it."""

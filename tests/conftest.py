@@ -69,6 +69,8 @@ def make_settings(tmp_path: Path, sim: Simulator) -> Callable[..., Settings]:
             task_timeout_seconds=20,
             lease_ttl_seconds=5,
             dispatch_threads=32,
+            # A test that leaves a prediction running must not hold its teardown for long.
+            shutdown_grace_seconds=2.0,
         )
         return replace(base, **overrides)
 
