@@ -501,7 +501,8 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
     raw = request.args.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    # isdecimal, not isdigit: "²" is a digit that int() refuses (a 500 instead of a 400).
+    if not raw.isdecimal() or not low <= int(raw) <= high:
         raise InvalidRequest(name, f"{name} must be an integer from {low} to {high}")
     return int(raw)
 

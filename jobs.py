@@ -381,6 +381,9 @@ class JobRunner:
         for thread in self._threads:
             thread.join(timeout=5.0)
         self.store.retire(self.worker_id)
+        # Closing the limiter first wakes items still waiting for a slot (they are left for the
+        # next start), so joining the dispatcher cannot hang on them.
+        self.generator.manager.shutdown()
         self.generator.close()
 
 
