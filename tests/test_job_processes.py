@@ -257,3 +257,19 @@ def test_canceling_an_orphaned_user_job_cancels_its_predictions_from_the_new_pro
     assert sim.stats(USER_TOKEN)["cancels"] == SLOTS
     assert [i["prediction_id"] for i in done["items"][:SLOTS]] == \
         [before[i] for i in range(SLOTS)]
+
+
+def test_a_sync_caller_that_gives_up_leaves_a_job_that_completes(
+        settings: Settings, start: Callable[..., Gunicorn], sim: Simulator) -> None:
+    server = start(settings)
+    body = {"model_name": "flux-dev", "prompts": ["#slow=1 a", "#slow=1 b"],
+            "custom_filenames": ["a", "b"]}
+    with pytest.raises(requests.Timeout):
+        # The client hangs up long before the predictions end.
+        server.post("/generate-batch", body, ADMIN, timeout=0.3)
+    listed = wait_for(lambda: requests.get(f"{server.url}/jobs", headers=ADMIN,
+                                           timeout=10).json()["data"], what="the job listed")
+    job = wait_terminal(server, listed[0]["id"], ADMIN)
+    assert job["state"] == "succeeded"
+    assert [Path(i["files"][0]).stem for i in job["items"]] == ["a", "b"]
+    assert sorted(creates_by_prompt(sim, SERVER_TOKEN).values()) == [1, 1]
