@@ -24,6 +24,7 @@ _SCHEMA = (
         id TEXT PRIMARY KEY,
         account TEXT NOT NULL,
         kind TEXT NOT NULL,
+        origin TEXT NOT NULL DEFAULT 'service',
         state TEXT NOT NULL,
         request_id TEXT NOT NULL,
         item_count INTEGER NOT NULL,
@@ -101,6 +102,7 @@ class NewJob:
     request_hash: str | None = None
     webhook_url: str | None = None
     webhook_private: bool = False
+    origin: str = "service"
 
 
 @dataclass
@@ -208,11 +210,11 @@ class JobStore:
                     row.counts = _counts(conn, row.id)
                     return row, False
             conn.execute(
-                "INSERT INTO jobs (id, account, kind, state, request_id, item_count, owner,"
-                " created_at, idempotency_key, request_hash, webhook_url, webhook_private)"
-                " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job.id, job.account, job.kind, job.request_id, len(job.items), owner, now,
-                 job.idempotency_key, job.request_hash, job.webhook_url,
+                "INSERT INTO jobs (id, account, kind, origin, state, request_id, item_count,"
+                " owner, created_at, idempotency_key, request_hash, webhook_url,"
+                " webhook_private) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job.id, job.account, job.kind, job.origin, job.request_id, len(job.items),
+                 owner, now, job.idempotency_key, job.request_hash, job.webhook_url,
                  int(job.webhook_private)))
             conn.executemany(
                 "INSERT INTO job_items (job_id, idx, spec, state, queued_at)"
@@ -372,9 +374,13 @@ class JobStore:
             conn.execute("UPDATE jobs SET owner = NULL WHERE owner = ?", (worker,))
             conn.execute("DELETE FROM job_workers WHERE id = ?", (worker,))
 
-    def claim_orphans(self, worker: str, accounts: Iterable[str], now: float,
-                      ttl: float) -> list[str]:
-        """Take over open jobs whose owner is gone, for accounts this worker can pay with."""
+    def claim_orphans(self, worker: str, accounts: Iterable[str], now: float, ttl: float,
+                      origin: str = "service") -> list[str]:
+        """Take over open jobs whose owner is gone, for accounts this worker can pay with.
+
+        Only jobs of the same origin: a script on the host never takes over the service's jobs
+        (it would write them into its own output directory), nor the service a script's.
+        """
         wanted = list(accounts)
         if not wanted:
             return []
@@ -382,9 +388,10 @@ class JobStore:
         with self._db.write() as conn:
             conn.execute("DELETE FROM job_workers WHERE heartbeat_at < ?", (now - ttl,))
             rows = conn.execute(
-                f"SELECT id FROM jobs WHERE state IN ('queued', 'running') AND account IN ({marks})"
+                "SELECT id FROM jobs WHERE state IN ('queued', 'running') AND origin = ?"
+                f" AND account IN ({marks})"
                 " AND (owner IS NULL OR owner NOT IN (SELECT id FROM job_workers))",
-                wanted).fetchall()
+                [origin, *wanted]).fetchall()
             ids = [str(r[0]) for r in rows]
             conn.executemany("UPDATE jobs SET owner = ? WHERE id = ?", [(worker, i) for i in ids])
         return ids

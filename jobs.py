@@ -58,8 +58,9 @@ class JobRunner:
     """Runs and resumes jobs for this process; one per process, built by `create_app`."""
 
     def __init__(self, settings: Settings, generator: Generator | None = None, *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 origin: str = "service", clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
+        self.origin = origin
         self.generator = generator or Generator(settings)
         self.store = JobStore(str(settings.state_file))
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
@@ -106,7 +107,7 @@ class JobRunner:
                      items=[NewItem(spec=t.to_record()) for t in submission.tasks],
                      idempotency_key=submission.idempotency_key,
                      request_hash=submission.request_hash, webhook_url=submission.webhook_url,
-                     webhook_private=submission.webhook_private)
+                     webhook_private=submission.webhook_private, origin=self.origin)
         job, created = self.store.create(new, self.worker_id, self._clock())
         if created:
             try:
@@ -253,7 +254,7 @@ class JobRunner:
         with self._lock:
             tokens = dict(self._tokens)
         for job_id in self.store.claim_orphans(self.worker_id, tokens, now,
-                                               self.settings.lease_ttl_seconds):
+                                               self.settings.lease_ttl_seconds, self.origin):
             job = self.store.get(job_id)
             if job is not None:
                 log.info("resuming job %s (%s)", job.id, job.counts)

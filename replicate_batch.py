@@ -1,0 +1,594 @@
+"""Generate with Replicate models from your own Python code, in-process: no server needed.
+
+The upstream library's three modes (docs/library.md), on the service's own engine:
+
+* `generate(prompt, model_name, output_filepath)`: one prompt;
+* `generate_batch(prompts, model_name, output_filepaths)`: many prompts for one model;
+* `generate_mixed([Request(...), ...])`: items with their own model and parameters.
+
+Each returns `Result`s in input order. Requests go through the service's own validation
+(`request_parsing`) and run as jobs on a `jobs.JobRunner`, which paces them with the limits kept in
+`STATE_FILE`: every script on the host and the service itself, sharing that file, share one
+account's predictions in flight and creates per minute. Settings come from the environment and a
+`.env` file found from the current directory, exactly as the service reads them.
+
+Unlike the service, the caller chooses where files go (`output_filepath` is a path on the caller's
+own machine). The job writes into `OUTPUT_DIR/<request_id>/`; the file is then moved atomically to
+the requested place, with the extension of the real format (`cover.jpg` for a WebP output becomes
+`cover.webp`, and `Result.notes` says so).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import base64
+import contextlib
+import mimetypes
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dotenv import dotenv_values, find_dotenv
+
+from dispatcher import QueueFull
+from generation import Task
+from job_store import ItemRow, JobRow
+from jobs import JobRunner, Submission
+from model_functions import InvalidRequest
+from outputs import InvalidName, default_stem, safe_filename
+from request_parsing import OPTION_KEYS, parse_batch, parse_single, request_hash
+from routing import REFERENCE_KEYS, FallbackChains
+from settings import Settings, SettingsError
+
+__all__ = [
+    "BatchClient",
+    "GenerationFailed",
+    "InvalidName",
+    "InvalidRequest",
+    "Request",
+    "Result",
+    "agenerate",
+    "agenerate_batch",
+    "agenerate_mixed",
+    "default_client",
+    "generate",
+    "generate_batch",
+    "generate_mixed",
+    "load_settings",
+]
+
+FilePath = str | os.PathLike[str]
+
+# Keys a caller's params may not carry: the request's own structure and the service-only options.
+_RESERVED = frozenset({"model_name", "prompt", "prompts", "tasks", "custom_filename",
+                       "custom_filenames", *OPTION_KEYS})
+# How long to wait before offering a chunk again when this process's queue is full and none of
+# this call's own jobs is running yet (another call's jobs fill it).
+_QUEUE_FULL_PAUSE = 1.0
+
+
+class GenerationFailed(Exception):
+    """Raised by `Result.raise_for_error()`; `result` is the failed item."""
+
+    def __init__(self, result: Result) -> None:
+        super().__init__(f"item {result.index} failed ({result.error_type}): {result.error}")
+        self.result = result
+
+
+@dataclass(frozen=True)
+class Request:
+    """One item of a mixed batch: what the upstream library called `BatchRequest`.
+
+    `params` are the model's parameters (checked against the catalogue before anything is
+    spent). A reference given as a `pathlib.Path` is read here and sent inline as a data: URI;
+    a string must be an http(s) URL or a data: URI.
+    """
+
+    prompt: str
+    model_name: str
+    output_filepath: FilePath | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    """What one item came to. `files` are real paths of files that exist on this machine."""
+
+    index: int
+    prompt: str
+    success: bool
+    files: list[str]
+    model_requested: str
+    model_used: str | None
+    attempts: list[dict[str, Any]]
+    prediction_id: str | None
+    error: str | None
+    error_type: str | None
+    cost_usd: float | None
+    placeholder: bool
+    routed: str | None
+    notes: list[str]
+    job_id: str
+    state: str
+
+    def raise_for_error(self) -> Result:
+        """Return self when the item succeeded; raise GenerationFailed otherwise."""
+        if not self.success:
+            raise GenerationFailed(self)
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """The service's settings, from `environ` or else os.environ plus the `.env` file found from
+    the current directory upwards (the environment wins over the file, as in the service)."""
+    if environ is None:
+        found = find_dotenv(usecwd=True)
+        from_file = {k: v for k, v in dotenv_values(found).items() if v is not None} if found \
+            else {}
+        environ = {**from_file, **os.environ}
+    return Settings.from_env(environ)
+
+
+@dataclass(frozen=True)
+class _Destination:
+    """Where the caller wants an item's file: a directory and a name without extension."""
+
+    directory: Path
+    stem: str
+    asked_suffix: str
+
+
+@dataclass
+class _Chunk:
+    tasks: list[Task]
+    offset: int
+    job: JobRow | None = None
+
+
+class BatchClient:
+    """A reusable session: one job runner (threads, HTTP clients, state file) for many calls.
+
+    Use it as a context manager, or call `close()`: running predictions are then left in the state
+    file rather than abandoned, and any process with the same token picks them up.
+
+    :param token: the Replicate token that pays; default REPLICATE_API_TOKEN.
+    :param settings: default `load_settings()`.
+    """
+
+    def __init__(self, *, token: str | None = None, settings: Settings | None = None) -> None:
+        self.settings = settings if settings is not None else load_settings()
+        self._token = token or self.settings.replicate_api_token
+        try:
+            self.chains = FallbackChains.parse(self.settings.fallback_chains)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+        self._runner: JobRunner | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def runner(self) -> JobRunner:
+        """The job runner, started on first use."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this BatchClient is closed")
+            if self._runner is None:
+                # "library": a script resumes its own (and other scripts') jobs, never the
+                # service's, which belong in the service's output directory.
+                self._runner = JobRunner(self.settings, origin="library")
+                # A client nobody closed still hands its unfinished work over at exit.
+                atexit.register(self._runner.close)
+            return self._runner
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Stop the runner: unfinished items stay in the state file for the next process."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            runner, self._runner = self._runner, None
+        if runner is not None:
+            atexit.unregister(runner.close)
+            runner.close()
+
+    def __enter__(self) -> BatchClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def token(self, token: str | None = None) -> str:
+        """The token a call pays with: the given one, else the client's, else an error."""
+        chosen = token or self._token
+        if not chosen:
+            raise SettingsError("REPLICATE_API_TOKEN is not set: pass token=... or set it in the "
+                                "environment or a .env file")
+        return chosen
+
+    # -- the three modes -----------------------------------------------------------------------
+
+    def generate(self, prompt: str, model_name: str, output_filepath: FilePath | None = None, *,
+                 token: str | None = None, fallback: bool = True, placeholder: bool = False,
+                 fallback_on_content_policy: bool = False, **params: Any) -> Result:
+        """Generate one prompt's outputs; `params` are the model's parameters."""
+        clean = _params(params, "params")
+        options = _options(fallback, placeholder, fallback_on_content_policy)
+        destination = _destination(output_filepath, "output_filepath") \
+            if output_filepath is not None else None
+        body: dict[str, Any] = {"model_name": model_name, "prompt": prompt, **clean, **options}
+        if destination is not None:
+            body["custom_filename"] = destination.stem
+        parsed = parse_single(body, self.chains)
+        return self._run("generate", parsed.tasks, [destination], token)[0]
+
+    def generate_batch(self, prompts: Sequence[str], model_name: str,
+                       output_filepaths: Sequence[FilePath | None] | None = None, *,
+                       token: str | None = None, fallback: bool = True,
+                       placeholder: bool = False, fallback_on_content_policy: bool = False,
+                       **params: Any) -> list[Result]:
+        """Generate many prompts with one model in parallel; `params` apply to every prompt.
+
+        `output_filepaths`, when given, is a list parallel to `prompts` (None entries keep the
+        default name under OUTPUT_DIR).
+        """
+        prompt_list = _sequence(prompts, "prompts")
+        paths = None
+        if output_filepaths is not None:
+            paths = _sequence(output_filepaths, "output_filepaths")
+            if len(paths) != len(prompt_list):
+                raise ValueError(f"output_filepaths has {len(paths)} items but prompts has "
+                                 f"{len(prompt_list)}; give one output path per prompt")
+        clean = _params(params, "params")
+        destinations = _destinations(paths, len(prompt_list), "output_filepaths")
+        body: dict[str, Any] = {"model_name": model_name, "prompts": prompt_list, **clean,
+                                **_options(fallback, placeholder, fallback_on_content_policy)}
+        if any(d is not None for d in destinations):
+            body["custom_filenames"] = _stems(destinations, [model_name] * len(prompt_list))
+        parsed = parse_batch(body, max(1, len(prompt_list)), self.chains)
+        return self._run("batch", parsed.tasks, destinations, token)
+
+    def generate_mixed(self, requests: Sequence[Request], *, token: str | None = None,
+                       fallback: bool = True, placeholder: bool = False,
+                       fallback_on_content_policy: bool = False) -> list[Result]:
+        """Generate items that each name their own model and parameters, in parallel."""
+        items = _sequence(requests, "requests")
+        for i, item in enumerate(items):
+            if not isinstance(item, Request):
+                raise TypeError(f"requests[{i}] must be a replicate_batch.Request")
+        destinations = _destinations([r.output_filepath for r in items], len(items),
+                                     "requests", attribute="output_filepath")
+        stems = _stems(destinations, [r.model_name for r in items])
+        tasks: list[dict[str, Any]] = []
+        for i, (item, destination) in enumerate(zip(items, destinations, strict=True)):
+            task = {"model_name": item.model_name, "prompt": item.prompt,
+                    **_params(item.params, f"requests[{i}].params")}
+            if destination is not None:
+                task["custom_filename"] = stems[i]
+            tasks.append(task)
+        body: dict[str, Any] = {"tasks": tasks,
+                                **_options(fallback, placeholder, fallback_on_content_policy)}
+        parsed = parse_batch(body, max(1, len(items)), self.chains)
+        return self._run("batch", parsed.tasks, destinations, token)
+
+    async def agenerate(self, *args: Any, **kwargs: Any) -> Result:
+        return await asyncio.to_thread(self.generate, *args, **kwargs)
+
+    async def agenerate_batch(self, *args: Any, **kwargs: Any) -> list[Result]:
+        return await asyncio.to_thread(self.generate_batch, *args, **kwargs)
+
+    async def agenerate_mixed(self, *args: Any, **kwargs: Any) -> list[Result]:
+        return await asyncio.to_thread(self.generate_mixed, *args, **kwargs)
+
+    # -- lower level: what the CLI uses --------------------------------------------------------
+
+    def submit_body(self, body: dict[str, Any], *, idempotency_key: str | None = None,
+                    token: str | None = None) -> tuple[JobRow, bool]:
+        """Submit a /generate-batch body as a job without waiting; return (job, created).
+
+        With an idempotency key already used by this account (and the same body), the existing
+        job comes back instead: nothing is created. Raises InvalidRequest/InvalidName for a bad
+        body, dispatcher.QueueFull when this process has no room.
+        """
+        parsed = parse_batch(body, self.settings.max_batch_size, self.chains)
+        submission = Submission(kind="batch", tasks=parsed.tasks, idempotency_key=idempotency_key,
+                                request_hash=request_hash("/generate-batch", body))
+        return self.runner.submit(self.token(token), submission)
+
+    def describe_item(self, item: ItemRow) -> dict[str, Any]:
+        """An item as the API shows it, with `files` as real paths on this machine."""
+        described = self.runner.describe_item(item, url_root="")
+        root = self.runner.generator.runtime.output_root
+        described["files"] = [str(root / f) for f in item.files]
+        return described
+
+    # -- running -------------------------------------------------------------------------------
+
+    def _run(self, kind: str, tasks: list[Task], destinations: Sequence[_Destination | None],
+             token: str | None) -> list[Result]:
+        """Submit the tasks as jobs of at most MAX_BATCH_SIZE items, wait, place the files."""
+        paying = self.token(token)
+        runner = self.runner
+        size = self.settings.max_batch_size
+        chunks = [_Chunk(tasks=tasks[i:i + size], offset=i) for i in range(0, len(tasks), size)]
+        try:
+            for position, chunk in enumerate(chunks):
+                chunk.job = self._submit(runner, paying, kind, chunk, chunks[:position])
+            results: list[Result] = []
+            for chunk in chunks:
+                assert chunk.job is not None  # noqa: S101 - every chunk was submitted above
+                runner.wait(chunk.job.id)
+                for item in runner.store.items(chunk.job.id):
+                    results.append(self._result(chunk.job.id, item, chunk.offset))
+        except BaseException:
+            # Interrupted (Ctrl-C) or broken: nobody will collect these results, so stop paying.
+            for chunk in chunks:
+                if chunk.job is not None:
+                    runner.cancel(chunk.job.id)
+            raise
+        for result in results:
+            destination = destinations[result.index]
+            if destination is not None and result.files:
+                _place(result, destination, tasks[result.index].stem)
+        return results
+
+    def _submit(self, runner: JobRunner, token: str, kind: str, chunk: _Chunk,
+                earlier: list[_Chunk]) -> JobRow:
+        while True:
+            try:
+                job, _ = runner.submit(token, Submission(kind=kind, tasks=chunk.tasks))
+                return job
+            except QueueFull:
+                # This process's queue is full: let an earlier chunk of this call finish first.
+                pending = [c.job for c in earlier if c.job is not None]
+                open_jobs = [j for j in pending if not _finished(runner, j.id)]
+                if open_jobs:
+                    runner.wait(open_jobs[0].id)
+                else:
+                    time.sleep(_QUEUE_FULL_PAUSE)
+
+    def _result(self, job_id: str, item: ItemRow, offset: int) -> Result:
+        view = self.describe_item(item)
+        return Result(
+            index=offset + item.index, prompt=str(view["prompt"]), success=bool(view["success"]),
+            files=list(view["files"]), model_requested=str(view["model_requested"]),
+            model_used=view["model_used"], attempts=list(view["attempts"]),
+            prediction_id=view["prediction_id"], error=view["error"],
+            error_type=view["error_type"], cost_usd=view["cost_usd"],
+            placeholder=bool(view["placeholder"]), routed=view["routed"],
+            notes=list(view["notes"]), job_id=job_id, state=item.state)
+
+
+def _finished(runner: JobRunner, job_id: str) -> bool:
+    job = runner.store.get(job_id)
+    return job is None or job.terminal
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _sequence(value: object, name: str) -> list[Any]:
+    if isinstance(value, str | bytes | os.PathLike) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a list (one entry per item), not "
+                        f"{type(value).__name__}")
+    if not value:
+        raise ValueError(f"{name} must not be empty")
+    return list(value)
+
+
+def _options(fallback: bool, placeholder: bool, on_content_policy: bool) -> dict[str, bool]:
+    for name, value in (("fallback", fallback), ("placeholder", placeholder),
+                        ("fallback_on_content_policy", on_content_policy)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False")
+    return {"fallback": fallback, "placeholder": placeholder,
+            "fallback_on_content_policy": on_content_policy}
+
+
+def _params(params: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The model's parameters, with local reference files inlined as data: URIs."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{where} must be a mapping of parameter names to values")
+    clean: dict[str, Any] = {}
+    for name, value in params.items():
+        if name in _RESERVED:
+            raise ValueError(f"{where}: '{name}' is not a model parameter here"
+                             + (" (use output_filepath to name the file)"
+                                if name.startswith("custom_filename") else ""))
+        if name in REFERENCE_KEYS:
+            value = _inline(value, f"{where}.{name}")
+        clean[name] = value
+    return clean
+
+
+def _inline(value: object, field: str) -> object:
+    """A pathlib.Path (or a list of them) becomes a data: URI; anything else is left to the
+    validator (a plain string must be a URL: it is never read as a path)."""
+    if isinstance(value, list):
+        return [_inline(v, f"{field}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, Path):
+        return value
+    try:
+        data = value.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{field}: cannot read {value}: {exc.strerror}") from None
+    mime = mimetypes.guess_type(value.name)[0] or "application/octet-stream"
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _destination(path: FilePath, field: str) -> _Destination:
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"{field} must be a path (str or os.PathLike)")
+    target = Path(path)
+    stem = safe_filename(target.name, field)
+    return _Destination(directory=target.parent, stem=stem,
+                        asked_suffix=target.name[len(stem):])
+
+
+def _destinations(paths: Sequence[FilePath | None] | None, count: int, field: str, *,
+                  attribute: str | None = None) -> list[_Destination | None]:
+    if paths is None:
+        return [None] * count
+    out: list[_Destination | None] = []
+    for i, path in enumerate(paths):
+        where = f"{field}[{i}]" + (f".{attribute}" if attribute else "")
+        out.append(_destination(path, where) if path is not None else None)
+    _unique_stems(out, field, attribute=attribute)
+    return out
+
+
+def _unique_stems(destinations: Sequence[_Destination | None], field: str, *,
+                  attribute: str | None = None) -> None:
+    """Two items may not end up in the same file."""
+    seen: dict[tuple[Path, str], int] = {}
+    for i, destination in enumerate(destinations):
+        if destination is None:
+            continue
+        key = (destination.directory.resolve(), destination.stem.casefold())
+        other = seen.setdefault(key, i)
+        if other != i:
+            where = f"{field}[{i}]" + (f".{attribute}" if attribute else "")
+            raise ValueError(f"{where} names the same file as item {other}; every item needs its "
+                             "own output path")
+
+
+def _stems(destinations: Sequence[_Destination | None], models: Sequence[object]) -> list[str]:
+    """Names in the job's own directory: the caller's name, made unique where two items share it
+    (in different directories); items without a path keep the default name."""
+    counts: dict[str, int] = {}
+    for destination in destinations:
+        if destination is not None:
+            key = destination.stem.casefold()
+            counts[key] = counts.get(key, 0) + 1
+    stems = []
+    for i, destination in enumerate(destinations):
+        if destination is None:
+            model = models[i]
+            stems.append(default_stem(model if isinstance(model, str) else "output", i))
+        elif counts[destination.stem.casefold()] > 1:
+            stems.append(f"{destination.stem}_{i + 1:03d}")
+        else:
+            stems.append(destination.stem)
+    return stems
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _place(result: Result, destination: _Destination, job_stem: str) -> None:
+    """Move the item's files from OUTPUT_DIR to where the caller asked, atomically, keeping the
+    real extension; `<name>_<n>` for several outputs, as in the job (`job_stem` is the item's name
+    in the job's directory)."""
+    moved: list[str] = []
+    try:
+        destination.directory.mkdir(parents=True, exist_ok=True)
+        for source in map(Path, result.files):
+            rest = source.name[len(job_stem):] if source.name.startswith(job_stem) else \
+                source.suffix
+            target = (destination.directory / f"{destination.stem}{rest}").absolute()
+            _move(source, target)
+            moved.append(str(target))
+    except OSError as exc:
+        left = result.files[len(moved):]
+        result.success = False
+        result.error_type = "storage_error"
+        result.error = (f"generated, but moving the output to {destination.directory} failed: "
+                        f"{exc.strerror}; still at {', '.join(left)}")
+        result.files = moved + left
+        return
+    with contextlib.suppress(OSError):
+        Path(result.files[0]).parent.rmdir()  # the job's directory, now empty
+    result.files = moved
+    real = Path(moved[0]).suffix if moved else ""
+    if destination.asked_suffix and destination.asked_suffix.lower() != real.lower():
+        result.notes.append(f"saved as {Path(moved[0]).name}: the output is {real.lstrip('.')}, "
+                            f"not {destination.asked_suffix.lstrip('.')}")
+
+
+def _move(source: Path, target: Path) -> None:
+    """Rename when on the same file system, else copy to a hidden temp file beside the target,
+    fsync and rename: a reader sees the old file or the whole new one."""
+    try:
+        os.replace(source, target)
+        return
+    except OSError as exc:
+        if exc.errno != getattr(os, "EXDEV", 18):
+            raise
+    fd, tmp_name = tempfile.mkstemp(prefix=".", suffix=".part", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+            while chunk := src.read(1024 * 1024):
+                out.write(chunk)
+            out.flush()
+            os.fchmod(out.fileno(), 0o644)
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    source.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- module level
+
+_default: BatchClient | None = None
+_default_lock = threading.Lock()
+
+
+def default_client() -> BatchClient:
+    """The client behind the module-level functions: built on first use from the environment,
+    closed when the interpreter exits."""
+    global _default
+    with _default_lock:
+        if _default is None or _default.closed:
+            _default = BatchClient()
+            atexit.register(_default.close)
+        return _default
+
+
+def generate(prompt: str, model_name: str, output_filepath: FilePath | None = None, *,
+             token: str | None = None, **kwargs: Any) -> Result:
+    """`BatchClient.generate` on the default client."""
+    return default_client().generate(prompt, model_name, output_filepath, token=token, **kwargs)
+
+
+def generate_batch(prompts: Sequence[str], model_name: str,
+                   output_filepaths: Sequence[FilePath | None] | None = None, *,
+                   token: str | None = None, **kwargs: Any) -> list[Result]:
+    """`BatchClient.generate_batch` on the default client."""
+    return default_client().generate_batch(prompts, model_name, output_filepaths, token=token,
+                                           **kwargs)
+
+
+def generate_mixed(requests: Sequence[Request], *, token: str | None = None,
+                   **kwargs: Any) -> list[Result]:
+    """`BatchClient.generate_mixed` on the default client."""
+    return default_client().generate_mixed(requests, token=token, **kwargs)
+
+
+async def agenerate(*args: Any, **kwargs: Any) -> Result:
+    return await asyncio.to_thread(generate, *args, **kwargs)
+
+
+async def agenerate_batch(*args: Any, **kwargs: Any) -> list[Result]:
+    return await asyncio.to_thread(generate_batch, *args, **kwargs)
+
+
+async def agenerate_mixed(*args: Any, **kwargs: Any) -> list[Result]:
+    return await asyncio.to_thread(generate_mixed, *args, **kwargs)
+

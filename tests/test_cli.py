@@ -1,0 +1,257 @@
+"""batch_cli.py as a user runs it: a real subprocess, in-process or against a real gunicorn,
+stopped mid-run (SIGINT, SIGTERM, SIGKILL) and resumed; every item is done once, recorded once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from conftest import ADMIN, ADMIN_KEY, SERVER_TOKEN
+from job_store import JobStore
+from replicate_simulator import Simulator
+from servers import ROOT, Gunicorn
+from settings import Settings
+from test_processes import service_env
+
+CLI = ROOT / "batch_cli.py"
+WEBP = b"RIFF"
+
+
+def cli_env(settings: Settings) -> dict[str, str]:
+    """The host's environment as the service sees it, and the project importable."""
+    return {**service_env(settings), "PATH": os.environ.get("PATH", ""),
+            "HOME": os.environ.get("HOME", "/tmp"), "PYTHONPATH": str(ROOT)}
+
+
+class Cli:
+    """Start and finish `batch_cli.py run` processes in tmp_path, logging their stderr."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = (self.tmp_path / f"cli{len(self.procs)}.log").open("wb")
+        proc = subprocess.Popen([sys.executable, str(CLI), *args], cwd=self.tmp_path, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def run(self, args: list[str], env: dict[str, str], timeout: float = 60) -> int:
+        return self.start(args, env).wait(timeout=timeout)
+
+    def log(self, number: int = -1) -> str:
+        index = number if number >= 0 else len(self.procs) + number
+        return (self.tmp_path / f"cli{index}.log").read_text(errors="replace")
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Iterator[Cli]:
+    runner = Cli(tmp_path)
+    yield runner
+    for proc in runner.procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def records(manifest: Path) -> list[dict[str, Any]]:
+    if not manifest.exists():
+        return []
+    return [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+
+
+def creates_by_prompt(sim: Simulator) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for prediction in sim.predictions(SERVER_TOKEN):
+        prompt = str(prediction["input"]["prompt"])
+        counts[prompt] = counts.get(prompt, 0) + 1
+    return counts
+
+
+def running_on_sim(sim: Simulator) -> dict[str, str]:
+    """{prompt: prediction id} of the predictions still running on the simulator."""
+    return {str(p["input"]["prompt"]): str(p["id"]) for p in sim.predictions(SERVER_TOKEN)
+            if p["status"] in ("starting", "processing")}
+
+
+def assert_done_once(manifest: Path, prompts: list[str], sim: Simulator,
+                     files: Path) -> list[dict[str, Any]]:
+    """Every row is in the manifest exactly once, succeeded, with its file; one create each."""
+    found = records(manifest)
+    assert sorted(r["index"] for r in found) == list(range(len(prompts)))
+    assert all(r["success"] for r in found), found
+    assert {r["index"]: r["prompt"] for r in found} == dict(enumerate(prompts))
+    assert creates_by_prompt(sim) == dict.fromkeys(prompts, 1)
+    for record in found:
+        (path,) = record["files"]
+        assert Path(path).parent == files and Path(path).suffix == ".webp"
+        assert Path(path).read_bytes().startswith(WEBP)
+    return found
+
+
+def test_in_process_run_stopped_by_sigint_resumes_without_creating_twice(
+        make_settings: Callable[..., Settings], sim: Simulator, tmp_path: Path, cli: Cli) -> None:
+    settings = make_settings(concurrent_limit=3, lease_ttl_seconds=1.5, task_timeout_seconds=30)
+    prompts = [f"quick {i} #slow=0.1" for i in range(3)] + \
+        [f"slow {i} #slow=1.5" for i in range(6)]
+    source = write_jsonl(tmp_path / "requests.jsonl",
+                         [{"prompt": p, "model_name": "flux-dev"} for p in prompts])
+    manifest = tmp_path / "requests.jsonl.manifest.jsonl"
+    files = tmp_path / "files"
+    args = ["run", str(source), "--in-process", "--poll-interval", "0.05",
+            "--output-dir", str(files)]
+    first = cli.start(args, cli_env(settings))
+    # The quick items are done and recorded; three slow ones hold every slot, three wait.
+    wait_for(lambda: len(records(manifest)) == 3 and len(running_on_sim(sim)) == 3
+             and len(sim.predictions(SERVER_TOKEN)) == 6, what="3 done and 3 in flight")
+    first.send_signal(signal.SIGINT)
+    assert first.wait(timeout=20) == 128 + signal.SIGINT, cli.log()
+    assert "run the same command again to resume" in cli.log()
+    assert sorted(r["index"] for r in records(manifest)) == [0, 1, 2]
+    left_running = running_on_sim(sim)
+    # Stopping left the running predictions running (nothing canceled) and created nothing new.
+    assert len(left_running) == 3 and sim.stats(SERVER_TOKEN)["cancels"] == 0
+    assert len(sim.predictions(SERVER_TOKEN)) == 6
+
+    assert cli.run(args, cli_env(settings)) == 0, cli.log()
+    found = assert_done_once(manifest, prompts, sim, files)
+    # The predictions left running were picked up by their ids, not created again.
+    by_prompt = {r["prompt"]: r["prediction_id"] for r in found}
+    for prompt, prediction_id in left_running.items():
+        assert by_prompt[prompt] == prediction_id
+    assert "9/9 done" in cli.log()
+
+
+def test_in_process_run_killed_resumes_once_the_lease_ttl_has_passed(
+        make_settings: Callable[..., Settings], sim: Simulator, tmp_path: Path, cli: Cli) -> None:
+    ttl = 1.5
+    settings = make_settings(concurrent_limit=6, lease_ttl_seconds=ttl, task_timeout_seconds=30)
+    prompts = [f"quick {i} #slow=0.1" for i in range(2)] + \
+        [f"slow {i} #slow=2.5" for i in range(4)]
+    source = write_jsonl(tmp_path / "in.jsonl",
+                         [{"prompt": p, "model_name": "flux-dev"} for p in prompts])
+    manifest = tmp_path / "progress.jsonl"
+    files = tmp_path / "files"
+    args = ["run", str(source), "--manifest", str(manifest), "--poll-interval", "0.05",
+            "--output-dir", str(files)]
+    first = cli.start(args, cli_env(settings))
+    store = JobStore(str(settings.state_file))
+
+    def slow_ones_stored() -> bool:
+        # Every create has answered and its id is in the state file: no create is half done.
+        jobs = records(Path(str(manifest) + ".jobs"))
+        if len(jobs) != 1 or len(records(manifest)) != 2:
+            return False
+        items = store.items(jobs[0]["job_id"])
+        return sum(1 for i in items if i.state == "running" and i.prediction_id) == 4
+
+    wait_for(slow_ones_stored, what="2 done and 4 stored in flight")
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=10)
+    killed_at = time.monotonic()
+    assert len(sim.predictions(SERVER_TOKEN)) == 6
+
+    assert cli.run(args, cli_env(settings)) == 0, cli.log()
+    assert_done_once(manifest, prompts, sim, files)
+    # The killed run's job waited for its heartbeat to go stale before another process took it.
+    assert time.monotonic() - killed_at >= ttl * 2 / 3
+
+
+def test_service_run_stopped_by_sigterm_resumes_with_the_same_jobs(
+        make_settings: Callable[..., Settings], sim: Simulator, tmp_path: Path, cli: Cli) -> None:
+    settings = make_settings(concurrent_limit=3)
+    service = Gunicorn(service_env(settings, workers=2), tmp_path / "gunicorn.log")
+    try:
+        service.wait_ready()
+        prompts = [f"quick {i} #slow=0.1" for i in range(3)] + \
+            [f"slow {i} #slow=1.0" for i in range(7)]
+        source = write_jsonl(tmp_path / "requests.jsonl",
+                             [{"prompt": p, "model_name": "flux-dev"} for p in prompts])
+        manifest = tmp_path / "requests.jsonl.manifest.jsonl"
+        files = tmp_path / "downloads"
+        args = ["run", str(source), "--service-url", service.url, "--api-key", ADMIN_KEY,
+                "--chunk-size", "4", "--poll-interval", "0.05", "--output-dir", str(files), "-v"]
+        env = cli_env(settings)
+        first = cli.start(args, env)
+        wait_for(lambda: len(records(manifest)) >= 3 and running_on_sim(sim),
+                 what="some items done and some in flight")
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=20) == 128 + signal.SIGTERM, cli.log()
+        assert "the service keeps running its jobs" in cli.log()
+        assert 3 <= len(records(manifest)) < len(prompts)
+
+        assert cli.run(args, env) == 0, cli.log()
+        assert "resumed job" in cli.log()
+        assert_done_once(manifest, prompts, sim, files)
+        jobs = requests.get(service.url + "/jobs?limit=100", headers=ADMIN, timeout=10).json()
+        # Three chunks of at most 4: three jobs, none created twice by the resumed run.
+        assert sorted(j["total"] for j in jobs["data"]) == [2, 4, 4]
+        assert all(j["state"] == "succeeded" for j in jobs["data"])
+    finally:
+        service.stop()
+    assert SERVER_TOKEN not in service.log() and ADMIN_KEY not in service.log()
+
+
+def test_csv_cells_take_the_parameter_types_and_rows_their_output_paths(
+        make_settings: Callable[..., Settings], sim: Simulator, tmp_path: Path, cli: Cli) -> None:
+    settings = make_settings()
+    source = tmp_path / "requests.csv"
+    source.write_text("prompt,model_name,aspect_ratio,output_quality,go_fast,output\n"
+                      "a red car,flux-dev,16:9,90,false,cars/red.jpg\n"
+                      '"a blue, calm sea",,,,,\n')
+    assert cli.run(["run", str(source), "--model", "qwen-image", "--poll-interval", "0.05"],
+                   cli_env(settings)) == 0, cli.log()
+    by_prompt = {p["input"]["prompt"]: p for p in sim.predictions(SERVER_TOKEN)}
+    car = by_prompt["a red car"]["input"]
+    assert (car["aspect_ratio"], car["output_quality"], car["go_fast"]) == ("16:9", 90, False)
+    assert by_prompt["a blue, calm sea"]["model"] == "qwen/qwen-image"
+    found = records(tmp_path / "requests.csv.manifest.jsonl")
+    assert [r["index"] for r in found if r["prompt"] == "a red car"] == [0]
+    (red,) = next(r["files"] for r in found if r["index"] == 0)
+    assert red == str(tmp_path / "cars" / "red.webp")  # the real format's extension
+    (sea,) = next(r["files"] for r in found if r["index"] == 1)
+    assert Path(sea).name == "qwen_image_002.webp" and Path(sea).is_file()
+
+
+def test_a_bad_row_stops_the_run_before_anything_is_spent(
+        make_settings: Callable[..., Settings], sim: Simulator, tmp_path: Path, cli: Cli) -> None:
+    source = write_jsonl(tmp_path / "bad.jsonl", [
+        {"prompt": "fine", "model_name": "flux-dev"},
+        {"prompt": "wrong", "model_name": "flux-dev", "aspect_ratio": "7:3"}])
+    assert cli.run(["run", str(source)], cli_env(make_settings())) == 2
+    assert "line 2: aspect_ratio must be one of" in cli.log()
+    twice = write_jsonl(tmp_path / "twice.jsonl", [
+        {"prompt": "one", "model_name": "flux-dev", "custom_filename": "Same"},
+        {"prompt": "two", "model_name": "qwen-image", "custom_filename": "same.png"}])
+    assert cli.run(["run", str(twice)], cli_env(make_settings())) == 2
+    assert "line 2: custom_filename 'same.png' is also used on line 1" in cli.log()
+    assert sim.stats() == {}
+    assert records(tmp_path / "bad.jsonl.manifest.jsonl") == []
