@@ -187,8 +187,10 @@ def test_429_storm_backs_off_the_whole_account_and_still_finishes(
     assert data["success"] is True, data
     stats = sim.stats(USER_TOKEN)
     assert stats["creates_accepted"] == 5
-    # Without a shared back-off each of 5 workers would hammer; with it, a 429 stops them all.
-    assert stats["creates_throttled"] <= 5, stats
+    # Without a shared back-off each of 5 workers would hammer (dozens of 429s); with it, a 429
+    # stops them all and each pause costs at most one or two more. Not tighter: on a loaded
+    # machine a resumed create can land a hair before the simulator's token is back.
+    assert stats["creates_throttled"] <= 8, stats
     attempts = sum(len(r["attempts"]) for r in data["results"])
     assert attempts == stats["creates_accepted"] + stats["creates_throttled"]
 
