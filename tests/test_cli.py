@@ -19,7 +19,7 @@ import requests
 from conftest import ADMIN, ADMIN_KEY, SERVER_TOKEN
 from job_store import JobStore
 from replicate_simulator import Simulator
-from servers import ROOT, Gunicorn
+from servers import ROOT, Gunicorn, wait_for
 from settings import Settings
 from test_processes import service_env
 
@@ -64,17 +64,6 @@ def cli(tmp_path: Path) -> Iterator[Cli]:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import requests
 from conftest import ADMIN, ADMIN_KEY, SERVER_TOKEN, USER, USER_TOKEN
 from job_store import JobStore
 from replicate_simulator import Simulator, token_hash
-from servers import Gunicorn
+from servers import Gunicorn, wait_for
 from settings import Settings
 from test_processes import service_env
 
@@ -53,18 +52,6 @@ def start(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
         text = server.log()
         for secret in (SERVER_TOKEN, USER_TOKEN, ADMIN_KEY):
             assert secret not in text
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    """Poll `condition` every 20-50 ms until it is truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.03)
 
 
 def get_job(server: Gunicorn, job_id: str, headers: dict[str, str]) -> dict[str, Any]:

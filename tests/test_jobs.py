@@ -22,24 +22,13 @@ from flask.testing import FlaskClient
 import webhooks
 from conftest import ADMIN, OTHER, OTHER_TOKEN, SERVER_TOKEN, USER, USER_TOKEN
 from replicate_simulator import Simulator
+from servers import wait_for
 
 TERMINAL = {"succeeded", "partially_failed", "failed", "canceled"}
 SIGNING_KEY = "test-webhook-signing-key-0123456789"
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll `condition` every 20 ms until it is truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def get_job(client: FlaskClient, job_id: str, headers: dict[str, str]) -> dict[str, Any]:

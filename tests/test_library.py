@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import requests
 import replicate_batch as rb
 from conftest import ADMIN, SERVER_TOKEN, USER_TOKEN
 from replicate_simulator import Simulator
-from servers import ROOT, Gunicorn
+from servers import ROOT, Gunicorn, wait_for
 from settings import Settings, SettingsError
 from test_processes import service_env
 
@@ -36,17 +35,6 @@ PNG = b"\x89PNG"
 def client(make_settings: Callable[..., Settings]) -> Iterator[rb.BatchClient]:
     with rb.BatchClient(settings=make_settings()) as batch_client:
         yield batch_client
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def created_prompts(sim: Simulator, token: str = SERVER_TOKEN) -> list[str]:
