@@ -29,11 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import webhooks
-from catalogue import MODELS
 from dispatcher import QueueFull, ShuttingDown
 from generation import Generator, Task, TaskResult, execute
 from job_store import ItemOutcome, ItemRow, JobRow, JobStore, NewItem, NewJob
-from model_functions import Attempt, GenerationError, Hooks, Suspended, account_key
+from model_functions import (
+    Attempt,
+    GenerationError,
+    Hooks,
+    Suspended,
+    account_key,
+    resolve_model,
+)
 from settings import Settings
 
 log = logging.getLogger(__name__)
@@ -189,7 +195,7 @@ class JobRunner:
         """Store a new prediction's id before anything else happens to it."""
         assert attempt.prediction_id is not None  # noqa: S101 - called only after a create
         self.store.record_attempts(job_id, index, [a.as_dict() for a in result.attempts],
-                                   (attempt.prediction_id, _model_id(attempt.model)))
+                                   (attempt.prediction_id, resolve_model(attempt.model).id))
 
     def _close_if_done(self, job_id: str) -> None:
         job = self.store.finish_job_if_done(job_id, self._clock())
@@ -406,12 +412,6 @@ def _outcome(result: TaskResult) -> ItemOutcome:
         error=str(error) if error else None, error_type=error.kind if error else None,
         cost_usd=result.cost_usd, placeholder=result.placeholder, notes=result.notes)
 
-
-def _model_id(ref: str) -> str:
-    for spec in MODELS.values():
-        if ref in (spec.id, spec.ref):
-            return spec.id
-    return ref
 
 
 def _last_prediction(attempts: list[dict[str, Any]]) -> str | None:

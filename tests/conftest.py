@@ -14,6 +14,7 @@ from flask.testing import FlaskClient
 
 from app import create_app
 from replicate_simulator import SimConfig, Simulator
+from servers import Gunicorn, service_env
 from settings import Settings
 
 ADMIN_KEY = "test-admin-key-0123456789"
@@ -99,3 +100,24 @@ def app(make_app: Callable[..., Flask]) -> Flask:
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
+
+
+@pytest.fixture
+def start_gunicorn(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
+    """Start real gunicorn services with given settings; stop them and check their logs."""
+    started: list[Gunicorn] = []
+
+    def start(settings: Settings, workers: int = 2, **extra_env: str) -> Gunicorn:
+        env = {**service_env(settings, workers), **extra_env}
+        server = Gunicorn(env, tmp_path / f"gunicorn{len(started)}.log")
+        started.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+    for server in started:  # a token in any log line of any process fails the test
+        text = server.log()
+        for secret in (SERVER_TOKEN, USER_TOKEN, ADMIN_KEY):
+            assert secret not in text

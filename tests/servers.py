@@ -14,6 +14,8 @@ from typing import Any
 
 import requests
 
+from settings import Settings
+
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN = Path(sys.executable).parent / "gunicorn"
 
@@ -93,3 +95,25 @@ def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.02)
+
+
+def service_env(settings: Settings, workers: int = 2) -> dict[str, str]:
+    """The environment that gives a gunicorn service exactly these settings."""
+    return {
+        "REPLICATE_API_TOKEN": settings.replicate_api_token or "",
+        "CONCURRENT_DOCKER_ADMIN_API_KEY": settings.admin_api_key or "",
+        "REPLICATE_BASE_URL": settings.replicate_base_url,
+        "OUTPUT_DIR": str(settings.output_dir),
+        "STATE_FILE": str(settings.state_file),
+        "REPLICATE_CONCURRENT_LIMIT": str(settings.concurrent_limit),
+        "REPLICATE_REQUESTS_PER_MINUTE": str(settings.requests_per_minute),
+        "REPLICATE_CREATE_BURST": str(settings.create_burst),
+        "REPLICATE_POLLS_PER_MINUTE": str(settings.polls_per_minute),
+        "POLL_INTERVAL_SECONDS": str(settings.poll_interval_seconds),
+        "TASK_TIMEOUT_SECONDS": str(settings.task_timeout_seconds),
+        "LEASE_TTL_SECONDS": str(settings.lease_ttl_seconds),
+        "DISPATCH_THREADS": str(settings.dispatch_threads),
+        "WEB_CONCURRENCY": str(workers),
+        "GUNICORN_THREADS": "8",
+        "LOG_LEVEL": "DEBUG",
+    }

@@ -19,9 +19,8 @@ import requests
 from conftest import ADMIN, ADMIN_KEY, SERVER_TOKEN
 from job_store import JobStore
 from replicate_simulator import Simulator
-from servers import ROOT, Gunicorn, wait_for
+from servers import ROOT, Gunicorn, service_env, wait_for
 from settings import Settings
-from test_processes import service_env
 
 CLI = ROOT / "batch_cli.py"
 WEBP = b"RIFF"

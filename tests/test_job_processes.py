@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
-from conftest import ADMIN, ADMIN_KEY, SERVER_TOKEN, USER, USER_TOKEN
+from conftest import ADMIN, SERVER_TOKEN, USER, USER_TOKEN
 from job_store import JobStore
 from replicate_simulator import Simulator, token_hash
 from servers import Gunicorn, wait_for
 from settings import Settings
-from test_processes import service_env
 
 TERMINAL = {"succeeded", "partially_failed", "failed", "canceled"}
 LEASE_TTL = 1.5
@@ -34,24 +34,9 @@ def settings(make_settings: Callable[..., Settings]) -> Settings:
 
 
 @pytest.fixture
-def start(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
+def start(start_gunicorn: Callable[..., Gunicorn]) -> Callable[..., Gunicorn]:
     """Start a one-worker gunicorn with the given settings (and extra environment)."""
-    started: list[Gunicorn] = []
-
-    def run(settings: Settings, **extra_env: str) -> Gunicorn:
-        env = {**service_env(settings, workers=1), **extra_env}
-        server = Gunicorn(env, tmp_path / f"gunicorn{len(started)}.log")
-        started.append(server)
-        server.wait_ready()
-        return server
-
-    yield run
-    for server in started:
-        server.stop()
-    for server in started:  # a token in any log line of any process fails the test
-        text = server.log()
-        for secret in (SERVER_TOKEN, USER_TOKEN, ADMIN_KEY):
-            assert secret not in text
+    return partial(start_gunicorn, workers=1)
 
 
 def get_job(server: Gunicorn, job_id: str, headers: dict[str, str]) -> dict[str, Any]:

@@ -19,9 +19,8 @@ import requests
 import replicate_batch as rb
 from conftest import ADMIN, SERVER_TOKEN, USER_TOKEN
 from replicate_simulator import Simulator
-from servers import ROOT, Gunicorn, wait_for
+from servers import ROOT, Gunicorn, service_env, wait_for
 from settings import Settings, SettingsError
-from test_processes import service_env
 
 FLUX_DEV = "black-forest-labs/flux-dev"
 QWEN = "qwen/qwen-image"

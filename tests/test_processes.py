@@ -4,60 +4,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import pytest
 import requests
 from flask import Flask
 
-from conftest import ADMIN, ADMIN_KEY, SERVER_TOKEN, USER, USER_TOKEN
+from conftest import ADMIN, SERVER_TOKEN, USER, USER_TOKEN
 from replicate_simulator import Simulator
 from servers import Gunicorn
 from settings import Settings
-
-
-def service_env(settings: Settings, workers: int = 2) -> dict[str, str]:
-    """The environment that gives a gunicorn service exactly these settings."""
-    return {
-        "REPLICATE_API_TOKEN": settings.replicate_api_token or "",
-        "CONCURRENT_DOCKER_ADMIN_API_KEY": settings.admin_api_key or "",
-        "REPLICATE_BASE_URL": settings.replicate_base_url,
-        "OUTPUT_DIR": str(settings.output_dir),
-        "STATE_FILE": str(settings.state_file),
-        "REPLICATE_CONCURRENT_LIMIT": str(settings.concurrent_limit),
-        "REPLICATE_REQUESTS_PER_MINUTE": str(settings.requests_per_minute),
-        "REPLICATE_CREATE_BURST": str(settings.create_burst),
-        "REPLICATE_POLLS_PER_MINUTE": str(settings.polls_per_minute),
-        "POLL_INTERVAL_SECONDS": str(settings.poll_interval_seconds),
-        "TASK_TIMEOUT_SECONDS": str(settings.task_timeout_seconds),
-        "LEASE_TTL_SECONDS": str(settings.lease_ttl_seconds),
-        "DISPATCH_THREADS": str(settings.dispatch_threads),
-        "WEB_CONCURRENCY": str(workers),
-        "GUNICORN_THREADS": "8",
-        "LOG_LEVEL": "DEBUG",
-    }
-
-
-@pytest.fixture
-def start_gunicorn(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
-    started: list[Gunicorn] = []
-
-    def start(settings: Settings, workers: int = 2) -> Gunicorn:
-        server = Gunicorn(service_env(settings, workers), tmp_path / f"gunicorn{len(started)}.log")
-        started.append(server)
-        server.wait_ready()
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
-    for server in started:  # a token in any log line of any process fails the test
-        text = server.log()
-        for secret in (SERVER_TOKEN, USER_TOKEN, ADMIN_KEY):
-            assert secret not in text
 
 
 def batch(prompts: list[str], names: list[str] | None = None) -> dict[str, Any]:
