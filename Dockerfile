@@ -29,12 +29,12 @@ RUN groupadd --gid 10001 appuser \
 COPY requirements.txt ./
 RUN pip install -r requirements.txt
 
-# The service's top-level modules (app, settings, catalogue, model_functions, outputs,
-# concurrency_manager, dispatcher), replicate_simulator.py (for a demo against
-# REPLICATE_BASE_URL) and gunicorn.conf.py. A glob rather than a list, so a new module cannot be
-# forgotten and fail at import time in production; .dockerignore keeps tests/, bench/, demo.py,
-# .env and the rest out of the build context, so they cannot be copied by accident.
-COPY *.py ./
+# The package, installed into site-packages (root-owned, so the service cannot rewrite itself).
+# Its source goes to /src, outside WORKDIR; --no-deps because the layer above installed them.
+# .dockerignore keeps tests/, bench/, .env and the rest out of the build context.
+COPY pyproject.toml requirements.txt /src/
+COPY replicate_generation /src/replicate_generation
+RUN pip install --no-deps /src
 
 # appuser, by number: runtimes that enforce a non-root user (Kubernetes runAsNonRoot) can only
 # verify a numeric UID without reading the image's /etc/passwd.
@@ -57,6 +57,6 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request as u; port = os.environ.get('FLASK_PORT', '').strip() or '5003'; u.build_opener(u.ProxyHandler({})).open(f'http://127.0.0.1:{port}/health', timeout=4)"]
 
 # gunicorn as PID 1 (exec form, no shell in between), so it receives SIGTERM itself and reaps its
-# own workers. gunicorn.conf.py sets bind, gthread workers/threads, timeouts and header-free
-# access logs from the environment.
-CMD ["gunicorn", "-c", "gunicorn.conf.py", "app:create_app()"]
+# own workers. The package's gunicorn_conf sets bind, gthread workers/threads, timeouts and
+# header-free access logs from the environment.
+CMD ["gunicorn", "-c", "python:replicate_generation.gunicorn_conf", "replicate_generation.app:create_app()"]

@@ -13,10 +13,10 @@ MAKEFLAGS += --no-builtin-rules
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev/null || echo python3)
 VENV := .venv
 PY := $(VENV)/bin/python
-REQUIREMENTS := requirements.txt requirements-dev.txt
+REQUIREMENTS := requirements.txt requirements-dev.txt pyproject.toml
 
-# The install stamp is named after a checksum of the requirements files' content, so editing a pin
-# triggers a reinstall while a second run, a fresh checkout or a touched file does not.
+# The install stamp is named after a checksum of the requirements files and pyproject.toml, so
+# editing a pin or an entry point triggers a reinstall while a second run, a fresh checkout or a touched file does not.
 # (cksum is POSIX: present on every Linux and macOS.)
 REQ_HASH := $(shell cat $(REQUIREMENTS) | cksum | cut -d ' ' -f 1)
 STAMP := $(VENV)/.requirements-$(REQ_HASH).stamp
@@ -36,12 +36,12 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): | $(PY)
-	$(PY) -m pip install --disable-pip-version-check --quiet -r requirements-dev.txt
+	$(PY) -m pip install --disable-pip-version-check --quiet -r requirements-dev.txt -e .
 	@rm -f $(VENV)/.requirements-*.stamp
 	@touch $@
 
 demo: $(STAMP)
-	$(PY) demo.py
+	$(PY) -m replicate_generation demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -27,7 +27,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from replicate_simulator import SimConfig, Simulator  # noqa: E402
+from replicate_generation.devtools.simulator import SimConfig, Simulator  # noqa: E402
 from servers import Gunicorn  # noqa: E402
 
 TOKEN = "r8_bench_token"  # noqa: S105 - only the simulator accepts it

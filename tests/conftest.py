@@ -12,10 +12,10 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from app import create_app
-from replicate_simulator import SimConfig, Simulator
+from replicate_generation.app import create_app
+from replicate_generation.devtools.simulator import SimConfig, Simulator
+from replicate_generation.settings import Settings
 from servers import Gunicorn, service_env
-from settings import Settings
 
 ADMIN_KEY = "test-admin-key-0123456789"
 SERVER_TOKEN = "r8_server_test_token"

@@ -1,4 +1,4 @@
-"""Run the service as the image does (gunicorn + gunicorn.conf.py) in a child process."""
+"""Run the service as the image does (gunicorn + the package's gunicorn_conf) in a child process."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,10 +13,10 @@ from typing import Any
 
 import requests
 
-from settings import Settings
+from replicate_generation.cli.serve import gunicorn_argv
+from replicate_generation.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-GUNICORN = Path(sys.executable).parent / "gunicorn"
 
 
 def free_port() -> int:
@@ -40,7 +39,7 @@ class Gunicorn:
         self.env = full_env
         self.log_path = log_path
         self._log = log_path.open("wb")
-        argv = command or [str(GUNICORN), "-c", "gunicorn.conf.py", "app:create_app()"]
+        argv = command or gunicorn_argv()
         # run_as=(uid, gid) drops privileges in the child, supplementary groups included (a root
         # caller's would otherwise survive); None keeps the caller's identity.
         uid, gid = run_as if run_as is not None else (None, None)

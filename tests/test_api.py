@@ -10,9 +10,9 @@ from typing import Any
 from flask import Flask
 from flask.testing import FlaskClient
 
-from catalogue import MODELS
 from conftest import ADMIN, ADMIN_KEY, OTHER, SERVER_TOKEN, USER, USER_TOKEN
-from replicate_simulator import Simulator
+from replicate_generation.catalogue import MODELS
+from replicate_generation.devtools.simulator import Simulator
 
 PNG_1PX = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 16).decode()
 

@@ -1,4 +1,4 @@
-"""batch_cli.py as a user runs it: a real subprocess, in-process or against a real gunicorn,
+"""`replicate-generation run` as a user runs it: a real subprocess, in-process or against gunicorn,
 stopped mid-run (SIGINT, SIGTERM, SIGKILL) and resumed; every item is done once, recorded once."""
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import pytest
 import requests
 
 from conftest import ADMIN, ADMIN_KEY, SERVER_TOKEN
-from job_store import JobStore
-from replicate_simulator import Simulator
+from replicate_generation.devtools.simulator import Simulator
+from replicate_generation.jobs.store import JobStore
+from replicate_generation.settings import Settings
 from servers import ROOT, Gunicorn, service_env, wait_for
-from settings import Settings
 
-CLI = ROOT / "batch_cli.py"
+CLI = ["-m", "replicate_generation"]
 WEBP = b"RIFF"
 
 
@@ -33,7 +33,7 @@ def cli_env(settings: Settings) -> dict[str, str]:
 
 
 class Cli:
-    """Start and finish `batch_cli.py run` processes in tmp_path, logging their stderr."""
+    """Start and finish `replicate-generation run` processes in tmp_path, logging their stderr."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
@@ -41,7 +41,7 @@ class Cli:
 
     def start(self, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         log = (self.tmp_path / f"cli{len(self.procs)}.log").open("wb")
-        proc = subprocess.Popen([sys.executable, str(CLI), *args], cwd=self.tmp_path, env=env,
+        proc = subprocess.Popen([sys.executable, *CLI, *args], cwd=self.tmp_path, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
         log.close()
         self.procs.append(proc)

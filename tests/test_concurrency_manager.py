@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from concurrency_manager import (
+from replicate_generation.concurrency_manager import (
     AccountStats,
     ConcurrencyManager,
     DeadlineExceeded,
@@ -578,7 +578,7 @@ def test_shutdown_releases_leases_and_refuses_new_work(tmp_path: Path) -> None:
 
 WORKER = r"""
 import os, sys, threading, time, random
-from concurrency_manager import ConcurrencyManager, Limits, SQLiteLimitStore
+from replicate_generation.concurrency_manager import ConcurrencyManager, Limits, SQLiteLimitStore
 
 db, out, mode, ttl = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 if mode == "open":

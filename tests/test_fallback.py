@@ -14,7 +14,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from conftest import ADMIN, SERVER_TOKEN, USER, USER_TOKEN
-from replicate_simulator import Simulator
+from replicate_generation.devtools.simulator import Simulator
 
 FLUX_DEV = "black-forest-labs/flux-dev"
 QWEN = "qwen/qwen-image"

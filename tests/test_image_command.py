@@ -33,7 +33,7 @@ import pytest
 import requests
 
 from conftest import ADMIN, ADMIN_KEY
-from replicate_simulator import Simulator
+from replicate_generation.devtools.simulator import Simulator
 from servers import ROOT, Gunicorn
 
 # The server's Replicate token, for the simulator only (short, so it cannot pass for a real one).
@@ -451,7 +451,9 @@ def build_image(root: Path, dockerfile: Dockerfile) -> Image:
     code: set[PurePosixPath] = set()
     for step in dockerfile.steps:  # in Dockerfile order: each pip install sees earlier COPYs
         if isinstance(step, Pip):
-            _build_step([str(venv / "bin" / "python"), "-m", "pip", "install", *step.args],
+            # An absolute path in the image (COPY'd to /src) is that path under this root.
+            args = [str(root / a.lstrip("/")) if a.startswith("/") else a for a in step.args]
+            _build_step([str(venv / "bin" / "python"), "-m", "pip", "install", *args],
                         app_dir, f"pip install {' '.join(step.args)}")
         else:
             code |= _copy_into(step, root, dockerfile.workdir, ignore, as_root)
@@ -572,11 +574,28 @@ def _assert_only_image_files(image: Image) -> None:
     assert found == expected, f"unexpected or missing: {sorted(map(str, found ^ expected))}"
 
 
+def _installed_module(image: Image, module: str) -> Path:
+    """Where the image's python finds `module` (site-packages, not this checkout)."""
+    done = subprocess.run([str(image.venv / "bin" / "python"), "-c",
+                           "import importlib.util, sys; "
+                           "print(importlib.util.find_spec(sys.argv[1]).origin)", module],
+                          cwd=image.app_dir, env=image.env(), capture_output=True, text=True,
+                          timeout=30, check=True)
+    return Path(done.stdout.strip())
+
+
+def _config_file(image: Image) -> Path:
+    """The gunicorn config the CMD names: a file under WORKDIR, or `python:<module>`."""
+    cmd = image.dockerfile.cmd
+    config = cmd[cmd.index("-c") + 1]
+    if config.startswith("python:"):
+        return _installed_module(image, config.removeprefix("python:"))
+    return image.app_dir / config
+
+
 def _graceful_timeout(image: Image) -> float:
     """gunicorn's graceful_timeout, read from the config file the CMD names (default 30 s)."""
-    cmd = image.dockerfile.cmd
-    config = image.app_dir / cmd[cmd.index("-c") + 1]
-    for node in ast.parse(config.read_text()).body:
+    for node in ast.parse(_config_file(image).read_text()).body:
         if isinstance(node, ast.Assign) and any(
                 isinstance(t, ast.Name) and t.id == "graceful_timeout" for t in node.targets):
             return float(ast.literal_eval(node.value))
@@ -624,7 +643,8 @@ def test_image_user_cannot_write_its_code(image: Image) -> None:
              "    except PermissionError:\n"
              "        continue\n"
              "    sys.exit(f'uid wrote {path}')\n")
-    module = next(str(p) for p in sorted(image.code) if p.suffix == ".py")
+    module = str(_installed_module(image, "replicate_generation.app"))
+    assert Path(module).is_relative_to(image.venv), module
     done = subprocess.run([str(image.venv / "bin" / "python"), "-c", probe, module],
                           cwd=image.app_dir, env=image.env(), capture_output=True, text=True,
                           timeout=30, check=False, **_as_user(image.run_as))

@@ -14,10 +14,10 @@ import pytest
 import requests
 
 from conftest import ADMIN, SERVER_TOKEN, USER, USER_TOKEN
-from job_store import JobStore
-from replicate_simulator import Simulator, token_hash
+from replicate_generation.devtools.simulator import Simulator, token_hash
+from replicate_generation.jobs.store import JobStore
+from replicate_generation.settings import Settings
 from servers import Gunicorn, wait_for
-from settings import Settings
 
 TERMINAL = {"succeeded", "partially_failed", "failed", "canceled"}
 LEASE_TTL = 1.5

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from job_store import JobStore, NewItem, NewJob
+from replicate_generation.jobs.store import JobStore, NewItem, NewJob
 
 
 def make_job(store: JobStore, job_id: str, origin: str, owner: str, now: float) -> None:

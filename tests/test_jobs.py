@@ -19,9 +19,9 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-import webhooks
 from conftest import ADMIN, OTHER, OTHER_TOKEN, SERVER_TOKEN, USER, USER_TOKEN
-from replicate_simulator import Simulator
+from replicate_generation.devtools.simulator import Simulator
+from replicate_generation.jobs import webhooks
 from servers import wait_for
 
 TERMINAL = {"succeeded", "partially_failed", "failed", "canceled"}

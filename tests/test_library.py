@@ -1,5 +1,5 @@
-"""The in-process library (replicate_batch): its three modes against the simulator, and several
-scripts plus the service sharing one account's limits through the state file."""
+"""The in-process library (replicate_generation.library): its three modes against the simulator,
+and several scripts plus the service sharing one account's limits through the state file."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import requests
 
-import replicate_batch as rb
 from conftest import ADMIN, SERVER_TOKEN, USER_TOKEN
-from replicate_simulator import Simulator
+from replicate_generation import library as rb
+from replicate_generation.devtools.simulator import Simulator
+from replicate_generation.settings import Settings, SettingsError
 from servers import ROOT, Gunicorn, service_env, wait_for
-from settings import Settings, SettingsError
 
 FLUX_DEV = "black-forest-labs/flux-dev"
 QWEN = "qwen/qwen-image"
@@ -213,7 +213,7 @@ def test_module_functions_read_the_dotenv_of_the_working_directory(
     # everything it sets.
     dotenv = {name: env.pop(name) for name in ("REPLICATE_API_TOKEN", "REPLICATE_BASE_URL")}
     (work / ".env").write_text("".join(f"{k}={v}\n" for k, v in dotenv.items()))
-    code = ("import json, replicate_batch as rb\n"
+    code = ("import json\nimport replicate_generation.library as rb\n"
             "r = rb.generate('from a script', 'flux-dev', 'out/first.jpg')\n"
             "print(json.dumps(r.as_dict()))\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True,
@@ -231,8 +231,7 @@ import json, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import replicate_batch as rb
-
+from replicate_generation import library as rb
 mode, name, ready, go, out = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), \\
     Path(sys.argv[5])
 prompts = [f"{name} item {i} #slow=1.2" for i in range(3)]

@@ -5,8 +5,14 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from catalogue import MODELS
-from model_functions import InvalidRequest, account_key, build_input, resolve_model, retry_after_of
+from replicate_generation.catalogue import MODELS
+from replicate_generation.model_functions import (
+    InvalidRequest,
+    account_key,
+    build_input,
+    resolve_model,
+    retry_after_of,
+)
 
 THROTTLED = "Request was throttled. Your rate limit resets in ~7s."
 

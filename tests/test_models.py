@@ -15,11 +15,11 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-import replicate_simulator
-from catalogue import MODELS
 from conftest import ADMIN, SERVER_TOKEN
-from model_functions import InvalidRequest, build_input
-from replicate_simulator import Simulator
+from replicate_generation.catalogue import MODELS
+from replicate_generation.devtools import simulator as replicate_simulator
+from replicate_generation.devtools.simulator import Simulator
+from replicate_generation.model_functions import InvalidRequest, build_input
 
 SEED_MAX = 2**32 - 1
 BASIC_RATIOS = ("1:1", "16:9", "9:16", "3:4", "4:3")

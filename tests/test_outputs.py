@@ -22,7 +22,7 @@ from urllib.parse import parse_qs
 import pytest
 from werkzeug.serving import WSGIRequestHandler, make_server
 
-from outputs import (
+from replicate_generation.outputs import (
     DownloadError,
     InvalidName,
     SavedFile,

@@ -13,9 +13,9 @@ import requests
 from flask import Flask
 
 from conftest import ADMIN, SERVER_TOKEN, USER, USER_TOKEN
-from replicate_simulator import Simulator
+from replicate_generation.devtools.simulator import Simulator
+from replicate_generation.settings import Settings
 from servers import Gunicorn
-from settings import Settings
 
 
 def batch(prompts: list[str], names: list[str] | None = None) -> dict[str, Any]:

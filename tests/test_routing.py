@@ -10,11 +10,17 @@ from pathlib import Path
 
 import pytest
 
-import routing
-from catalogue import MODELS, ModelSpec
-from model_functions import InvalidRequest, build_input
-from outputs import DownloadError
-from routing import FallbackChains, estimate_cost, fallback_input, plan, should_fall_back
+from replicate_generation import routing
+from replicate_generation.catalogue import MODELS, ModelSpec
+from replicate_generation.model_functions import InvalidRequest, build_input
+from replicate_generation.outputs import DownloadError
+from replicate_generation.routing import (
+    FallbackChains,
+    estimate_cost,
+    fallback_input,
+    plan,
+    should_fall_back,
+)
 
 URL = "https://example.com/a.png"
 URL2 = "https://example.com/b.png"

@@ -12,7 +12,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from conftest import ADMIN, ADMIN_KEY, OTHER, OTHER_TOKEN, SERVER_TOKEN, USER, USER_TOKEN
-from replicate_simulator import Simulator
+from replicate_generation.devtools.simulator import Simulator
 
 AUTH_MESSAGE = ("No valid API key provided. Either provide X-Admin-API-Key or "
                 "X-Replicate-API-Key header")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from settings import Settings, SettingsError
+from replicate_generation.settings import Settings, SettingsError
 
 
 def test_defaults_match_the_seed() -> None:

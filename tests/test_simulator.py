@@ -20,7 +20,7 @@ import replicate
 from replicate.exceptions import ModelError, ReplicateError
 from replicate.helpers import FileOutput
 
-from replicate_simulator import (
+from replicate_generation.devtools.simulator import (
     ERROR_OOM,
     ERROR_SENSITIVE,
     ERROR_TRANSIENT,

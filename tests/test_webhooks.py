@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-import webhooks
-from webhooks import DeliveryResult, InvalidWebhook
+from replicate_generation.jobs import webhooks
+from replicate_generation.jobs.webhooks import DeliveryResult, InvalidWebhook
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "whsec_" + base64.b64encode(b"k" * 8 + bytes(range(24))).decode()

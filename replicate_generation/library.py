@@ -36,15 +36,21 @@ from typing import Any
 
 from dotenv import dotenv_values, find_dotenv
 
-from dispatcher import QueueFull
-from generation import Task
-from job_store import ItemRow, JobRow
-from jobs import JobRunner, Submission
-from model_functions import InvalidRequest
-from outputs import InvalidName, default_stem, safe_filename
-from request_parsing import OPTION_KEYS, parse_batch, parse_single, request_hash
-from routing import REFERENCE_KEYS, FallbackChains
-from settings import Settings, SettingsError
+from replicate_generation.concurrency_manager import SQLiteLimitStore
+from replicate_generation.dispatcher import QueueFull
+from replicate_generation.generation import Task, build_limits
+from replicate_generation.jobs.runner import JobRunner, Submission
+from replicate_generation.jobs.store import ItemRow, JobRow
+from replicate_generation.model_functions import InvalidRequest, account_key
+from replicate_generation.outputs import InvalidName, default_stem, safe_filename
+from replicate_generation.request_parsing import (
+    OPTION_KEYS,
+    parse_batch,
+    parse_single,
+    request_hash,
+)
+from replicate_generation.routing import REFERENCE_KEYS, FallbackChains
+from replicate_generation.settings import Settings, SettingsError
 
 __all__ = [
     "BatchClient",
@@ -60,6 +66,7 @@ __all__ = [
     "generate",
     "generate_batch",
     "generate_mixed",
+    "global_status",
     "load_settings",
 ]
 
@@ -136,6 +143,27 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             else {}
         environ = {**from_file, **os.environ}
     return Settings.from_env(environ)
+
+
+def global_status(*, token: str | None = None,
+                  settings: Settings | None = None) -> dict[str, Any]:
+    """The account's limits and live use, as every process sharing STATE_FILE sees them."""
+    settings = settings if settings is not None else load_settings()
+    paying = token or settings.replicate_api_token
+    if not paying:
+        raise SettingsError("REPLICATE_API_TOKEN is not set: pass token=... or set it")
+    account = account_key(paying)
+    store = SQLiteLimitStore(settings.state_file, build_limits(settings),
+                             lease_ttl=settings.lease_ttl_seconds)
+    limits = store.get_limits()
+    [stats] = store.stats(account)
+    return {"account": account, "state_file": str(settings.state_file),
+            "concurrent_limit": limits.max_concurrent,
+            "requests_per_minute": limits.requests_per_minute, "burst": limits.burst,
+            "polls_per_minute": limits.polls_per_minute, "in_flight": stats.in_flight,
+            "waiting": stats.waiting, "creates_last_minute": stats.creates_last_minute,
+            "backoff_remaining_seconds": round(stats.backoff_remaining, 3),
+            "available_slots": max(0, limits.max_concurrent - stats.in_flight)}
 
 
 @dataclass(frozen=True)
@@ -269,7 +297,7 @@ class BatchClient:
         items = _sequence(requests, "requests")
         for i, item in enumerate(items):
             if not isinstance(item, Request):
-                raise TypeError(f"requests[{i}] must be a replicate_batch.Request")
+                raise TypeError(f"requests[{i}] must be a replicate_generation.library.Request")
         destinations = _destinations([r.output_filepath for r in items], len(items),
                                      "requests", attribute="output_filepath")
         stems = _stems(destinations, [r.model_name for r in items])

@@ -12,10 +12,10 @@ import json
 from dataclasses import dataclass
 from typing import Any, cast
 
-import routing
-from generation import Task
-from model_functions import InvalidRequest, resolve_model
-from outputs import default_stem, safe_filename
+from replicate_generation import routing
+from replicate_generation.generation import Task
+from replicate_generation.model_functions import InvalidRequest, resolve_model
+from replicate_generation.outputs import default_stem, safe_filename
 
 OPTION_KEYS = ("async", "webhook", "dry_run", "fallback", "fallback_on_content_policy",
                "placeholder")

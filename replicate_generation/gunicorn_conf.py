@@ -1,6 +1,8 @@
 """Gunicorn settings for the Replicate generation service.
 
-Run as ``gunicorn -c gunicorn.conf.py 'app:create_app()'``. The gunicorn master executes this file
+Run as ``gunicorn -c python:replicate_generation.gunicorn_conf
+'replicate_generation.app:create_app()'`` (what the image, ``replicate-generation serve`` and
+``python app.py`` do). The gunicorn master executes this file
 once at start-up; the names below that gunicorn knows are its settings, the ``_``-prefixed ones are
 private helpers it ignores. Values come from the same environment variables, with the same
 defaults, as the service's own settings, so the port gunicorn binds and the port the app reports
@@ -10,14 +12,12 @@ cannot drift apart.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-from dotenv import load_dotenv
+from dotenv import find_dotenv, load_dotenv
 
-# Load the .env next to this file the way create_app() does (variables already in the environment
-# win), so a local `gunicorn -c gunicorn.conf.py` binds the FLASK_PORT that .env sets. The image
-# has no .env (see .dockerignore): compose passes it in as real environment variables instead.
-load_dotenv(Path(__file__).with_name(".env"), override=False)
+# Load the .env found from the working directory, as create_app() does (the environment wins), so
+# a local run binds the FLASK_PORT that .env sets. The image has no .env: compose passes it in.
+load_dotenv(find_dotenv(usecwd=True), override=False)
 
 
 def _env(name: str, default: str) -> str:

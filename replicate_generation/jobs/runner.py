@@ -28,11 +28,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import webhooks
-from dispatcher import QueueFull, ShuttingDown
-from generation import Generator, Task, TaskResult, execute
-from job_store import ItemOutcome, ItemRow, JobRow, JobStore, NewItem, NewJob
-from model_functions import (
+from replicate_generation.dispatcher import QueueFull, ShuttingDown
+from replicate_generation.generation import Generator, Task, TaskResult, execute
+from replicate_generation.jobs import webhooks
+from replicate_generation.jobs.store import ItemOutcome, ItemRow, JobRow, JobStore, NewItem, NewJob
+from replicate_generation.model_functions import (
     Attempt,
     GenerationError,
     Hooks,
@@ -40,7 +40,7 @@ from model_functions import (
     account_key,
     resolve_model,
 )
-from settings import Settings
+from replicate_generation.settings import Settings
 
 log = logging.getLogger(__name__)
 

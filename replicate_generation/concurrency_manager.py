@@ -32,7 +32,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
 
-from sqlite_db import Database
+from replicate_generation.sqlite_db import Database
 
 __all__ = [
     "AccountStats",

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-from catalogue import MODELS, ModelSpec, Param
-from model_functions import InvalidRequest, build_input, check_value
-from outputs import SavedFile, save_outputs
+from replicate_generation.catalogue import MODELS, ModelSpec, Param
+from replicate_generation.model_functions import InvalidRequest, build_input, check_value
+from replicate_generation.outputs import SavedFile, save_outputs
 
 __all__ = [
     "DEFAULT_CHAINS",

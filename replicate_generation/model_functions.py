@@ -25,9 +25,9 @@ import httpx
 import replicate
 from replicate.exceptions import ReplicateError
 
-from catalogue import MODELS, ModelSpec, Param
-from concurrency_manager import ConcurrencyManager, DeadlineExceeded
-from outputs import DownloadError, SavedFile, output_sources, save_outputs
+from replicate_generation.catalogue import MODELS, ModelSpec, Param
+from replicate_generation.concurrency_manager import ConcurrencyManager, DeadlineExceeded
+from replicate_generation.outputs import DownloadError, SavedFile, output_sources, save_outputs
 
 log = logging.getLogger(__name__)
 

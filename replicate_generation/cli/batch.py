@@ -1,7 +1,7 @@
 """Run a CSV or JSONL file of generation requests, resumably.
 
-    python batch_cli.py run requests.csv                         # in-process (this machine)
-    python batch_cli.py run requests.jsonl --service-url http://127.0.0.1:5003 --output-dir out
+    replicate-generation run requests.csv                        # in-process (this machine)
+    replicate-generation run requests.jsonl --service-url http://127.0.0.1:5003 --output-dir out
 
 Each row is one request: `prompt`, `model_name` (or `--model`), optional `custom_filename`,
 `output` (a local path for the file) and the model's parameters (CSV columns, or JSONL keys and/or
@@ -37,15 +37,15 @@ from typing import IO, Any
 
 import requests
 
-from catalogue import ModelSpec
-from dispatcher import QueueFull, ShuttingDown
-from job_store import ITEM_TERMINAL, IdempotencyConflict
-from model_functions import InvalidRequest, resolve_model
-from outputs import InvalidName, default_stem, safe_filename
-from replicate_batch import BatchClient, load_settings
-from request_parsing import parse_batch
-from routing import FallbackChains
-from settings import Settings, SettingsError
+from replicate_generation.catalogue import ModelSpec
+from replicate_generation.dispatcher import QueueFull, ShuttingDown
+from replicate_generation.jobs.store import ITEM_TERMINAL, IdempotencyConflict
+from replicate_generation.library import BatchClient, load_settings
+from replicate_generation.model_functions import InvalidRequest, resolve_model
+from replicate_generation.outputs import InvalidName, default_stem, safe_filename
+from replicate_generation.request_parsing import parse_batch
+from replicate_generation.routing import FallbackChains
+from replicate_generation.settings import Settings, SettingsError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 ACTIVE_JOBS = 2  # jobs in flight at once: the next one is queued while the last items run
@@ -53,7 +53,7 @@ RESERVED_COLUMNS = frozenset({"prompt", "model_name", "model", "custom_filename"
                               "output_filepath", "params"})
 HTTP_TIMEOUT = 30.0
 
-log = logging.getLogger("batch_cli")
+log = logging.getLogger(__name__)
 
 
 class UsageError(Exception):
@@ -757,10 +757,11 @@ def _where(exc: InvalidRequest | InvalidName, chunk: list[Row]) -> str:
 # --------------------------------------------------------------------------- entry point
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="batch_cli.py", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run (or resume) every request of a CSV/JSONL file")
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The `run` command."""
+    run = commands.add_parser("run", help="run (or resume) every request of a CSV/JSONL file",
+                              description=__doc__.split("\n\n")[0])
+    run.set_defaults(func=run_cli)
     run.add_argument("input", type=Path, help="requests: .csv (header row) or .jsonl")
     run.add_argument("--format", choices=("csv", "jsonl"), help="when the extension does not say")
     where = run.add_mutually_exclusive_group()
@@ -789,11 +790,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write a black placeholder for failed image items (reported as failed)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     run.add_argument("-v", "--verbose", action="store_true", help="log each job")
-    return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_cli(args: argparse.Namespace) -> int:
+    """Run the file; Ctrl-C or SIGTERM stops the run as the module docstring says."""
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if args.verbose else logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -873,7 +873,3 @@ def _backend(args: argparse.Namespace, settings: Settings) -> Backend:
     client = BatchClient(token=args.replicate_token,
                          settings=replace(settings, shutdown_grace_seconds=args.grace))
     return InProcessBackend(client, client.token())
-
-
-if __name__ == "__main__":
-    sys.exit(main())

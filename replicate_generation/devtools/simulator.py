@@ -9,7 +9,7 @@ Three uses:
 * tests: ``sim = Simulator(SimConfig(...), clock=fake); sim.start()`` and then introspect it
   directly (``sim.stats(token)``, ``sim.max_creates_in_window(...)``, ``sim.inject(...)``);
 * benchmarks and other processes: the same introspection over HTTP under ``/_sim/``;
-* a demo: ``python replicate_simulator.py --port 5055`` and point
+* a demo: ``replicate-generation simulator --port 5055`` and point
   ``REPLICATE_BASE_URL`` at it (any non-empty token is accepted).
 
 The lifecycle is computed lazily from the clock (no background thread), so an injected fake
@@ -1733,7 +1733,3 @@ def main(argv: list[str] | None = None) -> None:
         pass
     finally:
         sim.stop()
-
-
-if __name__ == "__main__":
-    main()

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import routing
-from catalogue import MODELS, ModelSpec
-from concurrency_manager import ConcurrencyManager, Limits, SQLiteLimitStore
-from dispatcher import Dispatcher
-from model_functions import (
+from replicate_generation import routing
+from replicate_generation.catalogue import MODELS, ModelSpec
+from replicate_generation.concurrency_manager import ConcurrencyManager, Limits, SQLiteLimitStore
+from replicate_generation.dispatcher import Dispatcher
+from replicate_generation.model_functions import (
     NO_HOOKS,
     Attempt,
     ClientPool,
@@ -28,7 +28,7 @@ from model_functions import (
     Runtime,
     generate,
 )
-from settings import Settings
+from replicate_generation.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlite_db import Database
+from replicate_generation.sqlite_db import Database
 
 ITEM_STATES = ("queued", "running", "succeeded", "failed", "canceled")
 ITEM_TERMINAL = frozenset({"succeeded", "failed", "canceled"})

@@ -1,0 +1,549 @@
+"""The HTTP layer: factory, auth, request parsing, error mapping. Served as `app:create_app()`."""
+
+from __future__ import annotations
+
+import atexit
+import hmac
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import wraps
+from typing import Any, TypeVar, cast
+
+from dotenv import find_dotenv, load_dotenv
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, send_file
+from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Response as WerkzeugResponse
+
+from replicate_generation.catalogue import MODELS
+from replicate_generation.concurrency_manager import Limits
+from replicate_generation.dispatcher import QueueFull, ShuttingDown
+from replicate_generation.generation import Generator
+from replicate_generation.jobs import webhooks
+from replicate_generation.jobs.runner import JobRunner, Submission, output_path, webhook_secret
+from replicate_generation.jobs.store import IdempotencyConflict, JobRow
+from replicate_generation.model_functions import GenerationError, InvalidRequest, account_key
+from replicate_generation.outputs import InvalidName
+from replicate_generation.request_parsing import (
+    Parsed,
+    estimate,
+    parse_batch,
+    parse_single,
+    request_hash,
+)
+from replicate_generation.routing import FallbackChains
+from replicate_generation.settings import Settings, SettingsError
+
+SERVICE = "replicate-concurrent-generation"
+VERSION = "3.1.0"
+AUTH_MESSAGE = ("No valid API key provided. Either provide X-Admin-API-Key or "
+                "X-Replicate-API-Key header")
+STATUS_BY_KIND = {"deadline_exceeded": 504, "shutting_down": 503, "storage_error": 507,
+                  "internal_error": 500}
+TOKEN_SHAPE = re.compile(r"^[\x21-\x7e]{8,256}$")
+IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
+LIMIT_FIELDS = {"concurrent_limit": "max_concurrent", "requests_per_minute": "requests_per_minute",
+                "burst": "burst", "polls_per_minute": "polls_per_minute"}
+
+log = logging.getLogger(__name__)
+bp = Blueprint("api", __name__)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class ApiError(Exception):
+    """An error answered with the one JSON error shape."""
+
+    def __init__(self, status: int, message: str, *, headers: Mapping[str, str] | None = None,
+                 **extra: object) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = dict(headers or {})
+        self.extra = extra
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling and whose Replicate account pays."""
+
+    admin: bool
+    token: str | None
+
+    @property
+    def account(self) -> str | None:
+        return account_key(self.token) if self.token else None
+
+
+# --------------------------------------------------------------------------- factory
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the app; with no settings, read them from the environment and `.env`."""
+    if settings is None:
+        load_dotenv(find_dotenv(usecwd=True))
+        settings = Settings.from_env(os.environ)
+    _configure_logging(settings)
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    try:
+        chains = FallbackChains.parse(settings.fallback_chains)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    runner = JobRunner(settings)
+    app.extensions["settings"] = settings
+    app.extensions["chains"] = chains
+    app.extensions["jobs"] = runner
+    app.extensions["generator"] = runner.generator
+    # gunicorn's worker_exit hook closes it first; this covers every other way of serving.
+    atexit.register(runner.close)
+    app.register_blueprint(bp)
+    app.register_error_handler(ApiError, _api_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected_error)
+    if not settings.admin_api_key:
+        log.warning("CONCURRENT_DOCKER_ADMIN_API_KEY is not set: admin access is closed")
+    return app
+
+
+class RedactSecrets(logging.Filter):
+    """Last line of defence: no configured secret or Replicate-shaped token reaches a log."""
+
+    TOKEN = re.compile(r"r8_[A-Za-z0-9]{8,}")
+
+    def __init__(self, secrets: Iterable[str | None]) -> None:
+        super().__init__()
+        self._secrets = [s for s in secrets if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = self.TOKEN.sub("r8_[redacted]", message)
+        for secret in self._secrets:
+            cleaned = cleaned.replace(secret, "[redacted]")
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+def _configure_logging(settings: Settings) -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root.setLevel(settings.log_level)
+    # httpx logs every request at INFO: one line per poll would drown the service's own lines.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
+    redact = RedactSecrets([settings.replicate_api_token, settings.admin_api_key])
+    for handler in root.handlers:
+        for old in [f for f in handler.filters if isinstance(f, RedactSecrets)]:
+            handler.removeFilter(old)
+        handler.addFilter(redact)
+
+
+def _settings() -> Settings:
+    return cast(Settings, current_app.extensions["settings"])
+
+
+def _generator() -> Generator:
+    return cast(Generator, current_app.extensions["generator"])
+
+
+def _runner() -> JobRunner:
+    return cast(JobRunner, current_app.extensions["jobs"])
+
+
+def _chains() -> FallbackChains:
+    return cast(FallbackChains, current_app.extensions["chains"])
+
+
+# --------------------------------------------------------------------------- auth
+
+
+def _resolve_caller(settings: Settings) -> Caller:
+    """Admin key (constant-time) spends the server token; a user key spends the caller's own."""
+    admin_key = request.headers.get("X-Admin-API-Key")
+    if admin_key is not None:
+        expected = settings.admin_api_key
+        if not expected or not hmac.compare_digest(
+                admin_key.encode("utf-8", "surrogatepass"), expected.encode("utf-8")):
+            raise ApiError(401, AUTH_MESSAGE)
+        return Caller(admin=True, token=settings.replicate_api_token)
+    user_token = request.headers.get("X-Replicate-API-Key")
+    if user_token is not None and TOKEN_SHAPE.match(user_token):
+        return Caller(admin=False, token=user_token)
+    raise ApiError(401, AUTH_MESSAGE)
+
+
+def require_key(role: str = "any") -> Callable[[F], F]:
+    """Guard a view: 401 without a valid key, 403 for a user key on an admin route."""
+
+    def decorate(view: F) -> F:
+        @wraps(view)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            caller = _resolve_caller(_settings())
+            if role == "admin" and not caller.admin:
+                raise ApiError(403, "This route needs the admin key (X-Admin-API-Key)")
+            g.caller = caller
+            if caller.token is not None and not caller.admin:
+                # A user's orphaned jobs can resume once their token is known again.
+                _runner().remember(caller.token)
+            return view(*args, **kwargs)
+
+        return cast(F, guarded)
+
+    return decorate
+
+
+def _paying_token(caller: Caller) -> str:
+    if caller.token is None:
+        raise ApiError(503, "Admin API key accepted, but the server has no REPLICATE_API_TOKEN "
+                       "configured; call with X-Replicate-API-Key instead",
+                       headers={"Retry-After": "60"})
+    return caller.token
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _json_object() -> dict[str, Any]:
+    """The request body as a JSON object, or the right 4xx."""
+    if not request.is_json:
+        raise ApiError(415, "Content-Type must be application/json")
+    body = request.get_json(silent=True)
+    if body is None:
+        raise ApiError(400, "Request body must be valid JSON")
+    if not isinstance(body, dict):
+        raise ApiError(400, "Request body must be a JSON object")
+    return body
+
+
+# --------------------------------------------------------------------------- routes
+
+
+@bp.get("/health")
+def health() -> Response:
+    """Report liveness and the limits in force; never waits on a limiter."""
+    settings = _settings()
+    limits = _generator().manager.limits()
+    return jsonify(status="healthy", service=SERVICE, version=VERSION,
+                   supported_models=sorted(MODELS),
+                   concurrency_status=_limits_view(limits),
+                   admin_key_configured=bool(settings.admin_api_key),
+                   server_token_configured=bool(settings.replicate_api_token))
+
+
+@bp.get("/status")
+def status() -> Response:
+    """Live figures: everyone sees totals, a user their own account, the admin every account."""
+    settings, generator = _settings(), _generator()
+    caller = _resolve_caller(settings) if _has_key() else None
+    totals = generator.manager.stats()
+    accounts = [a for a in totals if caller is not None and (caller.admin or
+                                                              a.account == caller.account)]
+    return jsonify(
+        service=SERVICE, version=VERSION, limits=_limits_view(generator.manager.limits()),
+        admin_api_configured=bool(settings.admin_api_key),
+        default_replicate_key_configured=bool(settings.replicate_api_token),
+        totals={"in_flight": sum(a.in_flight for a in totals),
+                "waiting": sum(a.waiting for a in totals),
+                "creates_last_minute": sum(a.creates_last_minute for a in totals),
+                "queued_in_this_process": generator.dispatcher.queued()},
+        accounts=[{**a._asdict(), "queued_in_this_process": generator.dispatcher.queued(
+            a.account)} for a in accounts])
+
+
+def _has_key() -> bool:
+    return "X-Admin-API-Key" in request.headers or "X-Replicate-API-Key" in request.headers
+
+
+@bp.get("/models")
+def models() -> Response:
+    """List every model with its parameters, types, allowed values and defaults."""
+    return jsonify(supported_models=sorted(MODELS), model_count=len(MODELS),
+                   models={spec.id: spec.describe() for spec in MODELS.values()})
+
+
+@bp.post("/configure")
+@require_key("admin")
+def configure() -> Response:
+    """Change the per-account limits for every process, at once and across restarts."""
+    body = _json_object()
+    manager = _generator().manager
+    limits = _limits_from(body, manager.limits())
+    manager.configure(limits)
+    log.info("limits changed to %s", limits)
+    return jsonify(success=True, message="Concurrency settings updated",
+                   new_settings=_limits_view(limits))
+
+
+def _limits_from(body: dict[str, Any], current: Limits) -> Limits:
+    unknown = sorted(set(body) - set(LIMIT_FIELDS))
+    if unknown:
+        raise InvalidRequest(unknown[0], f"Unknown setting '{unknown[0][:100]}'; allowed: "
+                             + ", ".join(LIMIT_FIELDS))
+    if not body:
+        raise InvalidRequest("concurrent_limit", "Give at least one of " + ", ".join(LIMIT_FIELDS))
+    changes: dict[str, int] = {}
+    for name, value in body.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidRequest(name, f"{name} must be an integer")
+        changes[LIMIT_FIELDS[name]] = value
+    limits = Limits(**{**current.__dict__, **changes})
+    try:
+        limits.validate()
+    except ValueError as exc:
+        field = next((k for k, v in LIMIT_FIELDS.items() if v in str(exc)), "concurrent_limit")
+        message = str(exc).replace("max_concurrent", "concurrent_limit")
+        raise InvalidRequest(field, message) from None
+    return limits
+
+
+def _limits_view(limits: Limits) -> dict[str, int]:
+    return {"concurrent_limit": limits.max_concurrent,
+            "requests_per_minute": limits.requests_per_minute,
+            "burst": limits.burst, "polls_per_minute": limits.polls_per_minute}
+
+
+@bp.post("/generate")
+@require_key()
+def generate() -> tuple[Response, int, dict[str, str]]:
+    """Generate one prompt's outputs: wait for them, or (async) return the job at once."""
+    body = _json_object()
+    parsed = parse_single(body, _chains())
+    return _submit("generate", body, parsed, _single_view)
+
+
+@bp.post("/generate-batch")
+@require_key()
+def generate_batch() -> tuple[Response, int, dict[str, str]]:
+    """Generate many prompts in parallel; results come back in input order."""
+    body = _json_object()
+    parsed = parse_batch(body, _settings().max_batch_size, _chains())
+    return _submit("batch", body, parsed, _batch_view)
+
+
+View = Callable[[JobRow, list[dict[str, Any]]], tuple[dict[str, Any], int]]
+
+
+def _submit(kind: str, body: dict[str, Any], parsed: Parsed,
+            view: View) -> tuple[Response, int, dict[str, str]]:
+    """Run a parsed request as a job: 202 with the job when async, else wait and answer."""
+    if parsed.options.dry_run:
+        return jsonify(estimate(parsed.tasks)), 200, {}
+    token = _paying_token(g.caller)
+    submission = Submission(
+        kind=kind, tasks=parsed.tasks, idempotency_key=_idempotency_key(),
+        request_hash=request_hash(request.path, body),
+        webhook_url=_webhook_target(parsed.options.webhook),
+        webhook_private=g.caller.admin)
+    runner = _runner()
+    try:
+        job, created = runner.submit(token, submission)
+    except IdempotencyConflict:
+        raise ApiError(422, "This Idempotency-Key was already used with a different request "
+                       "body", field="Idempotency-Key") from None
+    headers = {"Location": f"/jobs/{job.id}"}
+    if not created:
+        headers["Idempotent-Replayed"] = "true"
+    if parsed.options.run_async or _prefers_async():
+        headers["Preference-Applied"] = "respond-async"
+        return jsonify(runner.describe(job, url_root="", items=False)), 202, headers
+    finished = runner.wait(job.id)
+    if finished is None:  # removed by retention while we waited: cannot happen in practice
+        raise ApiError(404, "Job not found")
+    items = [runner.describe_item(i, url_root="") for i in runner.store.items(job.id)]
+    payload, status = view(finished, items)
+    return jsonify(payload), status, headers
+
+
+def _single_view(job: JobRow, items: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
+    """The seed's /generate shape, plus the job and the full result."""
+    item = items[0]
+    body: dict[str, Any] = {"success": item["success"], "model_name": item["model_requested"],
+                            "model_used": item["model_used"], "prompt": item["prompt"],
+                            "files": item["files"], "urls": item["urls"],
+                            "count": item["count"], "prediction_id": item["prediction_id"],
+                            "request_id": job.request_id, "job_id": job.id,
+                            "cost_usd": item["cost_usd"], "results": items}
+    if item["success"]:
+        return body, 200
+    body["error"] = f"Generation failed: {item['error']}"
+    body["error_type"] = item["error_type"]
+    body["placeholder"] = item["placeholder"]
+    return body, STATUS_BY_KIND.get(str(item["error_type"]), 502)
+
+
+def _batch_view(job: JobRow, items: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
+    """The seed's /generate-batch shape, plus the job and every result in input order."""
+    ok = [i for i in items if i["success"]]
+    failed = [i for i in items if not i["success"]]
+    models = sorted({str(i["model_requested"]) for i in items})
+    return {
+        "success": not failed, "model_name": models[0] if len(models) == 1 else models,
+        "request_id": job.request_id, "job_id": job.id, "state": job.state,
+        "total_prompts": len(items), "successful_count": len(ok), "failed_count": len(failed),
+        "successful_results": [{"prompt_index": i["index"], "files": i["files"],
+                                "urls": i["urls"], "prompt": i["prompt"], "count": i["count"]}
+                               for i in ok],
+        "failed_results": [{"prompt_index": i["index"], "prompt": i["prompt"],
+                            "error": i["error"], "error_type": i["error_type"]}
+                           for i in failed],
+        "cost_usd": round(sum(float(i["cost_usd"] or 0) for i in items), 6),
+        "results": items}, 200
+
+
+def _prefers_async() -> bool:
+    prefer = request.headers.get("Prefer", "")
+    return any(p.strip().lower().startswith("respond-async") for p in prefer.split(","))
+
+
+def _idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not IDEMPOTENCY_KEY.match(key):
+        raise ApiError(400, "Idempotency-Key must be 1 to 255 printable ASCII characters",
+                       field="Idempotency-Key")
+    return key
+
+
+def _webhook_target(url: str | None) -> str | None:
+    """Check a webhook URL against the policy for this caller (see docs/webhooks.md)."""
+    if url is None:
+        return None
+    if not _settings().webhook_signing_key:
+        raise InvalidRequest("webhook", "Webhooks are not enabled on this server "
+                             "(WEBHOOK_SIGNING_KEY is not set)")
+    return webhooks.check_target(url, allow_private=g.caller.admin)
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+@bp.get("/jobs")
+@require_key()
+def list_jobs() -> Response:
+    """The caller's jobs (every job for the admin key), newest first, a page at a time."""
+    limit = _int_arg("limit", 20, 1, 100)
+    after = request.args.get("after")
+    cursor = None
+    if after:
+        last = _owned_job(after)
+        cursor = (last.created_at, last.id)
+    account = None if g.caller.admin else g.caller.account
+    runner = _runner()
+    jobs = runner.store.list_jobs(account, limit + 1, cursor)
+    page = jobs[:limit]
+    has_more = len(jobs) > limit
+    return jsonify(object="list", data=[runner.describe(j, url_root="", items=False)
+                                        for j in page],
+                   has_more=has_more,
+                   next=f"/jobs?limit={limit}&after={page[-1].id}" if has_more else None)
+
+
+@bp.get("/jobs/<job_id>")
+@require_key()
+def get_job(job_id: str) -> Response:
+    """A job's state, counts, timestamps and items in input order, with partial results."""
+    return jsonify(_runner().describe(_owned_job(job_id), url_root=""))
+
+
+@bp.post("/jobs/<job_id>/cancel")
+@require_key()
+def cancel_job(job_id: str) -> Response:
+    """Drop queued items, cancel running predictions on Replicate, keep finished results."""
+    job = _owned_job(job_id)
+    runner = _runner()
+    updated = runner.cancel(job.id) or job
+    return jsonify(runner.describe(updated, url_root=""))
+
+
+@bp.get("/files/<path:relative>")
+@require_key()
+def get_file(relative: str) -> WerkzeugResponse:
+    """Stream an output to the account whose job wrote it (ranges and content type included)."""
+    runner = _runner()
+    job_id = runner.store.file_job(relative)
+    job = runner.store.get(job_id) if job_id else None
+    path = output_path(runner.generator.runtime.output_root, relative)
+    if job is None or path is None or not _may_see(job):
+        raise ApiError(404, "File not found")
+    return send_file(path, conditional=True, max_age=0)
+
+
+@bp.get("/webhooks/secret")
+@require_key()
+def webhook_signing_secret() -> Response:
+    """The caller's own secret for verifying this service's webhooks."""
+    key = _settings().webhook_signing_key
+    if not key:
+        raise ApiError(404, "Webhooks are not enabled on this server")
+    return jsonify(secret=webhook_secret(key, _account_of(g.caller)),
+                   scheme="Standard Webhooks (HMAC-SHA256)")
+
+
+def _owned_job(job_id: str) -> JobRow:
+    job = _runner().store.get(job_id)
+    if job is None or not _may_see(job):
+        # Someone else's job looks exactly like a job that does not exist.
+        raise ApiError(404, "Job not found")
+    return job
+
+
+def _may_see(job: JobRow) -> bool:
+    caller: Caller = g.caller
+    return caller.admin or (caller.account is not None and hmac.compare_digest(
+        caller.account, job.account))
+
+
+def _account_of(caller: Caller) -> str:
+    if caller.account is None:
+        raise ApiError(503, "The server has no REPLICATE_API_TOKEN configured",
+                       headers={"Retry-After": "60"})
+    return caller.account
+
+
+def _int_arg(name: str, default: int, low: int, high: int) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    # isdecimal, not isdigit: "²" is a digit that int() refuses (a 500 instead of a 400).
+    if not raw.isdecimal() or not low <= int(raw) <= high:
+        raise InvalidRequest(name, f"{name} must be an integer from {low} to {high}")
+    return int(raw)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _error_body(message: str, **extra: object) -> dict[str, object]:
+    return {"error": message, **extra}
+
+
+def _api_error(exc: ApiError) -> tuple[Response, int, dict[str, str]]:
+    return jsonify(_error_body(str(exc), **exc.extra)), exc.status, exc.headers
+
+
+def _http_error(exc: HTTPException) -> WerkzeugResponse:
+    """Werkzeug's own errors (404, 405, 413...) in our shape, keeping their headers."""
+    response = exc.get_response()
+    response.set_data(jsonify(_error_body(exc.description or exc.name)).get_data())
+    response.content_type = "application/json"
+    return response
+
+
+def _unexpected_error(exc: Exception) -> tuple[Response, int, dict[str, str]]:
+    if isinstance(exc, InvalidRequest):
+        return jsonify(_error_body(str(exc), field=exc.field, **exc.extra)), 400, {}
+    if isinstance(exc, InvalidName | webhooks.InvalidWebhook):
+        return jsonify(_error_body(str(exc), field=exc.field)), 400, {}
+    if isinstance(exc, QueueFull):
+        return (jsonify(_error_body(str(exc))), 429,
+                {"Retry-After": str(int(exc.retry_after))})
+    if isinstance(exc, ShuttingDown):
+        return jsonify(_error_body("The service is shutting down")), 503, {"Retry-After": "10"}
+    if isinstance(exc, GenerationError):
+        return (jsonify(_error_body(str(exc), error_type=exc.kind)),
+                STATUS_BY_KIND.get(exc.kind, 502), {})
+    log.exception("unhandled error on %s %s", request.method, request.path)
+    return jsonify(_error_body("Internal error; it has been logged")), 500, {}

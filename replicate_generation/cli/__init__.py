@@ -1,0 +1,28 @@
+"""The `replicate-generation` command (also `python -m replicate_generation`)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from replicate_generation import __version__
+from replicate_generation.cli import batch, serve, status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="replicate-generation",
+        description="Generate with Replicate models within each account's limits.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    batch.add_parser(commands)
+    status.add_parser(commands)
+    serve.add_parsers(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line and run the chosen command; return its exit code."""
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
