@@ -1,0 +1,1 @@
+"""Development tools shipped with the package: the Replicate simulator and the demo launcher."""

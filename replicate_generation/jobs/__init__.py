@@ -1,0 +1,1 @@
+"""Durable jobs: the runner, its store and webhook delivery."""
