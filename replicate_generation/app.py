@@ -18,7 +18,12 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from replicate_generation.catalogue import MODELS
-from replicate_generation.concurrency_manager import Limits
+from replicate_generation.concurrency_manager import (
+    ConcurrencyManager,
+    Limits,
+    LimitSource,
+    validate_limit,
+)
 from replicate_generation.dispatcher import QueueFull, ShuttingDown
 from replicate_generation.generation import Generator
 from replicate_generation.jobs import webhooks
@@ -240,8 +245,10 @@ def status() -> Response:
     totals = generator.manager.stats()
     accounts = [a for a in totals if caller is not None and (caller.admin or
                                                               a.account == caller.account)]
+    sources = generator.manager.limit_sources()
     return jsonify(
-        service=SERVICE, version=VERSION, limits=_limits_view(generator.manager.limits()),
+        service=SERVICE, version=VERSION, limits=_limits_view(_effective(sources)),
+        limit_sources=_sources_view(sources),
         admin_api_configured=bool(settings.admin_api_key),
         default_replicate_key_configured=bool(settings.replicate_api_token),
         totals={"in_flight": sum(a.in_flight for a in totals),
@@ -266,36 +273,57 @@ def models() -> Response:
 @bp.post("/configure")
 @require_key("admin")
 def configure() -> Response:
-    """Change the per-account limits for every process, at once and across restarts."""
-    body = _json_object()
+    """Override the given limits (null clears one) for every process, across restarts."""
+    changes = _overrides_from(_json_object())
     manager = _generator().manager
-    limits = _limits_from(body, manager.limits())
-    manager.configure(limits)
-    log.info("limits changed to %s", limits)
-    return jsonify(success=True, message="Concurrency settings updated",
-                   new_settings=_limits_view(limits))
+    manager.configure_fields(changes)
+    log.info("limit overrides changed: %s", changes)
+    return _configuration_view(manager, "Concurrency settings updated")
 
 
-def _limits_from(body: dict[str, Any], current: Limits) -> Limits:
+@bp.delete("/configure")
+@require_key("admin")
+def clear_configuration() -> Response:
+    """Drop every /configure override: the environment's limits apply again."""
+    manager = _generator().manager
+    manager.clear_configuration()
+    log.info("limit overrides cleared")
+    return _configuration_view(manager, "Overrides cleared; the environment's limits apply")
+
+
+def _configuration_view(manager: ConcurrencyManager, message: str) -> Response:
+    sources = manager.limit_sources()
+    return jsonify(success=True, message=message, new_settings=_limits_view(_effective(sources)),
+                   limit_sources=_sources_view(sources))
+
+
+def _overrides_from(body: dict[str, Any]) -> dict[str, int | None]:
+    """The fields the body gives, by Limits name; each an int in range, or None to clear it."""
     unknown = sorted(set(body) - set(LIMIT_FIELDS))
     if unknown:
         raise InvalidRequest(unknown[0], f"Unknown setting '{unknown[0][:100]}'; allowed: "
                              + ", ".join(LIMIT_FIELDS))
     if not body:
         raise InvalidRequest("concurrent_limit", "Give at least one of " + ", ".join(LIMIT_FIELDS))
-    changes: dict[str, int] = {}
+    changes: dict[str, int | None] = {}
     for name, value in body.items():
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InvalidRequest(name, f"{name} must be an integer")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise InvalidRequest(name, f"{name} must be an integer, or null to clear it")
+        if value is not None:
+            try:
+                validate_limit(LIMIT_FIELDS[name], value)
+            except ValueError as exc:
+                raise InvalidRequest(name, str(exc).replace(LIMIT_FIELDS[name], name)) from None
         changes[LIMIT_FIELDS[name]] = value
-    limits = Limits(**{**current.__dict__, **changes})
-    try:
-        limits.validate()
-    except ValueError as exc:
-        field = next((k for k, v in LIMIT_FIELDS.items() if v in str(exc)), "concurrent_limit")
-        message = str(exc).replace("max_concurrent", "concurrent_limit")
-        raise InvalidRequest(field, message) from None
-    return limits
+    return changes
+
+
+def _effective(sources: Mapping[str, LimitSource]) -> Limits:
+    return Limits(**{name: source.value for name, source in sources.items()})
+
+
+def _sources_view(sources: Mapping[str, LimitSource]) -> dict[str, dict[str, Any]]:
+    return {public: sources[name].as_dict() for public, name in LIMIT_FIELDS.items()}
 
 
 def _limits_view(limits: Limits) -> dict[str, int]:

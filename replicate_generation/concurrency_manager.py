@@ -12,6 +12,11 @@ the same ``LimitStore`` protocol):
   long the caller must wait before using it, so callers sleep outside every
   lock and transaction (the upstream limiter slept while holding its lock and
   deadlocked).
+* Limits = one set for every process sharing the store. Each open manager
+  declares its environment's limits (a row renewed by its heartbeat, expiring
+  after ``lease_ttl``); per field, a /configure override wins, else the
+  smallest live declaration, so processes started with different values never
+  together exceed the smallest.
 
 An "account" is an opaque string (the caller passes a hash of the token); this
 module knows nothing of Flask, Replicate or models.
@@ -27,10 +32,11 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Protocol
+from datetime import UTC, datetime
+from typing import Any, Literal, NamedTuple, Protocol
 
 from replicate_generation.sqlite_db import Database
 
@@ -39,9 +45,11 @@ __all__ = [
     "ConcurrencyManager",
     "DeadlineExceeded",
     "Kind",
+    "LimitSource",
     "LimitStore",
     "Limits",
     "SQLiteLimitStore",
+    "validate_limit",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,13 +84,52 @@ class Limits:
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that is not an int in range."""
-        for name, (low, high) in _LIMIT_RANGES.items():
-            value = getattr(self, name)
-            # bool is an int subclass; True as a limit is a caller bug.
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
-            if not low <= value <= high:
-                raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+        for name in _LIMIT_RANGES:
+            validate_limit(name, getattr(self, name))
+
+
+def validate_limit(name: str, value: object) -> None:
+    """Raise ValueError unless ``name`` is a limit field and ``value`` an int in its range."""
+    _check_known_limit(name)
+    low, high = _LIMIT_RANGES[name]
+    # bool is an int subclass; True as a limit is a caller bug.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+
+
+def _check_known_limit(name: str) -> None:
+    if name not in _LIMIT_RANGES:
+        raise ValueError(f"unknown limit {name!r}; known: {', '.join(_LIMIT_RANGES)}")
+
+
+@dataclass(frozen=True)
+class LimitSource:
+    """One limit as every process sharing the store applies it, and why.
+
+    ``source`` is "configure" when a /configure override is stored for the field, else
+    "environment": the smallest value among the live processes' declarations.
+    """
+
+    value: int
+    source: Literal["environment", "configure"]
+    set_at: float | None  # when the override was stored (None for "environment")
+    declared_min: int | None  # smallest value declared by a live process, if any
+    declared_max: int | None
+    declarations: int  # live processes declaring their environment's limits
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "source": self.source,
+                "set_at": None if self.set_at is None else iso_utc(self.set_at),
+                "declared": {"min": self.declared_min, "max": self.declared_max,
+                             "processes": self.declarations}}
+
+
+def iso_utc(timestamp: float) -> str:
+    """ISO-8601 UTC with milliseconds, as the job records use."""
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class DeadlineExceeded(Exception):
@@ -105,9 +152,33 @@ class LimitStore(Protocol):
         """Seconds a lease or ticket lives without renewal."""
         ...
 
-    def get_limits(self) -> Limits: ...
+    def get_limits(self) -> Limits:
+        """The effective limits: per field the override if set, else the live minimum."""
+        ...
 
-    def set_limits(self, limits: Limits) -> None: ...
+    def set_limits(self, limits: Limits) -> None:
+        """Override all four fields (what /configure did before overrides were per field)."""
+        ...
+
+    def set_overrides(self, changes: Mapping[str, int | None]) -> None:
+        """Override the given fields only; None clears that field's override."""
+        ...
+
+    def clear_overrides(self) -> None:
+        """Drop every override: the environment's declarations apply again."""
+        ...
+
+    def describe_limits(self) -> dict[str, LimitSource]:
+        """Per ``Limits`` field: its effective value and where it comes from."""
+        ...
+
+    def declare(self, instance: str) -> None:
+        """Declare (or renew) this store's default limits for ``instance``, alive for lease_ttl."""
+        ...
+
+    def withdraw(self, instance: str) -> None:
+        """Remove ``instance``'s declaration (a clean shutdown)."""
+        ...
 
     def try_acquire(self, account: str, ticket: str) -> str | None:
         """Enqueue or refresh ``ticket``; return a lease id if it may enter now."""
@@ -135,13 +206,25 @@ class LimitStore(Protocol):
 
 
 _SCHEMA = (
-    # Single row (id = 1) present only once set_limits() stored an override.
+    # Legacy: one row holding all four fields, written by older versions' /configure;
+    # _migrate_legacy_limits turns it into per-field overrides.
     """CREATE TABLE IF NOT EXISTS cm_limits (
         id INTEGER PRIMARY KEY CHECK (id = 1),
         max_concurrent INTEGER NOT NULL,
         requests_per_minute INTEGER NOT NULL,
         burst INTEGER NOT NULL,
         polls_per_minute INTEGER NOT NULL)""",
+    # One row per field a /configure override was given for.
+    """CREATE TABLE IF NOT EXISTS cm_overrides (
+        field TEXT PRIMARY KEY, value INTEGER NOT NULL, set_at REAL NOT NULL) WITHOUT ROWID""",
+    # One row per live process (manager): the limits its environment asks for.
+    """CREATE TABLE IF NOT EXISTS cm_declarations (
+        instance TEXT PRIMARY KEY,
+        max_concurrent INTEGER NOT NULL,
+        requests_per_minute INTEGER NOT NULL,
+        burst INTEGER NOT NULL,
+        polls_per_minute INTEGER NOT NULL,
+        expires REAL NOT NULL) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS cm_leases (
         id TEXT PRIMARY KEY, account TEXT NOT NULL, expires REAL NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS cm_leases_account ON cm_leases (account)",
@@ -172,6 +255,10 @@ class SQLiteLimitStore:
     timeout never holds a Python lock that other threads (or /health) need.
     Times stored are ``clock()`` values, wall-clock by default so that all
     processes agree.
+
+    ``default_limits`` are what this process's environment asks for. They bind
+    other processes only once declared (``declare``, which the manager does
+    while it is open); a store that never declares is a read-only observer.
     """
 
     def __init__(
@@ -189,6 +276,9 @@ class SQLiteLimitStore:
         self._defaults = default_limits
         self._ttl = float(lease_ttl)
         self._clock = clock
+        # The instance this store declared for, in the process that declared it: its own
+        # defaults then always count, even if its row lapsed (a slow heartbeat).
+        self._own: tuple[str, int] | None = None
         self._create_schema()
 
     @property
@@ -210,35 +300,123 @@ class SQLiteLimitStore:
         with self._write() as conn:
             for statement in _SCHEMA:
                 conn.execute(statement)
+            self._migrate_legacy_limits(conn)
 
-    # -- limits -------------------------------------------------------------
-
-    def _limits(self, conn: sqlite3.Connection) -> Limits:
+    def _migrate_legacy_limits(self, conn: sqlite3.Connection) -> None:
+        """An older version's all-fields override becomes four visible, clearable overrides."""
         row = conn.execute(
             "SELECT max_concurrent, requests_per_minute, burst, polls_per_minute"
             " FROM cm_limits WHERE id = 1"
         ).fetchone()
         if row is None:
-            return self._defaults
-        return Limits(int(row[0]), int(row[1]), int(row[2]), int(row[3]))
+            return
+        now = self._clock()
+        conn.executemany(
+            "INSERT OR IGNORE INTO cm_overrides (field, value, set_at) VALUES (?, ?, ?)",
+            [(name, int(value), now) for name, value in zip(_LIMIT_RANGES, row, strict=True)],
+        )
+        conn.execute("DELETE FROM cm_limits")
+
+    # -- limits: overrides and declarations ---------------------------------
+
+    def _limits(self, conn: sqlite3.Connection) -> Limits:
+        sources = self._sources(conn, self._clock())
+        return Limits(**{name: source.value for name, source in sources.items()})
+
+    def _sources(self, conn: sqlite3.Connection, now: float) -> dict[str, LimitSource]:
+        overrides = _overrides(conn)
+        ranges, declarations = self._declared_ranges(conn, now)
+        sources: dict[str, LimitSource] = {}
+        for name in _LIMIT_RANGES:
+            low, high = ranges.get(name, (None, None))
+            if name in overrides:
+                value, set_at = overrides[name]
+                sources[name] = LimitSource(value, "configure", set_at, low, high, declarations)
+            else:
+                # No live declaration at all (an observer alone): its environment is the guess.
+                value = low if low is not None else getattr(self._defaults, name)
+                sources[name] = LimitSource(value, "environment", None, low, high, declarations)
+        return sources
+
+    def _declared_ranges(
+        self, conn: sqlite3.Connection, now: float
+    ) -> tuple[dict[str, tuple[int, int]], int]:
+        """(min, max) per field over live declarations, own defaults included; and their count."""
+        own = self._own_instance()
+        row = conn.execute(_DECLARED_RANGES_SQL, (now, own or "")).fetchone()
+        count = int(row[0])
+        ranges: dict[str, tuple[int, int]] = {}
+        for position, name in enumerate(_LIMIT_RANGES):
+            low, high = row[1 + 2 * position], row[2 + 2 * position]
+            if low is not None:
+                ranges[name] = (int(low), int(high))
+        if own is None:
+            return ranges, count
+        for name in _LIMIT_RANGES:
+            mine = getattr(self._defaults, name)
+            low, high = ranges.get(name, (mine, mine))
+            ranges[name] = (min(low, mine), max(high, mine))
+        return ranges, count + 1
+
+    def _own_instance(self) -> str | None:
+        # A forked child has not declared anything itself (yet).
+        if self._own is None or self._own[1] != os.getpid():
+            return None
+        return self._own[0]
 
     def get_limits(self) -> Limits:
-        return self._limits(self._connection())
+        with self._read() as conn:
+            return self._limits(conn)
+
+    def describe_limits(self) -> dict[str, LimitSource]:
+        with self._read() as conn:
+            return self._sources(conn, self._clock())
 
     def set_limits(self, limits: Limits) -> None:
         limits.validate()
+        self.set_overrides({name: getattr(limits, name) for name in _LIMIT_RANGES})
+
+    def set_overrides(self, changes: Mapping[str, int | None]) -> None:
+        for name, value in changes.items():  # all checked before anything is stored
+            _check_known_limit(name)
+            if value is not None:
+                validate_limit(name, value)
         with self._write() as conn:
+            now = self._clock()
+            for name, value in changes.items():
+                if value is None:
+                    conn.execute("DELETE FROM cm_overrides WHERE field = ?", (name,))
+                else:
+                    conn.execute(
+                        "INSERT OR REPLACE INTO cm_overrides (field, value, set_at)"
+                        " VALUES (?, ?, ?)",
+                        (name, value, now),
+                    )
+
+    def clear_overrides(self) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM cm_overrides")
+
+    def declare(self, instance: str) -> None:
+        self._own = (instance, os.getpid())
+        defaults = self._defaults
+        with self._write() as conn:
+            now = self._clock()
+            # Purged here, by the living processes' heartbeats: no separate reaper to fail.
+            conn.execute("DELETE FROM cm_declarations WHERE expires <= ?", (now,))
             conn.execute(
-                "INSERT OR REPLACE INTO cm_limits"
-                " (id, max_concurrent, requests_per_minute, burst, polls_per_minute)"
-                " VALUES (1, ?, ?, ?, ?)",
-                (
-                    limits.max_concurrent,
-                    limits.requests_per_minute,
-                    limits.burst,
-                    limits.polls_per_minute,
-                ),
+                "INSERT OR REPLACE INTO cm_declarations (instance, max_concurrent,"
+                " requests_per_minute, burst, polls_per_minute, expires)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (instance, defaults.max_concurrent, defaults.requests_per_minute,
+                 defaults.burst, defaults.polls_per_minute, now + self._ttl),
             )
+
+    def withdraw(self, instance: str) -> None:
+        if self._own is not None and self._own[0] == instance:
+            self._own = None
+        with self._write() as conn:
+            conn.execute("DELETE FROM cm_declarations WHERE instance = ?", (instance,))
 
     # -- leases and tickets -----------------------------------------------
 
@@ -380,6 +558,21 @@ class SQLiteLimitStore:
             return [_account_stats(conn, name, now) for name in accounts]
 
 
+# Live declarations other than the caller's own (whose defaults are folded in separately).
+_DECLARED_RANGES_SQL = (
+    "SELECT COUNT(*), MIN(max_concurrent), MAX(max_concurrent),"
+    " MIN(requests_per_minute), MAX(requests_per_minute), MIN(burst), MAX(burst),"
+    " MIN(polls_per_minute), MAX(polls_per_minute)"
+    " FROM cm_declarations WHERE expires > ? AND instance != ?"
+)
+
+
+def _overrides(conn: sqlite3.Connection) -> dict[str, tuple[int, float]]:
+    rows = conn.execute("SELECT field, value, set_at FROM cm_overrides").fetchall()
+    return {str(name): (int(value), float(set_at)) for name, value, set_at in rows
+            if name in _LIMIT_RANGES}
+
+
 def _count(conn: sqlite3.Connection, sql: str, params: tuple[object, ...]) -> int:
     row = conn.execute(sql, params).fetchone()
     return int(row[0]) if row is not None else 0
@@ -460,11 +653,14 @@ class ConcurrencyManager:
         self._poll_interval = poll_interval
         self._heartbeat_interval = heartbeat_interval
         self._reset_process_state()
+        self._open()
 
     def _reset_process_state(self) -> None:
         """Fresh per-process state; also run in a forked child (gunicorn
         --preload), where the parent's threads and registrations do not exist."""
         self._pid = os.getpid()
+        # Names this process's declaration of its limits; not a secret.
+        self._instance = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._registry_lock = threading.Lock()
         self._leases: set[str] = set()
         self._tickets: set[str] = set()
@@ -564,8 +760,7 @@ class ConcurrencyManager:
         with self._registry_lock:
             if self._heartbeat is not None and self._heartbeat.is_alive():
                 return
-            # Started lazily so that a manager built before gunicorn forks
-            # gets its thread in the worker that uses it.
+            # Also restarted in a forked child (see _check_open): threads do not survive fork.
             self._heartbeat = threading.Thread(
                 target=self._heartbeat_loop, name="concurrency-heartbeat", daemon=True
             )
@@ -579,14 +774,18 @@ class ConcurrencyManager:
     def _renew_once(self) -> None:
         with self._registry_lock:
             leases, tickets = list(self._leases), list(self._tickets)
-        if not leases and not tickets:
-            return
+        # Separate steps: a failed declaration must not cost this beat's lease renewals.
+        self._beat("lease heartbeat", lambda: self._store.renew(leases, tickets))
+        self._beat("limits declaration", lambda: self._store.declare(self._instance))
+
+    @staticmethod
+    def _beat(what: str, step: Callable[[], None]) -> None:
         try:
-            self._store.renew(leases, tickets)
+            step()
         except Exception:
             # Keep beating: one failed renewal is survivable (interval is a
             # fraction of the ttl); a dead heartbeat would drop every lease.
-            logger.error("lease heartbeat failed; retrying", exc_info=True)
+            logger.error("%s failed; retrying", what, exc_info=True)
 
     # -- rate -------------------------------------------------------------------
 
@@ -625,6 +824,10 @@ class ConcurrencyManager:
     def limits(self) -> Limits:
         return self._store.get_limits()
 
+    def limit_sources(self) -> dict[str, LimitSource]:
+        """Per ``Limits`` field: the value in force, set by /configure or the environment."""
+        return self._store.describe_limits()
+
     def configure(self, limits: Limits) -> None:
         """Store new limits for every process. A lower limit admits nobody
         new until in-flight work has drained below it."""
@@ -632,11 +835,23 @@ class ConcurrencyManager:
         self._store.set_limits(limits)
         self._notify()  # a raised limit may admit local waiters now
 
+    def configure_fields(self, changes: Mapping[str, int | None]) -> None:
+        """Override only the given ``Limits`` fields for every process; None clears one."""
+        self._store.set_overrides(changes)
+        self._notify()  # a raised limit may admit local waiters now
+
+    def clear_configuration(self) -> None:
+        """Drop every override: the live processes' environments decide again."""
+        self._store.clear_overrides()
+        self._notify()
+
     def stats(self, account: str | None = None) -> list[AccountStats]:
         return self._store.stats(account)
 
     def shutdown(self) -> None:
-        """Stop the heartbeat and give back this process's leases and tickets."""
+        """Stop the heartbeat and give back this process's leases, tickets and declaration."""
+        if self._pid != os.getpid():
+            self._reset_process_state()  # a forked child: the parent's declaration is not ours
         self._closed = True
         self._stop.set()
         heartbeat = self._heartbeat
@@ -650,10 +865,18 @@ class ConcurrencyManager:
             self._best_effort(self._store.release, lease_id)
         for ticket in tickets:
             self._best_effort(self._store.leave_queue, ticket)
+        self._best_effort(self._store.withdraw, self._instance)
         self._notify()
+
+    def _open(self) -> None:
+        """Declare this process's limits and keep the declaration alive while open,
+        idle or not: a smaller limit must bind the others as long as it lives."""
+        self._store.declare(self._instance)
+        self._ensure_heartbeat()
 
     def _check_open(self) -> None:
         if self._pid != os.getpid():
             self._reset_process_state()
+            self._open()
         if self._closed:
             raise RuntimeError("ConcurrencyManager has been shut down")

@@ -164,7 +164,8 @@ def _note_failure(result: TaskResult, exc: GenerationError) -> None:
 
 
 def build_limits(settings: Settings) -> Limits:
-    """The limits the environment asks for (a /configure override in the store wins)."""
+    """The limits this process's environment asks for. The manager declares them in the store;
+    per field a /configure override wins, else the smallest live declaration on the host."""
     return Limits(
         max_concurrent=settings.concurrent_limit,
         requests_per_minute=settings.requests_per_minute,
@@ -176,8 +177,13 @@ def build_limits(settings: Settings) -> Limits:
 class Generator:
     """Owns the limits, the per-token clients and the dispatcher of one process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, max_concurrent: int | None = None) -> None:
+        """`max_concurrent` caps this process's tasks in flight per account below the account's
+        shared limit (the old library's local limit); None leaves the account's limit alone."""
+        if max_concurrent is not None and max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be at least 1, got {max_concurrent}")
         self.settings = settings
+        self.max_concurrent = max_concurrent
         store = SQLiteLimitStore(settings.state_file, build_limits(settings),
                                  lease_ttl=settings.lease_ttl_seconds)
         self.manager = ConcurrencyManager(store)
@@ -190,10 +196,14 @@ class Generator:
             task_timeout=settings.task_timeout_seconds,
             poll_interval=settings.poll_interval_seconds,
         )
-        self.dispatcher = Dispatcher(
-            settings.dispatch_threads, settings.max_queued_tasks,
-            runners_for=lambda _account: self.manager.limits().max_concurrent,
-        )
+
+        def runners_for(_account: str) -> int:
+            # The shared limit stays the upper bound: a local cap can only lower it.
+            shared = self.manager.limits().max_concurrent
+            return shared if max_concurrent is None else min(shared, max_concurrent)
+
+        self.dispatcher = Dispatcher(settings.dispatch_threads, settings.max_queued_tasks,
+                                     runners_for=runners_for)
 
     def new_request_dir(self) -> tuple[str, Path]:
         """A fresh directory name per request, so default names can never collide."""

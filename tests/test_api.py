@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -357,6 +358,65 @@ def test_configure_applies_validates_and_survives_a_restart(
         bad = post(client, "/configure", body, ADMIN)
         assert bad.status_code == 400 and bad.get_json()["field"] == field, body
     assert client.get("/health").get_json()["concurrency_status"]["concurrent_limit"] == 3
+
+
+def env_source(value: int, processes: int = 1, low: int | None = None,
+               high: int | None = None) -> dict[str, Any]:
+    return {"value": value, "source": "environment", "set_at": None,
+            "declared": {"min": value if low is None else low,
+                         "max": value if high is None else high, "processes": processes}}
+
+
+def test_status_says_where_each_limit_comes_from_and_delete_configure_restores_it(
+        make_app: Callable[..., Flask]) -> None:
+    client = make_app().test_client()
+    env = {"concurrent_limit": 5, "requests_per_minute": 6000, "burst": 50,
+           "polls_per_minute": 60000}
+    assert client.get("/status").get_json()["limit_sources"] == {
+        name: env_source(value) for name, value in env.items()}
+
+    before = datetime.now(UTC)
+    changed = post(client, "/configure", {"requests_per_minute": 300}, ADMIN).get_json()
+    assert changed["new_settings"] == {**env, "requests_per_minute": 300}
+    sources = client.get("/status").get_json()["limit_sources"]
+    rpm = sources["requests_per_minute"]
+    assert (rpm["value"], rpm["source"]) == (300, "configure")
+    set_at = datetime.fromisoformat(rpm["set_at"].replace("Z", "+00:00"))
+    assert before - timedelta(seconds=1) <= set_at <= datetime.now(UTC)
+    assert rpm["declared"] == {"min": 6000, "max": 6000, "processes": 1}
+    # Only the field given was stored: the others still follow the environment.
+    assert {name: s["source"] for name, s in sources.items() if name != "requests_per_minute"} \
+        == dict.fromkeys(("concurrent_limit", "burst", "polls_per_minute"), "environment")
+
+    cleared_one = post(client, "/configure", {"requests_per_minute": None, "burst": 7}, ADMIN)
+    one = cleared_one.get_json()["limit_sources"]
+    assert one["requests_per_minute"] == env_source(6000)
+    assert (one["burst"]["value"], one["burst"]["source"]) == (7, "configure")
+
+    assert client.delete("/configure").status_code == 401
+    assert client.delete("/configure", headers=USER).status_code == 403
+    assert client.delete("/configure", headers={"X-Admin-API-Key": "wrong"}).status_code == 401
+    assert client.get("/status").get_json()["limits"]["burst"] == 7  # refused calls changed nothing
+    cleared = client.delete("/configure", headers=ADMIN)
+    assert cleared.status_code == 200 and cleared.get_json()["success"] is True
+    assert cleared.get_json()["new_settings"] == env
+    restarted = make_app().test_client()
+    assert restarted.get("/health").get_json()["concurrency_status"] == env
+    assert {s["source"] for s in restarted.get("/status").get_json()["limit_sources"].values()} \
+        == {"environment"}
+
+
+def test_services_with_different_limits_apply_the_smallest_while_it_lives(
+        make_app: Callable[..., Flask]) -> None:
+    roomy = make_app(concurrent_limit=5).test_client()
+    tight_app = make_app(concurrent_limit=2)
+    for client in (roomy, tight_app.test_client()):
+        status = client.get("/status").get_json()
+        assert status["limits"]["concurrent_limit"] == 2
+        assert status["limit_sources"]["concurrent_limit"] == env_source(2, 2, low=2, high=5)
+        assert client.get("/health").get_json()["concurrency_status"]["concurrent_limit"] == 2
+    tight_app.extensions["jobs"].close()  # a clean shutdown withdraws its declaration
+    assert roomy.get("/status").get_json()["limit_sources"]["concurrent_limit"] == env_source(5)
 
 
 def test_status_shows_figures_by_role(client: FlaskClient) -> None:
