@@ -15,7 +15,12 @@ account's predictions in flight and creates per minute. Settings come from the e
 Unlike the service, the caller chooses where files go (`output_filepath` is a path on the caller's
 own machine). The job writes into `OUTPUT_DIR/<request_id>/`; the file is then moved atomically to
 the requested place, with the extension of the real format (`cover.jpg` for a WebP output becomes
-`cover.webp`, and `Result.notes` says so).
+`cover.webp`, and `Result.notes` says so). A file already there with that name (whatever its
+extension) is never replaced silently: `if_exists` says whether to refuse (before anything is paid
+for), rename or overwrite.
+
+The a* functions run the calls in a thread; cancelling the awaiting task (Ctrl-C under
+`asyncio.run`) cancels that call's jobs, as Ctrl-C does for the synchronous calls.
 """
 
 from __future__ import annotations
@@ -24,25 +29,34 @@ import asyncio
 import atexit
 import base64
 import contextlib
+import contextvars
+import functools
 import mimetypes
 import os
-import tempfile
 import threading
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from dotenv import dotenv_values, find_dotenv
 
 from replicate_generation.concurrency_manager import SQLiteLimitStore
 from replicate_generation.dispatcher import QueueFull
-from replicate_generation.generation import Task, build_limits
+from replicate_generation.generation import Generator, Task, build_limits
 from replicate_generation.jobs.runner import JobRunner, Submission
 from replicate_generation.jobs.store import ItemRow, JobRow
 from replicate_generation.model_functions import InvalidRequest, account_key
-from replicate_generation.outputs import InvalidName, default_stem, safe_filename
+from replicate_generation.outputs import (
+    IfExists,
+    InvalidName,
+    OutputExists,
+    OutputNames,
+    check_if_exists,
+    default_stem,
+    place_without_clobbering,
+    safe_filename,
+)
 from replicate_generation.request_parsing import (
     OPTION_KEYS,
     parse_batch,
@@ -57,6 +71,7 @@ __all__ = [
     "GenerationFailed",
     "InvalidName",
     "InvalidRequest",
+    "OutputExists",
     "Request",
     "Result",
     "agenerate",
@@ -78,6 +93,16 @@ _RESERVED = frozenset({"model_name", "prompt", "prompts", "tasks", "custom_filen
 # How long to wait before offering a chunk again when this process's queue is full and none of
 # this call's own jobs is running yet (another call's jobs fill it).
 _QUEUE_FULL_PAUSE = 1.0
+# How often a waiting call looks whether its awaiting task was cancelled.
+_CANCEL_CHECK = 0.2
+_T = TypeVar("_T")
+# Set by the a* functions in their worker thread's context: the awaiting task was cancelled.
+_CANCEL: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
+    "replicate_generation_cancel", default=None)
+
+
+class _CallCancelled(Exception):
+    """Raised in the worker thread of an a* call whose task was cancelled, once its jobs are."""
 
 
 class GenerationFailed(Exception):
@@ -153,17 +178,23 @@ def global_status(*, token: str | None = None,
     if not paying:
         raise SettingsError("REPLICATE_API_TOKEN is not set: pass token=... or set it")
     account = account_key(paying)
+    # An observer: it never declares, so reading the status changes no process's limits.
     store = SQLiteLimitStore(settings.state_file, build_limits(settings),
                              lease_ttl=settings.lease_ttl_seconds)
-    limits = store.get_limits()
+    sources = store.describe_limits()
+    limit = {name: source.value for name, source in sources.items()}
     [stats] = store.stats(account)
     return {"account": account, "state_file": str(settings.state_file),
-            "concurrent_limit": limits.max_concurrent,
-            "requests_per_minute": limits.requests_per_minute, "burst": limits.burst,
-            "polls_per_minute": limits.polls_per_minute, "in_flight": stats.in_flight,
+            "concurrent_limit": limit["max_concurrent"],
+            "requests_per_minute": limit["requests_per_minute"], "burst": limit["burst"],
+            "polls_per_minute": limit["polls_per_minute"], "in_flight": stats.in_flight,
             "waiting": stats.waiting, "creates_last_minute": stats.creates_last_minute,
             "backoff_remaining_seconds": round(stats.backoff_remaining, 3),
-            "available_slots": max(0, limits.max_concurrent - stats.in_flight)}
+            "available_slots": max(0, limit["max_concurrent"] - stats.in_flight),
+            "limit_sources": {public: sources[name].as_dict() for public, name in (
+                ("concurrent_limit", "max_concurrent"),
+                ("requests_per_minute", "requests_per_minute"), ("burst", "burst"),
+                ("polls_per_minute", "polls_per_minute"))}}
 
 
 @dataclass(frozen=True)
@@ -173,6 +204,7 @@ class _Destination:
     directory: Path
     stem: str
     asked_suffix: str
+    field: str = "output_filepath"
 
 
 @dataclass
@@ -190,9 +222,18 @@ class BatchClient:
 
     :param token: the Replicate token that pays; default REPLICATE_API_TOKEN.
     :param settings: default `load_settings()`.
+    :param max_concurrent: at most this many of this client's items in flight at once, under
+        the account's shared limit (which still bounds it); default: the account's limit.
     """
 
-    def __init__(self, *, token: str | None = None, settings: Settings | None = None) -> None:
+    def __init__(self, *, token: str | None = None, settings: Settings | None = None,
+                 max_concurrent: int | None = None) -> None:
+        if max_concurrent is not None and (isinstance(max_concurrent, bool)
+                                           or not isinstance(max_concurrent, int)
+                                           or max_concurrent < 1):
+            raise ValueError("max_concurrent must be a positive integer, or None for the "
+                             "account's limit")
+        self.max_concurrent = max_concurrent
         self.settings = settings if settings is not None else load_settings()
         self._token = token or self.settings.replicate_api_token
         try:
@@ -214,7 +255,8 @@ class BatchClient:
             if self._runner is None:
                 # "library": a script resumes its own (and other scripts') jobs, never the
                 # service's, which belong in the service's output directory.
-                self._runner = JobRunner(self.settings, origin="library")
+                generator = Generator(self.settings, max_concurrent=self.max_concurrent)
+                self._runner = JobRunner(self.settings, generator, origin="library")
                 # A client nobody closed still hands its unfinished work over at exit.
                 atexit.register(self._runner.close)
             return self._runner
@@ -252,8 +294,13 @@ class BatchClient:
 
     def generate(self, prompt: str, model_name: str, output_filepath: FilePath | None = None, *,
                  token: str | None = None, fallback: bool = True, placeholder: bool = False,
-                 fallback_on_content_policy: bool = False, **params: Any) -> Result:
-        """Generate one prompt's outputs; `params` are the model's parameters."""
+                 fallback_on_content_policy: bool = False, if_exists: IfExists = "refuse",
+                 **params: Any) -> Result:
+        """Generate one prompt's outputs; `params` are the model's parameters.
+
+        `if_exists`: what to do when `output_filepath`'s name is taken (module docstring).
+        """
+        check_if_exists(if_exists)
         clean = _params(params, "params")
         options = _options(fallback, placeholder, fallback_on_content_policy)
         destination = _destination(output_filepath, "output_filepath") \
@@ -262,18 +309,19 @@ class BatchClient:
         if destination is not None:
             body["custom_filename"] = destination.stem
         parsed = parse_single(body, self.chains)
-        return self._run("generate", parsed.tasks, [destination], token)[0]
+        return self._run("generate", parsed.tasks, [destination], token, if_exists)[0]
 
     def generate_batch(self, prompts: Sequence[str], model_name: str,
                        output_filepaths: Sequence[FilePath | None] | None = None, *,
                        token: str | None = None, fallback: bool = True,
                        placeholder: bool = False, fallback_on_content_policy: bool = False,
-                       **params: Any) -> list[Result]:
+                       if_exists: IfExists = "refuse", **params: Any) -> list[Result]:
         """Generate many prompts with one model in parallel; `params` apply to every prompt.
 
         `output_filepaths`, when given, is a list parallel to `prompts` (None entries keep the
         default name under OUTPUT_DIR).
         """
+        check_if_exists(if_exists)
         prompt_list = _sequence(prompts, "prompts")
         paths = None
         if output_filepaths is not None:
@@ -288,12 +336,14 @@ class BatchClient:
         if any(d is not None for d in destinations):
             body["custom_filenames"] = _stems(destinations, [model_name] * len(prompt_list))
         parsed = parse_batch(body, max(1, len(prompt_list)), self.chains)
-        return self._run("batch", parsed.tasks, destinations, token)
+        return self._run("batch", parsed.tasks, destinations, token, if_exists)
 
     def generate_mixed(self, requests: Sequence[Request], *, token: str | None = None,
                        fallback: bool = True, placeholder: bool = False,
-                       fallback_on_content_policy: bool = False) -> list[Result]:
+                       fallback_on_content_policy: bool = False,
+                       if_exists: IfExists = "refuse") -> list[Result]:
         """Generate items that each name their own model and parameters, in parallel."""
+        check_if_exists(if_exists)
         items = _sequence(requests, "requests")
         for i, item in enumerate(items):
             if not isinstance(item, Request):
@@ -311,16 +361,16 @@ class BatchClient:
         body: dict[str, Any] = {"tasks": tasks,
                                 **_options(fallback, placeholder, fallback_on_content_policy)}
         parsed = parse_batch(body, max(1, len(items)), self.chains)
-        return self._run("batch", parsed.tasks, destinations, token)
+        return self._run("batch", parsed.tasks, destinations, token, if_exists)
 
     async def agenerate(self, *args: Any, **kwargs: Any) -> Result:
-        return await asyncio.to_thread(self.generate, *args, **kwargs)
+        return await _in_thread(self.generate, *args, **kwargs)
 
     async def agenerate_batch(self, *args: Any, **kwargs: Any) -> list[Result]:
-        return await asyncio.to_thread(self.generate_batch, *args, **kwargs)
+        return await _in_thread(self.generate_batch, *args, **kwargs)
 
     async def agenerate_mixed(self, *args: Any, **kwargs: Any) -> list[Result]:
-        return await asyncio.to_thread(self.generate_mixed, *args, **kwargs)
+        return await _in_thread(self.generate_mixed, *args, **kwargs)
 
     # -- lower level: what the CLI uses --------------------------------------------------------
 
@@ -347,23 +397,26 @@ class BatchClient:
     # -- running -------------------------------------------------------------------------------
 
     def _run(self, kind: str, tasks: list[Task], destinations: Sequence[_Destination | None],
-             token: str | None) -> list[Result]:
+             token: str | None, if_exists: IfExists) -> list[Result]:
         """Submit the tasks as jobs of at most MAX_BATCH_SIZE items, wait, place the files."""
         paying = self.token(token)
+        _check_free(destinations, if_exists)
         runner = self.runner
+        cancel = _CANCEL.get() or threading.Event()
         size = self.settings.max_batch_size
         chunks = [_Chunk(tasks=tasks[i:i + size], offset=i) for i in range(0, len(tasks), size)]
         try:
             for position, chunk in enumerate(chunks):
-                chunk.job = self._submit(runner, paying, kind, chunk, chunks[:position])
+                chunk.job = self._submit(runner, paying, kind, chunk, chunks[:position], cancel)
             results: list[Result] = []
             for chunk in chunks:
                 assert chunk.job is not None  # noqa: S101 - every chunk was submitted above
-                runner.wait(chunk.job.id)
+                _wait(runner, chunk.job.id, cancel)
                 for item in runner.store.items(chunk.job.id):
                     results.append(self._result(chunk.job.id, item, chunk.offset))
         except BaseException:
-            # Interrupted (Ctrl-C) or broken: nobody will collect these results, so stop paying.
+            # Interrupted (Ctrl-C, a cancelled task) or broken: nobody will collect these
+            # results, so stop paying.
             for chunk in chunks:
                 if chunk.job is not None:
                     runner.cancel(chunk.job.id)
@@ -371,12 +424,13 @@ class BatchClient:
         for result in results:
             destination = destinations[result.index]
             if destination is not None and result.files:
-                _place(result, destination, tasks[result.index].stem)
+                _place(result, destination, tasks[result.index].stem, if_exists)
         return results
 
     def _submit(self, runner: JobRunner, token: str, kind: str, chunk: _Chunk,
-                earlier: list[_Chunk]) -> JobRow:
+                earlier: list[_Chunk], cancel: threading.Event) -> JobRow:
         while True:
+            _raise_if_cancelled(cancel)
             try:
                 job, _ = runner.submit(token, Submission(kind=kind, tasks=chunk.tasks))
                 return job
@@ -385,9 +439,9 @@ class BatchClient:
                 pending = [c.job for c in earlier if c.job is not None]
                 open_jobs = [j for j in pending if not _finished(runner, j.id)]
                 if open_jobs:
-                    runner.wait(open_jobs[0].id)
+                    _wait(runner, open_jobs[0].id, cancel)
                 else:
-                    time.sleep(_QUEUE_FULL_PAUSE)
+                    cancel.wait(_QUEUE_FULL_PAUSE)
 
     def _result(self, job_id: str, item: ItemRow, offset: int) -> Result:
         view = self.describe_item(item)
@@ -404,6 +458,37 @@ class BatchClient:
 def _finished(runner: JobRunner, job_id: str) -> bool:
     job = runner.store.get(job_id)
     return job is None or job.terminal
+
+
+def _wait(runner: JobRunner, job_id: str, cancel: threading.Event) -> None:
+    """Wait for the job to end, unless the call is cancelled first."""
+    while True:
+        _raise_if_cancelled(cancel)
+        if runner.wait(job_id, timeout=_CANCEL_CHECK) is not None or _finished(runner, job_id):
+            return
+
+
+def _raise_if_cancelled(cancel: threading.Event) -> None:
+    if cancel.is_set():
+        raise _CallCancelled
+
+
+async def _in_thread(call: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """Run a synchronous call in a thread. When the awaiting task is cancelled, the call cancels
+    its jobs (as on Ctrl-C in a synchronous call); CancelledError follows once it has."""
+    cancel = threading.Event()
+    context = contextvars.copy_context()
+    context.run(_CANCEL.set, cancel)
+    loop = asyncio.get_running_loop()
+    future = loop.run_in_executor(None, functools.partial(context.run, call, *args, **kwargs))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        cancel.set()
+        # The worker thread must stop paying before the caller moves on (or the loop closes).
+        with contextlib.suppress(Exception):
+            await future
+        raise
 
 
 # --------------------------------------------------------------------------- arguments
@@ -464,7 +549,7 @@ def _destination(path: FilePath, field: str) -> _Destination:
     target = Path(path)
     stem = safe_filename(target.name, field)
     return _Destination(directory=target.parent, stem=stem,
-                        asked_suffix=target.name[len(stem):])
+                        asked_suffix=target.name[len(stem):], field=field)
 
 
 def _destinations(paths: Sequence[FilePath | None] | None, count: int, field: str, *,
@@ -490,8 +575,10 @@ def _unique_stems(destinations: Sequence[_Destination | None], field: str, *,
         other = seen.setdefault(key, i)
         if other != i:
             where = f"{field}[{i}]" + (f".{attribute}" if attribute else "")
-            raise ValueError(f"{where} names the same file as item {other}; every item needs its "
-                             "own output path")
+            raise ValueError(f"{where} names the same file as item {other} "
+                             f"({destination.directory / destination.stem}.*: an output takes "
+                             "its real format's extension, so paths that differ only in "
+                             "extension share one file); every item needs its own output path")
 
 
 def _stems(destinations: Sequence[_Destination | None], models: Sequence[object]) -> list[str]:
@@ -517,59 +604,79 @@ def _stems(destinations: Sequence[_Destination | None], models: Sequence[object]
 # --------------------------------------------------------------------------- files
 
 
-def _place(result: Result, destination: _Destination, job_stem: str) -> None:
-    """Move the item's files from OUTPUT_DIR to where the caller asked, atomically, keeping the
-    real extension; `<name>_<n>` for several outputs, as in the job (`job_stem` is the item's name
-    in the job's directory)."""
-    moved: list[str] = []
+def _check_free(destinations: Sequence[_Destination | None], if_exists: IfExists) -> None:
+    """With "refuse", fail before anything is paid for when an output's name is taken: by a file
+    there now (whatever its extension), or by another item of this call."""
+    if if_exists != "refuse":
+        return
+    names = OutputNames()
+    for i, destination in enumerate(destinations):
+        if destination is None:
+            continue
+        where = destination.directory / destination.stem
+        other = names.claim(destination.directory, destination.stem, i)
+        if other is not None:
+            raise OutputExists(where, f"{destination.field}: {where}.* may share names with "
+                               f"item {other}'s outputs (several outputs are numbered "
+                               f"<name>_<n>); nothing was submitted. {_OPTIONS_HINT}")
+        in_the_way = names.in_the_way(destination.directory, destination.stem)
+        if in_the_way is not None:
+            raise OutputExists(in_the_way, f"{destination.field}: {in_the_way} already exists "
+                               f"(the output gets its real format's extension, so any "
+                               f"{where}.* counts); nothing was submitted. {_OPTIONS_HINT}")
+
+
+_OPTIONS_HINT = ('Pass if_exists="rename" to write beside it under a new name, or '
+                 'if_exists="overwrite" to replace it.')
+
+
+def _place(result: Result, destination: _Destination, job_stem: str,
+           if_exists: IfExists) -> None:
+    """Move the item's files from OUTPUT_DIR to where the caller asked, keeping the real
+    extension; `<name>_<n>` for several outputs, as in the job (`job_stem` is the item's name in
+    the job's directory). A file that is not placed stays in OUTPUT_DIR: it was paid for."""
+    sources = [Path(f) for f in result.files]
+    rests = [s.name[len(job_stem):] if s.name.startswith(job_stem) else s.suffix
+             for s in sources]
     try:
         destination.directory.mkdir(parents=True, exist_ok=True)
-        for source in map(Path, result.files):
-            rest = source.name[len(job_stem):] if source.name.startswith(job_stem) else \
-                source.suffix
-            target = (destination.directory / f"{destination.stem}{rest}").absolute()
-            _move(source, target)
-            moved.append(str(target))
+        placed = place_without_clobbering(list(zip(sources, rests, strict=True)),
+                                          destination.directory.absolute(), destination.stem,
+                                          if_exists)
+    except OutputExists as exc:
+        _not_placed(result, f"{exc.path} appeared after the check and was not replaced; the "
+                    f"output is kept at {', '.join(result.files)}")
+        return
     except OSError as exc:
-        left = result.files[len(moved):]
-        result.success = False
-        result.error_type = "storage_error"
-        result.error = (f"generated, but moving the output to {destination.directory} failed: "
-                        f"{exc.strerror}; still at {', '.join(left)}")
-        result.files = moved + left
+        # With "overwrite" some files may have moved already: report where each one is.
+        result.files = [str(s) if s.exists() else str(destination.directory.absolute() /
+                                                      f"{destination.stem}{rest}")
+                        for s, rest in zip(sources, rests, strict=True)]
+        _not_placed(result, f"moving the output to {destination.directory} failed: "
+                    f"{exc.strerror}; still at {', '.join(result.files)}")
         return
     with contextlib.suppress(OSError):
-        Path(result.files[0]).parent.rmdir()  # the job's directory, now empty
-    result.files = moved
-    real = Path(moved[0]).suffix if moved else ""
+        sources[0].parent.rmdir()  # the job's directory, now empty
+    result.files = [str(p) for p in placed]
+    _note_names(result, destination, placed[0], rests[0])
+
+
+def _not_placed(result: Result, why: str) -> None:
+    result.success = False
+    result.error_type = "storage_error"
+    result.error = f"generated, but {why}"
+
+
+def _note_names(result: Result, destination: _Destination, first: Path, rest: str) -> None:
+    """Say when the file's name is not the one asked for: a new stem, or the real extension."""
+    used_stem = first.name[:len(first.name) - len(rest)]
+    if used_stem != destination.stem:
+        result.notes.append(f"saved as {first.name}: a file named {destination.stem}.* "
+                            'already existed (if_exists="rename")')
+    real = first.suffix
     if destination.asked_suffix and destination.asked_suffix.lower() != real.lower():
-        result.notes.append(f"saved as {Path(moved[0]).name}: the output is {real.lstrip('.')}, "
+        result.notes.append(f"saved as {first.name}: the output is {real.lstrip('.')}, "
                             f"not {destination.asked_suffix.lstrip('.')}")
-
-
-def _move(source: Path, target: Path) -> None:
-    """Rename when on the same file system, else copy to a hidden temp file beside the target,
-    fsync and rename: a reader sees the old file or the whole new one."""
-    try:
-        os.replace(source, target)
-        return
-    except OSError as exc:
-        if exc.errno != getattr(os, "EXDEV", 18):
-            raise
-    fd, tmp_name = tempfile.mkstemp(prefix=".", suffix=".part", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, source.open("rb") as src:
-            while chunk := src.read(1024 * 1024):
-                out.write(chunk)
-            out.flush()
-            os.fchmod(out.fileno(), 0o644)
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    source.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- module level
@@ -610,13 +717,13 @@ def generate_mixed(requests: Sequence[Request], *, token: str | None = None,
 
 
 async def agenerate(*args: Any, **kwargs: Any) -> Result:
-    return await asyncio.to_thread(generate, *args, **kwargs)
+    return await _in_thread(generate, *args, **kwargs)
 
 
 async def agenerate_batch(*args: Any, **kwargs: Any) -> list[Result]:
-    return await asyncio.to_thread(generate_batch, *args, **kwargs)
+    return await _in_thread(generate_batch, *args, **kwargs)
 
 
 async def agenerate_mixed(*args: Any, **kwargs: Any) -> list[Result]:
-    return await asyncio.to_thread(generate_mixed, *args, **kwargs)
+    return await _in_thread(generate_mixed, *args, **kwargs)
 

@@ -243,3 +243,47 @@ def test_a_bad_row_stops_the_run_before_anything_is_spent(
     assert "line 2: custom_filename 'same.png' is also used on line 1" in cli.log()
     assert sim.stats() == {}
     assert records(tmp_path / "bad.jsonl.manifest.jsonl") == []
+
+
+def test_files_under_output_dir_are_never_replaced_unless_asked(
+        make_settings: Callable[..., Settings], sim: Simulator, tmp_path: Path, cli: Cli) -> None:
+    env = cli_env(make_settings())
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "sunset.webp").write_bytes(b"my own sunset")
+    # The row asks for sunset.jpg; the output is WebP, so it would land on sunset.webp.
+    source = write_jsonl(tmp_path / "in.jsonl", [
+        {"prompt": "a sunset", "model_name": "flux-dev", "custom_filename": "sunset.jpg"}])
+    base = ["run", str(source), "--poll-interval", "0.05", "--output-dir", str(files)]
+    assert cli.run([*base, "--manifest", str(tmp_path / "refused.jsonl")], env) == 2
+    assert f"line 1: {files / 'sunset.webp'} already exists" in cli.log()
+    assert "nothing was submitted" in cli.log() and "--if-exists rename" in cli.log()
+    assert sim.stats() == {}  # refused before anything was created
+
+    assert cli.run([*base, "--manifest", str(tmp_path / "renamed.jsonl"),
+                    "--if-exists", "rename"], env) == 0, cli.log()
+    (renamed,) = records(tmp_path / "renamed.jsonl")
+    assert renamed["files"] == [str(files / "sunset-2.webp")]
+    assert (files / "sunset.webp").read_bytes() == b"my own sunset"
+
+    assert cli.run([*base, "--manifest", str(tmp_path / "replaced.jsonl"),
+                    "--if-exists", "overwrite"], env) == 0, cli.log()
+    (replaced,) = records(tmp_path / "replaced.jsonl")
+    assert replaced["files"] == [str(files / "sunset.webp")]
+    assert (files / "sunset.webp").read_bytes().startswith(WEBP)
+    assert sorted(p.name for p in files.iterdir()) == ["sunset-2.webp", "sunset.webp"]
+    # The same input asks for the same job (its Idempotency-Key): its file was placed again.
+    assert creates_by_prompt(sim) == {"a sunset": 1}
+
+
+def test_a_row_output_that_exists_is_refused_before_anything_is_spent(
+        make_settings: Callable[..., Settings], sim: Simulator, tmp_path: Path, cli: Cli) -> None:
+    (tmp_path / "cars").mkdir()
+    (tmp_path / "cars" / "red.png").write_bytes(b"my red car")
+    source = write_jsonl(tmp_path / "in.jsonl", [
+        {"prompt": "fine", "model_name": "flux-dev", "output": "cars/blue.jpg"},
+        {"prompt": "taken", "model_name": "flux-dev", "output": "cars/red.jpg"}])
+    assert cli.run(["run", str(source)], cli_env(make_settings())) == 2
+    assert f"line 2: {Path('cars') / 'red.png'} already exists" in cli.log()
+    assert sim.stats() == {}
+    assert (tmp_path / "cars" / "red.png").read_bytes() == b"my red car"

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from replicate_generation import library as rb
 from replicate_generation.devtools.simulator import Simulator
 from replicate_generation.settings import Settings, SettingsError
 from servers import ROOT, Gunicorn, service_env, wait_for
+from test_cli import running_on_sim
 
 FLUX_DEV = "black-forest-labs/flux-dev"
 QWEN = "qwen/qwen-image"
@@ -104,7 +107,8 @@ def test_batch_arguments_are_checked_before_anything_is_spent(
         client.generate_batch(["a", "b"], "flux-dev", [tmp_path / "a.png"])
     with pytest.raises(TypeError, match="output_filepaths must be a list"):
         client.generate_batch(["a", "b"], "flux-dev", str(tmp_path / "a.png"))  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"output_filepaths\[1\] names the same file"):
+    with pytest.raises(ValueError, match=r"output_filepaths\[1\] names the same file as item 0 "
+                       r"\(.*X\.\*: .* differ only in extension"):
         client.generate_batch(["a", "b"], "flux-dev", [tmp_path / "x.png", tmp_path / "X.webp"])
     with pytest.raises(rb.InvalidName, match=r"output_filepaths\[0\]"):
         client.generate_batch(["a"], "flux-dev", [tmp_path / ".hidden"])
@@ -187,6 +191,86 @@ def test_async_wrappers_and_a_per_call_token(client: rb.BatchClient, sim: Simula
     assert single.success and [r.prompt for r in batch] == ["two", "three"]
     assert created_prompts(sim, USER_TOKEN) == ["one"]
     assert sorted(created_prompts(sim, SERVER_TOKEN)) == ["three", "two"]
+
+
+# --------------------------------------------------------------------------- existing files
+
+
+def test_a_taken_name_is_refused_before_anything_is_created(
+        client: rb.BatchClient, sim: Simulator, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = client.generate("first", "flux-dev", out / "sunset.jpg")
+    assert first.files == [str(out / "sunset.webp")]
+    kept = (out / "sunset.webp").read_bytes()
+    # sunset.png would become sunset.webp too: refused, naming the file and the option.
+    with pytest.raises(rb.OutputExists, match=r"out/sunset\.webp already exists.*"
+                       r"nothing was submitted.*if_exists=\"rename\"") as refused:
+        client.generate("second", "flux-dev", out / "sunset.png")
+    assert isinstance(refused.value, FileExistsError)
+    assert refused.value.path == out / "sunset.webp"
+    (out / "mine.png").write_bytes(b"my own file")
+    with pytest.raises(rb.OutputExists, match=r"output_filepaths\[1\]: .*out/mine\.png"):
+        client.generate_batch(["x", "y"], "flux-dev", [out / "new.png", out / "mine.png"])
+    with pytest.raises(rb.OutputExists, match=r"requests\[0\]\.output_filepath"):
+        client.generate_mixed([rb.Request("z", "qwen-image", out / "SUNSET")])
+    # A file numbered as one of several outputs counts, and so do two items that could clash.
+    (out / "tiles_2.jpg").write_bytes(b"tile")
+    with pytest.raises(rb.OutputExists, match=r"out/tiles_2\.jpg already exists"):
+        client.generate("tiles", "flux-dev", out / "tiles.png", num_outputs=2)
+    with pytest.raises(rb.OutputExists, match=r"output_filepaths\[1\]: .*may share names"):
+        client.generate_batch(["a", "b"], "flux-dev", [out / "pair.png", out / "pair_1.png"])
+    assert created_prompts(sim) == ["first"]  # nothing else was created
+    assert (out / "sunset.webp").read_bytes() == kept
+    assert (out / "mine.png").read_bytes() == b"my own file"
+
+
+def test_if_exists_rename_writes_beside_and_overwrite_replaces(
+        client: rb.BatchClient, sim: Simulator, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    client.generate("first", "flux-dev", out / "sunset.jpg").raise_for_error()
+    original = (out / "sunset.webp").stat()
+    renamed = client.generate("second", "flux-dev", out / "sunset.png", if_exists="rename")
+    assert renamed.success, renamed
+    assert renamed.files == [str(out / "sunset-2.webp")]
+    assert any("saved as sunset-2.webp" in note and "if_exists" in note for note in renamed.notes)
+    again = client.generate_batch(["third"], "flux-dev", [out / "sunset.webp"],
+                                  if_exists="rename")
+    assert again[0].files == [str(out / "sunset-3.webp")]
+    assert (out / "sunset.webp").stat().st_ino == original.st_ino  # untouched
+    replaced = client.generate_mixed([rb.Request("fourth", "flux-dev", out / "sunset.jpg")],
+                                     if_exists="overwrite")
+    assert replaced[0].success and replaced[0].files == [str(out / "sunset.webp")]
+    assert (out / "sunset.webp").stat().st_ino != original.st_ino
+    assert (out / "sunset.webp").read_bytes().startswith(WEBP)
+    assert sorted(p.name for p in out.iterdir()) == ["sunset-2.webp", "sunset-3.webp",
+                                                     "sunset.webp"]
+    with pytest.raises(ValueError, match="if_exists must be one of refuse, rename, overwrite"):
+        client.generate("x", "flux-dev", out / "x.png", if_exists="replace")  # type: ignore[arg-type]
+    assert created_prompts(sim) == ["first", "second", "third", "fourth"]
+
+
+def test_a_name_taken_while_generating_is_not_replaced_and_the_file_is_kept(
+        client: rb.BatchClient, sim: Simulator, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "late.webp"
+
+    def another_process_writes_it() -> None:
+        # Once the prediction exists the check has passed: the file appears "too late".
+        wait_for(lambda: sim.predictions(SERVER_TOKEN), what="the create")
+        target.write_bytes(b"someone else's")
+
+    writer = threading.Thread(target=another_process_writes_it)
+    writer.start()
+    result = client.generate("late #slow=0.5", "flux-dev", out / "late.png")
+    writer.join()
+    assert not result.success and result.error_type == "storage_error"
+    assert target.read_bytes() == b"someone else's"
+    (kept,) = result.files
+    assert Path(kept).is_file() and Path(kept).read_bytes().startswith(WEBP)
+    assert Path(kept).is_relative_to(Path(client.settings.output_dir).resolve())
+    assert f"{target} appeared after the check" in str(result.error)
+    assert kept in str(result.error)
 
 
 def test_no_token_is_an_error_naming_the_variable(
@@ -325,3 +409,72 @@ def test_three_scripts_and_the_service_share_one_accounts_limits(
         assert sim.max_creates_in_window(SERVER_TOKEN, window) <= 2 * window + 3, window
     for secret in (SERVER_TOKEN, "test-admin-key"):
         assert secret not in service.log()
+
+
+# --------------------------------------------------------------------------- cancelling
+
+
+def test_cancelling_the_awaiting_task_cancels_the_calls_jobs(
+        make_settings: Callable[..., Settings], sim: Simulator) -> None:
+    settings = make_settings(concurrent_limit=2, task_timeout_seconds=30)
+    prompts = [f"hang {i} #hang" for i in range(5)]
+
+    async def start_then_cancel(client: rb.BatchClient) -> None:
+        task = asyncio.create_task(client.agenerate_batch(prompts, "flux-dev"))
+        await asyncio.to_thread(wait_for, lambda: len(running_on_sim(sim)) == 2,
+                                what="two predictions running")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with rb.BatchClient(settings=settings) as client:
+        asyncio.run(start_then_cancel(client))
+        # The call's job was canceled before CancelledError came through.
+        (job,) = client.runner.store.list_jobs(None, limit=10)
+        assert client.runner.store.cancel_requested(job.id)
+        wait_for(lambda: all(p["canceled"] for p in sim.predictions(SERVER_TOKEN)),
+                 what="the running predictions canceled on the simulator")
+    assert len(sim.predictions(SERVER_TOKEN)) == 2  # the queued three were never created
+    assert sim.stats(SERVER_TOKEN)["cancels"] == 2
+
+
+CTRL_C_SCRIPT = """
+import asyncio, sys
+from replicate_generation import library as rb
+
+async def main() -> None:
+    await rb.agenerate_batch([f"hang {i} #hang" for i in range(5)], "flux-dev")
+
+try:
+    asyncio.run(main())
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_under_asyncio_run_cancels_the_running_predictions(
+        make_settings: Callable[..., Settings], sim: Simulator, tmp_path: Path) -> None:
+    settings = make_settings(concurrent_limit=2, task_timeout_seconds=30)
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(CTRL_C_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path,
+                            env=script_env(settings), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        running = wait_for(lambda: running_on_sim(sim) if len(running_on_sim(sim)) == 2
+                           else None, what="two predictions running")
+        proc.send_signal(signal.SIGINT)
+        interrupted_at = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "interrupted" in stdout, stderr
+    assert time.monotonic() - interrupted_at < 10  # promptly, not after the task timeout
+    predictions = sim.predictions(SERVER_TOKEN)
+    # The running ones were canceled on Replicate; the three queued were never created.
+    assert {p["id"] for p in predictions} == set(running.values())
+    assert all(p["canceled"] for p in predictions)
+    assert sim.stats(SERVER_TOKEN)["cancels"] == 2

@@ -10,7 +10,9 @@ Idempotency-Key derived from the input file's content and the job's items, so a 
 the same job back instead of creating anything. Every finished item is appended to the manifest
 (JSONL) at once; a resumed run skips the items it lists. Ctrl-C or SIGTERM stops the run: in
 service mode the service keeps running the jobs; in-process, predictions already running are left
-in the state file and the next run polls them (nothing is created twice). See docs/library.md.
+in the state file and the next run polls them (nothing is created twice). A file already at an
+output's name (whatever its extension) stops the run before anything is spent, unless
+`--if-exists rename` or `overwrite` says otherwise. See docs/library.md.
 """
 
 from __future__ import annotations
@@ -42,7 +44,15 @@ from replicate_generation.dispatcher import QueueFull, ShuttingDown
 from replicate_generation.jobs.store import ITEM_TERMINAL, IdempotencyConflict
 from replicate_generation.library import BatchClient, load_settings
 from replicate_generation.model_functions import InvalidRequest, resolve_model
-from replicate_generation.outputs import InvalidName, default_stem, safe_filename
+from replicate_generation.outputs import (
+    IF_EXISTS_CHOICES,
+    IfExists,
+    InvalidName,
+    OutputNames,
+    default_stem,
+    place_without_clobbering,
+    safe_filename,
+)
 from replicate_generation.request_parsing import parse_batch
 from replicate_generation.routing import FallbackChains
 from replicate_generation.settings import Settings, SettingsError
@@ -305,27 +315,89 @@ class JobLog:
 
 
 def place_files(sources: Sequence[str], row: Row, output_dir: Path | None,
-                fetch: Callable[[str, Path], None]) -> list[str]:
+                fetch: Callable[[str, Path], None], if_exists: IfExists = "refuse") -> list[str]:
     """Put an item's files where the row (`output`) or --output-dir asks; return the local paths.
 
-    `fetch(source, target)` writes one source to `target` atomically.
+    `fetch(source, target)` writes one source to `target` atomically. Each file is fetched to a
+    hidden name beside its target first, then placed without replacing anything unless
+    `if_exists` says so (outputs.place_without_clobbering).
     """
-    if row.output is None and output_dir is None:
+    destination = output_destination(row, output_dir)
+    if destination is None:
         return []
-    placed = []
-    for number, source in enumerate(sources, start=1):
-        real = Path(source.split("?", 1)[0]).suffix
-        if row.output is not None:
-            stem = safe_filename(row.output.name, "output")
-            name = stem if len(sources) == 1 else f"{stem}_{number}"
-            target = row.output.parent / f"{name}{real}"
-        else:
-            assert output_dir is not None  # noqa: S101 - checked above
-            target = output_dir / Path(source.split("?", 1)[0]).name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fetch(source, target)
-        placed.append(str(target.absolute()))
-    return placed
+    directory, stem = destination
+    rests = _rests(sources, row, stem)
+    directory.mkdir(parents=True, exist_ok=True)
+    staged: list[Path] = []
+    try:
+        for source in sources:
+            staged.append(_stage(source, directory, fetch))
+        placed = place_without_clobbering(list(zip(staged, rests, strict=True)),
+                                          directory.absolute(), stem, if_exists)
+    finally:
+        for path in staged:
+            path.unlink(missing_ok=True)
+    return [str(p) for p in placed]
+
+
+def output_destination(row: Row, output_dir: Path | None) -> tuple[Path, str] | None:
+    """The directory and the name without extension of a row's local files, if it has any."""
+    if row.output is not None:
+        return row.output.parent, safe_filename(row.output.name, "output")
+    if output_dir is None:
+        return None
+    return output_dir, safe_filename(str(row.task["custom_filename"]), "custom_filename")
+
+
+def _rests(sources: Sequence[str], row: Row, stem: str) -> list[str]:
+    """What follows the stem in each file's name: the real extension, `_<n>` for several."""
+    names = [Path(s.split("?", 1)[0]).name for s in sources]
+    if row.output is not None:
+        if len(names) == 1:
+            return [Path(names[0]).suffix]
+        return [f"_{n}{Path(name).suffix}" for n, name in enumerate(names, start=1)]
+    # Under --output-dir the files keep the job's names, which start with the row's stem.
+    return [name[len(stem):] if name.startswith(stem) else f"_{n}{Path(name).suffix}"
+            for n, name in enumerate(names, start=1)]
+
+
+def _stage(source: str, directory: Path, fetch: Callable[[str, Path], None]) -> Path:
+    fd, name = tempfile.mkstemp(prefix=".", suffix=".staged", dir=directory)
+    os.close(fd)
+    staged = Path(name)
+    try:
+        fetch(source, staged)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    return staged
+
+
+def refuse_taken_outputs(rows: Sequence[Row], output_dir: Path | None, manifest: Manifest,
+                         retry_failed: bool) -> None:
+    """With --if-exists refuse: stop before anything is spent when a row still to run would
+    write over a file already there (whatever its extension) or share names with another row."""
+    names = OutputNames()
+    for row in rows:
+        if manifest.finished(row.index, retry_failed):
+            continue
+        destination = output_destination(row, output_dir)
+        if destination is None:
+            continue
+        directory, stem = destination
+        other = names.claim(directory, stem, row.index)
+        if other is not None:
+            raise UsageError(f"{row.where}: its files ({directory / stem}.*) may share names "
+                             f"with those of {rows[other].where}; {_IF_EXISTS_HINT}")
+        in_the_way = names.in_the_way(directory, stem)
+        if in_the_way is not None:
+            raise UsageError(f"{row.where}: {in_the_way} already exists (files take their real "
+                             f"format's extension, so any {directory / stem}.* counts); "
+                             f"{_IF_EXISTS_HINT}")
+
+
+_IF_EXISTS_HINT = ("nothing was submitted. Use --if-exists rename to write beside it under a new "
+                   "name, or --if-exists overwrite to replace it")
 
 
 def copy_atomic(source: str, target: Path) -> None:
@@ -399,8 +471,10 @@ class ServiceBackend:
         return JobView(state=str(data["state"]), counts=dict(data["counts"]),
                        items=list(data["items"]))
 
-    def place(self, item: dict[str, Any], row: Row, output_dir: Path | None) -> list[str]:
-        return place_files(list(item.get("urls") or []), row, output_dir, self._download)
+    def place(self, item: dict[str, Any], row: Row, output_dir: Path | None,
+              if_exists: IfExists) -> list[str]:
+        return place_files(list(item.get("urls") or []), row, output_dir, self._download,
+                           if_exists)
 
     def _download(self, url: str, target: Path) -> None:
         fd, tmp_name = tempfile.mkstemp(prefix=".", suffix=".part", dir=target.parent)
@@ -470,8 +544,10 @@ class InProcessBackend:
             items.append(item)
         return JobView(state=job.state, counts=job.counts, items=items)
 
-    def place(self, item: dict[str, Any], row: Row, output_dir: Path | None) -> list[str]:
-        return place_files(list(item.get("files") or []), row, output_dir, copy_atomic)
+    def place(self, item: dict[str, Any], row: Row, output_dir: Path | None,
+              if_exists: IfExists) -> list[str]:
+        return place_files(list(item.get("files") or []), row, output_dir, copy_atomic,
+                           if_exists)
 
     def stop(self) -> None:
         """Leave running predictions and queued items in the state file for the next run."""
@@ -568,6 +644,7 @@ class Run:
     poll_interval: float
     progress: Progress
     stop: threading.Event
+    if_exists: IfExists = "refuse"
     active: list[ActiveJob] = field(default_factory=list)
 
     def chunks(self) -> list[list[int]]:
@@ -667,7 +744,7 @@ class Run:
             entry["urls"] = list(item.get("urls") or [])
         if files:
             try:
-                local = self.backend.place(item, row, self.output_dir)
+                local = self.backend.place(item, row, self.output_dir, self.if_exists)
             except (OSError, InvalidName, requests.RequestException) as exc:
                 entry["copy_error"] = str(exc) or type(exc).__name__
                 log.warning("%s: the files could not be saved locally: %s", row.where,
@@ -776,6 +853,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     run.add_argument("--model", help="model for rows without model_name")
     run.add_argument("--output-dir", type=Path,
                      help="copy (or download) every item's files here")
+    run.add_argument("--if-exists", choices=IF_EXISTS_CHOICES, default="refuse",
+                     help="when a file's name is already taken (whatever its extension): stop "
+                     "before anything is spent (refuse, default), write beside it under a new "
+                     "name (rename: NAME-2.EXT), or replace it (overwrite)")
     run.add_argument("--chunk-size", type=int, help="items per job (default MAX_BATCH_SIZE)")
     run.add_argument("--poll-interval", type=float, default=1.0, help="seconds between looks")
     run.add_argument("--grace", type=float, default=0.0,
@@ -844,13 +925,20 @@ def run_command(args: argparse.Namespace, stop: threading.Event) -> int:
     input_sha = hashlib.sha256(data).hexdigest()
     manifest_path = args.manifest or args.input.with_name(args.input.name + ".manifest.jsonl")
     manifest = Manifest(manifest_path, input_sha)
-    backend = _backend(args, settings)
+    try:
+        if args.if_exists == "refuse":
+            refuse_taken_outputs(rows, args.output_dir, manifest, args.retry_failed)
+        backend = _backend(args, settings)
+    except BaseException:
+        manifest.close()
+        raise
     try:
         run = Run(rows=rows, chunk_size=chunk_size, options=options, input_sha=input_sha,
                   manifest=manifest, joblog=JobLog(Path(str(manifest_path) + ".jobs")),
                   backend=backend, output_dir=args.output_dir, retry_failed=args.retry_failed,
                   poll_interval=args.poll_interval,
-                  progress=Progress(len(rows), sys.stderr, not args.no_progress), stop=stop)
+                  progress=Progress(len(rows), sys.stderr, not args.no_progress), stop=stop,
+                  if_exists=args.if_exists)
         return run.execute()
     finally:
         backend.close()
