@@ -6,12 +6,17 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
+import signal
 import struct
+import subprocess
+import sys
 import time
 import wave
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta, timezone
 from typing import Any
 
 import httpx
@@ -21,6 +26,7 @@ from replicate.exceptions import ModelError, ReplicateError
 from replicate.helpers import FileOutput
 
 from replicate_generation.devtools.simulator import (
+    CLOUDFLARE_502_HTML,
     ERROR_OOM,
     ERROR_SENSITIVE,
     ERROR_TRANSIENT,
@@ -30,7 +36,9 @@ from replicate_generation.devtools.simulator import (
     build_arg_parser,
     config_from_args,
     output_bytes,
+    parse_iso8601,
     parse_prefer_wait,
+    run_seconds_for,
     token_hash,
 )
 
@@ -123,25 +131,62 @@ def _png_chunks(data: bytes) -> dict[bytes, bytes]:
     return chunks
 
 
-def assert_real_file(ext: str, data: bytes) -> None:
-    """Check the container structure of each output format."""
+def _riff_chunks(data: bytes) -> list[bytes]:
+    """Walk the chunks of a RIFF file (WebP, WAV), checking that their sizes add up."""
+    kinds, pos = [], 12
+    while pos < len(data):
+        (size,) = struct.unpack("<I", data[pos + 4 : pos + 8])
+        kinds.append(data[pos : pos + 4])
+        pos += 8 + size + size % 2
+    assert pos == len(data)
+    return kinds
+
+
+def _mp4_boxes(data: bytes) -> list[bytes]:
+    """Walk the top-level boxes of an ISO-BMFF file, checking that their sizes add up."""
+    kinds, pos = [], 0
+    while pos < len(data):
+        (size,) = struct.unpack(">I", data[pos : pos + 4])
+        kinds.append(data[pos + 4 : pos + 8])
+        pos += size
+    assert pos == len(data)
+    return kinds
+
+
+def _jpeg_markers(data: bytes) -> list[int]:
+    """Walk a JPEG's marker segments up to the scan (SOS), checking their lengths."""
+    markers, pos = [], 2
+    while data[pos + 1] != 0xDA:
+        assert data[pos] == 0xFF
+        markers.append(data[pos + 1])
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        pos += 2 + length
+    return markers
+
+
+def assert_real_file(ext: str, data: bytes, padded: bool = False) -> None:
+    """Check the container structure of each output format (tiny unless ``padded``)."""
     if ext == "png":
         chunks = _png_chunks(data)
         assert struct.unpack(">II", chunks[b"IHDR"][:8]) == (1, 1)
         assert len(zlib.decompress(chunks[b"IDAT"])) == 4  # filter byte + one RGB pixel
+        assert list(chunks)[-1] == b"IEND" and (b"paDd" in chunks) == padded
     elif ext == "jpg":
         assert data[:3] == b"\xff\xd8\xff" and data[-2:] == b"\xff\xd9"
-        assert b"JFIF\x00" in data[:20] and b"\xff\xc0" in data  # baseline SOF0
+        markers = _jpeg_markers(data)
+        assert markers[0] == 0xE0 and b"JFIF\x00" in data[:20] and 0xC0 in markers  # SOF0
     elif ext == "webp":
-        assert data[:4] == b"RIFF" and data[8:16] == b"WEBPVP8L"
+        assert data[:4] == b"RIFF" and data[8:12] == b"WEBP"
         assert struct.unpack("<I", data[4:8])[0] == len(data) - 8
-        assert data[20] == 0x2F  # VP8L signature
+        assert _riff_chunks(data) == ([b"VP8X", b"VP8L", b"PADD"] if padded else [b"VP8L"])
+        assert data[data.index(b"VP8L") + 8] == 0x2F  # VP8L signature
     elif ext == "mp4":
-        assert data[4:8] == b"ftyp"
+        assert _mp4_boxes(data) == [b"ftyp", b"free", b"mdat"] + ([b"free"] if padded else [])
     else:
+        assert _riff_chunks(data)[-1] == (b"JUNK" if padded else b"data")
         with wave.open(io.BytesIO(data)) as audio:
             assert audio.getnchannels() == 1 and audio.getnframes() > 0
-    assert 0 < len(data) < 4096  # tiny: tests and benchmarks download thousands
+    assert 0 < len(data) and (padded or len(data) < 4096)  # tiny: benchmarks download thousands
 
 
 def post_create(http: httpx.Client, body: Any, **headers: str) -> httpx.Response:
@@ -713,7 +758,360 @@ def test_pure_helpers_and_command_line() -> None:
     assert parse_prefer_wait("respond-async") is None and parse_prefer_wait(None) is None
     args = build_arg_parser().parse_args(
         ["--port", "0", "--run-seconds", "2", "--create-rpm", "6", "--create-burst", "1"]
+        + ["--run-seconds-spread", "3", "--output-bytes", "1000"]
     )
     config = config_from_args(args)
     assert (args.host, args.port) == ("127.0.0.1", 0)
     assert (config.run_seconds, config.create_rate_per_minute, config.create_burst) == (2.0, 6, 1)
+    assert (config.run_seconds_spread, config.output_bytes) == (3.0, 1000)
+    assert parse_iso8601("2024-10-04T20:07:33.1+02:00") == parse_iso8601("2024-10-04T18:07:33.1Z")
+    assert parse_iso8601("2024-10-04T18:07:33 02:00").utcoffset() == timedelta(hours=2)
+
+
+# ------------------------------------------------------------------------------------------
+# Listing with created_after / created_before, and input retention (issue #9)
+
+
+def _created_at(http: httpx.Client, prompt: str) -> tuple[str, str]:
+    """Create a prediction; return its id and created_at."""
+    body = post_create(http, {"input": {"prompt": prompt}}).json()
+    return body["id"], body["created_at"]
+
+
+def _listed_ids(client: replicate.Client, url: str) -> list[str]:
+    return [p.id for p in client.predictions.list(url).results]
+
+
+def test_list_filters_on_created_after_inclusive_and_created_before_exclusive(
+    clocked: Simulator,
+    clock: FakeClock,
+    make_client: Callable[..., replicate.Client],
+    make_http: Callable[..., httpx.Client],
+) -> None:
+    http, client = make_http(clocked), make_client(clocked)
+    created = []
+    for prompt in ("a", "b", "c"):
+        created.append(_created_at(http, prompt))
+        clock.advance(10.0)
+    (first, _), (second, at), (third, _) = created
+    make_http(clocked, OTHER).post(CREATE_PATH, json={"input": {"prompt": "theirs"}})
+    assert _listed_ids(client, f"/v1/predictions?created_after={at}") == [third, second]
+    assert _listed_ids(client, f"/v1/predictions?created_before={at}") == [first]
+    moment = parse_iso8601(at)
+    plus_two = moment.astimezone(timezone(timedelta(hours=2))).isoformat()
+    window = {"created_after": plus_two, "created_before": (moment + timedelta(seconds=1))}
+    answer = http.get("/v1/predictions", params={k: str(v) for k, v in window.items()}).json()
+    assert [p["id"] for p in answer["results"]] == [second]
+    # An unescaped "+" arrives as a space; whole seconds and naive (UTC) times work too.
+    assert _listed_ids(client, f"/v1/predictions?created_after={plus_two}") == [third, second]
+    whole = moment.replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%S")
+    assert _listed_ids(client, f"/v1/predictions?created_before={whole}") == [first]
+    with pytest.raises(ReplicateError) as caught:
+        client.predictions.list("/v1/predictions?created_after=yesterday")
+    assert caught.value.status == 400
+    assert clocked.stats(TOKEN)["lists"] == 5
+
+
+def test_list_results_have_the_list_shape(
+    clocked: Simulator, clock: FakeClock, make_http: Callable[..., httpx.Client]
+) -> None:
+    http = make_http(clocked)
+    pid, _ = _created_at(http, "a cat")
+    clock.advance(3.0)
+    (item,) = http.get("/v1/predictions").json()["results"]
+    got = http.get(f"/v1/predictions/{pid}").json()
+    assert item == {key: value for key, value in got.items() if key != "logs"}  # the doc's shape
+    required = {"id", "model", "version", "status", "input", "created_at", "urls", "source"}
+    assert required <= set(item) and item["input"] == {"prompt": "a cat"}
+    assert (item["status"], item["source"], item["data_removed"]) == ("succeeded", "api", False)
+    assert http.get("/v1/predictions", params={"source": "web"}).json()["results"] == []
+
+
+def test_list_pages_keep_filters_and_do_not_shift_when_creates_arrive(
+    clocked: Simulator,
+    clock: FakeClock,
+    make_client: Callable[..., replicate.Client],
+    make_http: Callable[..., httpx.Client],
+) -> None:
+    http, client = make_http(clocked), make_client(clocked)
+    for index in range(5):
+        post_create(http, {"input": {"prompt": f"old {index}"}})
+    clock.advance(1.0)
+    _, mark = _created_at(http, "new 0")
+    with ThreadPoolExecutor(8) as pool:
+        bodies = [{"input": {"prompt": f"new {i}"}} for i in range(1, 130)]
+        list(pool.map(lambda body: post_create(http, body), bodies))
+    first = client.predictions.list(f"/v1/predictions?created_after={mark}")
+    assert len(first.results) == 100 and first.previous is None and first.next is not None
+    assert first.next.startswith(f"{clocked.base_url}/v1/predictions?")
+    assert "created_after=" in first.next and "cursor=" in first.next
+    for index in range(3):  # newer predictions do not push page 2 around
+        post_create(http, {"input": {"prompt": f"newest {index}"}})
+    second = client.predictions.list(first.next)
+    assert second.next is None and second.previous is not None
+    seen = [p.id for p in first.results] + [p.id for p in second.results]
+    assert len(seen) == len(set(seen)) == 130
+    assert all(p.input["prompt"].startswith("new ") for p in first.results + second.results)
+    back = client.predictions.list(second.previous)
+    assert [p.id for p in back.results] == [p.id for p in first.results]
+    with pytest.raises(ReplicateError) as caught:
+        client.predictions.list("/v1/predictions?cursor=not-ours")
+    assert caught.value.status == 400
+
+
+def test_list_drops_inputs_after_the_retention_but_get_keeps_them(
+    clocked: Simulator, clock: FakeClock, make_http: Callable[..., httpx.Client]
+) -> None:
+    clocked.configure(input_retention_seconds=60.0)
+    http = make_http(clocked)
+    pid, _ = _created_at(http, "a cat")
+    clock.advance(59.5)
+    assert http.get("/v1/predictions").json()["results"][0]["input"] == {"prompt": "a cat"}
+    clock.advance(0.5)
+    (item,) = http.get("/v1/predictions").json()["results"]
+    assert (item["id"], item["input"], item["status"]) == (pid, {}, "succeeded")
+    assert http.get(f"/v1/predictions/{pid}").json()["input"] == {"prompt": "a cat"}
+
+
+# ------------------------------------------------------------------------------------------
+# Run times that vary per prompt
+
+
+def test_run_seconds_for_is_a_pure_function_of_prompt_and_seed() -> None:
+    config = SimConfig(run_seconds=1.0, run_seconds_spread=4.0)
+    times = [run_seconds_for(f"prompt {i}", config) for i in range(200)]
+    assert all(1.0 <= t < 5.0 for t in times) and max(times) - min(times) > 3.0
+    assert run_seconds_for("prompt 1", config) == times[1]
+    assert run_seconds_for("x", config, seed=1) != run_seconds_for("x", config, seed=2)
+    assert run_seconds_for("x #slow=7", config) == 7.0
+    assert run_seconds_for("x #hang", config) == math.inf
+    assert run_seconds_for("x #hang@qwen-image", config, model=FLUX) < 5.0
+    assert run_seconds_for("x #hang@qwen-image", config, model="qwen/qwen-image") == math.inf
+    assert run_seconds_for("prompt 1", SimConfig(run_seconds=1.0)) == 1.0
+
+
+def test_predictions_run_for_their_computed_time(
+    clocked: Simulator, clock: FakeClock, make_client: Callable[..., replicate.Client]
+) -> None:
+    clocked.configure(run_seconds_spread=10.0)
+    client = make_client(clocked)
+    inputs = [{"prompt": "a"}, {"prompt": "b", "seed": 3}]
+    created = [client.models.predictions.create(model=FLUX, input=inp) for inp in inputs]
+    expected = [run_seconds_for(i["prompt"], clocked.config, seed=i.get("seed")) for i in inputs]
+    assert expected[0] != expected[1]
+    for pred, run in sorted(zip(created, expected, strict=True), key=lambda pair: pair[1]):
+        clock.t = 1000.0 + 1.0 + run - 0.001  # queue_seconds is 1.0
+        assert client.predictions.get(pred.id).status == "processing"
+        clock.t = 1000.0 + 1.0 + run
+        done = client.predictions.get(pred.id)
+        assert done.status == "succeeded" and done.metrics is not None
+        assert done.metrics["predict_time"] == round(run, 6)
+
+
+# ------------------------------------------------------------------------------------------
+# Creates that lose their answer (issue #9)
+
+
+def test_dropped_502_and_garbage_creates_still_create_exactly_once(
+    live: Simulator,
+    make_client: Callable[..., replicate.Client],
+    make_http: Callable[..., httpx.Client],
+) -> None:
+    client = make_client(live)
+    live.inject_create_fault("drop")
+    with pytest.raises(httpx.RemoteProtocolError):
+        client.models.predictions.create(model=FLUX, input={"prompt": "dropped"})
+    live.inject_create_fault("502")
+    with pytest.raises(ReplicateError) as gateway:
+        client.predictions.create(version=FLUX_VERSION, input={"prompt": "gateway"})
+    assert gateway.value.status == 502 and gateway.value.detail is None
+    live.inject_create_fault("garbage")
+    with pytest.raises(json.JSONDecodeError):  # default: the real answer, cut in half
+        client.deployments.predictions.create("acme/flux-dev", input={"prompt": "cut"})
+    http = make_http(live)
+    live.inject_create_fault("garbage", body="<html>not json</html>")
+    html = post_create(http, {"input": {"prompt": "html"}})
+    assert (html.status_code, html.headers["Content-Type"]) == (201, "text/html; charset=utf-8")
+    live.inject_create_fault("garbage", body="[1,2]")
+    assert post_create(http, {"input": {"prompt": "list"}}).json() == [1, 2]
+    assert post_create(http, {"input": {"prompt": "fine"}}).json()["status"] == "starting"
+
+    names = ("dropped", "gateway", "cut", "html", "list", "fine")
+    assert live.creates_by_prompt(TOKEN) == dict.fromkeys(names, 1)
+    listed = {p.input["prompt"]: p.id for p in client.predictions.list().results}
+    assert set(listed) == set(names)
+    assert client.predictions.get(listed["dropped"]).id == listed["dropped"]
+    stats = live.stats(TOKEN)
+    assert (stats["creates_accepted"], stats["create_faults"], stats["injected"]) == (6, 5, 0)
+    faults = [(e["status"], e["create_fault"]) for e in live.requests_log() if e["create_fault"]]
+    assert faults == [(444, "drop"), (502, "502")] + [(201, "garbage")] * 3
+    assert live.creates_by_input(TOKEN)['{"prompt": "fine"}'] == 1
+
+
+def test_garbage_bodies_and_the_502_page_are_what_clients_choke_on(
+    live: Simulator, make_http: Callable[..., httpx.Client]
+) -> None:
+    http = make_http(live)
+    live.inject_create_fault("502")
+    gateway = post_create(http, {"input": {"prompt": "x"}})
+    assert gateway.text == CLOUDFLARE_502_HTML and "cloudflare" in gateway.text
+    live.inject_create_fault("garbage")
+    truncated = post_create(http, {"input": {"prompt": "x"}}).text
+    assert truncated.startswith('{"id":"')
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(truncated)
+    with pytest.raises(ValueError, match="unknown create fault"):
+        live.inject_create_fault("explode")
+
+
+def test_create_faults_can_aim_at_one_token_and_be_set_over_http(
+    live: Simulator,
+    make_client: Callable[..., replicate.Client],
+    make_http: Callable[..., httpx.Client],
+) -> None:
+    control = make_http(live, None)
+    spec = {"kind": "502", "count": 2, "token_hash": token_hash(OTHER)}
+    assert control.post("/_sim/create_fault", json=spec).json() == {"ok": True}
+    assert control.post("/_sim/create_fault", json={"kind": "nope"}).status_code == 400
+    assert post_create(make_http(live), {"input": {"prompt": "mine"}}).status_code == 201
+    theirs = make_http(live, OTHER)
+    codes = [post_create(theirs, {"input": {"prompt": "theirs"}}).status_code for _ in "abc"]
+    assert codes == [502, 502, 201]
+    creates = control.get("/_sim/creates", params={"token_hash": token_hash(OTHER)}).json()
+    assert creates["by_prompt"] == {"theirs": 3}
+    assert live.creates_by_prompt(TOKEN) == {"mine": 1}
+
+
+def test_held_create_times_the_client_out_after_the_prediction_exists(
+    live: Simulator, make_client: Callable[..., replicate.Client]
+) -> None:
+    live.inject_create_fault("hold")  # 65 s: past the 1.5 s read timeout of wait=1
+    client = make_client(live)
+    began = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        client.models.predictions.create(model=FLUX, input={"prompt": "held"}, wait=1)
+    assert 1.4 < time.monotonic() - began < 3.0
+    (listed,) = client.predictions.list().results
+    assert listed.input == {"prompt": "held"}
+    assert client.predictions.get(listed.id).status == "succeeded"  # it ran normally
+    assert live.creates_by_prompt(TOKEN) == {"held": 1}
+    began = time.monotonic()
+    live.reset()  # ends the hold at once, so stop() leaves no thread behind
+    assert time.monotonic() - began < 0.5
+
+
+_KILLED_CLIENT = """
+import socket, sys, time
+body = b'{"input":{"prompt":"orphan #slow=0.4"}}'
+conn = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+conn.sendall(
+    b"POST /v1/models/black-forest-labs/flux-dev/predictions HTTP/1.1\\r\\n"
+    b"Host: sim\\r\\nAuthorization: Bearer " + sys.argv[2].encode() + b"\\r\\n"
+    b"Prefer: wait=5\\r\\nContent-Type: application/json\\r\\n"
+    b"Content-Length: " + str(len(body)).encode() + b"\\r\\n\\r\\n" + body
+)
+time.sleep(60)
+"""
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.01)
+
+
+def test_a_held_create_whose_client_is_killed_still_runs(
+    live: Simulator, make_http: Callable[..., httpx.Client]
+) -> None:
+    port = live.base_url.rsplit(":", 1)[1]
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_CLIENT, port, TOKEN])
+    try:
+        _wait_for(lambda: len(live.predictions(TOKEN)) == 1)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    _wait_for(lambda: live.predictions(TOKEN)[0]["status"] == "succeeded")
+    _wait_for(lambda: len(live.requests_log()) == 1)  # the hold ended; the write failed quietly
+    assert live.creates_by_prompt(TOKEN) == {"orphan #slow=0.4": 1}
+    assert make_http(live).get("/v1/predictions").json()["results"][0]["status"] == "succeeded"
+
+
+# ------------------------------------------------------------------------------------------
+# Prefer: wait timing
+
+
+def _timed_create(http: httpx.Client, prompt: str, prefer: str) -> tuple[float, dict[str, Any]]:
+    """Create with a Prefer header; return when the answer arrived (clock) and its body."""
+    answer = post_create(http, {"input": {"prompt": prompt}}, Prefer=prefer)
+    return time.monotonic(), answer.json()
+
+
+def test_prefer_wait_answers_as_soon_as_the_prediction_finishes(
+    live: Simulator, make_http: Callable[..., httpx.Client]
+) -> None:
+    live.configure(run_seconds=0.3, queue_seconds=0.02)
+    http = make_http(live)
+    answered, body = _timed_create(http, "x", "wait=5")
+    assert body["status"] == "succeeded"
+    finished = live.predictions(TOKEN)[0]["completed_at_clock"]  # the live clock is monotonic
+    assert 0 <= answered - finished < 0.06  # woken at the known finish time, not by a poll loop
+
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(_timed_create, http, "#hang", "wait=5")
+        _wait_for(lambda: len(live.predictions(TOKEN)) == 2)
+        time.sleep(0.1)
+        canceled_at = time.monotonic()
+        http.post(f"/v1/predictions/{live.predictions(TOKEN)[1]['id']}/cancel")
+        answered, body = held.result()
+    assert body["status"] == "canceled" and answered - canceled_at < 0.1  # the cancel woke it
+
+
+def test_prefer_wait_ends_within_its_window(
+    live: Simulator, make_http: Callable[..., httpx.Client]
+) -> None:
+    began = time.monotonic()
+    answered, body = _timed_create(make_http(live), "#hang", "wait=1")
+    assert body["status"] == "starting"
+    assert 0.7 <= answered - began < 1.0  # within N s: the client's read timeout is N + 0.5
+
+
+def test_prefer_wait_on_a_fake_clock_follows_the_clock(
+    clocked: Simulator, clock: FakeClock, make_http: Callable[..., httpx.Client]
+) -> None:
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(_timed_create, make_http(clocked), "x", "wait=5")
+        _wait_for(lambda: len(clocked.predictions(TOKEN)) == 1)
+        time.sleep(0.05)
+        assert not held.done()
+        moved_at = time.monotonic()
+        clock.advance(3.0)
+        clocked.wake_waiters()
+        answered, body = held.result()
+    assert body["status"] == "succeeded" and answered - moved_at < 0.1
+
+
+# ------------------------------------------------------------------------------------------
+# Big outputs
+
+
+@pytest.mark.parametrize("ext", ["png", "jpg", "webp", "mp4", "wav"])
+def test_padded_outputs_stay_valid_files(ext: str) -> None:
+    for size in (5_000, 200_001):
+        data = output_bytes(ext, "p1/0", size)
+        assert size - 4 <= len(data) <= size
+        assert_real_file(ext, data, padded=True)
+    assert output_bytes(ext, "p1/0", 10) == output_bytes(ext, "p1/0")
+
+
+def test_output_bytes_knob_serves_big_files_that_stream(
+    live: Simulator, make_client: Callable[..., replicate.Client]
+) -> None:
+    live.configure(run_seconds=0.0, queue_seconds=0.0, output_bytes=3_000_000)
+    (url,) = make_client(live).run(FLUX, input={"prompt": "x", "output_format": "png"})
+    chunks = []
+    with httpx.stream("GET", url, timeout=10) as response:
+        chunks = list(response.iter_bytes())
+    data = b"".join(chunks)
+    assert len(chunks) > 1 and 3_000_000 - 4 <= len(data) <= 3_000_000
+    assert_real_file("png", data, padded=True)

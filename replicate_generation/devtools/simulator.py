@@ -20,28 +20,49 @@ Prompt markers (fault injection per prediction): ``#fail``, ``#nsfw``, ``#oom`` 
 real error strings), ``#empty`` (succeeded with ``[]``), ``#hang`` (never terminal until
 canceled), ``#slow=<seconds>`` (that processing time). Any of them written ``#fail@flux-dev``
 applies only to that model, so one model of a fallback chain can fail while the next succeeds.
+Without ``#slow``, the run time is ``run_seconds + run_seconds_spread * u`` with u in [0, 1) a
+hash of the prompt and the ``seed`` input (``run_seconds_for``), so a benchmark can compute the
+ideal makespan from its prompts alone.
+
+Ambiguous creates (issue #9): ``inject_create_fault(kind, count, token=...)`` makes the next
+accepted creates exist (counted, listed, readable) and then lose their answer: ``"drop"`` closes
+the connection without a response, ``"502"`` answers a Cloudflare HTML 502, ``"garbage"`` answers
+201 with a body that is not a prediction, ``"hold"`` sits on the answer past the client's read
+timeout. ``creates_by_prompt(token)`` then tells whether each item was created exactly once.
+
+``GET /v1/predictions`` filters on ``created_after`` (inclusive) and ``created_before``
+(exclusive), ISO 8601 with ``Z``, offsets or fractional seconds, newest first, 100 a page, with
+absolute ``next``/``previous`` URLs that carry an opaque keyset cursor and the same filters. Its
+results are prediction objects without ``logs`` (the shape of the API reference's example). API
+inputs are dropped from that listing ``input_retention_seconds`` (default 3600) after the
+prediction was created: the entry stays, with ``input: {}`` (the key is required by the OpenAPI
+schema, and ``{}`` is what a data-removed prediction shows), so a client can no longer match it by
+input. ``GET /v1/predictions/{id}`` keeps following ``output_ttl_seconds`` only.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import io
 import json
 import math
 import re
 import secrets
+import socket
 import struct
 import threading
 import time
 import wave
 import zlib
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlencode
 
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
@@ -49,13 +70,16 @@ from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
 __all__ = [
+    "CREATE_FAULT_KINDS",
     "MODELS",
     "ModelSpec",
     "SimConfig",
     "Simulator",
     "main",
     "output_bytes",
+    "parse_iso8601",
     "parse_prefer_wait",
+    "run_seconds_for",
     "token_hash",
 ]
 
@@ -95,7 +119,16 @@ ERROR_OOM = (
     "17.28 GiB already allocated; 4.94 GiB free; 17.42 GiB reserved in total by PyTorch)"
 )
 
+# What Cloudflare answers when the origin behind it fails (replicate-api.md §4.7, "gateway").
+CLOUDFLARE_502_HTML = (
+    "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+    "<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>cloudflare</center>\r\n"
+    "</body>\r\n</html>\r\n"
+)
+
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled"})
+# Faults that hit a create after the prediction exists (see Simulator.inject_create_fault).
+CREATE_FAULT_KINDS = ("drop", "502", "garbage", "hold")
 
 _MAX_FILE_BYTES = 100 * 1024 * 1024
 _PAGE_SIZE = 100
@@ -103,11 +136,19 @@ _LOG_LIMIT = 200_000
 # Answer a Prefer-wait create this long before the window ends: the client's read timeout is
 # only window + 0.5 s, and a late answer becomes a ReadTimeout on a prediction that exists.
 _WAIT_MARGIN_S = 0.2
-_WAIT_POLL_S = 0.02
+_WAIT_POLL_S = 0.02  # how often a held create re-reads a clock that does not run in real time
+_WAKE_SLACK_S = 0.001  # sleep this past a known finish time, so the clock has surely reached it
+# Longer than any read timeout the client sets (wait + 0.5 s, at most 60.5 s).
+_DEFAULT_HOLD_S = 65.0
+_REAL_CLOCKS: tuple[Callable[[], float], ...] = (time.monotonic, time.perf_counter, time.time)
+_DROPPED_STATUS = 444  # logged for a dropped create (nginx's "no response"); never sent
 _WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"replicate-simulator-secret!").decode()
 
 _CREATE_PATH = re.compile(r"^/v1/(?:(?:models|deployments)/[^/]+/[^/]+/)?predictions/?$")
 _PREFER_WAIT = re.compile(r"^\s*wait(?:\s*=\s*(\d+))?\s*$")
+_LIST_FILTERS = ("created_after", "created_before", "source")
+# An unescaped "+" of a UTC offset arrives as a space in a query string.
+_SPACED_OFFSET = re.compile(r"T.* (\d{2}(?::?\d{2})?)$")
 _SLOW_MARKER = re.compile(r"#slow=(\d+(?:\.\d+)?)")
 _SCOPED_MARKER = re.compile(r"(#(?:fail|nsfw|oom|empty|hang))@([\w.\-/]+)")
 _FAIL_MARKERS = (("#fail", ERROR_TRANSIENT), ("#nsfw", ERROR_SENSITIVE), ("#oom", ERROR_OOM))
@@ -277,9 +318,61 @@ _BUILDERS: dict[str, Callable[[bytes], bytes]] = {
 }
 
 
-def output_bytes(ext: str, tag: str) -> bytes:
-    """Return the file served for one output: format ``ext``, content unique to ``tag``."""
-    return _BUILDERS[ext](tag.encode())
+def _pad_png(data: bytes, extra: int) -> bytes:
+    """Add a private, safe-to-copy ancillary chunk (``paDd``) before IEND; decoders skip it."""
+    iend = len(data) - 12
+    return data[:iend] + _png_chunk(b"paDd", bytes(max(0, extra - 12))) + data[iend:]
+
+
+def _pad_jpeg(data: bytes, extra: int) -> bytes:
+    """Add COM segments (at most 64 KiB each) after the JFIF header; decoders skip comments."""
+    head = 20  # SOI (2) + APP0 marker, length and 14-byte JFIF payload (18)
+    segments = []
+    while extra > 4:
+        payload = min(0xFFFF - 2, extra - 4)
+        segments.append(_jpeg_segment(0xFE, bytes(payload)))
+        extra -= payload + 4
+    return data[:head] + b"".join(segments) + data[head:]
+
+
+def _pad_webp(data: bytes, extra: int) -> bytes:
+    """Switch to the extended layout (VP8X, 1x1 canvas), where unknown chunks are skipped."""
+    vp8x = b"VP8X" + struct.pack("<I", 10) + bytes(10)  # no feature flags; width-1 = height-1 = 0
+    size = max(0, extra - 18 - 8) & ~1  # chunk payloads have even sizes
+    body = b"WEBP" + vp8x + data[12:] + b"PADD" + struct.pack("<I", size) + bytes(size)
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def _pad_mp4(data: bytes, extra: int) -> bytes:
+    """Append a ``free`` box, which players skip."""
+    return data + _mp4_box(b"free", bytes(max(0, extra - 8)))
+
+
+def _pad_wav(data: bytes, extra: int) -> bytes:
+    """Append a RIFF ``JUNK`` chunk after the samples and fix the RIFF size."""
+    size = max(0, extra - 8) & ~1
+    padded = data + b"JUNK" + struct.pack("<I", size) + bytes(size)
+    return padded[:4] + struct.pack("<I", len(padded) - 8) + padded[8:]
+
+
+_PADDERS: dict[str, Callable[[bytes, int], bytes]] = {
+    "png": _pad_png,
+    "jpg": _pad_jpeg,
+    "webp": _pad_webp,
+    "mp4": _pad_mp4,
+    "wav": _pad_wav,
+}
+
+
+def output_bytes(ext: str, tag: str, size: int = 0) -> bytes:
+    """Return the file served for one output: format ``ext``, content unique to ``tag``.
+
+    With ``size``, the file is padded with a chunk its decoders skip to about that many bytes
+    (never more), so it stays valid; 0 (or anything below the tiny file's size) pads nothing.
+    """
+    data = _BUILDERS[ext](tag.encode())
+    extra = size - len(data)
+    return _PADDERS[ext](data, extra) if extra > 0 else data
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,6 +393,36 @@ def parse_prefer_wait(header: str | None) -> tuple[int, str] | None:
         seconds = min(max(int(match.group(1)), 1), 60)
         return seconds, f"wait={seconds}"
     return None
+
+
+def parse_iso8601(text: str) -> datetime:
+    """Parse an ISO 8601 date-time: ``Z``, ``+02:00`` and fractional seconds; naive means UTC.
+
+    Raises ValueError. A ``+`` that arrived unescaped in a query string (as a space) is restored.
+    """
+    text = text.strip()
+    spaced = _SPACED_OFFSET.search(text)
+    if spaced is not None:
+        text = f"{text[: spaced.start(1) - 1]}+{spaced.group(1)}"
+    moment = datetime.fromisoformat(text)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _encode_cursor(direction: str, seq: int) -> str:
+    """Return an opaque cursor: list the predictions ``older`` or ``newer`` than number seq."""
+    return base64.urlsafe_b64encode(f"{direction}:{seq}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[str, int]:
+    """Invert _encode_cursor; a cursor we did not make is a 400."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        direction, _, seq = raw.partition(":")
+        if direction in ("older", "newer"):
+            return direction, int(seq)
+    except ValueError:
+        pass
+    raise _ApiError(400, {"detail": "Invalid cursor", "status": 400})
 
 
 def _bearer_token(header: str) -> str | None:
@@ -384,6 +507,18 @@ def _is_simulated_path(path: str) -> bool:
     return path.startswith("/v1/") or path.startswith("/_sim/outputs/")
 
 
+def _shut_client_socket() -> None:
+    """Shut the client's socket so it gets no answer (httpx: RemoteProtocolError).
+
+    Werkzeug then fails to write the response and treats that as a dropped connection,
+    quietly. Under a WSGI transport there is no socket: the 444 response is sent instead.
+    """
+    conn = request.environ.get("werkzeug.socket")
+    if conn is not None:
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_RDWR)
+
+
 def _request_token() -> str | None:
     return _bearer_token(request.headers.get("Authorization", ""))
 
@@ -417,6 +552,9 @@ class SimConfig:
     download_delay_seconds: float = 0.0
     download_failures: int = 0  # the next N output downloads answer 500
     output_as_data_uri: bool = False  # outputs as data: URIs instead of URLs
+    input_retention_seconds: float = 3600.0  # then GET /v1/predictions lists input as {}
+    run_seconds_spread: float = 0.0  # run time = run_seconds + spread * u(prompt, seed)
+    output_bytes: int = 0  # pad output files to about this many bytes (0: tiny files)
 
 
 _TOKEN_SET_FIELDS = ("invalid_tokens", "no_credit_tokens")
@@ -448,6 +586,30 @@ def _behaviour(prompt: str, ref: str = "") -> _Behaviour:
     )
 
 
+def _spread_fraction(prompt: str, seed: Any) -> float:
+    """Return u in [0, 1) from the prompt and the seed input only, the same in every run."""
+    key = json.dumps([prompt, seed], sort_keys=True, default=str)
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0**64
+
+
+def run_seconds_for(prompt: str, config: SimConfig, *, seed: Any = None, model: str = "") -> float:
+    """Return the processing time a prediction of this prompt gets (``math.inf`` for #hang).
+
+    ``#slow=N`` wins; otherwise ``run_seconds + run_seconds_spread * u`` where u in [0, 1)
+    hashes the prompt and the ``seed`` input, so a benchmark can compute the ideal makespan
+    from its prompts alone (add ``queue_seconds`` for the time to terminal). ``model`` (an
+    ``owner/name`` ref) resolves scoped markers such as ``#hang@flux-dev``.
+    """
+    behaviour = _behaviour(prompt, model)
+    if behaviour.hang:
+        return math.inf
+    if behaviour.run_seconds is not None:
+        return behaviour.run_seconds
+    if config.run_seconds_spread <= 0:
+        return config.run_seconds
+    return config.run_seconds + config.run_seconds_spread * _spread_fraction(prompt, seed)
+
+
 @dataclass
 class _Prediction:
     """One prediction; its status is a pure function of the clock (no background thread)."""
@@ -466,6 +628,7 @@ class _Prediction:
     n_outputs: int
     ext: str
     canceled_at: float | None = None
+    seq: int = 0  # creation order across all tokens: ties on a fake clock, list cursors
 
     def start_time(self) -> float | None:
         """Return when it started processing, or None if it was canceled before that."""
@@ -539,6 +702,8 @@ _COUNTERS = (
     "other_throttled",
     "injected",
     "downloads",
+    "lists",
+    "create_faults",
 )
 # The order of Simulator.stats(): the brief's keys first, then the extra counters.
 _STATS_KEYS = (
@@ -555,6 +720,8 @@ _STATS_KEYS = (
     "other_throttled",
     "injected",
     "downloads",
+    "lists",
+    "create_faults",
 )
 
 
@@ -579,6 +746,17 @@ class _Fault:
     body: dict[str, Any] | str | None
     headers: dict[str, str]
     remaining: int
+
+
+@dataclass
+class _CreateFault:
+    """A fault for the next ``remaining`` accepted creates (of one token hash, or of all)."""
+
+    kind: str  # one of CREATE_FAULT_KINDS
+    key: str | None
+    remaining: int
+    body: str | None  # 502 page or garbage body; None: the default for the kind
+    hold_seconds: float
 
 
 @dataclass
@@ -643,6 +821,12 @@ class Simulator:
         self.base_url = ""
         self._clock = clock
         self._lock = threading.RLock()
+        # Held creates wait on this; cancel, configure, reset, stop and wake_waiters notify it.
+        self._changed = threading.Condition(self._lock)
+        self._generation = 0  # bumped by reset and stop: every held create answers at once
+        self._real_time_clock = clock in _REAL_CLOCKS
+        self._seq = 0
+        self._create_faults: list[_CreateFault] = []
         # Map the (possibly fake) clock onto wall time for the ISO timestamps.
         self._wall0 = time.time()
         self._clock0 = clock()
@@ -679,6 +863,7 @@ class Simulator:
         self._server, self._thread = None, None
         if server is None:
             return
+        self._release_holds()
         server.shutdown()
         server.server_close()
         if thread is not None:
@@ -699,8 +884,21 @@ class Simulator:
             self._predictions.clear()
             self._accounts.clear()
             self._faults.clear()
+            self._create_faults.clear()
             self._files.clear()
             self._log.clear()
+        self._release_holds()
+
+    def wake_waiters(self) -> None:
+        """Make held Prefer-wait creates re-read the clock now (call after moving a fake one)."""
+        with self._changed:
+            self._changed.notify_all()
+
+    def _release_holds(self) -> None:
+        """End every held create (Prefer: wait and "hold" faults): they answer at once."""
+        with self._changed:
+            self._generation += 1
+            self._changed.notify_all()
 
     def configure(self, **changes: Any) -> None:
         """Change config knobs atomically; unknown names raise ValueError."""
@@ -708,9 +906,10 @@ class Simulator:
         unknown = sorted(set(changes) - known)
         if unknown:
             raise ValueError(f"unknown SimConfig fields: {', '.join(unknown)}")
-        with self._lock:
+        with self._changed:
             for name, value in changes.items():
                 setattr(self.config, name, set(value) if name in _TOKEN_SET_FIELDS else value)
+            self._changed.notify_all()
 
     def inject(
         self,
@@ -736,6 +935,58 @@ class Simulator:
         )
         with self._lock:
             self._faults.append(fault)
+
+    def inject_create_fault(
+        self,
+        kind: str,
+        count: int = 1,
+        *,
+        token: str | None = None,
+        body: str | None = None,
+        hold_seconds: float = _DEFAULT_HOLD_S,
+    ) -> None:
+        """Make the next ``count`` accepted creates (of ``token``, or of any) lose their answer.
+
+        The prediction is created first in every case: counted, listed, readable, running.
+
+        * ``"drop"``: the connection is closed without a response (the client raises
+          httpx.RemoteProtocolError); needs the real server, not a WSGI transport.
+        * ``"502"``: a Cloudflare HTML 502 (``body`` replaces the page).
+        * ``"garbage"``: 201 with ``body`` (``"<html>..."``, ``"[1,2]"``...; sent as text/html if
+          it starts with ``<``, else as JSON); None sends the real answer cut in half.
+        * ``"hold"``: the answer is held ``hold_seconds`` of real time (default 65 s, past any
+          read timeout the client sets), then sent; reset() and stop() end the hold early.
+        """
+        self._add_create_fault(
+            kind, count, token_hash(token) if token else None, body, hold_seconds
+        )
+
+    def _add_create_fault(
+        self, kind: str, count: int, key: str | None, body: str | None, hold_seconds: float
+    ) -> None:
+        if kind not in CREATE_FAULT_KINDS:
+            raise ValueError(f"unknown create fault {kind!r}: use one of {CREATE_FAULT_KINDS}")
+        if count < 1:
+            raise ValueError("count must be at least 1")
+        fault = _CreateFault(kind, key, count, body, float(hold_seconds))
+        with self._lock:
+            self._create_faults.append(fault)
+
+    def creates_by_prompt(self, token: str) -> dict[str, int]:
+        """Return how many accepted creates each input prompt got ("exactly one per item")."""
+        inputs = self._inputs_of(token_hash(token))
+        return dict(Counter(str(inp.get("prompt")) for inp in inputs))
+
+    def creates_by_input(self, token: str) -> dict[str, int]:
+        """Return how many accepted creates each whole input got, keyed by its canonical JSON."""
+        inputs = self._inputs_of(token_hash(token))
+        return dict(Counter(json.dumps(inp, sort_keys=True, default=str) for inp in inputs))
+
+    def _inputs_of(self, key: str) -> list[dict[str, Any]]:
+        with self._lock:
+            account = self._accounts.get(key)
+            ids = list(account.prediction_ids) if account else []
+            return [dict(self._predictions[pid].input) for pid in ids]
 
     def stats(self, token: str | None = None) -> dict[str, Any]:
         """Return the counters of one token, or of every token keyed by its hash."""
@@ -841,9 +1092,12 @@ class Simulator:
             "num_outputs": 0 if pred.empty else pred.n_outputs,
         }
 
+    def _wall(self, moment: float) -> datetime:
+        """Map a clock reading onto UTC wall time, to the microsecond (what created_at shows)."""
+        return datetime.fromtimestamp(self._wall0 + (moment - self._clock0), tz=UTC)
+
     def _iso(self, moment: float) -> str:
-        wall = self._wall0 + (moment - self._clock0)
-        return datetime.fromtimestamp(wall, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return self._wall(moment).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
     # ---- rendering predictions ----
 
@@ -931,7 +1185,8 @@ class Simulator:
 
     def _output_ref(self, pred: _Prediction, index: int, base: str) -> str:
         if self.config.output_as_data_uri:
-            data = base64.b64encode(output_bytes(pred.ext, f"{pred.id}/{index}")).decode()
+            raw = output_bytes(pred.ext, f"{pred.id}/{index}", self.config.output_bytes)
+            data = base64.b64encode(raw).decode()
             return f"data:{CONTENT_TYPES[pred.ext]};base64,{data}"
         return f"{base}/_sim/outputs/{pred.id}/{index}.{pred.ext}"
 
@@ -994,6 +1249,7 @@ class Simulator:
         route("/_sim/reset", view_func=self._ctl_reset, methods=["POST"])
         route("/_sim/config", view_func=self._ctl_config, methods=["GET", "POST"])
         route("/_sim/inject", view_func=self._ctl_inject, methods=["POST"])
+        route("/_sim/create_fault", view_func=self._ctl_create_fault, methods=["POST"])
         route("/_sim/predictions", view_func=self._ctl_predictions, methods=["GET"])
         route("/_sim/requests", view_func=self._ctl_requests, methods=["GET"])
 
@@ -1004,6 +1260,7 @@ class Simulator:
         if not _is_simulated_path(request.path):
             return None
         g.arrived = self.now()
+        g.arrived_real = time.monotonic()  # Prefer-wait windows are real seconds
         token = _request_token()
         g.token_hash = token_hash(token) if token else None
         fault = self._take_fault(request.method, request.path, g.token_hash)
@@ -1089,9 +1346,12 @@ class Simulator:
             "prefer": request.headers.get("Prefer"),
             "status": response.status_code,
             "injected": bool(g.get("injected", False)),
+            "create_fault": g.get("create_fault"),
         }
         with self._lock:
             self._log.append(entry)
+        if entry["create_fault"] == "drop":
+            _shut_client_socket()  # only now: the client's next request must be logged after this
         return response
 
     def _on_api_error(self, error: _ApiError) -> Response:
@@ -1144,18 +1404,66 @@ class Simulator:
         base = _base_url()
         with self._lock:
             pred = self._add_prediction_locked(spec, version, source, body["input"], g.token_hash)
-            if wait is None:
+            fault = self._take_create_fault_locked(g.token_hash)
+        if fault is not None:
+            return self._faulty_create_response(fault, pred, base)
+        if wait is None:
+            with self._lock:
                 return _json_response(201, self._render_locked(pred, base))
         payload = self._hold(pred, wait[0], base)
         return _json_response(201, payload, {"Preference-Applied": wait[1]})
+
+    def _take_create_fault_locked(self, key: str) -> _CreateFault | None:
+        """Consume the first create fault aimed at this token (or at every token)."""
+        for fault in self._create_faults:
+            if fault.key in (None, key):
+                fault.remaining -= 1
+                if fault.remaining <= 0:
+                    self._create_faults.remove(fault)
+                self._count_locked(key, "create_faults")
+                return fault
+        return None
+
+    def _faulty_create_response(
+        self, fault: _CreateFault, pred: _Prediction, base: str
+    ) -> Response:
+        """Lose the answer to a create that succeeded, the way the fault's kind says."""
+        g.create_fault = fault.kind
+        if fault.kind == "drop":
+            return Response(b"", _DROPPED_STATUS)  # _after_request shuts the socket, once logged
+        if fault.kind == "502":
+            return Response(fault.body or CLOUDFLARE_502_HTML, 502, mimetype="text/html")
+        if fault.kind == "garbage":
+            return self._garbage_response(fault.body, pred, base)
+        return self._held_response(pred, fault.hold_seconds, base)
+
+    def _garbage_response(self, body: str | None, pred: _Prediction, base: str) -> Response:
+        """Answer 201 with a body that is not a prediction (default: the real one, truncated)."""
+        if body is None:
+            with self._lock:
+                full = json.dumps(self._render_locked(pred, base), separators=(",", ":"))
+            body = full[: len(full) // 2]
+        mimetype = "text/html" if body.lstrip().startswith("<") else "application/json"
+        return Response(body, 201, mimetype=mimetype)
+
+    def _held_response(self, pred: _Prediction, seconds: float, base: str) -> Response:
+        """Sit on the answer for ``seconds`` of real time (past the read timeout), then send it."""
+        deadline = time.monotonic() + seconds
+        with self._changed:
+            generation = self._generation
+            while self._generation == generation and time.monotonic() < deadline:
+                self._changed.wait(deadline - time.monotonic())
+            return _json_response(201, self._render_locked(pred, base))
 
     def _add_prediction_locked(
         self, spec: ModelSpec, version: str, source: str, inp: dict[str, Any], key: str
     ) -> _Prediction:
         """Create the record and count the accepted create with its in-flight level."""
         now, cfg = self.now(), self.config
-        behaviour = _behaviour(str(inp.get("prompt", "")), spec.ref)
-        run_s = behaviour.run_seconds if behaviour.run_seconds is not None else cfg.run_seconds
+        prompt = str(inp.get("prompt", ""))
+        behaviour = _behaviour(prompt, spec.ref)
+        run_s = run_seconds_for(prompt, cfg, seed=inp.get("seed"), model=spec.ref)
+        self._seq += 1
         pred = _Prediction(
             id=_new_id(),
             spec=spec,
@@ -1165,11 +1473,12 @@ class Simulator:
             source=source,
             created=now,
             queue_s=cfg.queue_seconds,
-            run_s=None if behaviour.hang else run_s,
+            run_s=None if math.isinf(run_s) else run_s,
             error=behaviour.error,
             empty=behaviour.empty,
             n_outputs=_output_count(spec, inp),
             ext=_output_ext(spec, inp),
+            seq=self._seq,
         )
         self._predictions[pred.id] = pred
         account = self._account_locked(key)
@@ -1181,21 +1490,32 @@ class Simulator:
         return pred
 
     def _hold(self, pred: _Prediction, seconds: int, base: str) -> dict[str, Any]:
-        """Keep a Prefer-wait create open until terminal or the window ends (sleeping unlocked)."""
-        deadline = time.monotonic() + max(0.0, seconds - _WAIT_MARGIN_S)
-        while True:
-            with self._lock:
-                now = self.now()
-                if pred.status(now) in TERMINAL_STATUSES:
+        """Keep a Prefer-wait create open until terminal or the window ends (waiting unlocked).
+
+        The window counts from the request's arrival. The wait ends at the prediction's known
+        finish time, or when cancel, configure, wake_waiters, reset or stop notify.
+        """
+        deadline = g.get("arrived_real", time.monotonic()) + max(0.0, seconds - _WAIT_MARGIN_S)
+        with self._changed:
+            generation = self._generation
+            while self._generation == generation:
+                if pred.status(self.now()) in TERMINAL_STATUSES:
                     return self._render_locked(pred, base)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            # Short naps (not one long sleep) notice a cancel or a fake clock moving on.
-            time.sleep(min(left, _WAIT_POLL_S))
-        with self._lock:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(self._nap_seconds(pred, left))
             as_starting = self.config.prefer_wait_timeout_status == "starting"
             return self._render_locked(pred, base, as_starting=as_starting)
+
+    def _nap_seconds(self, pred: _Prediction, left: float) -> float:
+        """Return how long a held create may wait before it must look at the clock again."""
+        if not self._real_time_clock:
+            return min(left, _WAIT_POLL_S)  # a fake clock moves without telling us
+        end = pred.terminal_time()
+        if end is None:
+            return left  # hangs: only a cancel (which notifies) or the window ends it
+        return min(left, max(0.0, end - self.now()) + _WAKE_SLACK_S)
 
     # ---- reading and canceling predictions ----
 
@@ -1222,28 +1542,47 @@ class Simulator:
             now = self.now()
             if pred.status(now) not in TERMINAL_STATUSES:
                 pred.canceled_at = now
+                self._changed.notify_all()  # a held create of it answers now
             return _json_response(200, self._render_locked(pred, base))
 
     def _list_predictions(self) -> Response:
-        """GET /v1/predictions: newest first, paginated with absolute ``next`` URLs."""
-        base = _base_url()
-        cursor = _int_arg("cursor")
+        """GET /v1/predictions: the caller's predictions, filtered, newest first, 100 a page.
+
+        ``next``/``previous`` are absolute URLs with a keyset cursor (stable while new
+        predictions arrive) and the same filters. Results lack ``logs``, and their ``input``
+        is ``{}`` once ``input_retention_seconds`` have passed since the create.
+        """
+        base, filters = _base_url(), _list_filters()
+        cursor = request.args.get("cursor")
+        position = _decode_cursor(cursor) if cursor else None
         with self._lock:
-            account = self._account_locked(g.token_hash)
-            ids = list(reversed(account.prediction_ids))
-            page = ids[cursor : cursor + _PAGE_SIZE]
-            results = [self._render_locked(self._predictions[pid], base) for pid in page]
-        more = cursor + _PAGE_SIZE < len(ids)
+            self._count_locked(g.token_hash, "lists")
+            matches = self._listed_locked(g.token_hash, filters)
+            page, older, newer = _select_page(matches, position)
+            results = [self._list_item_locked(pred, base) for pred in page]
         return _json_response(
             200,
             {
-                "next": f"{base}/v1/predictions?cursor={cursor + _PAGE_SIZE}" if more else None,
-                "previous": f"{base}/v1/predictions?cursor={max(0, cursor - _PAGE_SIZE)}"
-                if cursor > 0
-                else None,
+                "next": _page_link(base, filters, older),
+                "previous": _page_link(base, filters, newer),
                 "results": results,
             },
         )
+
+    def _listed_locked(self, key: str, filters: _ListFilters) -> list[_Prediction]:
+        """Return the token's predictions that pass the filters, newest first."""
+        account = self._accounts.get(key)
+        ids = account.prediction_ids if account else []
+        preds = (self._predictions[pid] for pid in reversed(ids))
+        return [pred for pred in preds if filters.admits(self._wall(pred.created), "api")]
+
+    def _list_item_locked(self, pred: _Prediction, base: str) -> dict[str, Any]:
+        """Render a prediction the way the list shows it: no logs; input gone after retention."""
+        item = self._render_locked(pred, base)
+        item.pop("logs", None)
+        if self.now() >= pred.created + self.config.input_retention_seconds:
+            item["input"] = {}
+        return item
 
     # ---- output files ----
 
@@ -1264,9 +1603,8 @@ class Simulator:
             time.sleep(delay)
         if fail:
             return _problem(500, INTERNAL_ERROR)
-        return Response(
-            output_bytes(ext, f"{pid}/{filename.split('.')[0]}"), 200, mimetype=CONTENT_TYPES[ext]
-        )
+        data = output_bytes(ext, f"{pid}/{filename.split('.')[0]}", cfg.output_bytes)
+        return Response(data, 200, mimetype=CONTENT_TYPES[ext])
 
     def _output_lookup_locked(self, pid: str, filename: str) -> tuple[_Prediction, str]:
         """Return the prediction and extension behind an output URL, or raise 404."""
@@ -1417,7 +1755,10 @@ class Simulator:
             return _json_response(200, {k: self._stats_locked(k) for k in self._accounts})
 
     def _ctl_creates(self) -> Response:
-        """GET /_sim/creates?token_hash=&seconds=60&since=: create times and window maxima."""
+        """GET /_sim/creates?token_hash=&seconds=60&since=: create times and window maxima.
+
+        ``by_prompt`` counts the accepted creates per prompt since the last reset (not ``since``).
+        """
         key = request.args.get("token_hash", "")
         seconds = float(request.args.get("seconds", "60"))
         since = float(request.args.get("since", "-inf"))
@@ -1425,6 +1766,7 @@ class Simulator:
             times = [t for t in self._create_times_locked(key) if t >= since]
             account = self._accounts.get(key)
             samples = list(account.inflight_at_create) if account else []
+        by_prompt = Counter(str(inp.get("prompt")) for inp in self._inputs_of(key))
         return _json_response(
             200,
             {
@@ -1432,6 +1774,7 @@ class Simulator:
                 "create_times": times,
                 "max_creates_in_window": _max_in_window(times, seconds),
                 "max_inflight_at_create": max((n for t, n in samples if t >= since), default=0),
+                "by_prompt": dict(by_prompt),
             },
         )
 
@@ -1464,6 +1807,21 @@ class Simulator:
             )
         except (KeyError, TypeError, ValueError, re.error) as exc:
             return _problem(400, {"detail": f"bad injection: {exc}", "status": 400})
+        return _json_response(200, {"ok": True})
+
+    def _ctl_create_fault(self) -> Response:
+        """POST /_sim/create_fault: {kind, count?, token_hash?, body?, hold_seconds?}."""
+        spec = request.get_json(force=True, silent=True) or {}
+        try:
+            self._add_create_fault(
+                str(spec["kind"]),
+                int(spec.get("count", 1)),
+                spec.get("token_hash"),
+                spec.get("body"),
+                float(spec.get("hold_seconds", _DEFAULT_HOLD_S)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            return _problem(400, {"detail": f"bad create fault: {exc}", "status": 400})
         return _json_response(200, {"ok": True})
 
     def _ctl_predictions(self) -> Response:
@@ -1593,11 +1951,73 @@ def _deployment_model(owner: str, name: str) -> ModelSpec | None:
     return exact or next((s for s in MODELS.values() if s.name == name), None)
 
 
-def _int_arg(name: str) -> int:
+@dataclass(frozen=True)
+class _ListFilters:
+    """The filters of GET /v1/predictions, parsed, and as given (carried into next/previous)."""
+
+    after: datetime | None
+    before: datetime | None
+    source: str | None
+    raw: dict[str, str]
+
+    def admits(self, created: datetime, source: str) -> bool:
+        """created_after is inclusive and created_before exclusive, as Replicate documents."""
+        if self.after is not None and created < self.after:
+            return False
+        if self.before is not None and created >= self.before:
+            return False
+        return self.source is None or self.source == source
+
+
+def _list_filters() -> _ListFilters:
+    """Read the list filters from the query string; a date that is not ISO 8601 is a 400."""
+    raw = {name: request.args[name] for name in _LIST_FILTERS if request.args.get(name)}
+    return _ListFilters(
+        after=_date_arg(raw, "created_after"),
+        before=_date_arg(raw, "created_before"),
+        source=raw.get("source"),
+        raw=raw,
+    )
+
+
+def _date_arg(raw: Mapping[str, str], name: str) -> datetime | None:
+    if name not in raw:
+        return None
     try:
-        return max(0, int(request.args.get(name, "0")))
+        return parse_iso8601(raw[name])
     except ValueError:
-        return 0
+        detail = f"{name} must be an ISO 8601 date-time"
+        raise _ApiError(400, {"detail": detail, "status": 400}) from None
+
+
+def _page_link(base: str, filters: _ListFilters, cursor_at: tuple[str, int] | None) -> str | None:
+    """Return the absolute URL of a neighbouring page, with the same filters as given."""
+    if cursor_at is None:
+        return None
+    query = {**filters.raw, "cursor": _encode_cursor(*cursor_at)}
+    return f"{base}/v1/predictions?{urlencode(query)}"
+
+
+def _select_page(
+    newest_first: list[_Prediction], cursor: tuple[str, int] | None
+) -> tuple[list[_Prediction], tuple[str, int] | None, tuple[str, int] | None]:
+    """Return one page (newest first) and the cursors of the older and the newer pages."""
+    if cursor is None:
+        page = newest_first[:_PAGE_SIZE]
+    elif cursor[0] == "older":
+        page = [p for p in newest_first if p.seq < cursor[1]][:_PAGE_SIZE]
+    else:
+        page = [p for p in newest_first if p.seq > cursor[1]][-_PAGE_SIZE:]
+    if page:
+        low, high = page[-1].seq, page[0].seq
+    elif cursor is None:
+        return page, None, None
+    else:  # an empty page keeps the way back to where the cursor pointed
+        seq = cursor[1]
+        low, high = (seq, seq - 1) if cursor[0] == "older" else (seq + 1, seq)
+    older = ("older", low) if any(p.seq < low for p in newest_first) else None
+    newer = ("newer", high) if any(p.seq > high for p in newest_first) else None
+    return page, older, newer
 
 
 def _parse_metadata(raw: str | None) -> dict[str, Any]:
@@ -1705,6 +2125,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--create-burst", type=int, default=SimConfig.create_burst)
     parser.add_argument("--other-rpm", type=float, default=SimConfig.other_rate_per_minute)
     parser.add_argument("--other-burst", type=int, default=SimConfig.other_burst)
+    parser.add_argument("--run-seconds-spread", type=float, default=SimConfig.run_seconds_spread)
+    parser.add_argument("--output-bytes", type=int, default=SimConfig.output_bytes)
     return parser
 
 
@@ -1716,6 +2138,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         create_burst=args.create_burst,
         other_rate_per_minute=args.other_rpm,
         other_burst=args.other_burst,
+        run_seconds_spread=args.run_seconds_spread,
+        output_bytes=args.output_bytes,
     )
 
 
