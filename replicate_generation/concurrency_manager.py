@@ -71,6 +71,12 @@ _MAX_BACKOFF_S = 3600.0
 # early must not be mistaken for a new back-off.
 _BACKOFF_EPSILON_S = 0.01
 _WINDOW_S = 60.0
+# AIMD on the create rate: cut to 70% on a 429, then +1% (at least 0.2/min) per accepted create.
+_RATE_CUT = 0.7
+_RATE_STEP = 0.01
+_MIN_RATE_STEP = 0.2
+# 429s closer together than this (or than their back-off) are one episode: one cut.
+_EPISODE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -198,7 +204,13 @@ class LimitStore(Protocol):
         """
         ...
 
-    def back_off(self, account: str, seconds: float) -> None: ...
+    def back_off(self, account: str, seconds: float) -> None:
+        """A 429: pause the account and lower its learned create rate (once per episode)."""
+        ...
+
+    def create_accepted(self, account: str) -> None:
+        """A create went through: raise a learned create rate back towards the limit."""
+        ...
 
     def backoff_remaining(self, account: str) -> float: ...
 
@@ -241,6 +253,9 @@ _SCHEMA = (
         PRIMARY KEY (account, kind)) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS cm_backoffs (
         account TEXT PRIMARY KEY, until REAL NOT NULL) WITHOUT ROWID""",
+    # The create rate Replicate really accepts, while it is below the configured one (AIMD).
+    """CREATE TABLE IF NOT EXISTS cm_learned_rates (
+        account TEXT PRIMARY KEY, per_minute REAL NOT NULL, cut_at REAL NOT NULL) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS cm_create_log (
         account TEXT NOT NULL, at REAL NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS cm_create_log_account ON cm_create_log (account, at)",
@@ -499,9 +514,11 @@ class SQLiteLimitStore:
         with self._write() as conn:
             now = self._clock()
             limits = self._limits(conn)
-            rate = limits.requests_per_minute if kind == "create" else limits.polls_per_minute
+            rate, burst = float(limits.polls_per_minute), limits.burst
+            if kind == "create":
+                rate, burst = _create_pace(conn, account, limits)
             interval = _WINDOW_S / rate  # emission interval T
-            tolerance = (limits.burst - 1) * interval  # tau
+            tolerance = (burst - 1) * interval  # tau
             # During a shared back-off the account behaves as if "now" were
             # the end of the back-off, so every kind waits it out and tokens
             # taken during it are still spaced by GCRA afterwards.
@@ -542,6 +559,19 @@ class SQLiteLimitStore:
                 "INSERT OR REPLACE INTO cm_pacers (account, kind, tat) VALUES (?, 'create', ?)",
                 (account, tat),
             )
+            _cut_learned_rate(conn, account, self._limits(conn), now, seconds)
+
+    def create_accepted(self, account: str) -> None:
+        with self._read() as conn:
+            if conn.execute("SELECT 1 FROM cm_learned_rates WHERE account = ?",
+                            (account,)).fetchone() is None:
+                return  # not throttled lately: nothing to learn, no write
+        with self._write() as conn:
+            limit = self._limits(conn).requests_per_minute
+            conn.execute("UPDATE cm_learned_rates SET per_minute = per_minute + MAX(?, per_minute"
+                         " * ?) WHERE account = ?", (_MIN_RATE_STEP, _RATE_STEP, account))
+            conn.execute("DELETE FROM cm_learned_rates WHERE account = ? AND per_minute >= ?",
+                         (account, limit))
 
     def backoff_remaining(self, account: str) -> float:
         until = _backoff_until(self._connection(), account)
@@ -583,6 +613,29 @@ def _tat(conn: sqlite3.Connection, account: str, kind: str, *, default: float) -
         "SELECT tat FROM cm_pacers WHERE account = ? AND kind = ?", (account, kind)
     ).fetchone()
     return float(row[0]) if row is not None else default
+
+
+def _create_pace(conn: sqlite3.Connection, account: str, limits: Limits) -> tuple[float, int]:
+    """Creates per minute and burst: the configured ones, or the learned rate and no burst
+    while Replicate accepts less than configured."""
+    row = conn.execute("SELECT per_minute FROM cm_learned_rates WHERE account = ?",
+                       (account,)).fetchone()
+    if row is None or float(row[0]) >= limits.requests_per_minute:
+        return float(limits.requests_per_minute), limits.burst
+    return float(row[0]), 1
+
+
+def _cut_learned_rate(conn: sqlite3.Connection, account: str, limits: Limits, now: float,
+                      seconds: float) -> None:
+    """Multiplicative decrease, once per throttling episode (concurrent 429s count once)."""
+    row = conn.execute("SELECT per_minute, cut_at FROM cm_learned_rates WHERE account = ?",
+                       (account,)).fetchone()
+    current = float(limits.requests_per_minute) if row is None else \
+        min(float(row[0]), limits.requests_per_minute)
+    if row is not None and now - float(row[1]) < max(seconds, _EPISODE_S):
+        return
+    conn.execute("INSERT OR REPLACE INTO cm_learned_rates (account, per_minute, cut_at)"
+                 " VALUES (?, ?, ?)", (account, max(1.0, current * _RATE_CUT), now))
 
 
 def _backoff_until(conn: sqlite3.Connection, account: str) -> float:
@@ -818,6 +871,10 @@ class ConcurrencyManager:
     def throttled(self, account: str, retry_after: float) -> None:
         """A 429 was seen: every worker of the account, in every process, backs off."""
         self._store.back_off(account, retry_after)
+
+    def create_accepted(self, account: str) -> None:
+        """Replicate accepted a create: the learned rate may grow back."""
+        self._store.create_accepted(account)
 
     # -- configuration and status -------------------------------------------------
 

@@ -277,13 +277,50 @@ def test_back_off_pushes_reservations(tmp_path: Path) -> None:
     assert store.backoff_remaining(ACCOUNT) == 30
     assert store.backoff_remaining(OTHER) == 0
 
-    # Creates (and polls) start after the back-off, then the usual pace applies.
-    assert [store.reserve(ACCOUNT, "create") for _ in range(4)] == [30, 30, 30, 31]
+    # Creates (and polls) start after the back-off, then at the learned pace (70% of 60/min,
+    # one at a time) until accepted creates raise it again.
+    step = 60 / 42
+    assert [store.reserve(ACCOUNT, "create") for _ in range(3)] == \
+        pytest.approx([30, 30 + step, 30 + 2 * step])
     assert store.reserve(ACCOUNT, "poll") == 30
     assert store.reserve(OTHER, "create") == 0
 
     clock.advance(40)
     assert store.backoff_remaining(ACCOUNT) == 0
+
+
+def test_a_429_cuts_the_create_rate_once_per_episode(tmp_path: Path) -> None:
+    clock = FakeClock()
+    store = make_store(tmp_path, Limits(1, 600, burst=10), clock=clock)
+    for _ in range(5):  # five creates throttled at once are one episode: one cut
+        store.back_off(ACCOUNT, 2)
+    clock.advance(2)
+    assert [store.reserve(ACCOUNT, "create") for _ in range(3)] == \
+        pytest.approx([0, 60 / 420, 120 / 420])  # no burst while learning
+    clock.advance(5)
+    store.back_off(ACCOUNT, 2)  # a later 429 is a new episode: 420 * 0.7
+    clock.advance(10)
+    first = store.reserve(ACCOUNT, "create")
+    assert store.reserve(ACCOUNT, "create") - first == pytest.approx(60 / 294)
+
+
+def test_accepted_creates_raise_the_learned_rate_back_to_the_limit(tmp_path: Path) -> None:
+    clock = FakeClock()
+    store = make_store(tmp_path, Limits(1, 100, burst=4), clock=clock)
+    store.back_off(ACCOUNT, 1)
+    accepted = 0
+    while True:
+        clock.advance(10)
+        gaps = [store.reserve(ACCOUNT, "create") for _ in range(2)]
+        if gaps[1] == 0:  # the burst is back: the configured pace applies again
+            break
+        assert gaps[1] >= 60 / 100 - 1e-9  # never faster than the configured rate
+        store.create_accepted(ACCOUNT)
+        accepted += 1
+    # +1% per accepted create from 70/min: about 36 creates to regain the limit.
+    assert 30 <= accepted <= 40
+    store.create_accepted(OTHER)  # an account never throttled learns nothing
+    assert store.reserve(OTHER, "create") == 0 and store.reserve(OTHER, "create") == 0
 
 
 def test_back_off_rejects_nonsense_and_caps_huge_values(tmp_path: Path) -> None:
