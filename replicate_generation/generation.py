@@ -75,6 +75,15 @@ class Task:
                    placeholder=bool(record["placeholder"]))
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Where a task stood when its process stopped, on the model `model_id`."""
+
+    model_id: str
+    prediction_id: str | None = None  # a prediction to poll, never to create again
+    pending: Attempt | None = None  # a create that was sent but whose answer was never stored
+
+
 @dataclass
 class TaskResult:
     """What running one task came to: files (relative to the output root) or an error, and every
@@ -95,11 +104,12 @@ class TaskResult:
 
 
 def execute(task: Task, token: str, rt: Runtime, dest_dir: Path, result: TaskResult, *,
-            hooks: Hooks = NO_HOOKS, resume: tuple[str, str] | None = None) -> None:
+            hooks: Hooks = NO_HOOKS, resume: Resume | None = None) -> None:
     """Run the task on its model, then down its fallback chain while the model itself fails.
 
-    `resume` is (prediction id, model id) of a prediction created before a restart: that model
-    is picked up by polling it. Raises Suspended when the process stops mid-task.
+    `resume` says where the task stood before a restart: its model is picked up by polling the
+    prediction, or by looking up a create whose answer was lost. Raises Suspended when the
+    process stops mid-task.
     """
     models = [task.spec, *task.chain]
     position = _resume_position(models, resume)
@@ -108,9 +118,11 @@ def execute(task: Task, token: str, rt: Runtime, dest_dir: Path, result: TaskRes
         if mapped is None:
             continue
         job = Job(spec=spec, input=mapped, token=token, dest_dir=dest_dir, stem=task.stem)
-        resume_id = resume[0] if resume and resume[1] == spec.id else None
+        here = resume if resume is not None and resume.model_id == spec.id else None
         try:
-            generated = generate(job, rt, result.attempts, hooks=hooks, resume=resume_id)
+            generated = generate(job, rt, result.attempts, hooks=hooks,
+                                 resume=here.prediction_id if here else None,
+                                 pending=here.pending if here else None)
         except GenerationError as exc:
             _note_failure(result, exc)
             if not routing.should_fall_back(exc.kind,
@@ -133,11 +145,11 @@ def execute(task: Task, token: str, rt: Runtime, dest_dir: Path, result: TaskRes
 NO_PLACEHOLDER = frozenset({"canceled", "shutting_down"})
 
 
-def _resume_position(models: list[ModelSpec], resume: tuple[str, str] | None) -> int:
+def _resume_position(models: list[ModelSpec], resume: Resume | None) -> int:
     if resume is None:
         return 0
     for position, spec in enumerate(models):
-        if spec.id == resume[1]:
+        if spec.id == resume.model_id:
             return position
     return 0
 
@@ -195,6 +207,7 @@ class Generator:
             api_origin=_origin(settings.replicate_base_url),
             task_timeout=settings.task_timeout_seconds,
             poll_interval=settings.poll_interval_seconds,
+            sync_wait=settings.sync_wait_seconds,
         )
 
         def runners_for(_account: str) -> int:

@@ -28,6 +28,15 @@ from replicate.exceptions import ReplicateError
 from replicate_generation.catalogue import MODELS, ModelSpec, Param
 from replicate_generation.concurrency_manager import ConcurrencyManager, DeadlineExceeded
 from replicate_generation.outputs import DownloadError, SavedFile, output_sources, save_outputs
+from replicate_generation.reconcile import (
+    Absent,
+    Found,
+    Intent,
+    Lookup,
+    Unresolvable,
+    find_prediction,
+    input_digest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +48,12 @@ MAX_SERVER_ERRORS = 3
 MAX_URI_LENGTH = 2048
 DOWNLOAD_GRACE_SECONDS = 120.0
 CANCEL_WAIT_SECONDS = 60.0
+# Replicate holds a `Prefer: wait=N` create for at most 60 s.
+MAX_SYNC_WAIT_SECONDS = 60
+# A long prediction is polled at this fraction of its age, so it is seen soon after it ends
+# without spending the account's poll budget on predictions that run for minutes.
+POLL_AGE_FRACTION = 0.05
+MIN_POLL_SECONDS = 0.2
 
 
 # --------------------------------------------------------------------------- validation
@@ -302,12 +317,21 @@ class Attempt:
 
     model: str
     prediction_id: str | None = None
-    status: str | None = None
+    status: str | None = None  # "creating": the POST may be in flight, its answer not stored
     error: str | None = None
+    intent_at: float | None = None  # wall clock just before the create was sent
+    input_sha256: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {"model": self.model, "prediction_id": self.prediction_id,
-                "status": self.status, "error": self.error}
+                "status": self.status, "error": self.error, "intent_at": self.intent_at,
+                "input_sha256": self.input_sha256}
+
+    def intent(self) -> Intent | None:
+        """What this attempt was about to create, if its create was sent."""
+        if self.intent_at is None or self.input_sha256 is None:
+            return None
+        return Intent(self.model, self.input_sha256, self.intent_at)
 
 
 @dataclass
@@ -328,9 +352,11 @@ class Runtime:
     output_root: Path
     api_origin: str
     task_timeout: float
-    poll_interval: float
+    poll_interval: float  # the longest pause between two polls of one prediction
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
+    sync_wait: int = MAX_SYNC_WAIT_SECONDS  # Prefer: wait=N on creates; 0 turns it off
+    reconcile_settle: float = 2.0  # a lost create may show up in the listing a moment later
 
 
 @dataclass(frozen=True)
@@ -364,17 +390,25 @@ def _ignore(_attempt: Attempt) -> None:
     return None
 
 
+def _nothing_known() -> set[str]:
+    return set()
+
+
 @dataclass(frozen=True)
 class Hooks:
     """How a durable job follows and steers one task.
 
-    `on_created` runs as soon as a prediction exists (so its id is stored before anything else
-    happens); `should_cancel` is asked before a create and at every poll; `may_create` false
+    `on_intent` runs just before a create is sent (so a lost answer can be looked up, never paid
+    twice); `on_created` runs as soon as a prediction exists (so its id is stored before anything
+    else happens); `known_predictions` are ids other items already own (never adopted by a
+    lookup); `should_cancel` is asked before a create and at every poll; `may_create` false
     means the process is stopping and takes nothing new; `should_suspend` tells a stopping
     process to leave a running prediction for the next start to poll.
     """
 
+    on_intent: Callable[[Attempt], None] = _ignore
     on_created: Callable[[Attempt], None] = _ignore
+    known_predictions: Callable[[], set[str]] = _nothing_known
     should_cancel: Callable[[], bool] = _never
     may_create: Callable[[], bool] = _always
     should_suspend: Callable[[], bool] = _never
@@ -384,11 +418,13 @@ NO_HOOKS = Hooks()
 
 
 def generate(job: Job, rt: Runtime, attempts: list[Attempt] | None = None, *,
-             hooks: Hooks = NO_HOOKS, resume: str | None = None) -> Generated:
+             hooks: Hooks = NO_HOOKS, resume: str | None = None,
+             pending: Attempt | None = None) -> Generated:
     """Run one prediction within the account's limits, then download its outputs at once.
 
     With `resume`, the prediction already exists (created before a crash): it is polled, never
-    created again.
+    created again. With `pending`, a create was sent but its answer never stored: it is looked
+    up before anything is created.
     """
     attempts = attempts if attempts is not None else []
     deadline = rt.clock() + rt.task_timeout
@@ -396,10 +432,11 @@ def generate(job: Job, rt: Runtime, attempts: list[Attempt] | None = None, *,
     try:
         with rt.manager.slot(job.account, deadline):
             if resume is None:
-                prediction = _create(client, job, rt, deadline, attempts, hooks)
+                prediction = _create(client, job, rt, deadline, attempts, hooks, pending)
             else:
                 prediction = SimpleNamespace(id=resume, status="starting")
-            final = _await_terminal(client, job, rt, prediction, deadline, hooks)
+            final = _await_terminal(client, job, rt, prediction, deadline, hooks,
+                                    since=attempts[-1].intent_at if attempts else None)
     except DeadlineExceeded:
         raise GenerationError(
             "deadline_exceeded",
@@ -412,8 +449,13 @@ def generate(job: Job, rt: Runtime, attempts: list[Attempt] | None = None, *,
 
 
 def _create(client: replicate.Client, job: Job, rt: Runtime, deadline: float,
-            attempts: list[Attempt], hooks: Hooks) -> Any:
-    """Create the prediction; 429s back off the whole account and retry the same model."""
+            attempts: list[Attempt], hooks: Hooks, pending: Attempt | None = None) -> Any:
+    """Create the prediction exactly once: 429s back off the whole account and retry; a create
+    whose answer is lost or ambiguous is looked up before it is ever sent again."""
+    if pending is not None:
+        adopted = _settle(client, job, rt, deadline, pending, hooks)
+        if adopted is not None:
+            return adopted
     server_errors = 0
     while True:
         rt.manager.wait_for_create(job.account, deadline)
@@ -421,37 +463,127 @@ def _create(client: replicate.Client, job: Job, rt: Runtime, deadline: float,
             raise Suspended
         if hooks.should_cancel():
             raise GenerationError("canceled", "the job was canceled before this item started")
-        attempt = Attempt(model=job.spec.ref)
+        attempt = Attempt(model=job.spec.ref, status="creating", intent_at=rt.clock(),
+                          input_sha256=input_digest(job.input))
         attempts.append(attempt)
+        hooks.on_intent(attempt)
+        prediction, definite = _send_create(client, job, rt, deadline, attempt)
+        if prediction is not None:
+            return _created(job, rt, attempt, prediction, hooks)
+        if not definite:
+            adopted = _settle(client, job, rt, deadline, attempt, hooks)
+            if adopted is not None:
+                return adopted
+        if attempt.status == "throttled":
+            continue  # the shared back-off paces the next try
+        server_errors += 1
+        _raise_after_too_many(server_errors, attempt.error or "the create failed",
+                              _status_of(attempt))
+        rt.sleep(min(_retry_pause(server_errors), max(0.0, deadline - rt.clock())))
+
+
+def _send_create(client: replicate.Client, job: Job, rt: Runtime, deadline: float,
+                 attempt: Attempt) -> tuple[Any, bool]:
+    """POST the create. Returns (prediction, True) on success, (None, True) when it surely made
+    nothing, (None, False) when it may have made a prediction whose answer was lost."""
+    try:
+        return client.models.predictions.create(
+            model=job.spec.ref, input=job.input, wait=_sync_wait(rt, deadline)), True
+    except ReplicateError as exc:
+        attempt.error = _describe(exc)
+        if (exc.status or 0) >= 500:
+            # A 502/504 can come back after the prediction was made.
+            return None, False
+        attempt.status = "throttled" if exc.status == 429 else "not_created"
+        _handle_create_error(exc, job, rt)
+        return None, True
+    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        # Nothing reached Replicate, so nothing was created.
+        attempt.status = "not_created"
+        attempt.error = f"could not reach Replicate: {type(exc).__name__}"
+        return None, True
+    except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
+        # Sent, and the answer lost or not a prediction (ValueError covers pydantic's).
+        attempt.error = f"lost Replicate's answer to a create: {type(exc).__name__}"
+        return None, False
+
+
+def _created(job: Job, rt: Runtime, attempt: Attempt, prediction: Any, hooks: Hooks) -> Any:
+    attempt.prediction_id = prediction.id
+    attempt.status = prediction.status
+    attempt.error = None
+    hooks.on_created(attempt)
+    rt.manager.create_accepted(job.account)
+    log.info("prediction %s model=%s account=%s", prediction.id, job.spec.ref, job.account)
+    return prediction
+
+
+def _sync_wait(rt: Runtime, deadline: float) -> int | bool:
+    """Seconds Replicate may hold the create until the prediction ends (False: do not hold)."""
+    seconds = int(min(rt.sync_wait, MAX_SYNC_WAIT_SECONDS, deadline - rt.clock() - 1.0))
+    return seconds if seconds >= 1 else False
+
+
+def _status_of(attempt: Attempt) -> int | None:
+    match = re.match(r"Replicate answered (\d{3})", attempt.error or "")
+    return int(match.group(1)) if match else None
+
+
+# One lookup at a time in this process, so two items with the same input never adopt one
+# prediction between the lookup and storing its id.
+_adoption = threading.Lock()
+
+
+def _settle(client: replicate.Client, job: Job, rt: Runtime, deadline: float, attempt: Attempt,
+            hooks: Hooks) -> Any | None:
+    """Resolve an attempt whose create answer was lost: adopt its prediction and return it, or
+    return None when the listing proves none was made; raise when that cannot be known."""
+    intent = attempt.intent()
+    if intent is None:
+        return None  # never sent
+    with _adoption:
+        lookup = _look_up(client, job, rt, deadline, intent, hooks)
+        if isinstance(lookup, Absent) and rt.reconcile_settle > 0:
+            rt.sleep(min(rt.reconcile_settle, max(0.0, deadline - rt.clock())))
+            lookup = _look_up(client, job, rt, deadline, intent, hooks)
+        if isinstance(lookup, Found):
+            log.info("adopted prediction %s (%s) after a lost create answer",
+                     lookup.prediction_id, lookup.status)
+            # Polled once at least: the listing does not carry the whole prediction.
+            return _created(job, rt, attempt, SimpleNamespace(id=lookup.prediction_id,
+                                                              status="starting"), hooks)
+    if isinstance(lookup, Unresolvable):
+        attempt.status = "uncertain"
+        raise GenerationError("create_uncertain", f"a create's answer was lost and whether it "
+                              f"made a prediction cannot be known: {lookup.reason}; not created "
+                              "again, to avoid paying twice")
+    attempt.status = "not_created"
+    return None
+
+
+def _look_up(client: replicate.Client, job: Job, rt: Runtime, deadline: float, intent: Intent,
+             hooks: Hooks) -> Lookup:
+    """The listing's answer, retrying failed listings until the task's deadline."""
+    failures = 0
+    while True:
         try:
-            prediction = client.models.predictions.create(model=job.spec.ref, input=job.input)
-        except ReplicateError as exc:
-            attempt.error = _describe(exc)
-            server_errors += _handle_create_error(exc, job, rt, server_errors)
-            continue
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            # Nothing reached Replicate, so nothing was created: safe to try again.
-            attempt.error = f"could not reach Replicate: {type(exc).__name__}"
-            server_errors += 1
-            _raise_after_too_many(server_errors, attempt.error)
-            rt.sleep(min(_retry_pause(server_errors), max(0.0, deadline - rt.clock())))
-            continue
-        except httpx.HTTPError as exc:
-            # The request was sent and its answer lost: the prediction may exist. Creating again
-            # could pay twice, so the task fails instead.
-            attempt.error = f"lost Replicate's answer to a create: {type(exc).__name__}"
-            raise GenerationError("create_uncertain", attempt.error + "; not retried to avoid "
-                                  "paying twice") from None
-        attempt.prediction_id = prediction.id
-        attempt.status = prediction.status
-        hooks.on_created(attempt)
-        log.info("created prediction %s model=%s account=%s", prediction.id, job.spec.ref,
-                 job.account)
-        return prediction
+            return find_prediction(
+                client, intent, now=rt.clock(), exclude=hooks.known_predictions(),
+                pace=lambda: rt.manager.wait_for_poll(job.account, deadline))
+        except ValueError as exc:
+            return Unresolvable(f"the prediction listing could not be read: {exc}")
+        except (ReplicateError, httpx.HTTPError) as exc:
+            failures += 1
+            log.warning("listing predictions failed (%d in a row): %s", failures,
+                        type(exc).__name__)
+            pause = min(_retry_pause(failures), deadline - rt.clock())
+            if pause <= 0:
+                return Unresolvable("the prediction listing kept failing until the deadline")
+            rt.sleep(pause)
 
 
-def _handle_create_error(exc: ReplicateError, job: Job, rt: Runtime, server_errors: int) -> int:
-    """Back off on 429, retry a few 5xx, raise on everything else; return 5xx to add."""
+def _handle_create_error(exc: ReplicateError, job: Job, rt: Runtime) -> None:
+    """A create Replicate surely refused: back off on 429, raise on everything else."""
     status = exc.status or 0
     if status == 429:
         retry_after = _throttle.retry_after or _retry_after_from_detail(exc) or 5.0
@@ -459,13 +591,9 @@ def _handle_create_error(exc: ReplicateError, job: Job, rt: Runtime, server_erro
         rt.manager.throttled(job.account, min(max(retry_after, 0.5), 60.0))
         log.warning("replicate throttled creates for account=%s; backing off %.1fs",
                     job.account, retry_after)
-        return 0
+        return
     if status in NOT_RETRIED:
         raise GenerationError(NOT_RETRIED[status], _describe(exc), upstream_status=status)
-    if status >= 500:
-        _raise_after_too_many(server_errors + 1, _describe(exc), status)
-        rt.sleep(_retry_pause(server_errors + 1))
-        return 1
     raise GenerationError("upstream_error", _describe(exc), upstream_status=status)
 
 
@@ -495,9 +623,11 @@ def _describe(exc: ReplicateError) -> str:
 
 
 def _await_terminal(client: replicate.Client, job: Job, rt: Runtime, prediction: Any,
-                    deadline: float, hooks: Hooks = NO_HOOKS) -> Any:
-    """Poll (paced) until the prediction ends; past the deadline or on request, cancel it."""
+                    deadline: float, hooks: Hooks = NO_HOOKS, since: float | None = None) -> Any:
+    """Poll (paced) until the prediction ends; past the deadline or on request, cancel it.
+    `since` is when its create was sent: the older it is, the less often it is polled."""
     errors = 0
+    since = rt.clock() if since is None else since
     while prediction.status not in TERMINAL:
         if hooks.should_cancel():
             _cancel(client, job, rt, prediction.id)
@@ -505,7 +635,7 @@ def _await_terminal(client: replicate.Client, job: Job, rt: Runtime, prediction:
                                   "its job", prediction_id=prediction.id)
         if hooks.should_suspend():
             raise Suspended
-        pause = min(rt.poll_interval, deadline - rt.clock())
+        pause = min(_poll_pause(rt, since), deadline - rt.clock())
         if pause <= 0:
             _cancel(client, job, rt, prediction.id)
             raise GenerationError(
@@ -533,6 +663,12 @@ def _await_terminal(client: replicate.Client, job: Job, rt: Runtime, prediction:
             log.warning("poll of %s failed (%d in a row): %s", prediction.id, errors,
                         type(exc).__name__)
     return _check_terminal(prediction)
+
+
+def _poll_pause(rt: Runtime, since: float) -> float:
+    """Poll young predictions often and old ones at a fraction of their age."""
+    age = max(0.0, rt.clock() - since)
+    return min(rt.poll_interval, max(MIN_POLL_SECONDS, age * POLL_AGE_FRACTION))
 
 
 def _check_terminal(prediction: Any) -> Any:

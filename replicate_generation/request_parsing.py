@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 from dataclasses import dataclass
 from typing import Any, cast
 
 from replicate_generation import routing
+from replicate_generation.catalogue import ModelSpec
 from replicate_generation.generation import Task
 from replicate_generation.model_functions import InvalidRequest, resolve_model
 from replicate_generation.outputs import default_stem, safe_filename
@@ -98,11 +100,23 @@ def _task(index: int, requested: Any, prompt: object, params: dict[str, Any], st
                              "placeholder exists only for image models")
     planned = routing.plan(requested, prompt, params, prefix=prefix, chains=chains,
                            fallback=options.fallback)
-    return Task(index=index, spec=planned.spec, input=planned.input, stem=stem,
+    return Task(index=index, spec=planned.spec, input=_with_seed(planned.spec, planned.input),
+                stem=stem,
                 requested=planned.requested, chain=planned.chain, routed=planned.routed,
                 notes=planned.notes,
                 fallback_on_content_policy=options.fallback_on_content_policy,
                 placeholder=options.placeholder)
+
+
+def _with_seed(spec: ModelSpec, model_input: dict[str, object]) -> dict[str, object]:
+    """Give every item of a seeded model its own seed unless the caller chose one: two items
+    with the same prompt then differ, so a lost create's lookup can never adopt the other's
+    prediction, and the result is reproducible (the seed is returned)."""
+    seed = spec.param("seed")
+    if seed is None or "seed" in model_input:
+        return model_input
+    top = int(seed.maximum) if seed.maximum is not None else 2**31 - 1
+    return {**model_input, "seed": secrets.randbelow(top + 1)}
 
 
 def _items(body: dict[str, Any], key: str, max_items: int) -> list[Any]:

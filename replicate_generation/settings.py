@@ -34,7 +34,8 @@ class Settings:
     state_file: Path = Path("data/state.sqlite3")
     lease_ttl_seconds: float = 30.0
     task_timeout_seconds: float = 300.0
-    poll_interval_seconds: float = 1.0
+    poll_interval_seconds: float = 5.0
+    sync_wait_seconds: int = 10
     max_batch_size: int = 1000
     max_request_bytes: int = 16 * 1024 * 1024
     dispatch_threads: int = 128
@@ -81,6 +82,9 @@ class Settings:
             ),
             poll_interval_seconds=env.number(
                 "POLL_INTERVAL_SECONDS", cls.poll_interval_seconds, 0.01, 60
+            ),
+            sync_wait_seconds=env.required_int(
+                "REPLICATE_SYNC_WAIT_SECONDS", cls.sync_wait_seconds, 0, 60
             ),
             max_batch_size=env.required_int("MAX_BATCH_SIZE", cls.max_batch_size, 1, 100000),
             max_request_bytes=env.required_int(

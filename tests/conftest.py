@@ -67,6 +67,9 @@ def make_settings(tmp_path: Path, sim: Simulator) -> Callable[..., Settings]:
             create_burst=50,
             polls_per_minute=60000,
             poll_interval_seconds=0.02,
+            # Creates are held (Prefer: wait) briefly: quick predictions end inside the hold,
+            # slow ones get their id (and become cancelable) after it.
+            sync_wait_seconds=1,
             task_timeout_seconds=20,
             lease_ttl_seconds=5,
             dispatch_threads=32,

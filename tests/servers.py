@@ -56,7 +56,7 @@ class Gunicorn:
             try:
                 if requests.get(self.url + "/health", timeout=1).status_code == 200:
                     return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):
                 pass
             time.sleep(0.1)
         raise TimeoutError(f"gunicorn not ready: {self.log()}")
@@ -109,6 +109,7 @@ def service_env(settings: Settings, workers: int = 2) -> dict[str, str]:
         "REPLICATE_CREATE_BURST": str(settings.create_burst),
         "REPLICATE_POLLS_PER_MINUTE": str(settings.polls_per_minute),
         "POLL_INTERVAL_SECONDS": str(settings.poll_interval_seconds),
+        "REPLICATE_SYNC_WAIT_SECONDS": str(settings.sync_wait_seconds),
         "TASK_TIMEOUT_SECONDS": str(settings.task_timeout_seconds),
         "LEASE_TTL_SECONDS": str(settings.lease_ttl_seconds),
         "DISPATCH_THREADS": str(settings.dispatch_threads),

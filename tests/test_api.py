@@ -86,7 +86,8 @@ def test_seed_single_example_writes_a_jpg_with_the_server_token(
         "prompt": "A serene mountain landscape at sunset", "aspect_ratio": "16:9",
         "output_format": "jpg", "megapixels": "1", "output_quality": 80, "guidance": 3,
         "num_inference_steps": 28, "prompt_strength": 0.8, "go_fast": True, "num_outputs": 1,
-        "disable_safety_checker": False}
+        "disable_safety_checker": False, "seed": data["results"][0]["seed"]}
+    assert isinstance(data["results"][0]["seed"], int)  # chosen per item, returned
     assert data["results"][0]["model_used"] == "flux-dev"
 
 

@@ -187,6 +187,11 @@ def test_the_tables_cover_the_catalogue() -> None:
     assert len(MODELS) == 9
 
 
+def unseeded(sent: dict[str, Any]) -> dict[str, Any]:
+    """The input without the seed the service adds to seeded models the caller gave none."""
+    return {k: v for k, v in sent.items() if k != "seed"}
+
+
 @pytest.mark.parametrize("model_id", ALL)
 def test_the_simulator_knows_every_model_and_its_kind(model_id: str) -> None:
     ref, kind = FACTS[model_id][:2]
@@ -202,7 +207,12 @@ def test_a_prompt_alone_sends_exactly_the_defaults(
     data = response.get_json()
     (prediction,) = sim.predictions(SERVER_TOKEN)
     assert prediction["model"] == FACTS[model_id][0]
-    assert prediction["input"] == {"prompt": prompt, **PAYLOADS[model_id]}
+    sent = dict(prediction["input"])
+    # A seeded model gets a seed of the service's choosing, returned with the result.
+    seed = sent.pop("seed", None)
+    assert sent == {"prompt": prompt, **PAYLOADS[model_id]}
+    assert (seed is not None) == (MODELS[model_id].param("seed") is not None)
+    assert data["results"][0]["seed"] == seed
     (shown,) = data["files"]
     path = app.extensions["settings"].output_dir.parent / shown
     assert path.suffix == OUTPUTS[model_id] and looks_like(path, OUTPUTS[model_id])
@@ -218,7 +228,8 @@ def test_a_reference_under_the_models_own_key_reaches_replicate(
     response = post(client, body)
     assert response.status_code == 200, response.get_json()
     (prediction,) = sim.predictions(SERVER_TOKEN)
-    assert prediction["input"] == {"prompt": "Use the reference", key: REFERENCES[model_id],
+    assert unseeded(prediction["input"]) == {"prompt": "Use the reference",
+                                             key: REFERENCES[model_id],
                                    **PAYLOADS[model_id]}
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from replicate_generation.dispatcher import QueueFull, ShuttingDown
-from replicate_generation.generation import Generator, Task, TaskResult, execute
+from replicate_generation.generation import Generator, Resume, Task, TaskResult, execute
 from replicate_generation.jobs import webhooks
 from replicate_generation.jobs.store import ItemOutcome, ItemRow, JobRow, JobStore, NewItem, NewJob
 from replicate_generation.model_functions import (
@@ -40,6 +40,7 @@ from replicate_generation.model_functions import (
     account_key,
     resolve_model,
 )
+from replicate_generation.reconcile import INPUT_RETENTION_SECONDS
 from replicate_generation.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -163,9 +164,11 @@ class JobRunner:
             return
         task = Task.from_record(index, item.spec)
         result = TaskResult(task=task, attempts=[Attempt(**a) for a in item.attempts])
-        resume = ((item.prediction_id, item.prediction_model)
-                  if item.prediction_id and item.prediction_model else None)
-        hooks = Hooks(on_created=lambda attempt: self._record(job.id, index, result, attempt),
+        resume = _resume_point(item, result.attempts)
+        hooks = Hooks(on_intent=lambda _attempt: self._record_intent(job.id, index, result),
+                      on_created=lambda attempt: self._record(job.id, index, result, attempt),
+                      known_predictions=lambda: self.store.prediction_ids(
+                          job.account, self._clock() - 2 * INPUT_RETENTION_SECONDS),
                       should_cancel=lambda: self.store.cancel_requested(job.id),
                       may_create=lambda: not self._stopping and self._owns(job.id),
                       should_suspend=lambda: self._suspending or not self._owns(job.id))
@@ -190,6 +193,10 @@ class JobRunner:
         """Still this process's job? A process whose heartbeat stalled past the TTL may have
         lost it to another: it must then neither create nor keep polling."""
         return self.store.owner(job_id) == self.worker_id
+
+    def _record_intent(self, job_id: str, index: int, result: TaskResult) -> None:
+        """Store the create about to be sent, so a lost answer is looked up, never re-sent."""
+        self.store.record_attempts(job_id, index, [a.as_dict() for a in result.attempts], None)
 
     def _record(self, job_id: str, index: int, result: TaskResult, attempt: Attempt) -> None:
         """Store a new prediction's id before anything else happens to it."""
@@ -350,6 +357,7 @@ class JobRunner:
             "index": item.index, "state": item.state,
             "success": item.state == "succeeded",
             "prompt": spec["input"].get("prompt"),
+            "seed": spec["input"].get("seed"),
             "files": [(shown / f).as_posix() for f in item.files],
             "urls": [f"{url_root}/files/{f}" for f in item.files],
             "count": len(item.files),
@@ -400,6 +408,16 @@ def webhook_secret(signing_key: str, account: str) -> str:
     digest = hmac.new(signing_key.encode(), b"webhook-secret:" + account.encode(),
                       hashlib.sha256).digest()
     return "whsec_" + base64.b64encode(digest).decode()
+
+
+def _resume_point(item: ItemRow, attempts: list[Attempt]) -> Resume | None:
+    """A stored prediction to poll, or a create sent before a crash whose answer was lost."""
+    if item.prediction_id and item.prediction_model:
+        return Resume(item.prediction_model, prediction_id=item.prediction_id)
+    last = attempts[-1] if attempts else None
+    if last is not None and last.status == "creating" and last.intent() is not None:
+        return Resume(resolve_model(last.model).id, pending=last)
+    return None
 
 
 def _outcome(result: TaskResult) -> ItemOutcome:

@@ -314,6 +314,14 @@ class JobStore:
                          (json.dumps(attempts), prediction[0] if prediction else None,
                           prediction[1] if prediction else None, job_id, index))
 
+    def prediction_ids(self, account: str, since: float) -> set[str]:
+        """Prediction ids the account's items queued since then own (never adopted again)."""
+        rows = self._db.connection().execute(
+            "SELECT i.prediction_id FROM job_items i JOIN jobs j ON j.id = i.job_id"
+            " WHERE j.account = ? AND i.prediction_id IS NOT NULL AND i.queued_at >= ?",
+            (account, since))
+        return {str(row[0]) for row in rows}
+
     def finish_item(self, job_id: str, index: int, outcome: ItemOutcome, now: float) -> None:
         with self._db.write() as conn:
             conn.execute(
