@@ -212,6 +212,11 @@ class LimitStore(Protocol):
         """A create went through: raise a learned create rate back towards the limit."""
         ...
 
+    def last_cut(self, account: str) -> float:
+        """When the learned create rate was last cut (0: never): tokens reserved before it were
+        spaced for a rate Replicate refused."""
+        ...
+
     def backoff_remaining(self, account: str) -> float: ...
 
     def stats(self, account: str | None = None) -> list[AccountStats]: ...
@@ -553,13 +558,20 @@ class SQLiteLimitStore:
                 "INSERT OR REPLACE INTO cm_backoffs (account, until) VALUES (?, ?)",
                 (account, until),
             )
-            # Later create reservations start after the back-off.
+            # Later create reservations start after the back-off; after a cut, the tokens
+            # already handed out are re-reserved by their holders, so the schedule restarts.
             tat = max(_tat(conn, account, "create", default=until), until)
+            if _cut_learned_rate(conn, account, self._limits(conn), now, seconds):
+                tat = until
             conn.execute(
                 "INSERT OR REPLACE INTO cm_pacers (account, kind, tat) VALUES (?, 'create', ?)",
                 (account, tat),
             )
-            _cut_learned_rate(conn, account, self._limits(conn), now, seconds)
+
+    def last_cut(self, account: str) -> float:
+        row = self._connection().execute(
+            "SELECT cut_at FROM cm_learned_rates WHERE account = ?", (account,)).fetchone()
+        return float(row[0]) if row is not None else 0.0
 
     def create_accepted(self, account: str) -> None:
         with self._read() as conn:
@@ -626,16 +638,18 @@ def _create_pace(conn: sqlite3.Connection, account: str, limits: Limits) -> tupl
 
 
 def _cut_learned_rate(conn: sqlite3.Connection, account: str, limits: Limits, now: float,
-                      seconds: float) -> None:
-    """Multiplicative decrease, once per throttling episode (concurrent 429s count once)."""
+                      seconds: float) -> bool:
+    """Multiplicative decrease, once per throttling episode (concurrent 429s count once);
+    say whether it cut."""
     row = conn.execute("SELECT per_minute, cut_at FROM cm_learned_rates WHERE account = ?",
                        (account,)).fetchone()
     current = float(limits.requests_per_minute) if row is None else \
         min(float(row[0]), limits.requests_per_minute)
     if row is not None and now - float(row[1]) < max(seconds, _EPISODE_S):
-        return
+        return False
     conn.execute("INSERT OR REPLACE INTO cm_learned_rates (account, per_minute, cut_at)"
                  " VALUES (?, ?, ?)", (account, max(1.0, current * _RATE_CUT), now))
+    return True
 
 
 def _backoff_until(conn: sqlite3.Connection, account: str) -> float:
@@ -856,6 +870,7 @@ class ConcurrencyManager:
             budget = deadline - self._clock()
             if budget < 0:
                 raise DeadlineExceeded(f"deadline passed before a {kind} token ({account})")
+            cut = self._store.last_cut(account) if kind == "create" else 0.0
             wait = self._store.reserve(account, kind, max_wait=budget)
             if wait > budget:
                 raise DeadlineExceeded(
@@ -863,10 +878,11 @@ class ConcurrencyManager:
                 )
             if wait > 0:
                 self._sleep(wait)  # outside every lock and transaction
-            if self._store.backoff_remaining(account) <= _BACKOFF_EPSILON_S:
+            if self._store.backoff_remaining(account) <= _BACKOFF_EPSILON_S and \
+                    (kind != "create" or self._store.last_cut(account) == cut):
                 return
-            # A 429 back-off began while we slept: using this token now would
-            # hit a throttled account, so take a new one placed after it.
+            # A 429 back-off began, or the create rate was cut, while we slept: this token
+            # was spaced for a rate Replicate refuses, so take a new one.
 
     def throttled(self, account: str, retry_after: float) -> None:
         """A 429 was seen: every worker of the account, in every process, backs off."""

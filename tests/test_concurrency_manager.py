@@ -392,6 +392,26 @@ def test_back_off_that_starts_during_the_sleep_re_reserves(tmp_path: Path) -> No
     assert clock.now == start + 11
 
 
+def test_a_token_reserved_before_a_rate_cut_is_taken_again_at_the_new_pace(
+        tmp_path: Path) -> None:
+    clock = FakeClock()
+    store = make_store(tmp_path, Limits(1, 60), clock=clock)
+    start = clock.now
+    manager: ConcurrencyManager
+
+    def sleep_while_a_short_429_comes_and_goes(seconds: float) -> None:
+        if not clock.sleeps:
+            manager.throttled(ACCOUNT, 0.5)  # over before this sleeper wakes
+        clock.sleep(seconds)
+
+    manager = ConcurrencyManager(store, clock=clock, sleep=sleep_while_a_short_429_comes_and_goes)
+    manager.wait_for_create(ACCOUNT, start + 100)  # token at once
+    manager.wait_for_create(ACCOUNT, start + 100)  # reserved at 60/min; the rate is cut
+    manager.wait_for_create(ACCOUNT, start + 100)
+    # The second token was re-taken after the cut, so the third is spaced for 42/min, not 60.
+    assert clock.sleeps == pytest.approx([1.0, 60 / 42])
+
+
 # --------------------------------------------------------------------------
 # Leases and tickets on the store (fake clock)
 
