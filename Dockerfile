@@ -53,6 +53,8 @@ STOPSIGNAL SIGTERM
 # rule. ProxyHandler({}) ignores any HTTP(S)_PROXY in the environment, which would otherwise route
 # this loopback request through a proxy. A non-2xx status, refused connection or timeout raises,
 # and the uncaught exception exits 1 = unhealthy. The 4 s socket timeout stays under --timeout.
+# Liveness (/health), not /ready: a restart cannot fix an unusable state volume, and Docker only
+# restarts, it never holds traffic back; orchestrators that route should probe /ready instead.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request as u; port = os.environ.get('FLASK_PORT', '').strip() or '5003'; u.build_opener(u.ProxyHandler({})).open(f'http://127.0.0.1:{port}/health', timeout=4)"]
 

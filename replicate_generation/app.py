@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import atexit
 import hmac
+import json
 import logging
+import math
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import wraps
@@ -14,9 +17,10 @@ from typing import Any, TypeVar, cast
 
 from dotenv import find_dotenv, load_dotenv
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, send_file
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.wrappers import Response as WerkzeugResponse
 
+from replicate_generation import observability, ops
 from replicate_generation.catalogue import MODELS
 from replicate_generation.concurrency_manager import (
     ConcurrencyManager,
@@ -29,9 +33,16 @@ from replicate_generation.generation import Generator
 from replicate_generation.jobs import webhooks
 from replicate_generation.jobs.runner import JobRunner, Submission, output_path, webhook_secret
 from replicate_generation.jobs.store import IdempotencyConflict, JobRow
-from replicate_generation.model_functions import GenerationError, InvalidRequest, account_key
+from replicate_generation.model_functions import (
+    TOKEN_SHAPED,
+    GenerationError,
+    InvalidRequest,
+    TokenRejected,
+    account_key,
+)
 from replicate_generation.outputs import InvalidName
 from replicate_generation.request_parsing import (
+    ExpandedRequestTooLarge,
     Parsed,
     estimate,
     parse_batch,
@@ -40,6 +51,7 @@ from replicate_generation.request_parsing import (
 )
 from replicate_generation.routing import FallbackChains
 from replicate_generation.settings import Settings, SettingsError
+from replicate_generation.sqlite_db import StoreBusy
 
 SERVICE = "replicate-concurrent-generation"
 VERSION = "3.1.0"
@@ -49,6 +61,8 @@ STATUS_BY_KIND = {"deadline_exceeded": 504, "shutting_down": 503, "storage_error
                   "internal_error": 500}
 TOKEN_SHAPE = re.compile(r"^[\x21-\x7e]{8,256}$")
 IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
+# Bodies are a few levels deep (tasks[0].input_images[1]); far deeper is an attack on the parser.
+MAX_JSON_DEPTH = 32
 LIMIT_FIELDS = {"concurrent_limit": "max_concurrent", "requests_per_minute": "requests_per_minute",
                 "burst": "burst", "polls_per_minute": "polls_per_minute"}
 
@@ -89,6 +103,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         load_dotenv(find_dotenv(usecwd=True))
         settings = Settings.from_env(os.environ)
     _configure_logging(settings)
+    observability.install_logging(settings.log_format)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -104,9 +119,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     # gunicorn's worker_exit hook closes it first; this covers every other way of serving.
     atexit.register(runner.close)
     app.register_blueprint(bp)
+    ops.register(app, VERSION)
+    observability.init_app(app)
     app.register_error_handler(ApiError, _api_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
+    app.register_error_handler(StoreBusy, _store_busy)
+    app.register_error_handler(ExpandedRequestTooLarge, _expanded_too_large)
     if not settings.admin_api_key:
         log.warning("CONCURRENT_DOCKER_ADMIN_API_KEY is not set: admin access is closed")
     return app
@@ -115,7 +134,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 class RedactSecrets(logging.Filter):
     """Last line of defence: no configured secret or Replicate-shaped token reaches a log."""
 
-    TOKEN = re.compile(r"r8_[A-Za-z0-9]{8,}")
+    TOKEN = TOKEN_SHAPED
 
     def __init__(self, secrets: Iterable[str | None]) -> None:
         super().__init__()
@@ -131,6 +150,35 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+class EscapeControlCharacters(logging.Filter):
+    """No text a client sent (a path, a prompt) can start a forged log line or hide in one."""
+
+    UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069"
+                        "\ufeff\ud800-\udfff]")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        escaped = self.escape(message)
+        if escaped != message:
+            record.msg, record.args = escaped, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self._indented(logging.Formatter().formatException(record.exc_info))
+        return True
+
+    @classmethod
+    def escape(cls, text: str) -> str:
+        return cls.UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+    @classmethod
+    def _indented(cls, traceback: str) -> str:
+        # Every line after the first indented: an exception's message cannot pose as a record.
+        return "\n  ".join(cls.escape(line) for line in traceback.split("\n"))
+
+
+# gunicorn's own loggers: its access log writes the percent-decoded request path verbatim.
+GUNICORN_LOGGERS = ("gunicorn.access", "gunicorn.error")
+
+
 def _configure_logging(settings: Settings) -> None:
     root = logging.getLogger()
     if not root.handlers:
@@ -138,11 +186,20 @@ def _configure_logging(settings: Settings) -> None:
     root.setLevel(settings.log_level)
     # httpx logs every request at INFO: one line per poll would drown the service's own lines.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
-    redact = RedactSecrets([settings.replicate_api_token, settings.admin_api_key])
-    for handler in root.handlers:
-        for old in [f for f in handler.filters if isinstance(f, RedactSecrets)]:
-            handler.removeFilter(old)
-        handler.addFilter(redact)
+    filters = (EscapeControlCharacters(),
+               RedactSecrets([settings.replicate_api_token, settings.admin_api_key]))
+    loggers = [root, *(logging.getLogger(name) for name in GUNICORN_LOGGERS)]
+    for handler in {h for logger in loggers for h in logger.handlers}:
+        _replace_filters(handler, filters)
+
+
+def _replace_filters(handler: logging.Handler, filters: tuple[logging.Filter, ...]) -> None:
+    """Install these filters on the handler, dropping an earlier app's of the same kinds."""
+    kinds = tuple(type(f) for f in filters)
+    for old in [f for f in handler.filters if isinstance(f, kinds)]:
+        handler.removeFilter(old)
+    for new in filters:
+        handler.addFilter(new)
 
 
 def _settings() -> Settings:
@@ -214,12 +271,103 @@ def _json_object() -> dict[str, Any]:
     """The request body as a JSON object, or the right 4xx."""
     if not request.is_json:
         raise ApiError(415, "Content-Type must be application/json")
-    body = request.get_json(silent=True)
-    if body is None:
-        raise ApiError(400, "Request body must be valid JSON")
+    body = _parse_json(_body_bytes())
     if not isinstance(body, dict):
         raise ApiError(400, "Request body must be a JSON object")
+    problem = _json_problem(body)
+    if problem is not None:
+        field, message = problem
+        raise InvalidRequest(field, f"{field} {message}")
     return body
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _body_bytes() -> bytes:
+    """The raw body; a streamed (chunked) body past the limit is a 413, not a truncated read."""
+    data = request.get_data(cache=True)
+    limit = request.max_content_length
+    if limit is not None and request.content_length is None and len(data) >= limit:
+        # werkzeug stops reading at the limit without a word: one more byte says it was cut.
+        if request.environ["wsgi.input"].read(1):
+            raise RequestEntityTooLarge()
+    return data
+
+
+def _parse_json(data: bytes) -> object:
+    """Strict JSON: no NaN/Infinity, no duplicate keys, no nesting deep enough to recurse out."""
+    try:
+        return json.loads(data, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise InvalidRequest(exc.key, f"The key '{exc.key[:100]}' appears twice in one "
+                             "object") from None
+    except RecursionError:
+        raise ApiError(400, f"Request body nests more than {MAX_JSON_DEPTH} levels deep") from None
+    except ValueError:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not UTF-8
+        raise ApiError(400, "Request body must be valid JSON") from None
+
+
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+def _json_problem(body: dict[str, Any]) -> tuple[str, str] | None:
+    """The first (field path, problem) in the body that would fail later instead of here."""
+    stack: list[tuple[str, object, int]] = [("", body, 0)]
+    while stack:  # a loop, not recursion: depth is what is being checked
+        path, value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return path[:200], f"nests more than {MAX_JSON_DEPTH} levels deep"
+        if not _is_utf8(path):  # the path holds every key on the way here; shown escaped
+            return (path.encode("utf-8", "backslashreplace").decode("utf-8"),
+                    "is a key that is not valid Unicode text (it holds a lone surrogate)")
+        problem = _value_problem(value)
+        if problem is not None:
+            return path, problem
+        stack.extend((p, v, depth + 1) for p, v in reversed(_children(path, value)))
+    return None
+
+
+def _value_problem(value: object) -> str | None:
+    # A lone surrogate has no UTF-8 (prompts, names and hashes are all encoded); 1e999 is inf,
+    # and an integer past the largest double overflows wherever it is taken as a number.
+    if isinstance(value, str) and not _is_utf8(value):
+        return "is not valid Unicode text (it holds a lone surrogate)"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "is a number too large to represent"
+    if isinstance(value, int) and abs(value) > sys.float_info.max:
+        return "is a number too large to represent"
+    return None
+
+
+def _children(path: str, value: object) -> list[tuple[str, object]]:
+    """A JSON value's members, each with its field path (`tasks[0].prompt`)."""
+    if isinstance(value, dict):
+        return [(f"{path}.{key}" if path else key, item) for key, item in value.items()]
+    if isinstance(value, list):
+        return [(f"{path}[{i}]", item) for i, item in enumerate(value)]
+    return []
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- routes
@@ -246,7 +394,10 @@ def status() -> Response:
     accounts = [a for a in totals if caller is not None and (caller.admin or
                                                               a.account == caller.account)]
     sources = generator.manager.limit_sources()
+    # Admin only: what this process keeps per account (bounded by the accounts with work here).
+    held = {"process": _runner().held()} if caller is not None and caller.admin else {}
     return jsonify(
+        **held,
         service=SERVICE, version=VERSION, limits=_limits_view(_effective(sources)),
         limit_sources=_sources_view(sources),
         admin_api_configured=bool(settings.admin_api_key),
@@ -490,6 +641,8 @@ def cancel_job(job_id: str) -> Response:
 @require_key()
 def get_file(relative: str) -> WerkzeugResponse:
     """Stream an output to the account whose job wrote it (ranges and content type included)."""
+    if "\x00" in relative:  # no file name holds one, and the OS refuses it with a ValueError
+        raise ApiError(404, "File not found")
     runner = _runner()
     job_id = runner.store.file_job(relative)
     job = runner.store.get(job_id) if job_id else None
@@ -536,7 +689,8 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
     if raw is None:
         return default
     # isdecimal, not isdigit: "²" is a digit that int() refuses (a 500 instead of a 400).
-    if not raw.isdecimal() or not low <= int(raw) <= high:
+    # The length first: int() refuses over 4300 digits with a ValueError.
+    if not raw.isdecimal() or len(raw) > 20 or not low <= int(raw) <= high:
         raise InvalidRequest(name, f"{name} must be an integer from {low} to {high}")
     return int(raw)
 
@@ -560,14 +714,35 @@ def _http_error(exc: HTTPException) -> WerkzeugResponse:
     return response
 
 
+def _token_rejected(exc: TokenRejected) -> tuple[Response, int, dict[str, str]]:
+    """401 for a user's own token (theirs to fix); 503 when it is the server's token."""
+    caller = g.get("caller")
+    status = 503 if caller is not None and caller.admin else 401
+    return (jsonify(_error_body(str(exc), error_type=exc.kind)), status,
+            {"Retry-After": str(max(1, math.ceil(exc.retry_after)))})
+
+
+def _store_busy(exc: StoreBusy) -> tuple[Response, int, dict[str, str]]:
+    """The state file stayed locked past the wait a request may take: nothing half done."""
+    return (jsonify(_error_body(str(exc), error_type="store_busy")), 503,
+            {"Retry-After": str(exc.retry_after)})
+
+
+def _expanded_too_large(exc: ExpandedRequestTooLarge) -> tuple[Response, int, dict[str, str]]:
+    return jsonify(_error_body(str(exc), limit=exc.limit, expanded_bytes=exc.size)), 413, {}
+
+
 def _unexpected_error(exc: Exception) -> tuple[Response, int, dict[str, str]]:
     if isinstance(exc, InvalidRequest):
         return jsonify(_error_body(str(exc), field=exc.field, **exc.extra)), 400, {}
     if isinstance(exc, InvalidName | webhooks.InvalidWebhook):
         return jsonify(_error_body(str(exc), field=exc.field)), 400, {}
     if isinstance(exc, QueueFull):
-        return (jsonify(_error_body(str(exc))), 429,
+        kind = "account_queue_full" if exc.scope == "account" else "queue_full"
+        return (jsonify(_error_body(str(exc), error_type=kind)), 429,
                 {"Retry-After": str(int(exc.retry_after))})
+    if isinstance(exc, TokenRejected):
+        return _token_rejected(exc)
     if isinstance(exc, ShuttingDown):
         return jsonify(_error_body("The service is shutting down")), 503, {"Retry-After": "10"}
     if isinstance(exc, GenerationError):

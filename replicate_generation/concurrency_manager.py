@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple, Protocol
 
+from replicate_generation import metrics
 from replicate_generation.sqlite_db import Database
 
 __all__ = [
@@ -744,7 +745,9 @@ class ConcurrencyManager:
     @contextmanager
     def slot(self, account: str, deadline: float) -> Iterator[None]:
         """Hold one of the account's in-flight slots for the body of the block."""
+        started = time.monotonic()
         lease_id = self._acquire(account, deadline)
+        metrics.limiter_waited("slot", started)
         try:
             yield
         finally:
@@ -858,11 +861,15 @@ class ConcurrencyManager:
 
     def wait_for_create(self, account: str, deadline: float) -> None:
         """Take one create token and sleep until it may be used."""
+        started = time.monotonic()
         self._wait_for_token(account, "create", deadline)
+        metrics.limiter_waited("create", started)
 
     def wait_for_poll(self, account: str, deadline: float) -> None:
         """Take one non-create (poll, cancel) token and sleep until it may be used."""
+        started = time.monotonic()
         self._wait_for_token(account, "poll", deadline)
+        metrics.limiter_waited("poll", started)
 
     def _wait_for_token(self, account: str, kind: Kind, deadline: float) -> None:
         self._check_open()
@@ -887,6 +894,7 @@ class ConcurrencyManager:
     def throttled(self, account: str, retry_after: float) -> None:
         """A 429 was seen: every worker of the account, in every process, backs off."""
         self._store.back_off(account, retry_after)
+        metrics.backoff_started(retry_after)
 
     def create_accepted(self, account: str) -> None:
         """Replicate accepted a create: the learned rate may grow back."""

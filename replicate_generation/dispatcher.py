@@ -3,23 +3,35 @@
 Each account gets at most as many runner threads as its concurrency limit, so one account's
 10,000-item batch can never occupy every pool thread while another account's single request
 waits: threads only ever block on their own account's limits.
+
+Admission is fair too: an account may queue at most `max_queued_per_account` tasks, and an
+account over its fair share of the global queue may fill it only up to a reserve that is kept for
+accounts within theirs, so a small newcomer is admitted while a flooder is at its limit.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+log = logging.getLogger(__name__)
+
+# Queued tasks drain within seconds at the usual limits; a client retrying sooner only spins.
+_RETRY_AFTER = 5.0
+
 
 class QueueFull(Exception):
-    """Too many tasks are waiting in this process; the caller should retry later."""
+    """Too many tasks are waiting in this process (or for this account); retry later."""
 
-    def __init__(self, retry_after: float) -> None:
-        super().__init__("too many tasks are queued; retry later")
+    def __init__(self, retry_after: float, *, scope: str = "process") -> None:
+        whose = " for this account" if scope == "account" else ""
+        super().__init__(f"too many tasks are queued{whose}; retry later")
         self.retry_after = retry_after
+        self.scope = scope
 
 
 class ShuttingDown(Exception):
@@ -30,10 +42,13 @@ class Dispatcher:
     """Queue per account, runners per account bounded by `runners_for(account)`."""
 
     def __init__(self, max_workers: int, max_queued: int,
-                 runners_for: Callable[[str], int]) -> None:
+                 runners_for: Callable[[str], int], *,
+                 max_queued_per_account: int | None = None) -> None:
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="dispatch")
         self._max_queued = max_queued
+        self._per_account = max_queued_per_account or max(1, max_queued // 5)
         self._runners_for = runners_for
+        self._on_idle: Callable[[str], None] | None = None
         self._queues: dict[str, deque[tuple[Callable[[], Any], Future[Any]]]] = {}
         self._runners: dict[str, int] = {}
         self._queued = 0
@@ -50,8 +65,7 @@ class Dispatcher:
         with self._lock:
             if self._closed:
                 raise ShuttingDown
-            if self._queued + len(fns) > self._max_queued:
-                raise QueueFull(retry_after=5.0)
+            self._admit(account, len(fns))
             queue = self._queues.setdefault(account, deque())
             queue.extend(zip(fns, futures, strict=True))
             self._queued += len(fns)
@@ -60,6 +74,57 @@ class Dispatcher:
         for _ in range(max(wanted, 0)):
             self._pool.submit(self._run, account)
         return futures
+
+    def limit_per_account(self, most: int) -> None:
+        """Set how many tasks one account may have waiting (capped by the global bound)."""
+        with self._lock:
+            self._per_account = max(1, most)
+
+    def on_idle(self, callback: Callable[[str], None]) -> None:
+        """Call back (outside the lock) when an account has nothing queued or running here."""
+        self._on_idle = callback
+
+    def _admit(self, account: str, count: int) -> None:
+        """Raise QueueFull unless `count` more tasks of this account fit; caller holds the lock."""
+        mine = len(self._queues.get(account, ())) + count
+        total = self._queued + count
+        if mine > min(self._per_account, self._max_queued):
+            raise QueueFull(retry_after=_RETRY_AFTER, scope="account")
+        if total > self._max_queued:
+            raise QueueFull(retry_after=_RETRY_AFTER)
+        if mine > self._fair_share(account) and total > self._max_queued - self._reserve():
+            # Over its share: the last part of the queue stays free for accounts within theirs.
+            raise QueueFull(retry_after=_RETRY_AFTER, scope="account")
+
+    def _fair_share(self, account: str) -> int:
+        """The global queue split among the accounts waiting, this one and one newcomer more."""
+        others = sum(1 for name, queue in self._queues.items() if queue and name != account)
+        return max(1, self._max_queued // (others + 2))
+
+    def _reserve(self) -> int:
+        return max(1, self._max_queued // 10)
+
+    def busy(self, account: str) -> bool:
+        """True while the account has tasks queued or running in this dispatcher."""
+        with self._lock:
+            return bool(self._queues.get(account)) or account in self._runners
+
+    def discard(self, account: str) -> int:
+        """Drop the account's queued tasks (their futures are cancelled); return how many."""
+        with self._lock:
+            queue = self._queues.get(account)
+            dropped = list(queue or ())
+            if queue:
+                queue.clear()
+            self._queued -= len(dropped)
+        for _, future in dropped:
+            future.cancel()
+        return len(dropped)
+
+    @property
+    def running(self) -> bool:
+        """False once shutdown began (readiness reports it)."""
+        return not self._closed
 
     def queued(self, account: str | None = None) -> int:
         """Tasks waiting for a runner, for one account or all."""
@@ -81,6 +146,15 @@ class Dispatcher:
             return queue.popleft()
 
     def _run(self, account: str) -> None:
+        self._run_all(account)
+        callback = self._on_idle
+        if callback is not None and not self.busy(account):
+            try:
+                callback(account)
+            except Exception:  # noqa: BLE001 - bookkeeping must never kill a pool thread
+                log.exception("idle callback failed for account=%s", account)
+
+    def _run_all(self, account: str) -> None:
         while (item := self._next(account)) is not None:
             fn, future = item
             if not future.set_running_or_notify_cancel():

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from replicate_generation import routing
+from replicate_generation import metrics, routing
 from replicate_generation.catalogue import MODELS, ModelSpec
 from replicate_generation.concurrency_manager import ConcurrencyManager, Limits, SQLiteLimitStore
 from replicate_generation.dispatcher import Dispatcher
@@ -132,6 +132,7 @@ def execute(task: Task, token: str, rt: Runtime, dest_dir: Path, result: TaskRes
         result.error, result.model_used = None, spec
         result.files = [f.relative for f in generated.files]
         result.cost_usd = routing.estimate_cost(spec, mapped)
+        metrics.cost(spec.id, result.cost_usd)
         return
     if result.error is None:
         result.error = GenerationError("no_model_available", "no model of the fallback chain can "
@@ -164,6 +165,7 @@ def _input_for(task: Task, spec: ModelSpec, result: TaskResult) -> dict[str, obj
         return None
     model_input, notes = mapped
     result.notes.append(f"fell back to {spec.id}")
+    metrics.fell_back(task.spec.id, spec.id)
     result.notes.extend(notes)
     return model_input
 

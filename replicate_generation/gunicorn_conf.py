@@ -12,6 +12,7 @@ cannot drift apart.
 from __future__ import annotations
 
 import os
+import tempfile
 
 from dotenv import find_dotenv, load_dotenv
 
@@ -119,7 +120,8 @@ loglevel = _env_loglevel("LOG_LEVEL", "INFO")
 # (decoded from Authorization), nor %({...}e)s (the WSGI environ holds every header as HTTP_*).
 # %(U)s is the path without the query string, so nothing a client puts after `?` is logged either.
 # Fields: client address, time, method, path, protocol, status, bytes sent, duration ms, worker pid.
-access_log_format = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms %(p)s'
+# The last field is the response's X-Request-ID (a response header: the service sanitised it).
+access_log_format = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms %(p)s %({x-request-id}o)s'
 
 # --- Process ------------------------------------------------------------------------------------
 
@@ -134,6 +136,28 @@ control_socket_disable = True
 # forwarded_allow_ips stays at gunicorn's default (127.0.0.1 and ::1, or FORWARDED_ALLOW_IPS if
 # set): X-Forwarded-* headers are trusted only from a proxy on this host, so a client cannot spoof
 # its scheme. Set FORWARDED_ALLOW_IPS to the proxy's address when one fronts the service.
+
+
+def on_starting(server: object) -> None:
+    """Give /metrics a fresh multiprocess directory before any worker (and prometheus_client)
+    starts: counts from a previous run must not add up into this one's."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
+    if not directory:
+        directory = tempfile.mkdtemp(prefix="replicate-generation-metrics-")
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
+        if name.endswith(".db"):
+            os.remove(os.path.join(directory, name))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory  # inherited by every worker
+
+
+def child_exit(server: object, worker: object) -> None:
+    """A dead worker's live gauges stop counting (its counters stay, as Prometheus expects)."""
+    from prometheus_client import multiprocess  # after on_starting set the directory
+
+    pid = getattr(worker, "pid", None)
+    if isinstance(pid, int):
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 def worker_exit(server: object, worker: object) -> None:

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 import replicate
 from replicate.exceptions import ReplicateError
 
+from replicate_generation import metrics
 from replicate_generation.catalogue import MODELS, ModelSpec, Param
 from replicate_generation.concurrency_manager import ConcurrencyManager, DeadlineExceeded
 from replicate_generation.outputs import DownloadError, SavedFile, output_sources, save_outputs
@@ -166,7 +167,10 @@ def _check_uri(param: Param, value: object, field: str) -> None:
         if "," not in value:
             raise InvalidRequest(field, f"{field} is not a valid data: URI")
         return
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # e.g. "http://[": an unclosed IPv6 host
+        raise InvalidRequest(field, message) from None
     if (parts.scheme not in ("http", "https") or not parts.netloc or len(value) > MAX_URI_LENGTH
             or any(ch.isspace() or not ch.isprintable() for ch in value)):
         raise InvalidRequest(field, message)
@@ -264,7 +268,7 @@ class GuardedTransport(httpx.BaseTransport):
             key: given.get(key) if given.get(key) is not None else default
             for key, default in self._timeout.items()
         }
-        response = self._inner.handle_request(request)
+        response = metrics.observe_replicate_call(self._inner.handle_request, request)
         if response.status_code == 429:
             response.read()
             _throttle.retry_after = retry_after_of(response)
@@ -274,22 +278,49 @@ class GuardedTransport(httpx.BaseTransport):
         self._inner.close()
 
 
+class TokenRejected(GenerationError):
+    """Replicate answered 401 to this account's token moments ago: refused without asking again."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("replicate_unauthorized", "Replicate rejected this API token (401) "
+                         "moments ago; it is not sent again for a while", upstream_status=401)
+        self.retry_after = retry_after
+
+
+# How long an account whose token Replicate answered 401 is refused without asking again.
+REJECTED_SECONDS = 60.0
+# Rejections remembered at most (oldest dropped first), so a storm of bad tokens stays bounded.
+MAX_REJECTED = 100_000
+
+
 class ClientPool:
-    """One replicate.Client per token (bounded LRU), never the module-level default client."""
+    """One replicate.Client per token (bounded LRU), never the module-level default client.
+
+    Clients of accounts with no work left are dropped (`forget`); an account whose token
+    Replicate answered 401 is refused for a while (`reject`), keyed by its hash, never its token.
+    """
 
     def __init__(self, base_url: str, *, max_clients: int = 256, max_connections: int = 100,
-                 timeout: httpx.Timeout | None = None) -> None:
+                 timeout: httpx.Timeout | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._base_url = base_url
         self._max = max_clients
         self._max_connections = max_connections
         self._timeout = timeout or httpx.Timeout(30.0, connect=5.0, pool=10.0)
         self._clients: OrderedDict[str, replicate.Client] = OrderedDict()
+        self._rejected: OrderedDict[str, float] = OrderedDict()
+        self._on_rejected: list[Callable[[str], None]] = []
+        self._clock = clock
         self._lock = threading.Lock()
 
     def get(self, token: str) -> replicate.Client:
-        """Return the client for this token, building (and warming) it once."""
+        """Return the client for this token, building (and warming) it once; raise
+        TokenRejected while Replicate's last word on the token was a 401."""
         key = account_key(token)
         with self._lock:
+            remaining = self._rejection_left(key)
+            if remaining is not None:
+                raise TokenRejected(remaining)
             client = self._clients.get(key)
             if client is None:
                 client = self._build(token)
@@ -298,6 +329,49 @@ class ClientPool:
                     self._clients.popitem(last=False)
             self._clients.move_to_end(key)
             return client
+
+    def forget(self, account: str) -> None:
+        """Drop the account's client (its work ended); a later call builds a new one."""
+        with self._lock:
+            self._clients.pop(account, None)
+
+    def cached(self) -> int:
+        """How many clients are kept."""
+        with self._lock:
+            return len(self._clients)
+
+    def on_rejected(self, callback: Callable[[str], None]) -> None:
+        """Call back with the account (outside the lock) when its token gets a 401."""
+        self._on_rejected.append(callback)
+
+    def reject(self, account: str) -> None:
+        """Replicate answered 401 for this account: refuse its work for REJECTED_SECONDS."""
+        with self._lock:
+            self._clients.pop(account, None)
+            self._rejected.pop(account, None)
+            self._rejected[account] = self._clock() + REJECTED_SECONDS
+            while len(self._rejected) > MAX_REJECTED:
+                self._rejected.popitem(last=False)
+        log.warning("replicate rejected the token of account=%s (401); refusing it for %.0fs",
+                    account, REJECTED_SECONDS)
+        for callback in self._on_rejected:
+            try:
+                callback(account)
+            except Exception:  # noqa: BLE001 - the item still fails as unauthorized
+                log.exception("handling the rejection of account=%s failed", account)
+
+    def rejected_for(self, account: str) -> float | None:
+        """Seconds the account is still refused for, or None."""
+        with self._lock:
+            return self._rejection_left(account)
+
+    def _rejection_left(self, account: str) -> float | None:
+        """Caller holds the lock; expired entries are dropped (oldest first, they expire first)."""
+        now = self._clock()
+        while self._rejected and next(iter(self._rejected.values())) <= now:
+            self._rejected.popitem(last=False)
+        until = self._rejected.get(account)
+        return None if until is None else until - now
 
     def _build(self, token: str) -> replicate.Client:
         transport = GuardedTransport(self._timeout, self._max_connections)
@@ -490,7 +564,7 @@ def _send_create(client: replicate.Client, job: Job, rt: Runtime, deadline: floa
         return client.models.predictions.create(
             model=job.spec.ref, input=job.input, wait=_sync_wait(rt, deadline)), True
     except ReplicateError as exc:
-        attempt.error = _describe(exc)
+        attempt.error = _describe(exc, job.token)
         if (exc.status or 0) >= 500:
             # A 502/504 can come back after the prediction was made.
             return None, False
@@ -514,6 +588,7 @@ def _created(job: Job, rt: Runtime, attempt: Attempt, prediction: Any, hooks: Ho
     attempt.error = None
     hooks.on_created(attempt)
     rt.manager.create_accepted(job.account)
+    metrics.prediction_created(job.spec.id)
     log.info("prediction %s model=%s account=%s", prediction.id, job.spec.ref, job.account)
     return prediction
 
@@ -592,9 +667,12 @@ def _handle_create_error(exc: ReplicateError, job: Job, rt: Runtime) -> None:
         log.warning("replicate throttled creates for account=%s; backing off %.1fs",
                     job.account, retry_after)
         return
+    if status == 401:
+        rt.clients.reject(job.account)
     if status in NOT_RETRIED:
-        raise GenerationError(NOT_RETRIED[status], _describe(exc), upstream_status=status)
-    raise GenerationError("upstream_error", _describe(exc), upstream_status=status)
+        raise GenerationError(NOT_RETRIED[status], _describe(exc, job.token),
+                              upstream_status=status)
+    raise GenerationError("upstream_error", _describe(exc, job.token), upstream_status=status)
 
 
 def _raise_after_too_many(count: int, message: str, status: int | None = None) -> None:
@@ -613,13 +691,28 @@ def _retry_after_from_detail(exc: ReplicateError) -> float | None:
     return float(match.group(1)) if match else None
 
 
-def _describe(exc: ReplicateError) -> str:
+def _describe(exc: ReplicateError, token: str | None) -> str:
+    """Replicate's error as a message safe to return, store and log."""
     parts = [f"Replicate answered {exc.status}"]
     if exc.title:
         parts.append(exc.title)
     if exc.detail:
         parts.append(exc.detail.strip())
-    return ": ".join(parts)
+    return redact_upstream(": ".join(parts), token)
+
+
+# Replicate's token shape, and credentials quoted back after "Bearer"/"Token" (whatever shape).
+TOKEN_SHAPED = re.compile(r"r8_[\w-]{8,}")
+_QUOTED_CREDENTIAL = re.compile(r"(?i)\b(bearer|token)(\s+|\s*[=:]\s*)[^\s\"',;]{8,}")
+
+
+def redact_upstream(text: str, token: str | None) -> str:
+    """Upstream text without the calling token (as sent or URL-encoded) or anything token-shaped."""
+    if token:
+        for spelling in {token, quote(token, safe="")}:
+            text = text.replace(spelling, "[redacted]")
+    text = TOKEN_SHAPED.sub("r8_[redacted]", text)
+    return _QUOTED_CREDENTIAL.sub(r"\1\2[redacted]", text)
 
 
 def _await_terminal(client: replicate.Client, job: Job, rt: Runtime, prediction: Any,
@@ -638,6 +731,7 @@ def _await_terminal(client: replicate.Client, job: Job, rt: Runtime, prediction:
         pause = min(_poll_pause(rt, since), deadline - rt.clock())
         if pause <= 0:
             _cancel(client, job, rt, prediction.id)
+            metrics.prediction_finished(job.spec.id, "deadline_exceeded", rt.clock() - since)
             raise GenerationError(
                 "deadline_exceeded",
                 f"prediction {prediction.id} did not finish within {rt.task_timeout:g} s "
@@ -650,19 +744,22 @@ def _await_terminal(client: replicate.Client, job: Job, rt: Runtime, prediction:
         except DeadlineExceeded:
             continue
         except ReplicateError as exc:
+            if exc.status == 401:
+                rt.clients.reject(job.account)
             if exc.status in (401, 404):
                 # The prediction is gone or not this token's: polling again cannot help.
                 raise GenerationError(NOT_RETRIED[exc.status], f"polling {prediction.id}: "
-                                      f"{_describe(exc)}", prediction_id=prediction.id,
+                                      f"{_describe(exc, job.token)}", prediction_id=prediction.id,
                                       upstream_status=exc.status) from None
             errors += 1
             log.warning("poll of %s failed (%d in a row): %s", prediction.id, errors,
-                        _describe(exc))
+                        _describe(exc, job.token))
         except Exception as exc:  # noqa: BLE001 - a failed poll costs nothing; try again
             errors += 1
             log.warning("poll of %s failed (%d in a row): %s", prediction.id, errors,
                         type(exc).__name__)
-    return _check_terminal(prediction)
+    metrics.prediction_finished(job.spec.id, str(prediction.status), rt.clock() - since)
+    return _check_terminal(prediction, job.token)
 
 
 def _poll_pause(rt: Runtime, since: float) -> float:
@@ -671,7 +768,7 @@ def _poll_pause(rt: Runtime, since: float) -> float:
     return min(rt.poll_interval, max(MIN_POLL_SECONDS, age * POLL_AGE_FRACTION))
 
 
-def _check_terminal(prediction: Any) -> Any:
+def _check_terminal(prediction: Any, token: str | None) -> Any:
     """Turn a failed, canceled or empty prediction into a GenerationError."""
     pid = prediction.id
     if prediction.status == "succeeded":
@@ -679,7 +776,7 @@ def _check_terminal(prediction: Any) -> Any:
             raise GenerationError("empty_output", f"prediction {pid} succeeded with no output "
                                   "(often a safety filter)", prediction_id=pid)
         return prediction
-    error = str(prediction.error or prediction.status)
+    error = redact_upstream(str(prediction.error or prediction.status), token)
     if prediction.status == "failed":
         kind = "content_policy" if any(m in error for m in CONTENT_POLICY_MARKERS) else \
             "model_failed"
@@ -710,7 +807,8 @@ def _download(prediction: Any, job: Job, rt: Runtime, deadline: float) -> list[S
             fallback_ext=f".{fallback}" if isinstance(fallback, str) else None)
     except DownloadError as exc:
         raise GenerationError("download_failed", f"prediction {prediction.id} succeeded but "
-                              f"its output could not be saved: {exc}",
+                              f"its output could not be saved: "
+                              f"{redact_upstream(str(exc), job.token)}",
                               prediction_id=prediction.id) from None
     except OSError as exc:
         raise GenerationError("storage_error", f"prediction {prediction.id} succeeded but "

@@ -173,6 +173,47 @@ def _tasks_mode(body: dict[str, Any], max_items: int, options: Options,
     return tasks
 
 
+class ExpandedRequestTooLarge(ValueError):
+    """The items' inputs, as they would be sent, add up to more than the server allows."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"The request expands to {size} bytes of model input across its items "
+                         f"(shared values counted once per item); at most {limit} "
+                         "(MAX_EXPANDED_REQUEST_BYTES)")
+        self.size = size
+        self.limit = limit
+
+
+def check_expanded_size(tasks: list[Task], limit: int) -> None:
+    """Refuse a request whose items' inputs, as sent, add up to more than `limit` bytes."""
+    sizes: dict[int, int] = {}
+    total = 0
+    for task in tasks:
+        total += _json_size(task.input, sizes)
+        if total > limit:
+            raise ExpandedRequestTooLarge(total, limit)
+
+
+# Strings this long are measured once per object: items share them rather than copy them.
+_MEASURED_ONCE_CHARS = 1024
+
+
+def _json_size(value: object, sizes: dict[int, int]) -> int:
+    """len(json.dumps(value)) without building it (the tasks keep every id() alive)."""
+    if isinstance(value, str) and len(value) >= _MEASURED_ONCE_CHARS:
+        if id(value) not in sizes:
+            sizes[id(value)] = len(json.dumps(value))
+        return sizes[id(value)]
+    if isinstance(value, dict):
+        inner = sum(_json_size(str(k), sizes) + 2 + _json_size(v, sizes)
+                    for k, v in value.items())
+        return 2 + inner + 2 * max(0, len(value) - 1)
+    if isinstance(value, list):
+        inner = sum(_json_size(v, sizes) for v in value)
+        return 2 + inner + 2 * max(0, len(value) - 1)
+    return len(json.dumps(value))
+
+
 def check_unique_names(tasks: list[Task]) -> None:
     """Two items may not write the same file, including the `_N` names of multi-output items."""
     seen: dict[str, int] = {}

@@ -38,8 +38,11 @@ class Settings:
     sync_wait_seconds: int = 10
     max_batch_size: int = 1000
     max_request_bytes: int = 16 * 1024 * 1024
+    # The items' inputs as sent, summed: a shared 16 MiB image must not fan out 1,000 times.
+    max_expanded_request_bytes: int = 256 * 1024 * 1024
     dispatch_threads: int = 128
     max_queued_tasks: int = 10000
+    max_queued_per_account: int = 2000
     log_level: str = "INFO"
     job_retention_seconds: float = 7 * 86400.0
     shutdown_grace_seconds: float = 20.0
@@ -48,6 +51,9 @@ class Settings:
     webhook_retry_base_seconds: float = 5.0
     webhook_timeout_seconds: float = 10.0
     fallback_chains: str | None = None
+    log_format: str = "text"
+    metrics_access: str = "admin"
+    metrics_token: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -90,9 +96,15 @@ class Settings:
             max_request_bytes=env.required_int(
                 "MAX_REQUEST_BYTES", cls.max_request_bytes, 1024, 1024**3
             ),
+            max_expanded_request_bytes=env.required_int(
+                "MAX_EXPANDED_REQUEST_BYTES", cls.max_expanded_request_bytes, 1024, 64 * 1024**3
+            ),
             dispatch_threads=env.required_int("DISPATCH_THREADS", cls.dispatch_threads, 1, 4096),
             max_queued_tasks=env.required_int(
                 "MAX_QUEUED_TASKS", cls.max_queued_tasks, 1, 10_000_000
+            ),
+            max_queued_per_account=env.required_int(
+                "MAX_QUEUED_TASKS_PER_ACCOUNT", cls.max_queued_per_account, 1, 10_000_000
             ),
             log_level=env.choice(
                 "LOG_LEVEL", cls.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -114,7 +126,19 @@ class Settings:
                 "WEBHOOK_TIMEOUT_SECONDS", cls.webhook_timeout_seconds, 0.1, 120
             ),
             fallback_chains=env.text("REPLICATE_FALLBACK_CHAINS", "") or None,
+            log_format=env.choice("LOG_FORMAT", cls.log_format.upper(), ("TEXT", "JSON")).lower(),
+            metrics_access=_metrics_access(env),
+            metrics_token=env.secret("METRICS_TOKEN"),
         )
+
+
+def _metrics_access(env: _Env) -> str:
+    """METRICS_ACCESS: admin, token (then METRICS_TOKEN is required) or open."""
+    access = env.choice("METRICS_ACCESS", "ADMIN", ("ADMIN", "TOKEN", "OPEN")).lower()
+    token = env.secret("METRICS_TOKEN")
+    if access == "token" and (token is None or len(token) < 16):
+        raise SettingsError("METRICS_ACCESS=token needs METRICS_TOKEN (at least 16 characters)")
+    return access
 
 
 class _Env:

@@ -11,16 +11,74 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.request import pathname2url
 
 log = logging.getLogger(__name__)
 
-# Transactions here last microseconds; this only matters under heavy contention, and a writer
-# that waits this long means something is wrong.
-BUSY_TIMEOUT_S = 10.0
+# One wait inside SQLite's busy handler; longer locks are retried above it, with jitter.
+BUSY_TIMEOUT_S = 0.5
+# How long a caller that can be answered (an HTTP request) waits for the write lock in all.
+WRITE_PATIENCE_S = 5.0
+# The WAL switch at start-up waits longer: nobody is answered until it is done.
+STARTUP_PATIENCE_S = 30.0
+RETRY_PAUSE_MAX_S = 0.25
+STORE_BUSY_RETRY_AFTER_S = 2
 _BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
+
+
+class StoreBusy(Exception):
+    """The state file stayed locked by another writer longer than this caller may wait."""
+
+    retry_after = STORE_BUSY_RETRY_AFTER_S
+
+
+_patience = threading.local()
+
+
+@contextmanager
+def patient_writes() -> Iterator[None]:
+    """Inside, this thread's writes are retried until they succeed, never StoreBusy: for work
+    no caller waits on and that must not be lost (an item's run, a prediction id)."""
+    previous = getattr(_patience, "on", False)
+    _patience.on = True
+    try:
+        yield
+    finally:
+        _patience.on = previous
+
+
+def is_busy(exc: BaseException) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED (extended codes included)."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in _BUSY_CODES
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def retry_while_busy(step: Callable[[], object], *, patience: float | None) -> None:
+    """Run `step` until it is not refused as busy; StoreBusy after `patience` seconds (None:
+    never give up). Full jitter keeps waiting writers from retrying in lockstep."""
+    give_up = None if patience is None else time.monotonic() + patience
+    tries = 0
+    while True:
+        try:
+            step()
+            return
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc):
+                raise
+            tries += 1
+            if give_up is not None and time.monotonic() >= give_up:
+                raise StoreBusy("the state file is busy; try again shortly") from exc
+            if tries % 40 == 0:
+                log.warning("the state file has been locked by another writer for %d tries",
+                            tries)
+            time.sleep(random.uniform(0, min(RETRY_PAUSE_MAX_S, 0.005 * 2**tries)))  # noqa: S311
 
 
 class Database:
@@ -54,19 +112,38 @@ class Database:
         return conn
 
     @contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
+    def write(self, *, patient: bool = False) -> Iterator[sqlite3.Connection]:
         """A short write transaction; IMMEDIATE takes the write lock up front so that
-        read-then-write never fails half way with SQLITE_BUSY."""
+        read-then-write never fails half way with SQLITE_BUSY.
+
+        Waiting for the lock (and a COMMIT refused as busy, which keeps the transaction) is
+        retried: up to WRITE_PATIENCE_S, then StoreBusy; without limit when `patient` or inside
+        `patient_writes()`.
+        """
         conn = self.connection()
-        conn.execute("BEGIN IMMEDIATE")
+        patience = None if patient or getattr(_patience, "on", False) else WRITE_PATIENCE_S
+        retry_while_busy(lambda: conn.execute("BEGIN IMMEDIATE"), patience=patience)
         try:
             yield conn
-            conn.execute("COMMIT")
+            retry_while_busy(lambda: conn.execute("COMMIT"), patience=patience)
         except BaseException:
             # Never leave a transaction open on this thread's connection.
             if conn.in_transaction:
                 conn.rollback()
             raise
+
+    def probe_write(self, timeout: float = 2.0) -> None:
+        """Open the path anew (a replaced or unwritable file shows only there) and write;
+        mode=rw: a file that has gone is an error, never silently created again."""
+        uri = "file:" + pathname2url(os.path.abspath(self.path)) + "?mode=rw"
+        conn = sqlite3.connect(uri, timeout=timeout, isolation_level=None, uri=True)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("CREATE TABLE IF NOT EXISTS ready_probe (id INTEGER PRIMARY KEY, at REAL)")
+            conn.execute("INSERT OR REPLACE INTO ready_probe VALUES (1, ?)", (time.time(),))
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
@@ -75,6 +152,11 @@ class Database:
         conn.execute("BEGIN")
         try:
             yield conn
+        except sqlite3.OperationalError as exc:
+            # Rare in WAL (recovery, a checkpoint); the caller may try again.
+            if is_busy(exc):
+                raise StoreBusy("the state file is busy; try again shortly") from exc
+            raise
         finally:
             if conn.in_transaction:
                 conn.rollback()
@@ -86,7 +168,7 @@ def enable_wal(conn: sqlite3.Connection) -> None:
     When several workers open a brand-new file at once, the switch can fail with SQLITE_BUSY
     without consulting the busy handler, so retry briefly. Start-up only; no lock is held.
     """
-    give_up = time.monotonic() + BUSY_TIMEOUT_S
+    give_up = time.monotonic() + STARTUP_PATIENCE_S
     while True:
         try:
             row = conn.execute("PRAGMA journal_mode = WAL").fetchone()

@@ -164,7 +164,7 @@ def test_unknown_model_lists_the_supported_ones(client: FlaskClient) -> None:
     assert response.status_code == 400
     assert response.get_json() == {
         "error": "Model 'invalid-model' not supported", "field": "model_name",
-        "supported_models": sorted(MODELS)}
+        "supported_models": sorted(MODELS), "request_id": response.headers["X-Request-ID"]}
 
 
 def test_malformed_requests_get_the_right_4xx(client: FlaskClient, sim: Simulator) -> None:

@@ -31,7 +31,8 @@ def test_missing_or_wrong_keys_get_401_with_the_seed_message(
         for path in ("/generate", "/generate-batch", "/configure"):
             response = client.post(path, json=SIMPLE, headers=headers)
             assert response.status_code == 401, (path, headers)
-            assert response.get_json() == {"error": AUTH_MESSAGE}
+            assert response.get_json() == {"error": AUTH_MESSAGE,
+                                           "request_id": response.headers["X-Request-ID"]}
     assert sim.predictions() == []
 
 

@@ -27,26 +27,46 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from replicate_generation.dispatcher import QueueFull, ShuttingDown
 from replicate_generation.generation import Generator, Resume, Task, TaskResult, execute
 from replicate_generation.jobs import webhooks
-from replicate_generation.jobs.store import ItemOutcome, ItemRow, JobRow, JobStore, NewItem, NewJob
+from replicate_generation.jobs.store import (
+    CANCEL_UNCONFIRMED,
+    ItemOutcome,
+    ItemRow,
+    JobRow,
+    JobStore,
+    NewItem,
+    NewJob,
+)
 from replicate_generation.model_functions import (
+    TERMINAL,
     Attempt,
     GenerationError,
     Hooks,
     Suspended,
+    TokenRejected,
     account_key,
     resolve_model,
 )
+from replicate_generation.observability import (
+    bind_request_id,
+    current_request_id,
+    unbind_request_id,
+)
 from replicate_generation.reconcile import INPUT_RETENTION_SECONDS
+from replicate_generation.request_parsing import check_expanded_size
 from replicate_generation.settings import Settings
+from replicate_generation.sqlite_db import StoreBusy, patient_writes
 
 log = logging.getLogger(__name__)
 
 RETENTION_SWEEP_SECONDS = 60.0
 WEBHOOK_LEASE_SECONDS = 120.0
+# How long a canceled item keeps asking Replicate until its prediction is seen to stop.
+CANCEL_CONFIRM_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -72,7 +92,11 @@ class JobRunner:
         self.store = JobStore(str(settings.state_file))
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self._clock = clock
+        # Tokens of accounts with work here, or not yet checked for orphans; dropped once idle.
         self._tokens: dict[str, str] = {}
+        self._unchecked: set[str] = set()
+        self._server_account = (account_key(settings.replicate_api_token)
+                                if settings.replicate_api_token else None)
         self._done: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         self._running = 0
@@ -82,6 +106,7 @@ class JobRunner:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._last_sweep = 0.0
+        self._watch_accounts()
         if settings.replicate_api_token:
             self.remember(settings.replicate_api_token)
         self.store.heartbeat(self.worker_id, clock())
@@ -94,24 +119,79 @@ class JobRunner:
 
     # -- submitting --------------------------------------------------------------------------
 
+    def _watch_accounts(self) -> None:
+        """Admission per account, and the hooks that free an account's memory or its queue."""
+        dispatcher = self.generator.dispatcher
+        dispatcher.limit_per_account(self.settings.max_queued_per_account)
+        dispatcher.on_idle(self._account_idle)
+        self.generator.runtime.clients.on_rejected(self._fail_rejected_account)
+
     def remember(self, token: str) -> None:
-        """Keep a caller's token in memory so that its orphaned jobs can resume here."""
+        """Keep a caller's token in memory until its orphaned jobs were looked for and its work
+        here ended, so that its orphaned jobs can resume here."""
         account = account_key(token)
+        if self.generator.runtime.clients.rejected_for(account) is not None:
+            return  # Replicate refuses it: nothing could resume with it
         with self._lock:
             known = account in self._tokens
             self._tokens[account] = token
+            if not known:
+                self._unchecked.add(account)
         if not known:
             self._wake.set()
+
+    def held(self) -> dict[str, int]:
+        """What this process keeps in memory per account: clients and remembered tokens."""
+        with self._lock:
+            remembered = len(self._tokens)
+        return {"clients_cached": self.generator.runtime.clients.cached(),
+                "tokens_remembered": remembered}
+
+    def _account_idle(self, account: str) -> None:
+        """The account has nothing queued or running here: keep nothing for it."""
+        if account == self._server_account:
+            return  # one, from the settings: its warm client is worth keeping
+        self.generator.runtime.clients.forget(account)
+        with self._lock:
+            if account not in self._unchecked:
+                self._tokens.pop(account, None)
+
+    def _forget_idle(self, accounts: set[str]) -> None:
+        """Drop the tokens of these (just checked) accounts unless they still have work here."""
+        dispatcher = self.generator.dispatcher
+        idle = [a for a in accounts if a != self._server_account and not dispatcher.busy(a)]
+        with self._lock:
+            for account in idle:
+                if account not in self._unchecked:
+                    self._tokens.pop(account, None)
+        for account in idle:
+            self.generator.runtime.clients.forget(account)
+
+    def _fail_rejected_account(self, account: str) -> None:
+        """Replicate answered 401 for this account: its queued items fail now, unsent."""
+        dropped = self.generator.dispatcher.discard(account)
+        outcome = ItemOutcome(state="failed", error="Replicate rejected this API token (401); "
+                              "not sent", error_type="replicate_unauthorized")
+        jobs = self.store.fail_queued_items(self.worker_id, account, outcome, self._clock())
+        log.info("account=%s rejected: %d queued items of %d jobs failed unsent", account,
+                 dropped, len(jobs))
+        for job_id in jobs:
+            self._close_if_done(job_id)
 
     def submit(self, token: str, submission: Submission) -> tuple[JobRow, bool]:
         """Record the job durably, then start it; returns (job, created)."""
         if self._stopping:
             raise ShuttingDown
+        check_expanded_size(submission.tasks, self.settings.max_expanded_request_bytes)
+        refused_for = self.generator.runtime.clients.rejected_for(account_key(token))
+        if refused_for is not None:
+            raise TokenRejected(refused_for)
         self.remember(token)
         request_id, _ = self.generator.new_request_dir()
         new = NewJob(id="job_" + secrets.token_urlsafe(16), account=account_key(token),
                      kind=submission.kind, request_id=request_id,
-                     items=[NewItem(spec=t.to_record()) for t in submission.tasks],
+                     items=[NewItem(spec={**t.to_record(), "http_request_id": current_request_id()})
+                            for t in submission.tasks],
                      idempotency_key=submission.idempotency_key,
                      request_hash=submission.request_hash, webhook_url=submission.webhook_url,
                      webhook_private=submission.webhook_private, origin=self.origin)
@@ -127,7 +207,7 @@ class JobRunner:
 
     def _queue(self, job: JobRow, token: str) -> None:
         """Queue the job's open items on the dispatcher (in input order), all or none."""
-        indexes = [item.index for item in self.store.items(job.id, only_open=True)]
+        indexes = self.store.open_indexes(job.id)
         if not indexes:
             self._close_if_done(job.id)
             return
@@ -149,8 +229,11 @@ class JobRunner:
         with self._lock:
             self._running += 1
         try:
-            self._run_item_inner(job, index, token)
+            # No caller waits on an item: its writes wait out a busy file, never fail it.
+            with patient_writes():
+                self._run_item_inner(job, index, token)
         finally:
+            unbind_request_id()  # pool threads are reused by other jobs
             with self._lock:
                 self._running -= 1
                 self._idle.notify_all()
@@ -162,6 +245,7 @@ class JobRunner:
         if item is None:
             self._close_if_done(job.id)
             return
+        bind_request_id(item.spec.get("http_request_id"))  # the job's log lines carry its id
         task = Task.from_record(index, item.spec)
         result = TaskResult(task=task, attempts=[Attempt(**a) for a in item.attempts])
         resume = _resume_point(item, result.attempts)
@@ -186,8 +270,40 @@ class JobRunner:
             log.exception("job %s item %d failed unexpectedly", job.id, index)
             result.error = GenerationError("internal_error", f"internal error: "
                                            f"{type(exc).__name__}")
+        self._confirm_cancel(job, token, result)
         self.store.finish_item(job.id, index, _outcome(result), self._clock())
         self._close_if_done(job.id)
+
+    def _confirm_cancel(self, job: JobRow, token: str, result: TaskResult) -> None:
+        """A canceled item is "canceled" only once its prediction is seen to stop on Replicate;
+        otherwise it says the prediction may still run."""
+        error = result.error
+        if error is None or error.kind != "canceled" or error.prediction_id is None:
+            return
+        if self._prediction_stopped(job.account, token, error.prediction_id):
+            return
+        result.error = GenerationError(
+            CANCEL_UNCONFIRMED, f"prediction {error.prediction_id} was asked to cancel but was "
+            f"not seen to stop within {CANCEL_CONFIRM_SECONDS:g} s; it may still be running on "
+            "Replicate", prediction_id=error.prediction_id)
+
+    def _prediction_stopped(self, account: str, token: str, prediction_id: str) -> bool:
+        """Poll the prediction (canceling it again while it runs) until it is terminal."""
+        client = self.generator.runtime.clients.get(token)
+        give_up = time.monotonic() + CANCEL_CONFIRM_SECONDS
+        pause = 0.2
+        while True:
+            try:
+                self.generator.manager.wait_for_poll(account, self._clock() + pause + 5.0)
+                if client.predictions.get(prediction_id).status in TERMINAL:
+                    return True
+                client.predictions.cancel(prediction_id)
+            except Exception as exc:  # noqa: BLE001 - asked again until the deadline
+                log.warning("confirming the cancel of %s: %s", prediction_id, type(exc).__name__)
+            if time.monotonic() + pause > give_up:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
 
     def _owns(self, job_id: str) -> bool:
         """Still this process's job? A process whose heartbeat stalled past the TTL may have
@@ -237,9 +353,13 @@ class JobRunner:
                 self._done.pop(job_id, None)
 
     def cancel(self, job_id: str) -> JobRow | None:
-        """Drop queued items now; running ones are canceled on Replicate by their runner."""
+        """Drop queued items now; running ones are canceled on Replicate by their runner (also
+        those whose create is held or whose id is being stored: they look before polling)."""
         self.store.request_cancel(job_id, self._clock())
-        self._close_if_done(job_id)
+        try:
+            self._close_if_done(job_id)
+        except StoreBusy:
+            pass  # the cancel is stored; the job's last item closes it
         return self.store.get(job_id)
 
     # -- background: heartbeat, recovery, retention ----------------------------------------
@@ -266,12 +386,16 @@ class JobRunner:
     def _resume_orphans(self, now: float) -> None:
         with self._lock:
             tokens = dict(self._tokens)
+            checked = set(self._unchecked)
         for job_id in self.store.claim_orphans(self.worker_id, tokens, now,
                                                self.settings.lease_ttl_seconds, self.origin):
             job = self.store.get(job_id)
             if job is not None:
                 log.info("resuming job %s (%s)", job.id, job.counts)
                 self._resume(job, tokens[job.account])
+        with self._lock:
+            self._unchecked -= checked
+        self._forget_idle(checked)
 
     def purge_expired(self, now: float) -> int:
         """Delete jobs (and their files) that finished longer ago than the retention."""
@@ -359,7 +483,8 @@ class JobRunner:
             "prompt": spec["input"].get("prompt"),
             "seed": spec["input"].get("seed"),
             "files": [(shown / f).as_posix() for f in item.files],
-            "urls": [f"{url_root}/files/{f}" for f in item.files],
+            # Percent-encoded: a name may hold '#', '%' or ' ', and /files decodes once.
+            "urls": [f"{url_root}/files/{quote(f)}" for f in item.files],
             "count": len(item.files),
             "model_requested": spec["requested"],
             "model_used": item.model_used,

@@ -7,9 +7,10 @@ prediction id is polled, never created again. Nothing here calls Replicate.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,13 @@ from replicate_generation.sqlite_db import Database
 ITEM_STATES = ("queued", "running", "succeeded", "failed", "canceled")
 ITEM_TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 JOB_TERMINAL = frozenset({"succeeded", "partially_failed", "failed", "canceled"})
+# A job asked to cancel whose items have not all ended (a prediction may still run).
+CANCEL_REQUESTED = "cancel_requested"
+# An item whose prediction was canceled but never seen to stop on Replicate.
+CANCEL_UNCONFIRMED = "cancel_unconfirmed"
+# Input strings at least this long are stored once per job and referenced from each item's spec.
+SHARED_VALUE_MIN_CHARS = 1024
+_SHARED_REF = "$shared"
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS jobs (
@@ -73,6 +81,13 @@ _SCHEMA = (
         job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE
     )""",
     "CREATE INDEX IF NOT EXISTS job_files_by_job ON job_files(job_id)",
+    # Values the items of a job share (a reference image...), once each, by sha256 digest.
+    """CREATE TABLE IF NOT EXISTS job_values (
+        job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        digest TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (job_id, digest)
+    )""",
     """CREATE TABLE IF NOT EXISTS job_workers (
         id TEXT PRIMARY KEY,
         heartbeat_at REAL NOT NULL
@@ -186,7 +201,7 @@ class JobStore:
 
     def __init__(self, path: str) -> None:
         self._db = Database(path)
-        with self._db.write() as conn:
+        with self._db.write(patient=True) as conn:
             for statement in _SCHEMA:
                 conn.execute(statement)
 
@@ -196,8 +211,9 @@ class JobStore:
         """Insert a job and its items at once; with a known Idempotency-Key return that job.
 
         Returns (job, created). Raises IdempotencyConflict when the key was used with another
-        body.
+        body. The rows are built before the write lock is taken, so the transaction stays short.
         """
+        rows, values = _pack_items(job.id, job.items)
         with self._db.write() as conn:
             if job.idempotency_key is not None:
                 existing = conn.execute(
@@ -216,10 +232,11 @@ class JobStore:
                 (job.id, job.account, job.kind, job.origin, job.request_id, len(job.items),
                  owner, now, job.idempotency_key, job.request_hash, job.webhook_url,
                  int(job.webhook_private)))
+            conn.executemany("INSERT OR IGNORE INTO job_values (job_id, digest, value)"
+                             " VALUES (?, ?, ?)", values)
             conn.executemany(
                 "INSERT INTO job_items (job_id, idx, spec, state, queued_at)"
-                " VALUES (?, ?, ?, 'queued', ?)",
-                [(job.id, i, json.dumps(item.spec), now) for i, item in enumerate(job.items)])
+                " VALUES (?, ?, ?, 'queued', ?)", [(*row, now) for row in rows])
             created = _job(conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?",
                                         (job.id,)).fetchone())
             created.counts = _counts(conn, job.id)
@@ -242,13 +259,23 @@ class JobStore:
         with self._db.read() as conn:
             rows = conn.execute(f"SELECT {_ITEM_COLUMNS} FROM job_items WHERE job_id = ?{where}"
                                 " ORDER BY idx", (job_id,)).fetchall()
-        return [_item(r) for r in rows]
+            # One copy of each shared value for all the items, however many there are.
+            values = dict(conn.execute("SELECT digest, value FROM job_values WHERE job_id = ?",
+                                       (job_id,)).fetchall())
+        return [_item(r, values) for r in rows]
+
+    def open_indexes(self, job_id: str) -> list[int]:
+        """The items not yet ended, in input order (without loading their specs)."""
+        with self._db.read() as conn:
+            rows = conn.execute("SELECT idx FROM job_items WHERE job_id = ? AND state IN"
+                                " ('queued', 'running') ORDER BY idx", (job_id,)).fetchall()
+        return [int(r[0]) for r in rows]
 
     def item(self, job_id: str, index: int) -> ItemRow | None:
         with self._db.read() as conn:
             row = conn.execute(f"SELECT {_ITEM_COLUMNS} FROM job_items WHERE job_id = ? AND"
                                " idx = ?", (job_id, index)).fetchone()
-        return _item(row) if row is not None else None
+            return _item(row, _values_of(conn, job_id, row)) if row is not None else None
 
     def list_jobs(self, account: str | None, limit: int,
                   after: tuple[float, str] | None = None) -> list[JobRow]:
@@ -300,15 +327,19 @@ class JobStore:
                          (now, job_id, index))
             conn.execute("UPDATE jobs SET state = 'running', started_at = COALESCE(started_at, ?)"
                          " WHERE id = ? AND state = 'queued'", (now, job_id))
-        item = _item(row)
+        with self._db.read() as conn:
+            item = _item(row, _values_of(conn, job_id, row))
         item.state = "running"
         item.started_at = item.started_at or now
         return item
 
     def record_attempts(self, job_id: str, index: int, attempts: list[dict[str, Any]],
                         prediction: tuple[str, str] | None) -> None:
-        """Write the attempts so far, and the prediction now in flight (id, model) or none."""
-        with self._db.write() as conn:
+        """Write the attempts so far, and the prediction now in flight (id, model) or none.
+
+        Retried until it is stored, however busy the file: the create it records is paid for.
+        """
+        with self._db.write(patient=True) as conn:
             conn.execute("UPDATE job_items SET attempts = ?, prediction_id = ?,"
                          " prediction_model = ? WHERE job_id = ? AND idx = ?",
                          (json.dumps(attempts), prediction[0] if prediction else None,
@@ -345,7 +376,7 @@ class JobStore:
             if counts["queued"] or counts["running"]:
                 return None
             job = _job(row)
-            job.state = _final_state(job, counts)
+            job.state = _final_state(job, counts, _unconfirmed_cancels(conn, job_id))
             job.finished_at = now
             job.counts = counts
             webhook = "pending" if job.webhook_url else None
@@ -382,33 +413,56 @@ class JobStore:
             conn.execute("UPDATE jobs SET owner = NULL WHERE owner = ?", (worker,))
             conn.execute("DELETE FROM job_workers WHERE id = ?", (worker,))
 
-    def claim_orphans(self, worker: str, accounts: Iterable[str], now: float, ttl: float,
+    def claim_orphans(self, worker: str, accounts: Container[str], now: float, ttl: float,
                       origin: str = "service") -> list[str]:
         """Take over open jobs whose owner is gone, for accounts this worker can pay with.
 
+        The orphans are read first and matched against `accounts` here, so the query never grows
+        with the number of accounts (an `IN (...)` of them would pass SQLite's variable limit).
         Only jobs of the same origin: a script on the host never takes over the service's jobs
         (it would write them into its own output directory), nor the service a script's.
         """
-        wanted = list(accounts)
-        if not wanted:
-            return []
-        marks = ", ".join("?" for _ in wanted)
         with self._db.write() as conn:
             conn.execute("DELETE FROM job_workers WHERE heartbeat_at < ?", (now - ttl,))
             rows = conn.execute(
-                "SELECT id FROM jobs WHERE state IN ('queued', 'running') AND origin = ?"
-                f" AND account IN ({marks})"
-                " AND (owner IS NULL OR owner NOT IN (SELECT id FROM job_workers))",
-                [origin, *wanted]).fetchall()
-            ids = [str(r[0]) for r in rows]
+                "SELECT id, account FROM jobs WHERE state IN ('queued', 'running')"
+                " AND origin = ? AND (owner IS NULL OR owner NOT IN (SELECT id FROM job_workers))",
+                (origin,)).fetchall()
+            ids = [str(r[0]) for r in rows if r[1] in accounts]
             conn.executemany("UPDATE jobs SET owner = ? WHERE id = ?", [(worker, i) for i in ids])
         return ids
+
+    def fail_queued_items(self, worker: str, account: str, outcome: ItemOutcome,
+                          now: float) -> list[str]:
+        """End every queued item of the account's open jobs this worker owns with `outcome`
+        (at once, nothing is sent anywhere); return the ids of the jobs touched."""
+        with self._db.write() as conn:
+            jobs = [str(r[0]) for r in conn.execute(
+                "SELECT id FROM jobs WHERE account = ? AND owner = ?"
+                " AND state IN ('queued', 'running')", (account, worker))]
+            conn.executemany(
+                "UPDATE job_items SET state = ?, error = ?, error_type = ?, finished_at = ?"
+                " WHERE job_id = ? AND state = 'queued'",
+                [(outcome.state, outcome.error, outcome.error_type, now, job_id)
+                 for job_id in jobs])
+        return jobs
 
     def release_job(self, job_id: str, worker: str) -> None:
         """Give a job back to the pool of orphans (this worker could not queue it)."""
         with self._db.write() as conn:
             conn.execute("UPDATE jobs SET owner = NULL WHERE id = ? AND owner = ?",
                          (job_id, worker))
+
+    def state_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(jobs by state, items by state) across every process: what /metrics shows."""
+        with self._db.read() as conn:
+            jobs = dict(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
+            items = dict(conn.execute("SELECT state, COUNT(*) FROM job_items GROUP BY state"))
+        return jobs, items
+
+    def probe_write(self) -> None:
+        """Raise unless the state file can be opened and written afresh (readiness)."""
+        self._db.probe_write()
 
     # -- webhooks --------------------------------------------------------------------------
 
@@ -449,21 +503,30 @@ class JobStore:
         return [(str(r[0]), str(r[1])) for r in rows]
 
     def delete(self, job_ids: Sequence[str]) -> None:
-        with self._db.write() as conn:
-            for table, column in (("job_files", "job_id"), ("job_items", "job_id"),
-                                  ("jobs", "id")):
-                conn.executemany(f"DELETE FROM {table} WHERE {column} = ?",  # noqa: S608
-                                 [(i,) for i in job_ids])
+        """Remove jobs one transaction each, so a big purge never holds the lock for long."""
+        for job_id in job_ids:
+            with self._db.write() as conn:
+                for table, column in (("job_files", "job_id"), ("job_values", "job_id"),
+                                      ("job_items", "job_id"), ("jobs", "id")):
+                    conn.execute(f"DELETE FROM {table} WHERE {column} = ?",  # noqa: S608
+                                 (job_id,))
 
 
-def _final_state(job: JobRow, counts: dict[str, int]) -> str:
-    if job.cancel_requested_at is not None:
+def _final_state(job: JobRow, counts: dict[str, int], unconfirmed: int = 0) -> str:
+    # "canceled" only when no prediction of the job may still be running on Replicate.
+    if job.cancel_requested_at is not None and not unconfirmed:
         return "canceled"
     if counts["succeeded"] == job.item_count:
         return "succeeded"
     if counts["succeeded"] == 0:
         return "failed"
     return "partially_failed"
+
+
+def _unconfirmed_cancels(conn: sqlite3.Connection, job_id: str) -> int:
+    row = conn.execute("SELECT COUNT(*) FROM job_items WHERE job_id = ? AND error_type = ?",
+                       (job_id, CANCEL_UNCONFIRMED)).fetchone()
+    return int(row[0])
 
 
 def _counts(conn: sqlite3.Connection, job_id: str) -> dict[str, int]:
@@ -475,8 +538,10 @@ def _counts(conn: sqlite3.Connection, job_id: str) -> dict[str, int]:
 
 
 def _job(row: Sequence[Any]) -> JobRow:
+    # Stored as queued/running (so recovery still finds it); shown as what it is.
+    state = CANCEL_REQUESTED if row[10] is not None and row[3] not in JOB_TERMINAL else row[3]
     return JobRow(
-        id=row[0], account=row[1], kind=row[2], state=row[3], request_id=row[4],
+        id=row[0], account=row[1], kind=row[2], state=state, request_id=row[4],
         item_count=int(row[5]), owner=row[6], created_at=float(row[7]), started_at=row[8],
         finished_at=row[9], cancel_requested_at=row[10], idempotency_key=row[11],
         request_hash=row[12], webhook_url=row[13], webhook_private=bool(row[14]),
@@ -484,10 +549,82 @@ def _job(row: Sequence[Any]) -> JobRow:
         webhook_error=row[18])
 
 
-def _item(row: Sequence[Any]) -> ItemRow:
+def _item(row: Sequence[Any], values: dict[str, str]) -> ItemRow:
     return ItemRow(
-        job_id=row[0], index=int(row[1]), spec=json.loads(row[2]), state=row[3],
+        job_id=row[0], index=int(row[1]), spec=_unpack(json.loads(row[2]), values), state=row[3],
         prediction_id=row[4], prediction_model=row[5], model_used=row[6],
         attempts=json.loads(row[7]), files=json.loads(row[8]), error=row[9], error_type=row[10],
         cost_usd=row[11], placeholder=bool(row[12]), notes=json.loads(row[13]),
         queued_at=float(row[14]), started_at=row[15], finished_at=row[16])
+
+
+# -- shared values: stored once per job, referenced by digest from each item's spec -----------
+
+
+def _pack_items(job_id: str, items: Sequence[NewItem]) -> tuple[list[tuple[str, int, str]],
+                                                                  list[tuple[str, str, str]]]:
+    """Item rows (job, index, spec JSON) with long input strings replaced by references, and
+    the (job, digest, value) rows those references name, each value once."""
+    digests: dict[int, str] = {}  # by id(): 1,000 items sharing one string hash it once
+    values: dict[str, str] = {}
+    rows = [(job_id, index, json.dumps(_pack(item.spec, digests, values)))
+            for index, item in enumerate(items)]
+    return rows, [(job_id, digest, value) for digest, value in values.items()]
+
+
+def _pack(spec: dict[str, Any], digests: dict[int, str], values: dict[str, str]) -> dict[str, Any]:
+    model_input = spec.get("input")
+    if not isinstance(model_input, dict):
+        return spec
+    packed = {name: _pack_value(value, digests, values) for name, value in model_input.items()}
+    return {**spec, "input": packed}
+
+
+def _pack_value(value: Any, digests: dict[int, str], values: dict[str, str]) -> Any:
+    if isinstance(value, list):
+        return [_pack_value(v, digests, values) for v in value]
+    if not isinstance(value, str) or len(value) < SHARED_VALUE_MIN_CHARS:
+        return value
+    digest = digests.get(id(value))
+    if digest is None:
+        digest = hashlib.sha256(value.encode()).hexdigest()
+        digests[id(value)] = digest
+    values.setdefault(digest, value)
+    # Validated inputs hold no objects, so a one-key object is unambiguously a reference.
+    return {_SHARED_REF: digest}
+
+
+def _unpack(spec: Any, values: dict[str, str]) -> Any:
+    """The spec with its references replaced by their values (specs of old rows have none)."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("input"), dict):
+        return spec
+    spec["input"] = {name: _unpack_value(v, values) for name, v in spec["input"].items()}
+    return spec
+
+
+def _unpack_value(value: Any, values: dict[str, str]) -> Any:
+    if isinstance(value, list):
+        return [_unpack_value(v, values) for v in value]
+    if isinstance(value, dict) and set(value) == {_SHARED_REF}:
+        return values[value[_SHARED_REF]]
+    return value
+
+
+def _references(value: Any) -> set[str]:
+    if isinstance(value, list):
+        return set().union(*(_references(v) for v in value)) if value else set()
+    if isinstance(value, dict):
+        if set(value) == {_SHARED_REF}:
+            return {str(value[_SHARED_REF])}
+        return set().union(*(_references(v) for v in value.values())) if value else set()
+    return set()
+
+
+def _values_of(conn: sqlite3.Connection, job_id: str, row: Sequence[Any]) -> dict[str, str]:
+    """Only the shared values one item's spec refers to."""
+    wanted = sorted(_references(json.loads(row[2])))
+    if not wanted:
+        return {}
+    marks = ", ".join("?" for _ in wanted)
+    return dict(conn.execute(f"SELECT digest, value FROM job_values WHERE job_id = ?"  # noqa: S608
+                             f" AND digest IN ({marks})", [job_id, *wanted]).fetchall())

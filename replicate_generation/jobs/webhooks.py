@@ -43,6 +43,8 @@ import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 from urllib3.util import parse_url
 
+from replicate_generation import metrics
+
 if TYPE_CHECKING:
     from requests.adapters import _HostParams, _PoolKwargs
 
@@ -575,6 +577,7 @@ def deliver(
     finally:
         if own_session:
             http.close()
+    metrics.webhook_delivery("delivered" if result.ok else "failed")
     return _scrub(result, secret)
 
 
