@@ -77,6 +77,15 @@ bind = [_bind_address(_host, _port)]
 worker_class = "gthread"
 threads = _env_int("GUNICORN_THREADS", 16)
 
+# A worker holds at most one connection per thread. gthread reads a request head in a pool thread
+# with no deadline, so a client that sends half a request line holds its thread until it hangs up;
+# a worker whose threads are all held this way then stops accepting (rather than queueing new
+# connections behind them), and the kernel hands them to a worker with a free thread. That is all
+# gunicorn can do: WEB_CONCURRENCY x GUNICORN_THREADS such clients stop the service until they
+# hang up, which is why deploy/nginx.conf (client_header_timeout, client_body_timeout, request
+# buffering) fronts it in docker-compose.yml. It also means no kept-alive connections (below).
+worker_connections = threads
+
 # More than one process is safe because the limits live in the shared SQLite STATE_FILE, not in
 # process memory. Two workers keep the service up while one restarts. Note that gunicorn itself
 # parses WEB_CONCURRENCY when it is imported (its default for `workers`), so a non-integer value
@@ -103,6 +112,20 @@ timeout = 30
 # exit) before Docker's SIGKILL; a bare `docker stop` waits only 10 s unless given `-t 35`.
 # Longer requests are cut off at shutdown.
 graceful_timeout = 30
+
+# No keep-alive: with one connection per thread an idle kept-alive connection would block accept.
+# It also bounds a connection that sends nothing: gthread waits 5 s for its first byte in a pool
+# thread, then closes it after `keepalive` (0) more seconds. nginx opens a connection per request.
+keepalive = 0
+
+# --- Request limits -----------------------------------------------------------------------------
+
+# gunicorn answers these in HTML; behind deploy/nginx.conf (4 KB request and header lines) the
+# proxy refuses long lines first, in JSON, so these sit at gunicorn's maximum (8190) to stay above.
+limit_request_line = 8190
+limit_request_field_size = 8190
+# gunicorn's default: nginx forwards only the few headers the service reads.
+limit_request_fields = 100
 
 # The heartbeat above is a file touched every second. In a container /tmp is on the overlay (disk)
 # filesystem, where that can block; /dev/shm is tmpfs (the gunicorn docs' advice for Docker).
