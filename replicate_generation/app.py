@@ -39,6 +39,7 @@ from replicate_generation.model_functions import (
     InvalidRequest,
     TokenRejected,
     account_key,
+    resolve_model,
 )
 from replicate_generation.outputs import InvalidName
 from replicate_generation.request_parsing import (
@@ -50,6 +51,7 @@ from replicate_generation.request_parsing import (
     request_hash,
 )
 from replicate_generation.routing import FallbackChains
+from replicate_generation.schemas import ModelPolicy, Resolver, SchemaUnavailable, resolving
 from replicate_generation.settings import Settings, SettingsError
 from replicate_generation.sqlite_db import StoreBusy
 
@@ -114,21 +116,32 @@ def create_app(settings: Settings | None = None) -> Flask:
     runner = JobRunner(settings)
     app.extensions["settings"] = settings
     app.extensions["chains"] = chains
+    app.extensions["model_policy"] = ModelPolicy.parse(settings.model_policy)
     app.extensions["jobs"] = runner
     app.extensions["generator"] = runner.generator
     # gunicorn's worker_exit hook closes it first; this covers every other way of serving.
     atexit.register(runner.close)
     app.register_blueprint(bp)
     ops.register(app, VERSION)
+    _register_console(app, settings)
     observability.init_app(app)
     app.register_error_handler(ApiError, _api_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
     app.register_error_handler(StoreBusy, _store_busy)
     app.register_error_handler(ExpandedRequestTooLarge, _expanded_too_large)
+    app.register_error_handler(SchemaUnavailable, _schema_unavailable)
     if not settings.admin_api_key:
         log.warning("CONCURRENT_DOCKER_ADMIN_API_KEY is not set: admin access is closed")
     return app
+
+
+def _register_console(app: Flask, settings: Settings) -> None:
+    # Imported here: both modules import this one for its auth and job helpers.
+    from replicate_generation import job_extras, web
+
+    job_extras.register(app)
+    web.register(app, settings)
 
 
 class RedactSecrets(logging.Filter):
@@ -421,6 +434,26 @@ def models() -> Response:
                    models={spec.id: spec.describe() for spec in MODELS.values()})
 
 
+@bp.get("/models/<owner>/<name>")
+def model_detail(owner: str, name: str) -> Response:
+    """One model's parameters as the service checks them: the catalogue's, or (non-curated,
+    where MODEL_POLICY allows it, with a key) those of its own schema."""
+    ref = f"{owner}/{name}"
+    curated = next((s for s in MODELS.values() if ref in (s.ref, s.id)), None)
+    if curated is not None:
+        return jsonify(curated.describe())
+    g.caller = _resolve_caller(_settings())
+    with _other_models():
+        return jsonify(resolve_model(ref).describe())
+
+
+def _other_models() -> Any:
+    """Let this request's parsing resolve non-curated models, fetched with its own token."""
+    resolver = Resolver(policy=current_app.extensions["model_policy"],
+                        rt=_generator().runtime, token=lambda: _paying_token(g.caller))
+    return resolving(resolver)
+
+
 @bp.post("/configure")
 @require_key("admin")
 def configure() -> Response:
@@ -488,7 +521,8 @@ def _limits_view(limits: Limits) -> dict[str, int]:
 def generate() -> tuple[Response, int, dict[str, str]]:
     """Generate one prompt's outputs: wait for them, or (async) return the job at once."""
     body = _json_object()
-    parsed = parse_single(body, _chains())
+    with _other_models():
+        parsed = parse_single(body, _chains())
     return _submit("generate", body, parsed, _single_view)
 
 
@@ -497,7 +531,8 @@ def generate() -> tuple[Response, int, dict[str, str]]:
 def generate_batch() -> tuple[Response, int, dict[str, str]]:
     """Generate many prompts in parallel; results come back in input order."""
     body = _json_object()
-    parsed = parse_batch(body, _settings().max_batch_size, _chains())
+    with _other_models():
+        parsed = parse_batch(body, _settings().max_batch_size, _chains())
     return _submit("batch", body, parsed, _batch_view)
 
 
@@ -726,6 +761,12 @@ def _store_busy(exc: StoreBusy) -> tuple[Response, int, dict[str, str]]:
     """The state file stayed locked past the wait a request may take: nothing half done."""
     return (jsonify(_error_body(str(exc), error_type="store_busy")), 503,
             {"Retry-After": str(exc.retry_after)})
+
+
+def _schema_unavailable(exc: SchemaUnavailable) -> tuple[Response, int, dict[str, str]]:
+    """A non-curated model's schema could not be fetched: nothing was created."""
+    headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))} if exc.retry_after else {}
+    return jsonify(_error_body(str(exc), error_type="schema_unavailable")), exc.status, headers
 
 
 def _expanded_too_large(exc: ExpandedRequestTooLarge) -> tuple[Response, int, dict[str, str]]:

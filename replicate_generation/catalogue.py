@@ -14,7 +14,7 @@ from types import MappingProxyType
 from typing import Literal
 
 ParamType = Literal["string", "integer", "number", "boolean", "uri", "uri_list"]
-Kind = Literal["image", "video", "audio"]
+Kind = Literal["image", "video", "audio", "other"]  # other: a non-curated model
 Media = Literal["image", "audio"]
 PriceUnit = Literal["image", "call", "second", "1k characters"]
 
@@ -76,6 +76,8 @@ class ModelSpec:
     params: tuple[Param, ...]
     reference_key: str | None = None
     reference_media: Media | None = None
+    version: str | None = None  # a pinned Replicate version (non-curated models only)
+    curated: bool = True  # False: validated from the model's own schema (schemas.py)
 
     def param(self, name: str) -> Param | None:
         """Return the named parameter, or None when the model has no such input."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from replicate_generation import metrics, routing
+from replicate_generation import metrics, routing, schemas
 from replicate_generation.catalogue import MODELS, ModelSpec
 from replicate_generation.concurrency_manager import ConcurrencyManager, Limits, SQLiteLimitStore
 from replicate_generation.dispatcher import Dispatcher
@@ -51,14 +51,15 @@ class Task:
 
     @property
     def prompt(self) -> str:
-        return str(self.input["prompt"])
+        return str(self.input.get("prompt", ""))  # a non-curated model may take none
 
     @property
     def model_requested(self) -> ModelSpec:
         return self.requested or self.spec
 
     def to_record(self) -> dict[str, object]:
-        """What the job store keeps of the task (plain JSON; models by id)."""
+        """What the job store keeps of the task (plain JSON; models by id, a non-curated
+        model by its `owner/name(:version)`)."""
         return {"model": self.spec.id, "input": self.input, "stem": self.stem,
                 "requested": self.model_requested.id, "chain": [m.id for m in self.chain],
                 "routed": self.routed, "notes": list(self.notes),
@@ -67,8 +68,9 @@ class Task:
 
     @classmethod
     def from_record(cls, index: int, record: dict[str, Any]) -> Task:
-        return cls(index=index, spec=MODELS[record["model"]], input=dict(record["input"]),
-                   stem=str(record["stem"]), requested=MODELS[record["requested"]],
+        return cls(index=index, spec=schemas.spec_from_id(record["model"]),
+                   input=dict(record["input"]), stem=str(record["stem"]),
+                   requested=schemas.spec_from_id(record["requested"]),
                    chain=tuple(MODELS[m] for m in record["chain"]), routed=record["routed"],
                    notes=tuple(record["notes"]),
                    fallback_on_content_policy=bool(record["fallback_on_content_policy"]),
@@ -118,21 +120,22 @@ def execute(task: Task, token: str, rt: Runtime, dest_dir: Path, result: TaskRes
         if mapped is None:
             continue
         job = Job(spec=spec, input=mapped, token=token, dest_dir=dest_dir, stem=task.stem)
-        here = resume if resume is not None and resume.model_id == spec.id else None
+        here = resume if resume is not None and _is_at(resume, spec) else None
         try:
             generated = generate(job, rt, result.attempts, hooks=hooks,
                                  resume=here.prediction_id if here else None,
                                  pending=here.pending if here else None)
         except GenerationError as exc:
-            _note_failure(result, exc)
+            _note_failure(result, _after_refusal(exc, spec, mapped, token, rt))
             if not routing.should_fall_back(exc.kind,
                                              on_content_policy=task.fallback_on_content_policy):
                 break
             continue
         result.error, result.model_used = None, spec
         result.files = [f.relative for f in generated.files]
-        result.cost_usd = routing.estimate_cost(spec, mapped)
-        metrics.cost(spec.id, result.cost_usd)
+        if spec.curated:  # a non-curated model's cost is unknown: None, not a guess
+            result.cost_usd = routing.estimate_cost(spec, mapped)
+            metrics.cost(spec.id, result.cost_usd)
         return
     if result.error is None:
         result.error = GenerationError("no_model_available", "no model of the fallback chain can "
@@ -146,13 +149,32 @@ def execute(task: Task, token: str, rt: Runtime, dest_dir: Path, result: TaskRes
 NO_PLACEHOLDER = frozenset({"canceled", "shutting_down"})
 
 
+def _after_refusal(exc: GenerationError, spec: ModelSpec, model_input: dict[str, object],
+                   token: str, rt: Runtime) -> GenerationError:
+    """A 422 on a non-curated model: refresh its schema; name the field it now refuses, else
+    the 422 stands."""
+    if exc.kind != "replicate_invalid_input" or spec.curated:
+        return exc
+    problem = schemas.recheck(spec, model_input, token, rt)
+    if problem is None:
+        return exc
+    return GenerationError("replicate_invalid_input", f"{exc} (the model's schema changed: "
+                           f"{problem.field}: {problem})", prediction_id=exc.prediction_id,
+                           upstream_status=exc.upstream_status)
+
+
 def _resume_position(models: list[ModelSpec], resume: Resume | None) -> int:
     if resume is None:
         return 0
     for position, spec in enumerate(models):
-        if spec.id == resume.model_id:
+        if _is_at(resume, spec):
             return position
     return 0
+
+
+def _is_at(resume: Resume, spec: ModelSpec) -> bool:
+    # A non-curated model's attempts name its ref (owner/name), not its id (which may pin one).
+    return resume.model_id == spec.id or (not spec.curated and resume.model_id == spec.ref)
 
 
 def _input_for(task: Task, spec: ModelSpec, result: TaskResult) -> dict[str, object] | None:

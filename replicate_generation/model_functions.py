@@ -15,6 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,6 +27,7 @@ import replicate
 from replicate.exceptions import ReplicateError
 
 from replicate_generation import metrics
+from replicate_generation.any_outputs import is_empty, save_any
 from replicate_generation.catalogue import MODELS, ModelSpec, Param
 from replicate_generation.concurrency_manager import ConcurrencyManager, DeadlineExceeded
 from replicate_generation.outputs import DownloadError, SavedFile, output_sources, save_outputs
@@ -69,13 +71,23 @@ class InvalidRequest(ValueError):
         self.extra = extra
 
 
+# Set by schemas.resolving for one request: resolves models outside the catalogue, if allowed.
+OTHER_MODELS: ContextVar[Callable[[str, str], ModelSpec | None] | None] = ContextVar(
+    "other_models", default=None)
+
+
 def resolve_model(name: object, field: str = "model_name") -> ModelSpec:
-    """Return the catalogue entry for a short id (`flux-dev`) or a full ref (`owner/name`)."""
+    """Return the catalogue entry for a short id (`flux-dev`) or a full ref (`owner/name`);
+    any other `owner/name(:version)` only where MODEL_POLICY allows it (schemas.py)."""
     if not isinstance(name, str) or not name:
         raise InvalidRequest(field, f"{field} is required and must be a string")
     for spec in MODELS.values():
         if name in (spec.id, spec.ref):
             return spec
+    other = OTHER_MODELS.get()
+    found = other(name, field) if other is not None else None
+    if found is not None:
+        return found
     raise InvalidRequest(
         field, f"Model '{name[:200]}' not supported", supported_models=sorted(MODELS)
     )
@@ -447,6 +459,11 @@ class Job:
     def account(self) -> str:
         return account_key(self.token)
 
+    @property
+    def metric_label(self) -> str:
+        """The model as metrics name it: non-curated models share one label (bounded series)."""
+        return self.spec.id if self.spec.curated else "other"
+
 
 class Suspended(Exception):
     """The process is stopping: the task was left as it is, for the next start to resume."""
@@ -561,6 +578,9 @@ def _send_create(client: replicate.Client, job: Job, rt: Runtime, deadline: floa
     """POST the create. Returns (prediction, True) on success, (None, True) when it surely made
     nothing, (None, False) when it may have made a prediction whose answer was lost."""
     try:
+        if job.spec.version:  # a pinned version is created by version id
+            return client.predictions.create(
+                version=job.spec.version, input=job.input, wait=_sync_wait(rt, deadline)), True
         return client.models.predictions.create(
             model=job.spec.ref, input=job.input, wait=_sync_wait(rt, deadline)), True
     except ReplicateError as exc:
@@ -588,7 +608,7 @@ def _created(job: Job, rt: Runtime, attempt: Attempt, prediction: Any, hooks: Ho
     attempt.error = None
     hooks.on_created(attempt)
     rt.manager.create_accepted(job.account)
-    metrics.prediction_created(job.spec.id)
+    metrics.prediction_created(job.metric_label)
     log.info("prediction %s model=%s account=%s", prediction.id, job.spec.ref, job.account)
     return prediction
 
@@ -731,7 +751,7 @@ def _await_terminal(client: replicate.Client, job: Job, rt: Runtime, prediction:
         pause = min(_poll_pause(rt, since), deadline - rt.clock())
         if pause <= 0:
             _cancel(client, job, rt, prediction.id)
-            metrics.prediction_finished(job.spec.id, "deadline_exceeded", rt.clock() - since)
+            metrics.prediction_finished(job.metric_label, "deadline_exceeded", rt.clock() - since)
             raise GenerationError(
                 "deadline_exceeded",
                 f"prediction {prediction.id} did not finish within {rt.task_timeout:g} s "
@@ -758,8 +778,8 @@ def _await_terminal(client: replicate.Client, job: Job, rt: Runtime, prediction:
             errors += 1
             log.warning("poll of %s failed (%d in a row): %s", prediction.id, errors,
                         type(exc).__name__)
-    metrics.prediction_finished(job.spec.id, str(prediction.status), rt.clock() - since)
-    return _check_terminal(prediction, job.token)
+    metrics.prediction_finished(job.metric_label, str(prediction.status), rt.clock() - since)
+    return _check_terminal(prediction, job.token, curated=job.spec.curated)
 
 
 def _poll_pause(rt: Runtime, since: float) -> float:
@@ -768,11 +788,13 @@ def _poll_pause(rt: Runtime, since: float) -> float:
     return min(rt.poll_interval, max(MIN_POLL_SECONDS, age * POLL_AGE_FRACTION))
 
 
-def _check_terminal(prediction: Any, token: str | None) -> Any:
+def _check_terminal(prediction: Any, token: str | None, *, curated: bool = True) -> Any:
     """Turn a failed, canceled or empty prediction into a GenerationError."""
     pid = prediction.id
     if prediction.status == "succeeded":
-        if not output_sources(prediction.output):
+        empty = (not output_sources(prediction.output) if curated
+                 else is_empty(prediction.output))
+        if empty:
             raise GenerationError("empty_output", f"prediction {pid} succeeded with no output "
                                   "(often a safety filter)", prediction_id=pid)
         return prediction
@@ -800,6 +822,11 @@ def _download(prediction: Any, job: Job, rt: Runtime, deadline: float) -> list[S
     """Download the outputs now: Replicate deletes them after an hour."""
     fallback = job.input.get("output_format")
     try:
+        if not job.spec.curated:
+            return save_any(
+                prediction.output, job.dest_dir, job.stem, root=rt.output_root,
+                deadline=max(deadline, rt.clock() + DOWNLOAD_GRACE_SECONDS),
+                auth_token=job.token, auth_origin=rt.api_origin, clock=rt.clock)
         return save_outputs(
             output_sources(prediction.output), job.dest_dir, job.stem, root=rt.output_root,
             deadline=max(deadline, rt.clock() + DOWNLOAD_GRACE_SECONDS), auth_token=job.token,

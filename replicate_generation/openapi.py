@@ -17,6 +17,7 @@ from replicate_generation.catalogue import MODELS, ModelSpec, Param
 from replicate_generation.observability import HEADER as REQUEST_ID_HEADER
 from replicate_generation.request_parsing import OPTION_KEYS
 from replicate_generation.routing import REFERENCE_KEYS
+from replicate_generation.schemas import MODEL_NAME_PATTERN
 from replicate_generation.settings import Settings
 
 Schema = dict[str, Any]
@@ -146,13 +147,28 @@ def task_schema(spec: ModelSpec) -> Schema:
             "required": ["model_name", "prompt"], "additionalProperties": False}
 
 
-def _one_of_models(prefix: str) -> Schema:
+def _one_of_models(prefix: str, generic: bool = False) -> Schema:
+    """One schema per curated model; with `generic` (MODEL_POLICY not curated) one more for any
+    other `owner/name(:version)`, whose model_name no mapping can list (so no discriminator)."""
     mapping = {}
     for spec in MODELS.values():
         mapping[spec.id] = f"#/components/schemas/{prefix}_{spec.id}"
         mapping[spec.ref] = f"#/components/schemas/{prefix}_{spec.id}"
-    return {"oneOf": [ref(f"{prefix}_{s.id}") for s in MODELS.values()],
-            "discriminator": {"propertyName": "model_name", "mapping": mapping}}
+    one_of = [ref(f"{prefix}_{s.id}") for s in MODELS.values()]
+    if generic:
+        return {"oneOf": [*one_of, ref(f"{prefix}_other")]}
+    return {"oneOf": one_of, "discriminator": {"propertyName": "model_name", "mapping": mapping}}
+
+
+def other_model_schema(title: str, first: Schema) -> Schema:
+    """A non-curated model's request: free-form parameters, checked against its own schema."""
+    curated = sorted({name for s in MODELS.values() for name in (s.id, s.ref)})
+    name = {"type": "string", "pattern": MODEL_NAME_PATTERN, "not": {"enum": curated},
+            "description": "Any other Replicate model, `owner/name` or `owner/name:<version>`, "
+                           "where MODEL_POLICY allows it. Its parameters are those of its own "
+                           "schema (GET /models/{owner}/{name}); unknown ones are a 400."}
+    return {"type": "object", "title": title, "properties": {"model_name": name, **first},
+            "required": ["model_name"], "additionalProperties": True}
 
 
 def batch_tasks_schema(max_items: int) -> Schema:
@@ -235,6 +251,8 @@ def response_schemas() -> dict[str, Schema]:
                              "properties": {name: nullable("integer", minimum=1) for name in (
                                  "concurrent_limit", "requests_per_minute", "burst",
                                  "polls_per_minute")}},
+        "ModelDetail": {"type": "object", "required": ["id", "parameters"], "properties": {
+            "id": string, "replicate_model": string, "parameters": {"type": "object"}}},
         "WebhookSecret": {"type": "object", "required": ["secret"], "properties": {
             "secret": string, "scheme": string}},
     }
@@ -267,6 +285,12 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                             "security": OPTIONAL_KEY, "responses": {200: "Status", 401: "Error"}},
     ("api.models", "GET"): {"summary": "Every model and its parameters", "security": [],
                             "responses": {200: "Models"}},
+    ("api.model_detail", "GET"): {
+        "summary": "One model's parameters: a curated one's (no key needed), or those of any "
+                   "other model's own schema where MODEL_POLICY allows it (with a key)",
+        "security": OPTIONAL_KEY,
+        "responses": {200: "ModelDetail", 400: "Error", 401: "Error", 502: "Error",
+                      503: "Error"}},
     ("api.configure", "POST"): {
         "summary": "Override limits for every process (null clears one)",
         "security": ADMIN_ONLY, "body": ref("ConfigureRequest"),
@@ -315,6 +339,34 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                            "security": [], "responses": {200: "Ready", 503: "Ready"}},
     ("ops.metrics_view", "GET"): {"summary": "Prometheus metrics", "security": "metrics",
                              "responses": {200: "metrics", 401: "Error", 403: "Error"}},
+    ("extras.job_archive", "GET"): {
+        "summary": "Every file of a job, in input order, as one zip", "security": ANY_KEY,
+        "responses": {200: "zip", 401: "Error", 404: "Error"}},
+    ("extras.retry_job", "POST"): {
+        "summary": "Retry a job's failed items as a new job (same models and parameters)",
+        "security": ANY_KEY, "job": True,
+        "responses": {202: "Job", 401: "Error", 404: "Error", 409: "Error", 413: "Error",
+                      429: "Error", 503: "Error"}},
+    # The browser console (README, "Console"): HTML pages and a session cookie, not a key.
+    ("console.index", "GET"): {"summary": "The console (or its sign-in page)", "security": [],
+                               "responses": {200: "html"}},
+    ("console.job_page", "GET"): {"summary": "The console's page for one job", "security": [],
+                                  "responses": {200: "html"}},
+    ("console.sign_in", "POST"): {"summary": "Open a console session (form: kind, key)",
+                                  "security": [],
+                                  "responses": {303: None, 401: "html", 403: "text", 413: "Error"}},
+    ("console.sign_out", "POST"): {"summary": "Close the console session", "security": [],
+                                   "responses": {303: None, 403: "text"}},
+    ("console.asset", "GET"): {"summary": "A console script or style sheet", "security": [],
+                               "responses": {200: "console_asset", 404: "Error"}},
+    ("console.api_read", "GET"): {"summary": "The JSON API as the console session's account",
+                             "security": [], "responses": {200: "proxied", 401: "Error",
+                                                           403: "Error", 404: "Error"}},
+    ("console.api_write", "POST"): {"summary": "The JSON API as the console session's account "
+                                         "(needs X-CSRF-Token)",
+                              "security": [], "responses": {200: "proxied", 202: "Job",
+                                                            401: "Error", 403: "Error",
+                                                            404: "Error"}},
 }
 COMMON_ERRORS = (404, 405, 500)
 
@@ -336,7 +388,11 @@ def _content(kind: str | list[str] | None) -> Schema | None:
                "file": files, "html": {"text/html": {"schema": {"type": "string"}}},
                "metrics": {"text/plain": {"schema": {"type": "string"}}},
                "openapi": {"application/json": {"schema": {"type": "object"}}},
-               "asset": {mime: {} for mime in sorted(set(DOCS_ASSETS.values()))}}
+               "asset": {mime: {} for mime in sorted(set(DOCS_ASSETS.values()))},
+               "zip": {"application/zip": {}},
+               "text": {"text/plain": {"schema": {"type": "string"}}},
+               "console_asset": {"text/css": {}, "text/javascript": {}},
+               "proxied": {"application/json": {}, "application/zip": {}, **files}}
     if kind in special:
         return special[kind]
     return {"application/json": {"schema": ref(kind)}}
@@ -426,9 +482,18 @@ def components(settings: Settings) -> Schema:
         schemas[f"Generate_{spec.id}"] = generate_schema(spec)
         schemas[f"BatchPrompts_{spec.id}"] = batch_prompts_schema(spec, settings.max_batch_size)
         schemas[f"Task_{spec.id}"] = task_schema(spec)
-    schemas["GenerateRequest"] = _one_of_models("Generate")
-    schemas["BatchPromptsRequest"] = _one_of_models("BatchPrompts")
-    schemas["Task"] = _one_of_models("Task")
+    generic = settings.model_policy != "curated"
+    if generic:
+        schemas["Generate_other"] = other_model_schema("generate any other model",
+                                                       options_properties())
+        schemas["BatchPrompts_other"] = other_model_schema(
+            "batch of prompts for any other model", {"prompts": {
+                "type": "array", "items": {"type": "string"}, "minItems": 1,
+                "maxItems": settings.max_batch_size}, **options_properties()})
+        schemas["Task_other"] = other_model_schema("task for any other model", {})
+    schemas["GenerateRequest"] = _one_of_models("Generate", generic)
+    schemas["BatchPromptsRequest"] = _one_of_models("BatchPrompts", generic)
+    schemas["Task"] = _one_of_models("Task", generic)
     schemas["BatchTasksRequest"] = batch_tasks_schema(settings.max_batch_size)
     schemas["GenerateBatchRequest"] = {"oneOf": [ref("BatchPromptsRequest"),
                                                  ref("BatchTasksRequest")]}

@@ -152,7 +152,7 @@ def _stem_problem(stem: str) -> str | None:
 
 def default_stem(model_short_id: str, index: int | None) -> str:
     """Build a default stem: "flux_dev", or "flux_dev_003" for the 0-based index 2."""
-    base = model_short_id.rsplit("/", 1)[-1]
+    base = model_short_id.split(":", 1)[0].rsplit("/", 1)[-1]  # no pinned version in names
     base = re.sub(r"[^0-9A-Za-z]+", "_", base).strip("_").lower()[:100] or "output"
     if index is None:
         return base

@@ -13,7 +13,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, cast
 
-from replicate_generation import routing
+from replicate_generation import routing, schemas
 from replicate_generation.catalogue import ModelSpec
 from replicate_generation.generation import Task
 from replicate_generation.model_functions import InvalidRequest, resolve_model
@@ -95,6 +95,12 @@ def parse_batch(body: dict[str, Any], max_items: int, chains: routing.FallbackCh
 
 def _task(index: int, requested: Any, prompt: object, params: dict[str, Any], stem: str,
           options: Options, chains: routing.FallbackChains, prefix: str) -> Task:
+    if not requested.curated:  # checked against its own schema; no routing, no fallback
+        if options.placeholder:
+            raise InvalidRequest("placeholder", "placeholders exist only for curated image "
+                                 "models")
+        model_input = schemas.validate(requested, prompt, params, prefix)
+        return Task(index=index, spec=requested, input=model_input, stem=stem)
     if options.placeholder and requested.kind != "image":
         raise InvalidRequest("placeholder", f"{requested.id} makes {requested.kind}: the black "
                              "placeholder exists only for image models")
@@ -232,6 +238,8 @@ def check_unique_names(tasks: list[Task]) -> None:
 def estimate(tasks: list[Task]) -> dict[str, Any]:
     """What a request would cost and which models it would use, without calling Replicate."""
     items: list[dict[str, Any]] = []
+    if any(not task.spec.curated for task in tasks):
+        return _estimate_unknown(tasks)
     for task in tasks:
         items.append({
             "index": task.index, "model_requested": task.model_requested.id,
@@ -243,6 +251,27 @@ def estimate(tasks: list[Task]) -> dict[str, Any]:
         })
     total = round(sum(routing.estimate_cost(t.spec, t.input) for t in tasks), 6)
     return {"dry_run": True, "estimated_cost_usd": total, "total_items": len(items),
+            "models": sorted({str(i["model"]) for i in items}), "items": items}
+
+
+UNKNOWN_COST_NOTE = ("cost unknown: the service has no price for non-curated models; see the "
+                     "model's page on replicate.com")
+
+
+def _estimate_unknown(tasks: list[Task]) -> dict[str, Any]:
+    """A dry run with a non-curated model: its cost is unknown, so the total is too (null)."""
+    items: list[dict[str, Any]] = []
+    for task in tasks:
+        known = task.spec.curated
+        cost = routing.estimate_cost(task.spec, task.input) if known else None
+        items.append({"index": task.index, "model_requested": task.model_requested.id,
+                      "model": task.spec.id, "routed": task.routed, "notes": list(task.notes)
+                      + ([] if known else [UNKNOWN_COST_NOTE]),
+                      "fallback_chain": [m.id for m in task.chain], "estimated_cost_usd": cost,
+                      "max_cost_usd_with_fallbacks": None if cost is None
+                      else round(cost + sum(_chain_costs(task)), 6)})
+    return {"dry_run": True, "estimated_cost_usd": None, "cost_usd": None,
+            "cost_note": UNKNOWN_COST_NOTE, "total_items": len(items),
             "models": sorted({str(i["model"]) for i in items}), "items": items}
 
 

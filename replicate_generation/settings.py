@@ -54,6 +54,7 @@ class Settings:
     log_format: str = "text"
     metrics_access: str = "admin"
     metrics_token: str | None = field(default=None, repr=False)
+    model_policy: str = "curated"  # MODEL_POLICY: curated | allow:<owners, owner/name> | any
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -129,7 +130,20 @@ class Settings:
             log_format=env.choice("LOG_FORMAT", cls.log_format.upper(), ("TEXT", "JSON")).lower(),
             metrics_access=_metrics_access(env),
             metrics_token=env.secret("METRICS_TOKEN"),
+            model_policy=_model_policy(env),
         )
+
+
+def _model_policy(env: _Env) -> str:
+    """MODEL_POLICY, checked now so a typo stops the start rather than every request."""
+    from replicate_generation.schemas import ModelPolicy  # noqa: PLC0415 - it imports settings' users
+
+    text = env.text("MODEL_POLICY", "curated").strip() or "curated"
+    try:
+        ModelPolicy.parse(text)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    return text
 
 
 def _metrics_access(env: _Env) -> str:

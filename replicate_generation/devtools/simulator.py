@@ -69,6 +69,8 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
+from replicate_generation.devtools import schema_models
+
 __all__ = [
     "CREATE_FAULT_KINDS",
     "MODELS",
@@ -204,6 +206,16 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("resemble-ai/chatterbox", "audio", "wav"),
     )
 }
+
+# Non-curated models with cog-shaped schemas (served beside MODELS, not listed with them).
+SCHEMA_MODELS: dict[str, ModelSpec] = {
+    ref: ModelSpec(ref, kind, fmt, schema_models.FORMATS.get(ref, ()))
+    for ref, (kind, fmt) in schema_models.KINDS.items()
+}
+
+
+def _lookup(ref: str) -> ModelSpec | None:
+    return MODELS.get(ref) or SCHEMA_MODELS.get(ref)
 
 # --------------------------------------------------------------------------------------------
 # Output files: real, tiny, valid, and distinct per (prediction, index) so that a test can tell
@@ -887,6 +899,7 @@ class Simulator:
             self._create_faults.clear()
             self._files.clear()
             self._log.clear()
+        schema_models.clear_overrides()
         self._release_holds()
 
     def wake_waiters(self) -> None:
@@ -1180,7 +1193,11 @@ class Simulator:
             return None
         if pred.empty:
             return []
+        if pred.spec.kind == "text":
+            return schema_models.output("text", [])
         refs = [self._output_ref(pred, index, base) for index in range(pred.n_outputs)]
+        if pred.spec.kind == "dict":
+            return schema_models.output("dict", refs)
         return refs if pred.spec.kind == "image" else refs[0]
 
     def _output_ref(self, pred: _Prediction, index: int, base: str) -> str:
@@ -1372,7 +1389,7 @@ class Simulator:
 
     def _create_for_model(self, owner: str, name: str) -> Response:
         """POST /v1/models/{owner}/{name}/predictions: run an official model."""
-        spec = MODELS.get(f"{owner}/{name}")
+        spec = _lookup(f"{owner}/{name}")
         if spec is None:
             raise _ApiError(404, NOT_FOUND)
         body = _create_body(_MODEL_BODY_KEYS, required=("input",))
@@ -1394,7 +1411,10 @@ class Simulator:
 
     def _create(self, spec: ModelSpec, version: str, source: str, body: dict[str, Any]) -> Response:
         """Validate the input, record the prediction and answer (holding it for Prefer: wait)."""
-        _check_input(spec, body["input"])
+        if spec.ref in SCHEMA_MODELS:
+            _check_schema_input(spec, version, body["input"])
+        else:
+            _check_input(spec, body["input"])
         token = _request_token() or ""
         with self._lock:
             no_credit = token in self.config.no_credit_tokens
@@ -1639,8 +1659,10 @@ class Simulator:
     def _get_version(self, owner: str, name: str, vid: str) -> Response:
         """GET /v1/models/{owner}/{name}/versions/{id}: run() calls it for version refs."""
         spec = _known_model(owner, name)
-        if vid != spec.version_id:
+        if not _has_version(spec, vid):
             raise _ApiError(404, NOT_FOUND)
+        if spec.ref in SCHEMA_MODELS:
+            return _json_response(200, schema_models.version_json(spec.ref, vid))
         return _json_response(200, _version_json(spec))
 
     def _get_deployment(self, owner: str, name: str) -> Response:
@@ -1915,7 +1937,17 @@ def _num_outputs_errors(inp: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def _output_count(spec: ModelSpec, inp: dict[str, Any]) -> int:
-    return int(inp.get("num_outputs", 1)) if spec.kind == "image" else 1
+    if spec.kind == "dict":
+        return 2
+    return int(inp.get("num_outputs", 1) or 1) if spec.kind == "image" else 1
+
+
+def _check_schema_input(spec: ModelSpec, version: str, inp: dict[str, Any]) -> None:
+    """422 for what the model's own schema refuses (unknown fields are dropped silently)."""
+    errors = [_field_error(kind, f"input.{name}", f"{name}: {kind}")
+              for name, kind in schema_models.input_errors(spec.ref, version, inp)]
+    if errors:
+        raise _ApiError(422, _validation_problem(errors))
 
 
 def _output_ext(spec: ModelSpec, inp: dict[str, Any]) -> str:
@@ -1928,18 +1960,24 @@ def _resolve_version(value: Any) -> tuple[ModelSpec, str]:
     text = value if isinstance(value, str) else ""
     ref, _, vid = text.partition(":")
     if "/" in ref:
-        spec = MODELS.get(ref)
-        if spec is not None and (not vid or vid == spec.version_id):
+        spec = _lookup(ref)
+        if spec is not None and (not vid or _has_version(spec, vid)):
             return spec, vid or "hidden"
         raise _ApiError(422, INVALID_VERSION)
-    for spec in MODELS.values():
-        if text == spec.version_id:
+    for spec in [*MODELS.values(), *SCHEMA_MODELS.values()]:
+        if _has_version(spec, text):
             return spec, text
     raise _ApiError(422, INVALID_VERSION)
 
 
+def _has_version(spec: ModelSpec, vid: str) -> bool:
+    if spec.ref in SCHEMA_MODELS:
+        return schema_models.has_version(spec.ref, vid)
+    return vid == spec.version_id
+
+
 def _known_model(owner: str, name: str) -> ModelSpec:
-    spec = MODELS.get(f"{owner}/{name}")
+    spec = _lookup(f"{owner}/{name}")
     if spec is None:
         raise _ApiError(404, NOT_FOUND)
     return spec
@@ -2039,6 +2077,8 @@ def _parse_metadata(raw: str | None) -> dict[str, Any]:
 
 def _version_json(spec: ModelSpec) -> dict[str, Any]:
     """Return a version whose Output schema is not an iterator (so run() returns a value)."""
+    if spec.ref in SCHEMA_MODELS:
+        return schema_models.version_json(spec.ref)
     properties: dict[str, Any] = {"prompt": {"type": "string", "title": "Prompt", "x-order": 0}}
     if spec.formats:
         properties["output_format"] = {

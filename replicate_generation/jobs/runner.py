@@ -46,6 +46,7 @@ from replicate_generation.model_functions import (
     Attempt,
     GenerationError,
     Hooks,
+    InvalidRequest,
     Suspended,
     TokenRejected,
     account_key,
@@ -318,7 +319,7 @@ class JobRunner:
         """Store a new prediction's id before anything else happens to it."""
         assert attempt.prediction_id is not None  # noqa: S101 - called only after a create
         self.store.record_attempts(job_id, index, [a.as_dict() for a in result.attempts],
-                                   (attempt.prediction_id, resolve_model(attempt.model).id))
+                                   (attempt.prediction_id, _model_id(attempt.model)))
 
     def _close_if_done(self, job_id: str) -> None:
         job = self.store.finish_job_if_done(job_id, self._clock())
@@ -541,8 +542,16 @@ def _resume_point(item: ItemRow, attempts: list[Attempt]) -> Resume | None:
         return Resume(item.prediction_model, prediction_id=item.prediction_id)
     last = attempts[-1] if attempts else None
     if last is not None and last.status == "creating" and last.intent() is not None:
-        return Resume(resolve_model(last.model).id, pending=last)
+        return Resume(_model_id(last.model), pending=last)
     return None
+
+
+def _model_id(ref: str) -> str:
+    """The catalogue id of a curated model's ref; a non-curated model keeps its ref."""
+    try:
+        return resolve_model(ref).id
+    except InvalidRequest:
+        return ref
 
 
 def _outcome(result: TaskResult) -> ItemOutcome:

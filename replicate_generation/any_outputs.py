@@ -1,0 +1,80 @@
+"""Save the output of a non-curated model, whatever its shape.
+
+Files (a URL, a data: URI or a list of them) are saved as curated outputs are: `<stem>.<ext>`,
+or `<stem>_1.<ext>`, `<stem>_2.<ext>`... in order. A dict whose values are files saves each
+under `<stem>_<key>` (in the dict's order). Text (a string that is not a URL, or a list of such
+strings, which cog streams as tokens) is joined and saved as `<stem>.txt`; anything else (numbers,
+dicts of values) is saved as JSON, `<stem>.json`. Text and JSON are files too, never inline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from replicate_generation.outputs import SavedFile, save_outputs
+
+_FILE_PREFIXES = ("http://", "https://", "data:")
+_TEXT_TYPES = {".txt": "text/plain; charset=utf-8", ".json": "application/json"}
+
+
+class _Bytes:
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def read(self) -> bytes:
+        return self._data
+
+
+def _is_file(value: object) -> bool:
+    if hasattr(value, "url") and isinstance(value.url, str):
+        return True
+    return isinstance(value, str) and value.lower().startswith(_FILE_PREFIXES)
+
+
+def _is_files(value: object) -> bool:
+    if isinstance(value, list | tuple):
+        return bool(value) and all(_is_file(v) for v in value)
+    return _is_file(value)
+
+
+def is_empty(output: object) -> bool:
+    """No output at all (often a safety filter)."""
+    return output is None or output in ("", [], {})
+
+
+def _files(value: object) -> list[object]:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def groups(output: object, stem: str) -> list[tuple[str, list[object], str | None]]:
+    """(stem, sources, fallback extension) for each file or set of files to write."""
+    if _is_files(output):
+        return [(stem, _files(output), None)]
+    if isinstance(output, Mapping) and output and all(
+            v is None or _is_files(v) for v in output.values()):
+        return [(f"{stem}_{_key_name(str(key))}", _files(value), None)
+                for key, value in output.items() if value is not None]
+    if isinstance(output, str) or (isinstance(output, list) and output
+                                   and all(isinstance(v, str) for v in output)):
+        text = output if isinstance(output, str) else "".join(output)
+        return [(stem, [_Bytes(text.encode())], ".txt")]
+    return [(stem, [_Bytes(json.dumps(output, indent=2, ensure_ascii=False).encode())], ".json")]
+
+
+def _key_name(key: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_-]+", "_", key).strip("_")[:40] or "output"
+
+
+def save_any(output: object, dest_dir: Path, stem: str, **kwargs: Any) -> list[SavedFile]:
+    """Save every part of the output (see the module's doc); raises as save_outputs does."""
+    saved: list[SavedFile] = []
+    for name, sources, fallback in groups(output, stem):
+        for item in save_outputs(sources, dest_dir, name, fallback_ext=fallback, **kwargs):
+            kind = _TEXT_TYPES.get(item.path.suffix) if fallback else None
+            saved.append(dataclasses.replace(item, content_type=kind) if kind else item)
+    return saved

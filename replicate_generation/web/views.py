@@ -1,0 +1,194 @@
+"""Console routes: pages, sign-in/out, assets, and /console/api/<path>, which runs the JSON API
+in-process with the session's key (the one authorization path, ownership included)."""
+
+from __future__ import annotations
+
+import hmac
+import re
+import secrets
+from collections.abc import Iterable
+from pathlib import Path
+from typing import cast
+
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    send_from_directory,
+    session,
+)
+from werkzeug.exceptions import NotFound
+from werkzeug.test import run_wsgi_app
+from werkzeug.wrappers import Response as WerkzeugResponse
+
+from replicate_generation.web.sessions import ConsoleSession, SessionStore
+
+HERE = Path(__file__).resolve().parent
+bp = Blueprint("console", __name__, template_folder="templates")
+ASSETS = {"console.css", "console.js", "job.js", "common.js"}
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+       "media-src 'self'; connect-src 'self'; form-action 'self'; base-uri 'none'; "
+       "frame-ancestors 'none'; object-src 'none'")
+# What the console may reach of the JSON API (no /configure, no webhook secret).
+FORWARDED = re.compile(r"^(models|status|generate-batch|jobs(/[A-Za-z0-9_-]+"
+                       r"(/(cancel|retry|archive))?)?|files/.+)$")
+TOKEN_SHAPE = re.compile(r"^[\x21-\x7e]{8,256}$")
+STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
+
+
+def _store() -> SessionStore:
+    return cast(SessionStore, current_app.extensions["console_sessions"])
+
+
+def _current() -> ConsoleSession | None:
+    session_id = session.get("sid")
+    return _store().get(session_id) if isinstance(session_id, str) else None
+
+
+@bp.after_request
+def _security_headers(response: WerkzeugResponse) -> WerkzeugResponse:
+    response.headers.setdefault("Content-Security-Policy", CSP)
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+def _page(template: str, **context: object) -> WerkzeugResponse | str:
+    current = _current()
+    if current is None:
+        return _sign_in_page()
+    return render_template(template, csrf=current.csrf, admin=current.admin, **context)
+
+
+def _sign_in_page(error: str | None = None, status: int = 200) -> WerkzeugResponse:
+    # A pre-session CSRF token in the signed cookie: no one else's page can sign you in.
+    pre = session.get("pre_csrf")
+    if not isinstance(pre, str):
+        pre = session["pre_csrf"] = secrets.token_urlsafe(32)
+    html = render_template("signin.html", csrf=pre, error=error)
+    return Response(html, status=status, mimetype="text/html")
+
+
+@bp.get("/")
+def index() -> WerkzeugResponse | str:
+    """The console: the new-generation form, the jobs list and the status panel."""
+    return _page("console.html")
+
+
+@bp.get("/console/jobs/<job_id>")
+def job_page(job_id: str) -> WerkzeugResponse | str:
+    """One job: its gallery, cancel, retry and the zip."""
+    return _page("job.html", job_id=job_id)
+
+
+@bp.post("/console/sign-in")
+def sign_in() -> WerkzeugResponse:
+    """Check the key and open a session; the key stays on the server."""
+    if not _csrf_ok(session.get("pre_csrf"), request.form.get("csrf_token")):
+        return _plain(403, "Missing or wrong CSRF token")
+    kind, key = request.form.get("kind", "admin"), request.form.get("key", "")
+    admin = kind == "admin"
+    if not _key_ok(admin, key):
+        return _sign_in_page("That key was not accepted.", 401)
+    previous = session.get("sid")
+    if isinstance(previous, str):
+        _store().delete(previous)
+    session.clear()
+    session["sid"], _ = _store().create(admin, None if admin else key)
+    return redirect("/", 303)
+
+
+@bp.post("/console/sign-out")
+def sign_out() -> WerkzeugResponse:
+    current = _current()
+    if current is None or not _csrf_ok(current.csrf, request.form.get("csrf_token")):
+        return _plain(403, "Missing or wrong CSRF token")
+    _store().delete(str(session["sid"]))
+    session.clear()
+    return redirect("/", 303)
+
+
+@bp.get("/console/static/<filename>")
+def asset(filename: str) -> WerkzeugResponse:
+    if filename not in ASSETS:
+        raise NotFound("No such console file")
+    return send_from_directory(HERE / "static", filename, max_age=0)
+
+
+@bp.get("/console/api/<path:path>")
+def api_read(path: str) -> WerkzeugResponse:
+    """The JSON API as the session's account."""
+    return _api(path)
+
+
+@bp.post("/console/api/<path:path>")
+def api_write(path: str) -> WerkzeugResponse:
+    """The JSON API as the session's account; needs the X-CSRF-Token header."""
+    return _api(path)
+
+
+def _api(path: str) -> WerkzeugResponse:
+    current = _current()
+    if current is None:
+        return _json_error(401, "Sign in to the console first")
+    if request.method in STATE_CHANGING and not _csrf_ok(current.csrf,
+                                                        request.headers.get("X-CSRF-Token")):
+        return _json_error(403, "Missing or wrong CSRF token")
+    if not FORWARDED.match(path):
+        return _json_error(404, "Not a console route")
+    return _forward(path, current)
+
+
+def _forward(path: str, current: ConsoleSession) -> WerkzeugResponse:
+    environ = {k: v for k, v in request.environ.items()
+               if k not in ("HTTP_COOKIE", "HTTP_X_ADMIN_API_KEY", "HTTP_X_REPLICATE_API_KEY",
+                            "werkzeug.request")}
+    environ["PATH_INFO"] = "/" + path
+    if current.admin:
+        environ["HTTP_X_ADMIN_API_KEY"] = current_app.extensions["settings"].admin_api_key or ""
+    else:
+        environ["HTTP_X_REPLICATE_API_KEY"] = current.token or ""
+    body, status, headers = run_wsgi_app(current_app.wsgi_app, environ)
+    if headers.get("Content-Type", "").startswith("application/json"):
+        response = Response(_drain(body), status=status, headers=headers)  # hooks may edit it
+    else:  # files and zips stream through as they are
+        response = Response(body, status=status, headers=headers, direct_passthrough=True)
+    response.headers.pop("Set-Cookie", None)  # the inner request must not touch the session
+    return response
+
+
+def _drain(body: Iterable[bytes]) -> bytes:
+    try:
+        return b"".join(body)
+    finally:
+        close = getattr(body, "close", None)
+        if close is not None:
+            close()
+
+
+def _key_ok(admin: bool, key: str) -> bool:
+    if admin:
+        expected = current_app.extensions["settings"].admin_api_key
+        return bool(expected) and hmac.compare_digest(key.encode("utf-8", "surrogatepass"),
+                                                      expected.encode("utf-8"))
+    return bool(TOKEN_SHAPE.match(key))
+
+
+def _csrf_ok(expected: object, given: str | None) -> bool:
+    return (isinstance(expected, str) and given is not None
+            and hmac.compare_digest(expected.encode(), given.encode("utf-8", "surrogatepass")))
+
+
+def _json_error(status: int, message: str) -> WerkzeugResponse:
+    response = jsonify(error=message)
+    response.status_code = status
+    return response
+
+
+def _plain(status: int, message: str) -> WerkzeugResponse:
+    return Response(message, status=status, mimetype="text/plain")
