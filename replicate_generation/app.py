@@ -41,6 +41,7 @@ from replicate_generation.model_functions import (
     account_key,
     resolve_model,
 )
+from replicate_generation.observability import current_request_id
 from replicate_generation.outputs import InvalidName
 from replicate_generation.request_parsing import (
     ExpandedRequestTooLarge,
@@ -577,8 +578,8 @@ def _single_view(job: JobRow, items: list[dict[str, Any]]) -> tuple[dict[str, An
                             "model_used": item["model_used"], "prompt": item["prompt"],
                             "files": item["files"], "urls": item["urls"],
                             "count": item["count"], "prediction_id": item["prediction_id"],
-                            "request_id": job.request_id, "job_id": job.id,
-                            "cost_usd": item["cost_usd"], "results": items}
+                            "request_id": current_request_id(), "output_id": job.request_id,
+                            "job_id": job.id, "cost_usd": item["cost_usd"], "results": items}
     if item["success"]:
         return body, 200
     body["error"] = f"Generation failed: {item['error']}"
@@ -594,7 +595,8 @@ def _batch_view(job: JobRow, items: list[dict[str, Any]]) -> tuple[dict[str, Any
     models = sorted({str(i["model_requested"]) for i in items})
     return {
         "success": not failed, "model_name": models[0] if len(models) == 1 else models,
-        "request_id": job.request_id, "job_id": job.id, "state": job.state,
+        "request_id": current_request_id(), "output_id": job.request_id, "job_id": job.id,
+        "state": job.state,
         "total_prompts": len(items), "successful_count": len(ok), "failed_count": len(failed),
         "successful_results": [{"prompt_index": i["index"], "files": i["files"],
                                 "urls": i["urls"], "prompt": i["prompt"], "count": i["count"]}

@@ -203,6 +203,7 @@ def response_schemas() -> dict[str, Schema]:
     job = {"type": "object", "required": ["id", "object", "state"], "properties": {
         "id": string, "object": {"const": "job"}, "kind": {"enum": ["generate", "batch"]},
         "state": {"enum": JOB_STATES}, "status_url": string, "request_id": string,
+        "output_id": string,
         "total": {"type": "integer"}, "counts": counts, "created_at": string,
         "started_at": nullable("string"), "finished_at": nullable("string"),
         "cancel_requested_at": nullable("string"), "cost_usd": nullable("number"),
@@ -217,11 +218,13 @@ def response_schemas() -> dict[str, Schema]:
             "has_more": boolean, "next": nullable("string")}},
         "GenerateResult": {"type": "object", "required": ["success", "results"], "properties": {
             "success": boolean, "model_name": string, "files": strings, "urls": strings,
-            "request_id": string, "job_id": string, "cost_usd": nullable("number"),
+            "request_id": string, "output_id": string, "job_id": string,
+            "cost_usd": nullable("number"),
             "results": {"type": "array", "items": ref("JobItem")}}},
         "BatchResult": {"type": "object", "required": ["success", "results"], "properties": {
             "success": boolean, "total_prompts": {"type": "integer"},
             "successful_count": {"type": "integer"}, "failed_count": {"type": "integer"},
+            "request_id": string, "output_id": string, "job_id": string,
             "successful_results": {"type": "array", "items": {"type": "object"}},
             "failed_results": {"type": "array", "items": {"type": "object"}},
             "cost_usd": number, "results": {"type": "array", "items": ref("JobItem")}}},

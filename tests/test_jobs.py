@@ -129,7 +129,7 @@ def test_async_submit_by_header_or_body_flag_then_poll_list_and_download(
             assert item["model_used"] == "flux-dev" and item["prediction_id"]
             assert len(item["attempts"]) == 1 and item["error"] is None
             (url,) = item["urls"]
-            assert url == f"/files/{done['request_id']}/{Path(item['files'][0]).name}"
+            assert url == f"/files/{done['output_id']}/{Path(item['files'][0]).name}"
             status, mimetype, data, _ = fetch(client, url, ADMIN)
             assert status == 200 and mimetype == "image/png"
             on_disk = output_root(app) / url.removeprefix("/files/")
@@ -179,7 +179,8 @@ def test_sync_batch_keeps_the_legacy_shape_and_names_its_job(
     assert data["state"] == "partially_failed"
     assert response.headers["Location"] == f"/jobs/{data['job_id']}"
     job = get_job(client, data["job_id"], ADMIN)
-    assert job["state"] == "partially_failed" and job["request_id"] == data["request_id"]
+    assert job["state"] == "partially_failed" and job["output_id"] == data["output_id"]
+    assert data["request_id"] == response.headers["X-Request-ID"]
     assert job["counts"]["succeeded"] == 1 and job["counts"]["failed"] == 1
     assert [i["files"] for i in job["items"]] == [r["files"] for r in data["results"]]
     assert len(sim.predictions(SERVER_TOKEN)) == 2

@@ -131,7 +131,10 @@ def test_request_id_on_success_and_error_responses(client: FlaskClient) -> None:
         assert answer.headers["X-Request-ID"] != insane
     for error in (client.post("/generate", json={}, headers={"X-Request-ID": "err-1"}),
                   client.get("/nowhere", headers={"X-Request-ID": "err-1"}),
-                  client.post("/generate", data="x", headers={**ADMIN, "X-Request-ID": "err-1"})):
+                  client.post("/generate", data="x", headers={**ADMIN, "X-Request-ID": "err-1"}),
+                  client.post("/generate", headers={**ADMIN, "X-Request-ID": "err-1"},
+                              json={"model_name": "flux-dev", "prompt": "#fail fails",
+                                    "fallback": False})):
         assert error.status_code >= 400
         assert error.headers["X-Request-ID"] == "err-1"
         assert error.get_json()["request_id"] == "err-1"

@@ -458,7 +458,8 @@ class JobRunner:
         """The job as the API shows it: state, counts, timestamps and (optionally) its items."""
         body: dict[str, Any] = {
             "id": job.id, "object": "job", "kind": job.kind, "state": job.state,
-            "status_url": f"{url_root}/jobs/{job.id}", "request_id": job.request_id,
+            "status_url": f"{url_root}/jobs/{job.id}", "output_id": job.request_id,
+            "request_id": job.request_id,  # the output directory's id, as before: see output_id
             "total": job.item_count, "counts": job.counts,
             "created_at": _iso(job.created_at), "started_at": _iso(job.started_at),
             "finished_at": _iso(job.finished_at),
