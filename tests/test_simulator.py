@@ -25,6 +25,7 @@ import replicate
 from replicate.exceptions import ModelError, ReplicateError
 from replicate.helpers import FileOutput
 
+from replicate_generation.devtools import pictures
 from replicate_generation.devtools.simulator import (
     CLOUDFLARE_502_HTML,
     ERROR_OOM,
@@ -168,8 +169,9 @@ def assert_real_file(ext: str, data: bytes, padded: bool = False) -> None:
     """Check the container structure of each output format (tiny unless ``padded``)."""
     if ext == "png":
         chunks = _png_chunks(data)
-        assert struct.unpack(">II", chunks[b"IHDR"][:8]) == (1, 1)
-        assert len(zlib.decompress(chunks[b"IDAT"])) == 4  # filter byte + one RGB pixel
+        width, height = struct.unpack(">II", chunks[b"IHDR"][:8])
+        # One filter byte per line, then RGB pixels.
+        assert len(zlib.decompress(chunks[b"IDAT"])) == height * (1 + 3 * width)
         assert list(chunks)[-1] == b"IEND" and (b"paDd" in chunks) == padded
     elif ext == "jpg":
         assert data[:3] == b"\xff\xd8\xff" and data[-2:] == b"\xff\xd9"
@@ -1115,3 +1117,37 @@ def test_output_bytes_knob_serves_big_files_that_stream(
     data = b"".join(chunks)
     assert len(chunks) > 1 and 3_000_000 - 4 <= len(data) <= 3_000_000
     assert_real_file("png", data, padded=True)
+
+
+@pytest.mark.parametrize(("ratio", "size"), [("16:9", (256, 144)), ("9:16", (144, 256)),
+                                             ("1:1", (256, 256)), (None, (256, 256)),
+                                             ("21:9", (256, 110)), ("nonsense", (256, 256))])
+def test_demo_pictures_have_the_requested_shape_in_every_format(
+        ratio: str | None, size: tuple[int, int]) -> None:
+    assert pictures.size_for(ratio) == size
+    width, height = size
+    png = pictures.picture("png", "a red fox", ratio)
+    assert png is not None and struct.unpack(">II", _png_chunks(png)[b"IHDR"][:8]) == size
+    jpeg = pictures.picture("jpg", "a red fox", ratio)
+    assert jpeg is not None
+    sof = jpeg.index(b"\xff\xc0")
+    assert struct.unpack(">HH", jpeg[sof + 5 : sof + 9]) == (height, width)
+    webp = pictures.picture("webp", "a red fox", ratio)
+    assert webp is not None
+    bits = int.from_bytes(webp[21:25], "little")
+    assert ((bits & 0x3FFF) + 1, (bits >> 14 & 0x3FFF) + 1) == size
+    for ext, data in (("png", png), ("jpg", jpeg), ("webp", webp)):
+        assert_real_file(ext, data)
+
+
+def test_demo_pictures_differ_by_prompt_and_are_served_for_predictions(sim: Simulator) -> None:
+    assert pictures.colour_of("a red fox") != pictures.colour_of("a blue whale")
+    assert pictures.picture("png", "a red fox", "1:1") != pictures.picture("png", "x", "1:1")
+    assert pictures.picture("mp4", "a red fox", "1:1") is None  # not an image: the usual file
+    client = replicate.Client(api_token="r8_pictures", base_url=sim.base_url)
+    prediction = client.models.predictions.create(
+        model="black-forest-labs/flux-dev",
+        input={"prompt": "a red fox", "aspect_ratio": "16:9", "output_format": "png"}, wait=5)
+    (url,) = prediction.output
+    served = httpx.get(url, timeout=10).content
+    assert served == pictures.picture("png", "a red fox", "16:9")

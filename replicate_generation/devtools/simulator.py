@@ -69,7 +69,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
-from replicate_generation.devtools import schema_models
+from replicate_generation.devtools import pictures, schema_models
 
 __all__ = [
     "CREATE_FAULT_KINDS",
@@ -348,8 +348,12 @@ def _pad_jpeg(data: bytes, extra: int) -> bytes:
 
 
 def _pad_webp(data: bytes, extra: int) -> bytes:
-    """Switch to the extended layout (VP8X, 1x1 canvas), where unknown chunks are skipped."""
-    vp8x = b"VP8X" + struct.pack("<I", 10) + bytes(10)  # no feature flags; width-1 = height-1 = 0
+    """Switch to the extended layout (VP8X, the image's canvas), where unknown chunks are
+    skipped."""
+    header = int.from_bytes(data[21:25], "little")  # after the 0x2f signature: 14+14 bits
+    width, height = (header & 0x3FFF) + 1, (header >> 14 & 0x3FFF) + 1
+    canvas = (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+    vp8x = b"VP8X" + struct.pack("<I", 10) + bytes(4) + canvas  # no feature flags
     size = max(0, extra - 18 - 8) & ~1  # chunk payloads have even sizes
     body = b"WEBP" + vp8x + data[12:] + b"PADD" + struct.pack("<I", size) + bytes(size)
     return b"RIFF" + struct.pack("<I", len(body)) + body
@@ -376,13 +380,22 @@ _PADDERS: dict[str, Callable[[bytes, int], bytes]] = {
 }
 
 
-def output_bytes(ext: str, tag: str, size: int = 0) -> bytes:
+def _picture_of(pred: _Prediction) -> dict[str, Any]:
+    """What a demo picture of this prediction shows: its prompt, in its aspect ratio."""
+    return {"prompt": str(pred.input.get("prompt") or ""),
+            "aspect_ratio": pred.input.get("aspect_ratio")}
+
+
+def output_bytes(ext: str, tag: str, size: int = 0, *, prompt: str | None = None,
+                 aspect_ratio: object = None) -> bytes:
     """Return the file served for one output: format ``ext``, content unique to ``tag``.
 
-    With ``size``, the file is padded with a chunk its decoders skip to about that many bytes
-    (never more), so it stays valid; 0 (or anything below the tiny file's size) pads nothing.
+    With ``prompt``, an image is a demo picture of the prompt in the requested aspect ratio
+    (devtools.pictures). With ``size``, the file is padded with a chunk its decoders skip to
+    about that many bytes (never more), so it stays valid; 0 (or less than the file) pads nothing.
     """
-    data = _BUILDERS[ext](tag.encode())
+    drawn = pictures.picture(ext, prompt, aspect_ratio) if prompt is not None else None
+    data = drawn if drawn is not None else _BUILDERS[ext](tag.encode())
     extra = size - len(data)
     return _PADDERS[ext](data, extra) if extra > 0 else data
 
@@ -1202,7 +1215,8 @@ class Simulator:
 
     def _output_ref(self, pred: _Prediction, index: int, base: str) -> str:
         if self.config.output_as_data_uri:
-            raw = output_bytes(pred.ext, f"{pred.id}/{index}", self.config.output_bytes)
+            raw = output_bytes(pred.ext, f"{pred.id}/{index}", self.config.output_bytes,
+                               **_picture_of(pred))
             data = base64.b64encode(raw).decode()
             return f"data:{CONTENT_TYPES[pred.ext]};base64,{data}"
         return f"{base}/_sim/outputs/{pred.id}/{index}.{pred.ext}"
@@ -1623,7 +1637,8 @@ class Simulator:
             time.sleep(delay)
         if fail:
             return _problem(500, INTERNAL_ERROR)
-        data = output_bytes(ext, f"{pid}/{filename.split('.')[0]}", cfg.output_bytes)
+        data = output_bytes(ext, f"{pid}/{filename.split('.')[0]}", cfg.output_bytes,
+                            **_picture_of(pred))
         return Response(data, 200, mimetype=CONTENT_TYPES[ext])
 
     def _output_lookup_locked(self, pid: str, filename: str) -> tuple[_Prediction, str]:
