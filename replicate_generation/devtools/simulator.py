@@ -69,7 +69,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
-from replicate_generation.devtools import pictures, schema_models
+from replicate_generation.devtools import pictures, schema_models, video
 
 __all__ = [
     "CREATE_FAULT_KINDS",
@@ -391,10 +391,14 @@ def output_bytes(ext: str, tag: str, size: int = 0, *, prompt: str | None = None
     """Return the file served for one output: format ``ext``, content unique to ``tag``.
 
     With ``prompt``, an image is a demo picture of the prompt in the requested aspect ratio
-    (devtools.pictures). With ``size``, the file is padded with a chunk its decoders skip to
-    about that many bytes (never more), so it stays valid; 0 (or less than the file) pads nothing.
+    (devtools.pictures) and a video a one-second playable clip (devtools.video). With ``size``,
+    the file is padded with a chunk its decoders skip to about that many bytes (never more), so it
+    stays valid; 0 (or less than the file) pads nothing.
     """
-    drawn = pictures.picture(ext, prompt, aspect_ratio) if prompt is not None else None
+    drawn = None
+    if prompt is not None:
+        drawn = video.mp4(prompt, aspect_ratio) if ext == "mp4" else \
+            pictures.picture(ext, prompt, aspect_ratio)
     data = drawn if drawn is not None else _BUILDERS[ext](tag.encode())
     extra = size - len(data)
     return _PADDERS[ext](data, extra) if extra > 0 else data
