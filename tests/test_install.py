@@ -217,8 +217,11 @@ def _by_prompt(sim: Simulator, token: str = TOKEN) -> dict[str, dict[str, Any]]:
 
 
 def _assert_made_by(path: Path, prediction: dict[str, Any], ext: str) -> None:
-    """The file holds exactly that prediction's first output (the simulator tags each one)."""
-    assert path.read_bytes() == output_bytes(ext, f"{prediction['id']}/0"), path
+    """The file holds exactly that prediction's first output (a picture of its own prompt)."""
+    given = prediction["input"]
+    expected = output_bytes(ext, f"{prediction['id']}/0", prompt=str(given.get("prompt") or ""),
+                            aspect_ratio=given.get("aspect_ratio"))
+    assert path.read_bytes() == expected, path
 
 
 def _inline(value: object) -> bytes:
