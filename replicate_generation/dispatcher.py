@@ -75,11 +75,6 @@ class Dispatcher:
             self._pool.submit(self._run, account)
         return futures
 
-    def limit_per_account(self, most: int) -> None:
-        """Set how many tasks one account may have waiting (capped by the global bound)."""
-        with self._lock:
-            self._per_account = max(1, most)
-
     def on_idle(self, callback: Callable[[str], None]) -> None:
         """Call back (outside the lock) when an account has nothing queued or running here."""
         self._on_idle = callback

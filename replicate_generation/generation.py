@@ -240,7 +240,8 @@ class Generator:
             return shared if max_concurrent is None else min(shared, max_concurrent)
 
         self.dispatcher = Dispatcher(settings.dispatch_threads, settings.max_queued_tasks,
-                                     runners_for=runners_for)
+                                     runners_for=runners_for,
+                                     max_queued_per_account=settings.max_queued_per_account)
 
     def new_request_dir(self) -> tuple[str, Path]:
         """A fresh directory name per request, so default names can never collide."""

@@ -121,10 +121,8 @@ class JobRunner:
     # -- submitting --------------------------------------------------------------------------
 
     def _watch_accounts(self) -> None:
-        """Admission per account, and the hooks that free an account's memory or its queue."""
-        dispatcher = self.generator.dispatcher
-        dispatcher.limit_per_account(self.settings.max_queued_per_account)
-        dispatcher.on_idle(self._account_idle)
+        """The hooks that free an account's memory or its queue."""
+        self.generator.dispatcher.on_idle(self._account_idle)
         self.generator.runtime.clients.on_rejected(self._fail_rejected_account)
 
     def remember(self, token: str) -> None:
