@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 DEFAULT_BASE_URL = "https://api.replicate.com"
 
@@ -55,6 +56,12 @@ class Settings:
     metrics_access: str = "admin"
     metrics_token: str | None = field(default=None, repr=False)
     model_policy: str = "curated"  # MODEL_POLICY: curated | allow:<owners, owner/name> | any
+    # Shared backends for several hosts; both unset = SQLite in state_file, as on one host.
+    redis_url: str | None = field(default=None, repr=False)
+    redis_key_prefix: str = "rg"
+    database_url: str | None = field(default=None, repr=False)
+    # DATABASE_URL without REDIS_URL keeps limits per host: allowed only when said so.
+    single_host: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -131,7 +138,42 @@ class Settings:
             metrics_access=_metrics_access(env),
             metrics_token=env.secret("METRICS_TOKEN"),
             model_policy=_model_policy(env),
+            **_backends(env)._asdict(),
         )
+
+
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+_POSTGRES_SCHEMES = ("postgresql://", "postgres://", "postgresql+psycopg://")
+
+
+class _Backends(NamedTuple):
+    redis_url: str | None
+    database_url: str | None
+    single_host: bool
+    redis_key_prefix: str
+
+
+def _backends(env: _Env) -> _Backends:
+    """REDIS_URL, DATABASE_URL and the one combination refused: jobs shared, limits per host."""
+    redis_url = _url(env, "REDIS_URL", _REDIS_SCHEMES)
+    database_url = _url(env, "DATABASE_URL", _POSTGRES_SCHEMES)
+    single_host = env.flag("SINGLE_HOST")
+    if database_url and not redis_url and not single_host:
+        raise SettingsError(
+            "DATABASE_URL without REDIS_URL would share jobs across hosts but keep each host's "
+            "limits to itself; set REDIS_URL, or SINGLE_HOST=true if only one host runs")
+    prefix = env.text("REDIS_KEY_PREFIX", "rg")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", prefix):
+        raise SettingsError("REDIS_KEY_PREFIX must be 1-64 letters, digits, '_', '.' or '-'")
+    return _Backends(redis_url, database_url, single_host, prefix)
+
+
+def _url(env: _Env, name: str, schemes: tuple[str, ...]) -> str | None:
+    # The value is never echoed: a URL may carry a password.
+    value = env.secret(name)
+    if value is not None and not value.startswith(schemes):
+        raise SettingsError(f"{name} must start with {' or '.join(schemes)}")
+    return value
 
 
 def _model_policy(env: _Env) -> str:
@@ -206,6 +248,12 @@ class _Env:
         if not math.isfinite(value) or not low <= value <= high:
             raise SettingsError(f"{name} must be between {low} and {high}, got {value}")
         return value
+
+    def flag(self, name: str) -> bool:
+        value = (self._raw(name) or "false").lower()
+        if value not in ("1", "true", "yes", "0", "false", "no"):
+            raise SettingsError(f"{name} must be true or false, got {value!r}")
+        return value in ("1", "true", "yes")
 
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
         value = (self._raw(name) or default).upper()

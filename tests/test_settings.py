@@ -60,3 +60,33 @@ def test_a_bad_secret_is_refused_without_echoing_it() -> None:
         Settings.from_env({"CONCURRENT_DOCKER_ADMIN_API_KEY": "secret value"})
     assert "secret value" not in str(info.value)
     assert "hidden-key" not in repr(Settings(admin_api_key="hidden-key", replicate_api_token="x"))
+
+
+def test_shared_backends_are_read_as_written() -> None:
+    settings = Settings.from_env({
+        "REDIS_URL": "rediss://:s3cret-pw@redis.internal:6380/2",
+        "DATABASE_URL": "postgresql://app:s3cret-pw@db.internal:5432/jobs",
+        "REDIS_KEY_PREFIX": "prod-eu"})
+    assert settings.redis_url == "rediss://:s3cret-pw@redis.internal:6380/2"
+    assert settings.database_url == "postgresql://app:s3cret-pw@db.internal:5432/jobs"
+    assert (settings.redis_key_prefix, settings.single_host) == ("prod-eu", False)
+    assert "s3cret-pw" not in repr(settings)
+
+
+@pytest.mark.parametrize(("env", "named"), [
+    ({"REDIS_URL": "http://:s3cret-pw@redis:6379"}, "REDIS_URL"),
+    ({"REDIS_URL": "redis://r", "DATABASE_URL": "mysql://u:s3cret-pw@db/x"}, "DATABASE_URL"),
+    ({"DATABASE_URL": "postgresql://u:s3cret-pw@db/x"}, "SINGLE_HOST"),
+    ({"REDIS_URL": "redis://r", "REDIS_KEY_PREFIX": "a b"}, "REDIS_KEY_PREFIX"),
+    ({"DATABASE_URL": "postgresql://u:s3cret-pw@db/x", "SINGLE_HOST": "maybe"}, "SINGLE_HOST"),
+])
+def test_backend_settings_that_cannot_work_are_refused_without_echoing_a_password(
+        env: dict[str, str], named: str) -> None:
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env(env)
+    assert named in str(refused.value) and "s3cret-pw" not in str(refused.value)
+
+
+def test_jobs_shared_with_limits_per_host_only_when_said_so() -> None:
+    settings = Settings.from_env({"DATABASE_URL": "postgresql://u@db/x", "SINGLE_HOST": "true"})
+    assert settings.single_host and settings.redis_url is None
