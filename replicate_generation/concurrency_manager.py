@@ -1,7 +1,7 @@
 """Per-account concurrency and rate limits shared by every thread and process on a host.
 
-Two mechanisms, both kept in one shared store (SQLite here; Redis later, behind
-the same ``LimitStore`` protocol):
+Two mechanisms, both kept in one shared store (SQLite here, Redis in
+``redis_limits``, behind the same ``LimitStore`` protocol):
 
 * Concurrency = leases with an expiry. A holder keeps its lease alive through
   the manager's heartbeat thread; a process that dies simply stops renewing,
@@ -17,6 +17,11 @@ the same ``LimitStore`` protocol):
   after ``lease_ttl``); per field, a /configure override wins, else the
   smallest live declaration, so processes started with different values never
   together exceed the smallest.
+
+* Outages: a store that raises StoreUnavailable is waited for. Callers keep their
+  place until their deadline, then get StoreUnavailable (HTTP 503), never a token
+  or slot the store did not grant; the heartbeat keeps beating and re-registers
+  leases as soon as the store answers again.
 
 An "account" is an opaque string (the caller passes a hash of the token); this
 module knows nothing of Flask, Replicate or models.
@@ -36,10 +41,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, NamedTuple, Protocol
+from functools import partial
+from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 
 from replicate_generation import metrics
-from replicate_generation.sqlite_db import Database
+from replicate_generation.backends import StoreUnavailable
+from replicate_generation.sqlite_db import Database, StoreBusy
 
 __all__ = [
     "AccountStats",
@@ -50,6 +57,9 @@ __all__ = [
     "LimitStore",
     "Limits",
     "SQLiteLimitStore",
+    "check_known_limit",
+    "fold_own_defaults",
+    "resolve_limit_sources",
     "validate_limit",
 ]
 
@@ -78,6 +88,10 @@ _RATE_STEP = 0.01
 _MIN_RATE_STEP = 0.2
 # 429s closer together than this (or than their back-off) are one episode: one cut.
 _EPISODE_S = 1.0
+# While the store is unavailable, waiters retry (and the heartbeat beats) at most this far apart.
+_OUTAGE_PAUSE_MAX_S = 1.0
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -97,7 +111,7 @@ class Limits:
 
 def validate_limit(name: str, value: object) -> None:
     """Raise ValueError unless ``name`` is a limit field and ``value`` an int in its range."""
-    _check_known_limit(name)
+    check_known_limit(name)
     low, high = _LIMIT_RANGES[name]
     # bool is an int subclass; True as a limit is a caller bug.
     if isinstance(value, bool) or not isinstance(value, int):
@@ -106,7 +120,7 @@ def validate_limit(name: str, value: object) -> None:
         raise ValueError(f"{name} must be between {low} and {high}, got {value}")
 
 
-def _check_known_limit(name: str) -> None:
+def check_known_limit(name: str) -> None:
     if name not in _LIMIT_RANGES:
         raise ValueError(f"unknown limit {name!r}; known: {', '.join(_LIMIT_RANGES)}")
 
@@ -137,6 +151,38 @@ def iso_utc(timestamp: float) -> str:
     """ISO-8601 UTC with milliseconds, as the job records use."""
     moment = datetime.fromtimestamp(timestamp, UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def resolve_limit_sources(
+    overrides: Mapping[str, tuple[int, float]],
+    ranges: Mapping[str, tuple[int, int]],
+    declarations: int,
+    defaults: Limits,
+) -> dict[str, LimitSource]:
+    """Per field: the override (value, set_at) if any, else the smallest live declaration, else
+    (an observer alone) ``defaults``. The rule every LimitStore applies."""
+    sources: dict[str, LimitSource] = {}
+    for name in _LIMIT_RANGES:
+        low, high = ranges.get(name, (None, None))
+        if name in overrides:
+            value, set_at = overrides[name]
+            sources[name] = LimitSource(value, "configure", set_at, low, high, declarations)
+        else:
+            value = low if low is not None else getattr(defaults, name)
+            sources[name] = LimitSource(value, "environment", None, low, high, declarations)
+    return sources
+
+
+def fold_own_defaults(
+    ranges: Mapping[str, tuple[int, int]], declarations: int, own: Limits
+) -> tuple[dict[str, tuple[int, int]], int]:
+    """Add the caller's own declaration, which always counts even if its stored row lapsed."""
+    folded = dict(ranges)
+    for name in _LIMIT_RANGES:
+        mine = getattr(own, name)
+        low, high = folded.get(name, (mine, mine))
+        folded[name] = (min(low, mine), max(high, mine))
+    return folded, declarations + 1
 
 
 class DeadlineExceeded(Exception):
@@ -222,6 +268,14 @@ class LimitStore(Protocol):
 
     def stats(self, account: str | None = None) -> list[AccountStats]: ...
 
+    def check(self) -> None:
+        """Raise StoreUnavailable unless the store can be reached now (for /health)."""
+        ...
+
+    def close(self) -> None:
+        """Release connections; the store is not used afterwards."""
+        ...
+
 
 _SCHEMA = (
     # Legacy: one row holding all four fields, written by older versions' /configure;
@@ -306,6 +360,18 @@ class SQLiteLimitStore:
     def lease_ttl(self) -> float:
         return self._ttl
 
+    def check(self) -> None:
+        """Raise StoreUnavailable unless the state file can be read now (a cheap read)."""
+        try:
+            with self._read() as conn:
+                conn.execute("SELECT COUNT(*) FROM cm_overrides").fetchone()
+        except (sqlite3.Error, OSError, StoreBusy) as exc:
+            raise StoreUnavailable("sqlite", f"the state file cannot be read "
+                                             f"({type(exc).__name__})") from exc
+
+    def close(self) -> None:
+        """Nothing to release: each thread's connection closes with its thread."""
+
     # -- connections and transactions (one per thread, see sqlite_db) -----
 
     def _connection(self) -> sqlite3.Connection:
@@ -345,19 +411,8 @@ class SQLiteLimitStore:
         return Limits(**{name: source.value for name, source in sources.items()})
 
     def _sources(self, conn: sqlite3.Connection, now: float) -> dict[str, LimitSource]:
-        overrides = _overrides(conn)
         ranges, declarations = self._declared_ranges(conn, now)
-        sources: dict[str, LimitSource] = {}
-        for name in _LIMIT_RANGES:
-            low, high = ranges.get(name, (None, None))
-            if name in overrides:
-                value, set_at = overrides[name]
-                sources[name] = LimitSource(value, "configure", set_at, low, high, declarations)
-            else:
-                # No live declaration at all (an observer alone): its environment is the guess.
-                value = low if low is not None else getattr(self._defaults, name)
-                sources[name] = LimitSource(value, "environment", None, low, high, declarations)
-        return sources
+        return resolve_limit_sources(_overrides(conn), ranges, declarations, self._defaults)
 
     def _declared_ranges(
         self, conn: sqlite3.Connection, now: float
@@ -373,11 +428,7 @@ class SQLiteLimitStore:
                 ranges[name] = (int(low), int(high))
         if own is None:
             return ranges, count
-        for name in _LIMIT_RANGES:
-            mine = getattr(self._defaults, name)
-            low, high = ranges.get(name, (mine, mine))
-            ranges[name] = (min(low, mine), max(high, mine))
-        return ranges, count + 1
+        return fold_own_defaults(ranges, count, self._defaults)
 
     def _own_instance(self) -> str | None:
         # A forked child has not declared anything itself (yet).
@@ -399,7 +450,7 @@ class SQLiteLimitStore:
 
     def set_overrides(self, changes: Mapping[str, int | None]) -> None:
         for name, value in changes.items():  # all checked before anything is stored
-            _check_known_limit(name)
+            check_known_limit(name)
             if value is not None:
                 validate_limit(name, value)
         with self._write() as conn:
@@ -737,8 +788,11 @@ class ConcurrencyManager:
         self._changed = threading.Condition()
         self._generation = 0
         self._stop = threading.Event()
+        self._wake = threading.Event()  # renew now: the store is back after an outage
         self._heartbeat: threading.Thread | None = None
         self._closed = False
+        self._outage_lock = threading.Lock()
+        self._outage = False
 
     # -- concurrency ------------------------------------------------------------
 
@@ -777,7 +831,8 @@ class ConcurrencyManager:
             generation = self._generation
             if self._closed:
                 raise RuntimeError("ConcurrencyManager has been shut down")
-            lease_id = self._store.try_acquire(account, ticket)
+            lease_id = self._patiently(partial(self._store.try_acquire, account, ticket),
+                                       deadline, self._pause_for_change)
             if lease_id is not None:
                 return lease_id
             remaining = deadline - self._clock()
@@ -785,12 +840,60 @@ class ConcurrencyManager:
                 raise DeadlineExceeded(f"no concurrency slot for {account} before the deadline")
             self._wait_for_change(generation, min(remaining, self._jittered_poll()))
 
+    def _pause_for_change(self, timeout: float) -> None:
+        # A fresh generation: releases before this pause must not cut every later one short.
+        self._wait_for_change(self._generation, timeout)
+
     def _wait_for_change(self, generation: int, timeout: float) -> None:
         with self._changed:
             # Skip the wait if a release happened since we read the
             # generation: its notify would otherwise be lost.
             if self._generation == generation:
                 self._changed.wait(timeout)
+
+    def _patiently(self, step: Callable[[], T], deadline: float,
+                   pause: Callable[[float], None]) -> T:
+        """Run one store step, retrying while the store is unavailable; once the deadline has
+        passed the StoreUnavailable is raised (a 503), not DeadlineExceeded."""
+        delay = self._poll_interval
+        while True:
+            try:
+                result = step()
+            except StoreUnavailable as exc:
+                self._store_down("a waiting caller", exc)
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    raise
+                pause(min(remaining, _OUTAGE_PAUSE_MAX_S, delay * random.uniform(0.5, 1.5)))  # noqa: S311
+                if self._closed:
+                    raise RuntimeError("ConcurrencyManager has been shut down") from exc
+                if self._clock() >= deadline:
+                    raise
+                delay = min(2 * delay, _OUTAGE_PAUSE_MAX_S)
+                continue
+            self._store_up(renew=True)
+            return result
+
+    def _store_down(self, what: str, exc: StoreUnavailable) -> None:
+        """Log an outage once, however many callers and beats run into it."""
+        with self._outage_lock:
+            if self._outage:
+                return
+            self._outage = True
+        logger.error("limit store unavailable (seen by %s): %s; retrying until it is back",
+                     what, exc)
+
+    def _store_up(self, *, renew: bool) -> None:
+        if not self._outage:  # the common case: no lock
+            return
+        with self._outage_lock:
+            if not self._outage:
+                return
+            self._outage = False
+        logger.warning("limit store reachable again")
+        if renew:
+            # Re-register this process's leases at once: the store may have lost them.
+            self._wake.set()
 
     def _jittered_poll(self) -> float:
         # Jitter spreads the polls of many waiters so they do not hit the
@@ -807,12 +910,13 @@ class ConcurrencyManager:
         self._best_effort(self._store.release, lease_id)
         self._notify()
 
-    @staticmethod
-    def _best_effort(cleanup: Callable[[str], None], item: str) -> None:
+    def _best_effort(self, cleanup: Callable[[str], None], item: str) -> None:
         """Run a cleanup whose failure must not mask the caller's result or
         exception: an unrenewed lease or ticket expires by itself within lease_ttl."""
         try:
             cleanup(item)
+        except StoreUnavailable as exc:
+            self._store_down(f"the cleanup of {item}", exc)
         except Exception:
             logger.error("cleanup of %s failed; it will expire", item, exc_info=True)
 
@@ -837,8 +941,14 @@ class ConcurrencyManager:
             self._heartbeat.start()
 
     def _heartbeat_loop(self) -> None:
-        stop = self._stop
-        while not stop.wait(self._heartbeat_interval):
+        stop, wake = self._stop, self._wake
+        while not stop.is_set():
+            # Faster during an outage, so leases are re-registered soon after it ends.
+            outage_beat = min(self._heartbeat_interval, _OUTAGE_PAUSE_MAX_S)
+            wake.wait(outage_beat if self._outage else self._heartbeat_interval)
+            wake.clear()
+            if stop.is_set():
+                return
             self._renew_once()
 
     def _renew_once(self) -> None:
@@ -848,14 +958,18 @@ class ConcurrencyManager:
         self._beat("lease heartbeat", lambda: self._store.renew(leases, tickets))
         self._beat("limits declaration", lambda: self._store.declare(self._instance))
 
-    @staticmethod
-    def _beat(what: str, step: Callable[[], None]) -> None:
+    def _beat(self, what: str, step: Callable[[], None]) -> None:
+        # Keep beating on any failure: one failed renewal is survivable (the interval is a
+        # fraction of the ttl); a dead heartbeat would drop every lease.
         try:
             step()
+        except StoreUnavailable as exc:
+            self._store_down(what, exc)
+            return
         except Exception:
-            # Keep beating: one failed renewal is survivable (interval is a
-            # fraction of the ttl); a dead heartbeat would drop every lease.
             logger.error("%s failed; retrying", what, exc_info=True)
+            return
+        self._store_up(renew=False)
 
     # -- rate -------------------------------------------------------------------
 
@@ -874,31 +988,54 @@ class ConcurrencyManager:
     def _wait_for_token(self, account: str, kind: Kind, deadline: float) -> None:
         self._check_open()
         while True:
-            budget = deadline - self._clock()
-            if budget < 0:
-                raise DeadlineExceeded(f"deadline passed before a {kind} token ({account})")
-            cut = self._store.last_cut(account) if kind == "create" else 0.0
-            wait = self._store.reserve(account, kind, max_wait=budget)
+            # A step that failed spent nothing we rely on: it is taken again, whole.
+            cut, wait, budget = self._patiently(
+                partial(self._reserve, account, kind, deadline), deadline, self._sleep)
             if wait > budget:
                 raise DeadlineExceeded(
                     f"{kind} token for {account} needs {wait:.3f}s, only {budget:.3f}s left"
                 )
             if wait > 0:
                 self._sleep(wait)  # outside every lock and transaction
-            if self._store.backoff_remaining(account) <= _BACKOFF_EPSILON_S and \
-                    (kind != "create" or self._store.last_cut(account) == cut):
+            if self._patiently(partial(self._token_holds, account, kind, cut), deadline,
+                               self._sleep):
                 return
             # A 429 back-off began, or the create rate was cut, while we slept: this token
             # was spaced for a rate Replicate refuses, so take a new one.
 
+    def _reserve(self, account: str, kind: Kind, deadline: float) -> tuple[float, float, float]:
+        """(last cut, wait, budget): one token reserved within what is left of the deadline."""
+        budget = deadline - self._clock()
+        if budget < 0:
+            raise DeadlineExceeded(f"deadline passed before a {kind} token ({account})")
+        cut = self._store.last_cut(account) if kind == "create" else 0.0
+        return cut, self._store.reserve(account, kind, max_wait=budget), budget
+
+    def _token_holds(self, account: str, kind: Kind, cut: float) -> bool:
+        """No back-off began and the create rate was not cut since the token was reserved."""
+        return self._store.backoff_remaining(account) <= _BACKOFF_EPSILON_S and \
+            (kind != "create" or self._store.last_cut(account) == cut)
+
     def throttled(self, account: str, retry_after: float) -> None:
         """A 429 was seen: every worker of the account, in every process, backs off."""
-        self._store.back_off(account, retry_after)
+        # Store down: the back-off is lost, but no create goes out until it is back anyway.
+        self._unless_down("recording a back-off",
+                          partial(self._store.back_off, account, retry_after))
         metrics.backoff_started(retry_after)
 
     def create_accepted(self, account: str) -> None:
         """Replicate accepted a create: the learned rate may grow back."""
-        self._store.create_accepted(account)
+        # Store down: the learned rate only grows back a step later; the create stands.
+        self._unless_down("recording an accepted create",
+                          partial(self._store.create_accepted, account))
+
+    def _unless_down(self, what: str, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except StoreUnavailable as exc:
+            self._store_down(what, exc)
+            return
+        self._store_up(renew=True)
 
     # -- configuration and status -------------------------------------------------
 
@@ -935,6 +1072,7 @@ class ConcurrencyManager:
             self._reset_process_state()  # a forked child: the parent's declaration is not ours
         self._closed = True
         self._stop.set()
+        self._wake.set()
         heartbeat = self._heartbeat
         if heartbeat is not None and heartbeat is not threading.current_thread():
             heartbeat.join(timeout=5.0)
@@ -952,7 +1090,8 @@ class ConcurrencyManager:
     def _open(self) -> None:
         """Declare this process's limits and keep the declaration alive while open,
         idle or not: a smaller limit must bind the others as long as it lives."""
-        self._store.declare(self._instance)
+        # Store down at start-up: open anyway (callers get 503s); the heartbeat declares later.
+        self._unless_down("the limits declaration", partial(self._store.declare, self._instance))
         self._ensure_heartbeat()
 
     def _check_open(self) -> None:
