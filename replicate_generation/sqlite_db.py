@@ -1,6 +1,7 @@
 """One SQLite file shared by every process on the host: per-thread connections, WAL, short writes.
 
-Both the limit store and the job store live in the state file; this is the part they share.
+Both the limit store and the job store live in the state file; this is the part they share
+(the job store through SQLAlchemy: `sqlite_engine`, `sqlite_transaction`, same rules).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.request import pathname2url
+
+from sqlalchemy import URL, Connection, Engine, create_engine, event
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +81,9 @@ def retry_while_busy(step: Callable[[], object], *, patience: float | None) -> N
             if tries % 40 == 0:
                 log.warning("the state file has been locked by another writer for %d tries",
                             tries)
-            time.sleep(random.uniform(0, min(RETRY_PAUSE_MAX_S, 0.005 * 2**tries)))  # noqa: S311
+            # The exponent is capped: 2**tries past ~1024 overflows a float (a long wait).
+            pause = min(RETRY_PAUSE_MAX_S, 0.005 * 2**min(tries, 16))
+            time.sleep(random.uniform(0, pause))  # noqa: S311
 
 
 class Database:
@@ -135,15 +140,7 @@ class Database:
     def probe_write(self, timeout: float = 2.0) -> None:
         """Open the path anew (a replaced or unwritable file shows only there) and write;
         mode=rw: a file that has gone is an error, never silently created again."""
-        uri = "file:" + pathname2url(os.path.abspath(self.path)) + "?mode=rw"
-        conn = sqlite3.connect(uri, timeout=timeout, isolation_level=None, uri=True)
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("CREATE TABLE IF NOT EXISTS ready_probe (id INTEGER PRIMARY KEY, at REAL)")
-            conn.execute("INSERT OR REPLACE INTO ready_probe VALUES (1, ?)", (time.time(),))
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
+        probe_file_write(self.path, timeout)
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
@@ -184,3 +181,73 @@ def enable_wal(conn: sqlite3.Connection) -> None:
             # writers; e.g. network filesystems.
             log.warning("SQLite refused WAL mode (journal_mode=%s)", row)
         return
+
+
+# -- the same rules for SQLAlchemy (the job store) ----------------------------------------------
+
+
+def writes_are_patient() -> bool:
+    """Whether this thread is inside `patient_writes()`."""
+    return bool(getattr(_patience, "on", False))
+
+
+def sqlite_engine(path: str) -> Engine:
+    """A pooled engine on the state file: WAL, synchronous NORMAL, the short busy timeout and
+    transactions issued explicitly (see `sqlite_transaction`)."""
+    if path in ("", ":memory:"):
+        # Pooled connections to ":memory:" would each see a private database.
+        raise ValueError("the state store needs a file path shared by all processes")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    url = URL.create("sqlite+pysqlite", database=path)
+    # Unbounded overflow: a thread never waits for a connection, SQLite's lock is what serialises.
+    engine = create_engine(url, pool_size=16, max_overflow=-1,
+                           connect_args={"timeout": BUSY_TIMEOUT_S})
+    event.listen(engine, "connect", _on_connect)
+    with engine.connect() as conn:
+        enable_wal(driver_connection(conn))
+    return engine
+
+
+def _on_connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+    # isolation_level=None: the driver never opens transactions itself; BEGIN is explicit.
+    dbapi_connection.isolation_level = None
+    dbapi_connection.execute("PRAGMA synchronous = NORMAL")
+
+
+def driver_connection(conn: Connection) -> sqlite3.Connection:
+    """The sqlite3 connection under a SQLAlchemy one."""
+    raw = conn.connection.driver_connection
+    assert isinstance(raw, sqlite3.Connection)  # noqa: S101 - sqlite_engine made it
+    return raw
+
+
+@contextmanager
+def sqlite_transaction(conn: Connection, *, immediate: bool,
+                       patience: float | None) -> Iterator[None]:
+    """BEGIN [IMMEDIATE] ... COMMIT on a SQLAlchemy connection, busy waits retried as
+    `Database.write` retries them; a read (not immediate) is rolled back at the end."""
+    raw = driver_connection(conn)
+    retry_while_busy(lambda: raw.execute("BEGIN IMMEDIATE" if immediate else "BEGIN"),
+                     patience=patience)
+    try:
+        yield
+        if immediate:
+            retry_while_busy(lambda: raw.execute("COMMIT"), patience=patience)
+    finally:
+        # Never leave a transaction open on a pooled connection.
+        if raw.in_transaction:
+            raw.rollback()
+
+
+def probe_file_write(path: str, timeout: float = 2.0) -> None:
+    """Open the path anew (a replaced or unwritable file shows only there) and write;
+    mode=rw: a file that has gone is an error, never silently created again."""
+    uri = "file:" + pathname2url(os.path.abspath(path)) + "?mode=rw"
+    conn = sqlite3.connect(uri, timeout=timeout, isolation_level=None, uri=True)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("CREATE TABLE IF NOT EXISTS ready_probe (id INTEGER PRIMARY KEY, at REAL)")
+        conn.execute("INSERT OR REPLACE INTO ready_probe VALUES (1, ?)", (time.time(),))
+        conn.execute("COMMIT")
+    finally:
+        conn.close()

@@ -1,10 +1,17 @@
-"""The job store's claiming rules, on a real state file."""
+"""The job store on a real SQLite state file: claiming rules, and a busy file."""
 
 from __future__ import annotations
 
+import sqlite3
+import threading
+import time
 from pathlib import Path
 
+import pytest
+
+from replicate_generation.jobs import store as store_module
 from replicate_generation.jobs.store import JobStore, NewItem, NewJob
+from replicate_generation.sqlite_db import StoreBusy, patient_writes
 
 
 def make_job(store: JobStore, job_id: str, origin: str, owner: str, now: float) -> None:
@@ -30,3 +37,36 @@ def test_orphans_are_claimed_by_their_own_origin_only_and_once(tmp_path: Path) -
     # A worker that retires hands its jobs over at once.
     store.retire("svc")
     assert store.claim_orphans("other", ["acct_a"], 101.0, 30.0, "service") == ["job_service"]
+
+
+def test_a_locked_state_file_makes_writes_wait_then_refuse_while_patient_ones_wait_it_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "state.sqlite3"
+    store = JobStore(str(path))
+    make_job(store, "job_1", "service", "w", 0.0)
+    monkeypatch.setattr(store_module, "WRITE_PATIENCE_S", 0.6)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process's long write
+    started = time.monotonic()
+    with pytest.raises(StoreBusy):
+        store.heartbeat("w", 1.0)
+    assert 0.5 < time.monotonic() - started < 5.0
+    # Readers never wait for the writer (WAL).
+    assert store.get("job_1") is not None
+    done: list[bool] = []
+
+    def record() -> None:
+        with patient_writes():
+            done.append(store.record_attempts("job_1", 0, [], ("pred_1", "m")))
+
+    writer = threading.Thread(target=record)
+    writer.start()
+    writer.join(1.5)
+    assert writer.is_alive() and not done
+    other.execute("ROLLBACK")
+    other.close()
+    writer.join(10)
+    assert done == [True]
+    item = store.item("job_1", 0)
+    assert item is not None and item.prediction_id == "pred_1"
+    store.close()

@@ -1,4 +1,6 @@
-"""Durable jobs: every job, item, prediction id and attempt in the shared SQLite state file.
+"""Durable jobs: every job, item, prediction id and attempt, in the shared SQLite state file or
+in PostgreSQL (one code path, SQLAlchemy Core; tables in schema.py, migrations in
+replicate_generation/migrations).
 
 A job belongs to the process that runs it (`owner`, a worker id with a heartbeat). When an owner's
 heartbeat stops, another process claims its unfinished jobs and resumes them: an item with a
@@ -9,12 +11,60 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import random
 import sqlite3
-from collections.abc import Container, Sequence
+import time
+from collections.abc import Container, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from replicate_generation.sqlite_db import Database
+from sqlalchemy import (
+    Column,
+    ColumnElement,
+    Connection,
+    Executable,
+    Row,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    exc,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+
+from replicate_generation.backends import StoreUnavailable
+from replicate_generation.jobs.schema import (
+    Backend,
+    backend_of,
+    job_files,
+    job_items,
+    job_values,
+    job_workers,
+    jobs,
+    open_engine,
+    reachable,
+    ready_probe,
+)
+from replicate_generation.migrations import migrate as migrate
+from replicate_generation.migrations import upgrade
+from replicate_generation.sqlite_db import (
+    WRITE_PATIENCE_S,
+    StoreBusy,
+    is_busy,
+    probe_file_write,
+    sqlite_transaction,
+    writes_are_patient,
+)
+
+log = logging.getLogger(__name__)
 
 ITEM_STATES = ("queued", "running", "succeeded", "failed", "canceled")
 ITEM_TERMINAL = frozenset({"succeeded", "failed", "canceled"})
@@ -26,74 +76,6 @@ CANCEL_UNCONFIRMED = "cancel_unconfirmed"
 # Input strings at least this long are stored once per job and referenced from each item's spec.
 SHARED_VALUE_MIN_CHARS = 1024
 _SHARED_REF = "$shared"
-
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS jobs (
-        id TEXT PRIMARY KEY,
-        account TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        origin TEXT NOT NULL DEFAULT 'service',
-        state TEXT NOT NULL,
-        request_id TEXT NOT NULL,
-        item_count INTEGER NOT NULL,
-        owner TEXT,
-        created_at REAL NOT NULL,
-        started_at REAL,
-        finished_at REAL,
-        cancel_requested_at REAL,
-        idempotency_key TEXT,
-        request_hash TEXT,
-        webhook_url TEXT,
-        webhook_private INTEGER NOT NULL DEFAULT 0,
-        webhook_state TEXT,
-        webhook_attempts INTEGER NOT NULL DEFAULT 0,
-        webhook_next_at REAL,
-        webhook_error TEXT
-    )""",
-    "CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs(account, idempotency_key)"
-    " WHERE idempotency_key IS NOT NULL",
-    "CREATE INDEX IF NOT EXISTS jobs_by_account ON jobs(account, created_at DESC, id DESC)",
-    "CREATE INDEX IF NOT EXISTS jobs_open ON jobs(state) WHERE state IN ('queued', 'running')",
-    "CREATE INDEX IF NOT EXISTS jobs_webhooks ON jobs(webhook_next_at)"
-    " WHERE webhook_state = 'pending'",
-    """CREATE TABLE IF NOT EXISTS job_items (
-        job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
-        idx INTEGER NOT NULL,
-        spec TEXT NOT NULL,
-        state TEXT NOT NULL,
-        prediction_id TEXT,
-        prediction_model TEXT,
-        model_used TEXT,
-        attempts TEXT NOT NULL DEFAULT '[]',
-        files TEXT NOT NULL DEFAULT '[]',
-        error TEXT,
-        error_type TEXT,
-        cost_usd REAL,
-        placeholder INTEGER NOT NULL DEFAULT 0,
-        notes TEXT NOT NULL DEFAULT '[]',
-        queued_at REAL NOT NULL,
-        started_at REAL,
-        finished_at REAL,
-        PRIMARY KEY (job_id, idx)
-    )""",
-    """CREATE TABLE IF NOT EXISTS job_files (
-        path TEXT PRIMARY KEY,
-        job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE
-    )""",
-    "CREATE INDEX IF NOT EXISTS job_files_by_job ON job_files(job_id)",
-    # Values the items of a job share (a reference image...), once each, by sha256 digest.
-    """CREATE TABLE IF NOT EXISTS job_values (
-        job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
-        digest TEXT NOT NULL,
-        value TEXT NOT NULL,
-        PRIMARY KEY (job_id, digest)
-    )""",
-    """CREATE TABLE IF NOT EXISTS job_workers (
-        id TEXT PRIMARY KEY,
-        heartbeat_at REAL NOT NULL
-    )""",
-)
-
 
 class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before with another request body."""
@@ -167,6 +149,8 @@ class JobRow:
     webhook_next_at: float | None
     webhook_error: str | None
     counts: dict[str, int] = field(default_factory=dict)
+    # The fencing number an owner's writes carry (see JobStore.fence_of).
+    fence: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -188,22 +172,118 @@ class ItemOutcome:
     notes: list[str] = field(default_factory=list)
 
 
-_JOB_COLUMNS = ("id, account, kind, state, request_id, item_count, owner, created_at, started_at,"
-                " finished_at, cancel_requested_at, idempotency_key, request_hash, webhook_url,"
-                " webhook_private, webhook_state, webhook_attempts, webhook_next_at, webhook_error")
-_ITEM_COLUMNS = ("job_id, idx, spec, state, prediction_id, prediction_model, model_used, attempts,"
-                 " files, error, error_type, cost_usd, placeholder, notes, queued_at, started_at,"
-                 " finished_at")
+_JOB = [jobs.c[name] for name in (
+    "id", "account", "kind", "state", "request_id", "item_count", "owner", "created_at",
+    "started_at", "finished_at", "cancel_requested_at", "idempotency_key", "request_hash",
+    "webhook_url", "webhook_private", "webhook_state", "webhook_attempts", "webhook_next_at",
+    "webhook_error", "fence")]
+_ITEM = [job_items.c[name] for name in (
+    "job_id", "idx", "spec", "state", "prediction_id", "prediction_model", "model_used",
+    "attempts", "files", "error", "error_type", "cost_usd", "placeholder", "notes", "queued_at",
+    "started_at", "finished_at")]
+_OPEN_STATES = ("queued", "running")
+# The fence of the job an item belongs to, correlated with the item a statement touches.
+_ITEM_FENCE = select(jobs.c.fence).where(jobs.c.id == job_items.c.job_id).scalar_subquery()
+_RECONNECT_PAUSE_MAX_S = 2.0
 
 
 class JobStore:
-    """The jobs tables of the state file. Times are wall-clock seconds given by the caller."""
+    """The jobs tables, on SQLite (a path or `sqlite:///path`) or PostgreSQL
+    (`postgresql://...`). Times are wall-clock seconds given by the caller.
 
-    def __init__(self, path: str) -> None:
-        self._db = Database(path)
-        with self._db.write(patient=True) as conn:
-            for statement in _SCHEMA:
-                conn.execute(statement)
+    Start-up upgrades the tables to the newest migration. On PostgreSQL, a refused or lost
+    connection raises StoreUnavailable; the same store works again once the server is back.
+    """
+
+    def __init__(self, target: str) -> None:
+        self._engine = open_engine(target)
+        try:
+            upgrade(self._engine)
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    @property
+    def backend(self) -> Backend:
+        return backend_of(self._engine)
+
+    def close(self) -> None:
+        """Close the pooled connections (the store opens new ones if used again)."""
+        self._engine.dispose()
+
+    # -- connections and transactions ------------------------------------------------------
+
+    @contextmanager
+    def _write(self, *, patient: bool = False) -> Iterator[Connection]:
+        """A short write transaction. SQLite: BEGIN IMMEDIATE, busy waits retried up to
+        WRITE_PATIENCE_S then StoreBusy. Patient (or inside `patient_writes()`): retried without
+        limit, and on PostgreSQL a refused connection is retried too."""
+        patience = None if patient or writes_are_patient() else WRITE_PATIENCE_S
+        with self._session(patience, write=True) as conn:
+            yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        """A read transaction (SQLite: a snapshot; PostgreSQL: READ COMMITTED). Inside
+        `patient_writes()` (an item holding a slot) it waits for PostgreSQL to come back."""
+        patience = None if writes_are_patient() else WRITE_PATIENCE_S
+        with self._session(patience, write=False) as conn, _busy_is_store_busy():
+            yield conn
+
+    @contextmanager
+    def _session(self, patience: float | None, *, write: bool) -> Iterator[Connection]:
+        conn = self._connect(patience)
+        with reachable(self._engine), conn:
+            if self.backend == "sqlite":
+                with sqlite_transaction(conn, immediate=write, patience=patience):
+                    yield conn
+            else:
+                with conn.begin():
+                    yield conn
+
+    def _connect(self, patience: float | None) -> Connection:
+        """A pooled connection; a patient caller waits for PostgreSQL to be reachable."""
+        tries = 0
+        while True:
+            try:
+                with reachable(self._engine, connecting=True):
+                    return self._engine.connect()
+            except StoreUnavailable:
+                if patience is not None:
+                    raise
+            except exc.TimeoutError as error:
+                if patience is not None:
+                    raise StoreBusy("every connection to the job store is in use") from error
+            tries += 1
+            if tries % 20 == 0:
+                log.warning("the job store has been unreachable for %d tries", tries)
+            pause = min(_RECONNECT_PAUSE_MAX_S, 0.01 * 2**min(tries, 16))
+            time.sleep(random.uniform(0, pause))  # noqa: S311 - jitter only
+
+    def _insert(self, table: Table) -> sqlite.Insert | postgresql.Insert:
+        """INSERT with the dialect's ON CONFLICT clauses."""
+        return sqlite.insert(table) if self.backend == "sqlite" else postgresql.insert(table)
+
+    # -- health ----------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """A cheap round trip (SELECT 1); StoreUnavailable when the database cannot answer."""
+        try:
+            with self._read() as conn:
+                conn.execute(select(1))
+        except (sqlite3.Error, exc.DBAPIError) as error:
+            raise StoreUnavailable(self.backend, f"{type(error).__name__}") from error
+
+    def probe_write(self) -> None:
+        """Raise unless the store can be written afresh (readiness): SQLite opens the file anew."""
+        database = self._engine.url.database
+        if self.backend == "sqlite" and database:
+            probe_file_write(database)
+            return
+        with self._write() as conn:
+            stmt = postgresql.insert(ready_probe).values(id=1, at=time.time())
+            conn.execute(stmt.on_conflict_do_update(index_elements=[ready_probe.c.id],
+                                                    set_={"at": stmt.excluded.at}))
 
     # -- submitting ------------------------------------------------------------------------
 
@@ -213,164 +293,189 @@ class JobStore:
         Returns (job, created). Raises IdempotencyConflict when the key was used with another
         body. The rows are built before the write lock is taken, so the transaction stays short.
         """
-        rows, values = _pack_items(job.id, job.items)
-        with self._db.write() as conn:
-            if job.idempotency_key is not None:
-                existing = conn.execute(
-                    f"SELECT {_JOB_COLUMNS} FROM jobs WHERE account = ? AND idempotency_key = ?",
-                    (job.account, job.idempotency_key)).fetchone()
-                if existing is not None:
-                    row = _job(existing)
-                    if row.request_hash != job.request_hash:
-                        raise IdempotencyConflict(job.idempotency_key)
-                    row.counts = _counts(conn, row.id)
-                    return row, False
-            conn.execute(
-                "INSERT INTO jobs (id, account, kind, origin, state, request_id, item_count,"
-                " owner, created_at, idempotency_key, request_hash, webhook_url,"
-                " webhook_private) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job.id, job.account, job.kind, job.origin, job.request_id, len(job.items),
-                 owner, now, job.idempotency_key, job.request_hash, job.webhook_url,
-                 int(job.webhook_private)))
-            conn.executemany("INSERT OR IGNORE INTO job_values (job_id, digest, value)"
-                             " VALUES (?, ?, ?)", values)
-            conn.executemany(
-                "INSERT INTO job_items (job_id, idx, spec, state, queued_at)"
-                " VALUES (?, ?, ?, 'queued', ?)", [(*row, now) for row in rows])
-            created = _job(conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?",
-                                        (job.id,)).fetchone())
-            created.counts = _counts(conn, job.id)
+        items, values = _pack_items(job.id, job.items)
+        with self._write() as conn:
+            existing = _keyed_job(conn, job)
+            if existing is not None:
+                return existing, False
+            if conn.execute(self._new_job(job, owner, now)).first() is None:
+                # Another process created the key's job meanwhile (PostgreSQL only).
+                raced = _keyed_job(conn, job)
+                assert raced is not None  # noqa: S101 - the conflict was on that key
+                return raced, False
+            if values:
+                conn.execute(self._insert(job_values).on_conflict_do_nothing(
+                    index_elements=[job_values.c.job_id, job_values.c.digest]), values)
+            if items:
+                conn.execute(insert(job_items).values(state="queued", queued_at=now), items)
+            created = _load_job(conn, job.id)
+        assert created is not None  # noqa: S101 - inserted in this transaction
         return created, True
+
+    def _new_job(self, job: NewJob, owner: str, now: float) -> Executable:
+        return self._insert(jobs).values(
+            id=job.id, account=job.account, kind=job.kind, origin=job.origin, state="queued",
+            request_id=job.request_id, item_count=len(job.items), owner=owner, created_at=now,
+            idempotency_key=job.idempotency_key, request_hash=job.request_hash,
+            webhook_url=job.webhook_url, webhook_private=int(job.webhook_private), fence=1,
+        ).on_conflict_do_nothing(index_elements=[jobs.c.account, jobs.c.idempotency_key],
+                                 index_where=jobs.c.idempotency_key.is_not(None),
+                                 ).returning(jobs.c.id)
 
     # -- reading ---------------------------------------------------------------------------
 
     def get(self, job_id: str) -> JobRow | None:
-        with self._db.read() as conn:
-            row = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?",
-                               (job_id,)).fetchone()
-            if row is None:
-                return None
-            job = _job(row)
-            job.counts = _counts(conn, job_id)
-            return job
+        with self._read() as conn:
+            return _load_job(conn, job_id)
 
     def items(self, job_id: str, *, only_open: bool = False) -> list[ItemRow]:
-        where = " AND state IN ('queued', 'running')" if only_open else ""
-        with self._db.read() as conn:
-            rows = conn.execute(f"SELECT {_ITEM_COLUMNS} FROM job_items WHERE job_id = ?{where}"
-                                " ORDER BY idx", (job_id,)).fetchall()
+        query = select(*_ITEM).where(job_items.c.job_id == job_id).order_by(job_items.c.idx)
+        if only_open:
+            query = query.where(job_items.c.state.in_(_OPEN_STATES))
+        with self._read() as conn:
+            rows = conn.execute(query).all()
             # One copy of each shared value for all the items, however many there are.
-            values = dict(conn.execute("SELECT digest, value FROM job_values WHERE job_id = ?",
-                                       (job_id,)).fetchall())
+            values = {str(r.digest): str(r.value) for r in conn.execute(
+                select(job_values.c.digest, job_values.c.value)
+                .where(job_values.c.job_id == job_id))}
         return [_item(r, values) for r in rows]
 
     def open_indexes(self, job_id: str) -> list[int]:
         """The items not yet ended, in input order (without loading their specs)."""
-        with self._db.read() as conn:
-            rows = conn.execute("SELECT idx FROM job_items WHERE job_id = ? AND state IN"
-                                " ('queued', 'running') ORDER BY idx", (job_id,)).fetchall()
-        return [int(r[0]) for r in rows]
+        with self._read() as conn:
+            rows = conn.execute(select(job_items.c.idx).where(
+                job_items.c.job_id == job_id, job_items.c.state.in_(_OPEN_STATES))
+                .order_by(job_items.c.idx)).all()
+        return [int(r.idx) for r in rows]
 
     def item(self, job_id: str, index: int) -> ItemRow | None:
-        with self._db.read() as conn:
-            row = conn.execute(f"SELECT {_ITEM_COLUMNS} FROM job_items WHERE job_id = ? AND"
-                               " idx = ?", (job_id, index)).fetchone()
+        with self._read() as conn:
+            row = conn.execute(select(*_ITEM).where(job_items.c.job_id == job_id,
+                                                    job_items.c.idx == index)).first()
             return _item(row, _values_of(conn, job_id, row)) if row is not None else None
 
     def list_jobs(self, account: str | None, limit: int,
                   after: tuple[float, str] | None = None) -> list[JobRow]:
         """Newest first; `after` is the (created_at, id) of the last job of the previous page."""
-        clauses, params = [], []  # type: tuple[list[str], list[object]]
+        query = select(*_JOB).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
         if account is not None:
-            clauses.append("account = ?")
-            params.append(account)
+            query = query.where(jobs.c.account == account)
         if after is not None:
-            clauses.append("(created_at < ? OR (created_at = ? AND id < ?))")
-            params.extend([after[0], after[0], after[1]])
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        with self._db.read() as conn:
-            rows = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs{where}"
-                                " ORDER BY created_at DESC, id DESC LIMIT ?",
-                                (*params, limit)).fetchall()
-            jobs = [_job(r) for r in rows]
-            for job in jobs:
+            query = query.where(or_(jobs.c.created_at < after[0], and_(
+                jobs.c.created_at == after[0], jobs.c.id < after[1])))
+        with self._read() as conn:
+            found = [_job(r) for r in conn.execute(query)]
+            for job in found:
                 job.counts = _counts(conn, job.id)
-        return jobs
+        return found
+
+    def _scalar(self, query: Select[Any]) -> Any:
+        with self._read() as conn:
+            return conn.execute(query).scalar()
 
     def owner(self, job_id: str) -> str | None:
-        row = self._db.connection().execute("SELECT owner FROM jobs WHERE id = ?",
-                                            (job_id,)).fetchone()
-        return str(row[0]) if row and row[0] is not None else None
+        owner = self._scalar(select(jobs.c.owner).where(jobs.c.id == job_id))
+        return str(owner) if owner is not None else None
+
+    def fence_of(self, job_id: str) -> int:
+        """The job's fencing number (0 for a job that is not there, or untouched since before
+        fencing): a claim carries it to the owner's writes."""
+        return int(self._scalar(select(jobs.c.fence).where(jobs.c.id == job_id)) or 0)
 
     def cancel_requested(self, job_id: str) -> bool:
-        row = self._db.connection().execute(
-            "SELECT cancel_requested_at FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return row is None or row[0] is not None
+        with self._read() as conn:
+            row = conn.execute(select(jobs.c.cancel_requested_at)
+                               .where(jobs.c.id == job_id)).first()
+        return row is None or row.cancel_requested_at is not None
 
     def file_job(self, path: str) -> str | None:
         """The job that wrote this output (relative to the output root), if any."""
-        row = self._db.connection().execute(
-            "SELECT job_id FROM job_files WHERE path = ?", (path,)).fetchone()
-        return str(row[0]) if row else None
+        job_id = self._scalar(select(job_files.c.job_id).where(job_files.c.path == path))
+        return str(job_id) if job_id is not None else None
 
     # -- running ---------------------------------------------------------------------------
+    # An owner's writes take `fence`: given, they apply only while the job's fence is still
+    # that number, so an owner that lost the job to a claim changes nothing.
 
-    def start_item(self, job_id: str, index: int, now: float) -> ItemRow | None:
-        """Mark an item running (its job too); None if it already ended (e.g. canceled)."""
-        with self._db.write() as conn:
-            row = conn.execute(f"SELECT {_ITEM_COLUMNS} FROM job_items WHERE job_id = ? AND"
-                               " idx = ?", (job_id, index)).fetchone()
-            if row is None or row[3] in ITEM_TERMINAL:
+    def start_item(self, job_id: str, index: int, now: float, *,
+                   fence: int | None = None) -> ItemRow | None:
+        """Mark an item running (its job too); None if it already ended (e.g. canceled) or the
+        job was fenced off."""
+        with self._write() as conn:
+            # The job's row first: every writer locks a job before its items (no deadlock).
+            if not _fence_holds(conn, job_id, fence):
                 return None
-            conn.execute("UPDATE job_items SET state = 'running', started_at ="
-                         " COALESCE(started_at, ?) WHERE job_id = ? AND idx = ?",
-                         (now, job_id, index))
-            conn.execute("UPDATE jobs SET state = 'running', started_at = COALESCE(started_at, ?)"
-                         " WHERE id = ? AND state = 'queued'", (now, job_id))
-        with self._db.read() as conn:
+            row = conn.execute(select(*_ITEM).where(job_items.c.job_id == job_id,
+                                                    job_items.c.idx == index)
+                               .with_for_update(key_share=True)).first()
+            if row is None or row.state in ITEM_TERMINAL:
+                return None
+            conn.execute(update(job_items).where(job_items.c.job_id == job_id,
+                                                 job_items.c.idx == index)
+                         .values(state="running",
+                                 started_at=func.coalesce(job_items.c.started_at, now)))
+            conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state == "queued")
+                         .values(state="running", started_at=func.coalesce(jobs.c.started_at,
+                                                                           now)))
+        with self._read() as conn:
             item = _item(row, _values_of(conn, job_id, row))
         item.state = "running"
         item.started_at = item.started_at or now
         return item
 
     def record_attempts(self, job_id: str, index: int, attempts: list[dict[str, Any]],
-                        prediction: tuple[str, str] | None) -> None:
-        """Write the attempts so far, and the prediction now in flight (id, model) or none.
+                        prediction: tuple[str, str] | None, *, fence: int | None = None) -> bool:
+        """Write the attempts so far, and the prediction now in flight (id, model) or none;
+        False if the item is not there or the job was fenced off.
 
         Retried until it is stored, however busy the file: the create it records is paid for.
         """
-        with self._db.write(patient=True) as conn:
-            conn.execute("UPDATE job_items SET attempts = ?, prediction_id = ?,"
-                         " prediction_model = ? WHERE job_id = ? AND idx = ?",
-                         (json.dumps(attempts), prediction[0] if prediction else None,
-                          prediction[1] if prediction else None, job_id, index))
+        stmt = update(job_items).where(job_items.c.job_id == job_id, job_items.c.idx == index,
+                                       *_item_fenced(fence)).values(
+            attempts=json.dumps(attempts), prediction_id=prediction[0] if prediction else None,
+            prediction_model=prediction[1] if prediction else None)
+        with self._write(patient=True) as conn:
+            return bool(conn.execute(stmt).rowcount)
 
     def prediction_ids(self, account: str, since: float) -> set[str]:
         """Prediction ids the account's items queued since then own (never adopted again)."""
-        rows = self._db.connection().execute(
-            "SELECT i.prediction_id FROM job_items i JOIN jobs j ON j.id = i.job_id"
-            " WHERE j.account = ? AND i.prediction_id IS NOT NULL AND i.queued_at >= ?",
-            (account, since))
-        return {str(row[0]) for row in rows}
+        query = (select(job_items.c.prediction_id)
+                 .join(jobs, jobs.c.id == job_items.c.job_id)
+                 .where(jobs.c.account == account, job_items.c.prediction_id.is_not(None),
+                        job_items.c.queued_at >= since))
+        with self._read() as conn:
+            return {str(r.prediction_id) for r in conn.execute(query)}
 
-    def finish_item(self, job_id: str, index: int, outcome: ItemOutcome, now: float) -> None:
-        with self._db.write() as conn:
-            conn.execute(
-                "UPDATE job_items SET state = ?, model_used = ?, attempts = ?, files = ?,"
-                " error = ?, error_type = ?, cost_usd = ?, placeholder = ?, notes = ?,"
-                " finished_at = ? WHERE job_id = ? AND idx = ?",
-                (outcome.state, outcome.model_used, json.dumps(outcome.attempts),
-                 json.dumps(outcome.files), outcome.error, outcome.error_type, outcome.cost_usd,
-                 int(outcome.placeholder), json.dumps(outcome.notes), now, job_id, index))
-            conn.executemany("INSERT OR REPLACE INTO job_files (path, job_id) VALUES (?, ?)",
-                             [(path, job_id) for path in outcome.files])
+    def finish_item(self, job_id: str, index: int, outcome: ItemOutcome, now: float, *,
+                    fence: int | None = None) -> bool:
+        """Store how the item ended and own its files; False if the item is not there or the
+        job was fenced off (then nothing is written)."""
+        stmt = update(job_items).where(job_items.c.job_id == job_id, job_items.c.idx == index,
+                                       *_item_fenced(fence)).values(
+            state=outcome.state, model_used=outcome.model_used,
+            attempts=json.dumps(outcome.attempts), files=json.dumps(outcome.files),
+            error=outcome.error, error_type=outcome.error_type, cost_usd=outcome.cost_usd,
+            placeholder=int(outcome.placeholder), notes=json.dumps(outcome.notes),
+            finished_at=now)
+        with self._write() as conn:
+            if not conn.execute(stmt).rowcount:
+                return False
+            if outcome.files:
+                files = self._insert(job_files)
+                conn.execute(files.on_conflict_do_update(
+                    index_elements=[job_files.c.path], set_={"job_id": files.excluded.job_id}),
+                    [{"path": path, "job_id": job_id} for path in outcome.files])
+        return True
 
-    def finish_job_if_done(self, job_id: str, now: float) -> JobRow | None:
-        """Close the job once every item ended; return it only to the caller that closed it."""
-        with self._db.write() as conn:
-            row = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?",
-                               (job_id,)).fetchone()
-            if row is None or row[3] in JOB_TERMINAL:
+    def finish_job_if_done(self, job_id: str, now: float, *,
+                           fence: int | None = None) -> JobRow | None:
+        """Close the job once every item ended; return it only to the caller that closed it
+        (None as well when the job was fenced off)."""
+        with self._write() as conn:
+            row = conn.execute(select(*_JOB).where(jobs.c.id == job_id)
+                               .with_for_update(key_share=True)).first()
+            if row is None or row.state in JOB_TERMINAL or (fence is not None
+                                                            and row.fence != fence):
                 return None
             counts = _counts(conn, job_id)
             if counts["queued"] or counts["running"]:
@@ -380,137 +485,201 @@ class JobStore:
             job.finished_at = now
             job.counts = counts
             webhook = "pending" if job.webhook_url else None
-            conn.execute("UPDATE jobs SET state = ?, finished_at = ?, owner = NULL,"
-                         " webhook_state = ?, webhook_next_at = ? WHERE id = ?",
-                         (job.state, now, webhook, now if webhook else None, job_id))
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(
+                state=job.state, finished_at=now, owner=None, webhook_state=webhook,
+                webhook_next_at=now if webhook else None))
             job.webhook_state = webhook
         return job
 
     def request_cancel(self, job_id: str, now: float) -> list[int]:
         """Flag the job canceled and drop its queued items; return the items still running."""
-        with self._db.write() as conn:
-            conn.execute("UPDATE jobs SET cancel_requested_at = COALESCE(cancel_requested_at, ?)"
-                         " WHERE id = ? AND state IN ('queued', 'running')", (now, job_id))
-            conn.execute("UPDATE job_items SET state = 'canceled', finished_at = ?,"
-                         " error = 'canceled before it started', error_type = 'canceled'"
-                         " WHERE job_id = ? AND state = 'queued' AND prediction_id IS NULL",
-                         (now, job_id))
-            running = conn.execute("SELECT idx FROM job_items WHERE job_id = ? AND state IN"
-                                   " ('queued', 'running')", (job_id,)).fetchall()
-        return [int(r[0]) for r in running]
+        with self._write() as conn:
+            conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state.in_(_OPEN_STATES))
+                         .values(cancel_requested_at=func.coalesce(jobs.c.cancel_requested_at,
+                                                                   now)))
+            conn.execute(update(job_items).where(
+                job_items.c.job_id == job_id, job_items.c.state == "queued",
+                job_items.c.prediction_id.is_(None)).values(
+                state="canceled", finished_at=now, error="canceled before it started",
+                error_type="canceled"))
+            running = conn.execute(select(job_items.c.idx).where(
+                job_items.c.job_id == job_id, job_items.c.state.in_(_OPEN_STATES))).all()
+        return [int(r.idx) for r in running]
 
     # -- owners: heartbeats and recovery -----------------------------------------------------
 
     def heartbeat(self, worker: str, now: float) -> None:
-        with self._db.write() as conn:
-            conn.execute("INSERT INTO job_workers (id, heartbeat_at) VALUES (?, ?)"
-                         " ON CONFLICT(id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
-                         (worker, now))
+        stmt = self._insert(job_workers).values(id=worker, heartbeat_at=now)
+        with self._write() as conn:
+            conn.execute(stmt.on_conflict_do_update(
+                index_elements=[job_workers.c.id],
+                set_={"heartbeat_at": stmt.excluded.heartbeat_at}))
 
     def retire(self, worker: str) -> None:
         """A worker that stops cleanly hands its open jobs over at once."""
-        with self._db.write() as conn:
-            conn.execute("UPDATE jobs SET owner = NULL WHERE owner = ?", (worker,))
-            conn.execute("DELETE FROM job_workers WHERE id = ?", (worker,))
+        with self._write() as conn:
+            conn.execute(update(jobs).where(jobs.c.owner == worker).values(owner=None))
+            conn.execute(delete(job_workers).where(job_workers.c.id == worker))
 
     def claim_orphans(self, worker: str, accounts: Container[str], now: float, ttl: float,
                       origin: str = "service") -> list[str]:
-        """Take over open jobs whose owner is gone, for accounts this worker can pay with.
+        """Take over open jobs whose owner is gone, for accounts this worker can pay with; each
+        claim bumps the job's fence (see `fence_of`).
 
         The orphans are read first and matched against `accounts` here, so the query never grows
         with the number of accounts (an `IN (...)` of them would pass SQLite's variable limit).
         Only jobs of the same origin: a script on the host never takes over the service's jobs
         (it would write them into its own output directory), nor the service a script's.
+        On PostgreSQL, jobs another claimer is taking are skipped (SKIP LOCKED), not waited for.
         """
-        with self._db.write() as conn:
-            conn.execute("DELETE FROM job_workers WHERE heartbeat_at < ?", (now - ttl,))
-            rows = conn.execute(
-                "SELECT id, account FROM jobs WHERE state IN ('queued', 'running')"
-                " AND origin = ? AND (owner IS NULL OR owner NOT IN (SELECT id FROM job_workers))",
-                (origin,)).fetchall()
-            ids = [str(r[0]) for r in rows if r[1] in accounts]
-            conn.executemany("UPDATE jobs SET owner = ? WHERE id = ?", [(worker, i) for i in ids])
+        live = select(job_workers.c.id)
+        orphans = select(jobs.c.id, jobs.c.account).where(
+            jobs.c.state.in_(_OPEN_STATES), jobs.c.origin == origin,
+            or_(jobs.c.owner.is_(None), jobs.c.owner.not_in(live)),
+        ).with_for_update(skip_locked=True, key_share=True)
+        with self._write() as conn:
+            conn.execute(delete(job_workers).where(job_workers.c.heartbeat_at < now - ttl))
+            ids = [str(r.id) for r in conn.execute(orphans) if r.account in accounts]
+            if ids:
+                conn.execute(update(jobs).where(jobs.c.id == bindparam("claimed"))
+                             .values(owner=worker, fence=jobs.c.fence + 1),
+                             [{"claimed": job_id} for job_id in ids])
         return ids
 
-    def fail_queued_items(self, worker: str, account: str, outcome: ItemOutcome,
-                          now: float) -> list[str]:
+    def fail_queued_items(self, worker: str, account: str, outcome: ItemOutcome, now: float, *,
+                          fence: Mapping[str, int] | None = None) -> list[str]:
         """End every queued item of the account's open jobs this worker owns with `outcome`
-        (at once, nothing is sent anywhere); return the ids of the jobs touched."""
-        with self._db.write() as conn:
-            jobs = [str(r[0]) for r in conn.execute(
-                "SELECT id FROM jobs WHERE account = ? AND owner = ?"
-                " AND state IN ('queued', 'running')", (account, worker))]
-            conn.executemany(
-                "UPDATE job_items SET state = ?, error = ?, error_type = ?, finished_at = ?"
-                " WHERE job_id = ? AND state = 'queued'",
-                [(outcome.state, outcome.error, outcome.error_type, now, job_id)
-                 for job_id in jobs])
-        return jobs
+        (at once, nothing is sent anywhere); return the ids of the jobs touched.
+
+        `fence`: the fencing number this worker holds for each job; a job missing from it or
+        whose fence moved on is left alone.
+        """
+        owned = select(jobs.c.id, jobs.c.fence).where(
+            jobs.c.account == account, jobs.c.owner == worker, jobs.c.state.in_(_OPEN_STATES),
+        ).with_for_update(key_share=True)
+        with self._write() as conn:
+            ids = [str(r.id) for r in conn.execute(owned)
+                   if fence is None or fence.get(str(r.id)) == r.fence]
+            if ids:
+                conn.execute(update(job_items).where(
+                    job_items.c.job_id == bindparam("failed"), job_items.c.state == "queued")
+                    .values(state=outcome.state, error=outcome.error,
+                            error_type=outcome.error_type, finished_at=now),
+                    [{"failed": job_id} for job_id in ids])
+        return ids
 
     def release_job(self, job_id: str, worker: str) -> None:
         """Give a job back to the pool of orphans (this worker could not queue it)."""
-        with self._db.write() as conn:
-            conn.execute("UPDATE jobs SET owner = NULL WHERE id = ? AND owner = ?",
-                         (job_id, worker))
+        with self._write() as conn:
+            conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.owner == worker)
+                         .values(owner=None))
 
     def state_counts(self) -> tuple[dict[str, int], dict[str, int]]:
         """(jobs by state, items by state) across every process: what /metrics shows."""
-        with self._db.read() as conn:
-            jobs = dict(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
-            items = dict(conn.execute("SELECT state, COUNT(*) FROM job_items GROUP BY state"))
-        return jobs, items
-
-    def probe_write(self) -> None:
-        """Raise unless the state file can be opened and written afresh (readiness)."""
-        self._db.probe_write()
+        with self._read() as conn:
+            by_job = _by_state(conn, jobs.c.state)
+            by_item = _by_state(conn, job_items.c.state)
+        return by_job, by_item
 
     # -- webhooks --------------------------------------------------------------------------
 
     def claim_webhook(self, now: float, lease: float) -> JobRow | None:
         """Take one due delivery, pushing its next attempt out by `lease` while it runs."""
-        with self._db.write() as conn:
-            row = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE webhook_state = 'pending'"
-                               " AND webhook_next_at <= ? ORDER BY webhook_next_at LIMIT 1",
-                               (now,)).fetchone()
+        due = (select(*_JOB).where(jobs.c.webhook_state == "pending",
+                                   jobs.c.webhook_next_at <= now)
+               .order_by(jobs.c.webhook_next_at).limit(1)
+               .with_for_update(skip_locked=True, key_share=True))
+        with self._write() as conn:
+            row = conn.execute(due).first()
             if row is None:
                 return None
-            conn.execute("UPDATE jobs SET webhook_next_at = ? WHERE id = ?",
-                         (now + lease, row[0]))
+            conn.execute(update(jobs).where(jobs.c.id == row.id)
+                         .values(webhook_next_at=now + lease))
             job = _job(row)
             job.counts = _counts(conn, job.id)
         return job
 
     def webhook_done(self, job_id: str, state: str, attempts: int, next_at: float | None,
                      error: str | None) -> None:
-        with self._db.write() as conn:
-            conn.execute("UPDATE jobs SET webhook_state = ?, webhook_attempts = ?,"
-                         " webhook_next_at = ?, webhook_error = ? WHERE id = ?",
-                         (state, attempts, next_at, error, job_id))
+        with self._write() as conn:
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(
+                webhook_state=state, webhook_attempts=attempts, webhook_next_at=next_at,
+                webhook_error=error))
 
     def next_webhook_at(self) -> float | None:
-        row = self._db.connection().execute(
-            "SELECT MIN(webhook_next_at) FROM jobs WHERE webhook_state = 'pending'").fetchone()
-        return float(row[0]) if row and row[0] is not None else None
+        due = self._scalar(select(func.min(jobs.c.webhook_next_at))
+                           .where(jobs.c.webhook_state == "pending"))
+        return float(due) if due is not None else None
 
     # -- retention -------------------------------------------------------------------------
 
     def expired(self, before: float, limit: int = 500) -> list[tuple[str, str]]:
         """Finished jobs older than the retention (and not awaiting a webhook): (id, request_id)."""
-        rows = self._db.connection().execute(
-            "SELECT id, request_id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?"
-            " AND (webhook_state IS NULL OR webhook_state != 'pending') LIMIT ?",
-            (before, limit)).fetchall()
-        return [(str(r[0]), str(r[1])) for r in rows]
+        query = select(jobs.c.id, jobs.c.request_id).where(
+            jobs.c.finished_at.is_not(None), jobs.c.finished_at < before,
+            or_(jobs.c.webhook_state.is_(None), jobs.c.webhook_state != "pending"),
+        ).limit(limit)
+        with self._read() as conn:
+            return [(str(r.id), str(r.request_id)) for r in conn.execute(query)]
 
     def delete(self, job_ids: Sequence[str]) -> None:
         """Remove jobs one transaction each, so a big purge never holds the lock for long."""
         for job_id in job_ids:
-            with self._db.write() as conn:
-                for table, column in (("job_files", "job_id"), ("job_values", "job_id"),
-                                      ("job_items", "job_id"), ("jobs", "id")):
-                    conn.execute(f"DELETE FROM {table} WHERE {column} = ?",  # noqa: S608
-                                 (job_id,))
+            with self._write() as conn:
+                for column in (job_files.c.job_id, job_values.c.job_id, job_items.c.job_id,
+                               jobs.c.id):
+                    conn.execute(delete(column.table).where(column == job_id))
 
+
+@contextmanager
+def _busy_is_store_busy() -> Iterator[None]:
+    try:
+        yield
+    except exc.OperationalError as error:
+        # Rare in WAL (recovery, a checkpoint); the caller may try again.
+        if isinstance(error.orig, sqlite3.OperationalError) and is_busy(error.orig):
+            raise StoreBusy("the state file is busy; try again shortly") from error
+        raise
+
+
+def _item_fenced(fence: int | None) -> list[ColumnElement[bool]]:
+    return [] if fence is None else [_ITEM_FENCE == fence]
+
+
+def _fence_holds(conn: Connection, job_id: str, fence: int | None) -> bool:
+    """Lock the job's row (PostgreSQL); True if it is there with this fence (or any, if None)."""
+    current = conn.execute(select(jobs.c.fence).where(jobs.c.id == job_id)
+                           .with_for_update(key_share=True)).scalar()
+    return current is not None and (fence is None or current == fence)
+
+
+def _keyed_job(conn: Connection, job: NewJob) -> JobRow | None:
+    """The job created before with this job's Idempotency-Key, if any."""
+    if job.idempotency_key is None:
+        return None
+    row = conn.execute(select(*_JOB).where(jobs.c.account == job.account,
+                                           jobs.c.idempotency_key == job.idempotency_key)).first()
+    if row is None:
+        return None
+    existing = _job(row)
+    if existing.request_hash != job.request_hash:
+        raise IdempotencyConflict(job.idempotency_key)
+    existing.counts = _counts(conn, existing.id)
+    return existing
+
+
+def _load_job(conn: Connection, job_id: str) -> JobRow | None:
+    row = conn.execute(select(*_JOB).where(jobs.c.id == job_id)).first()
+    if row is None:
+        return None
+    job = _job(row)
+    job.counts = _counts(conn, job_id)
+    return job
+
+
+def _by_state(conn: Connection, state: Column[Any]) -> dict[str, int]:
+    rows = conn.execute(select(state, func.count()).group_by(state))
+    return {str(name): int(count) for name, count in rows}
 
 def _final_state(job: JobRow, counts: dict[str, int], unconfirmed: int = 0) -> str:
     # "canceled" only when no prediction of the job may still be running on Replicate.
@@ -523,53 +692,63 @@ def _final_state(job: JobRow, counts: dict[str, int], unconfirmed: int = 0) -> s
     return "partially_failed"
 
 
-def _unconfirmed_cancels(conn: sqlite3.Connection, job_id: str) -> int:
-    row = conn.execute("SELECT COUNT(*) FROM job_items WHERE job_id = ? AND error_type = ?",
-                       (job_id, CANCEL_UNCONFIRMED)).fetchone()
-    return int(row[0])
+def _unconfirmed_cancels(conn: Connection, job_id: str) -> int:
+    count = conn.execute(select(func.count()).select_from(job_items).where(
+        job_items.c.job_id == job_id, job_items.c.error_type == CANCEL_UNCONFIRMED)).scalar()
+    return int(count or 0)
 
 
-def _counts(conn: sqlite3.Connection, job_id: str) -> dict[str, int]:
+def _counts(conn: Connection, job_id: str) -> dict[str, int]:
     counts = dict.fromkeys(ITEM_STATES, 0)
-    for state, count in conn.execute("SELECT state, COUNT(*) FROM job_items WHERE job_id = ?"
-                                     " GROUP BY state", (job_id,)):
+    for state, count in conn.execute(select(job_items.c.state, func.count())
+                                     .where(job_items.c.job_id == job_id)
+                                     .group_by(job_items.c.state)):
         counts[str(state)] = int(count)
     return counts
 
 
-def _job(row: Sequence[Any]) -> JobRow:
+def _job(row: Row[Any]) -> JobRow:
+    r = row._mapping
     # Stored as queued/running (so recovery still finds it); shown as what it is.
-    state = CANCEL_REQUESTED if row[10] is not None and row[3] not in JOB_TERMINAL else row[3]
+    cancel_requested = r["cancel_requested_at"] is not None and r["state"] not in JOB_TERMINAL
     return JobRow(
-        id=row[0], account=row[1], kind=row[2], state=state, request_id=row[4],
-        item_count=int(row[5]), owner=row[6], created_at=float(row[7]), started_at=row[8],
-        finished_at=row[9], cancel_requested_at=row[10], idempotency_key=row[11],
-        request_hash=row[12], webhook_url=row[13], webhook_private=bool(row[14]),
-        webhook_state=row[15], webhook_attempts=int(row[16]), webhook_next_at=row[17],
-        webhook_error=row[18])
+        id=r["id"], account=r["account"], kind=r["kind"],
+        state=CANCEL_REQUESTED if cancel_requested else r["state"], request_id=r["request_id"],
+        item_count=int(r["item_count"]), owner=r["owner"], created_at=float(r["created_at"]),
+        started_at=r["started_at"], finished_at=r["finished_at"],
+        cancel_requested_at=r["cancel_requested_at"], idempotency_key=r["idempotency_key"],
+        request_hash=r["request_hash"], webhook_url=r["webhook_url"],
+        webhook_private=bool(r["webhook_private"]), webhook_state=r["webhook_state"],
+        webhook_attempts=int(r["webhook_attempts"]), webhook_next_at=r["webhook_next_at"],
+        webhook_error=r["webhook_error"], fence=int(r["fence"]))
 
 
-def _item(row: Sequence[Any], values: dict[str, str]) -> ItemRow:
+def _item(row: Row[Any], values: dict[str, str]) -> ItemRow:
+    r = row._mapping
     return ItemRow(
-        job_id=row[0], index=int(row[1]), spec=_unpack(json.loads(row[2]), values), state=row[3],
-        prediction_id=row[4], prediction_model=row[5], model_used=row[6],
-        attempts=json.loads(row[7]), files=json.loads(row[8]), error=row[9], error_type=row[10],
-        cost_usd=row[11], placeholder=bool(row[12]), notes=json.loads(row[13]),
-        queued_at=float(row[14]), started_at=row[15], finished_at=row[16])
+        job_id=r["job_id"], index=int(r["idx"]), spec=_unpack(json.loads(r["spec"]), values),
+        state=r["state"], prediction_id=r["prediction_id"],
+        prediction_model=r["prediction_model"], model_used=r["model_used"],
+        attempts=json.loads(r["attempts"]), files=json.loads(r["files"]), error=r["error"],
+        error_type=r["error_type"], cost_usd=r["cost_usd"], placeholder=bool(r["placeholder"]),
+        notes=json.loads(r["notes"]), queued_at=float(r["queued_at"]),
+        started_at=r["started_at"], finished_at=r["finished_at"])
 
 
 # -- shared values: stored once per job, referenced by digest from each item's spec -----------
 
 
-def _pack_items(job_id: str, items: Sequence[NewItem]) -> tuple[list[tuple[str, int, str]],
-                                                                  list[tuple[str, str, str]]]:
-    """Item rows (job, index, spec JSON) with long input strings replaced by references, and
-    the (job, digest, value) rows those references name, each value once."""
+def _pack_items(job_id: str, items: Sequence[NewItem]) -> tuple[list[dict[str, Any]],
+                                                                  list[dict[str, Any]]]:
+    """Item rows (job_id, idx, spec JSON) with long input strings replaced by references, and
+    the (job_id, digest, value) rows those references name, each value once."""
     digests: dict[int, str] = {}  # by id(): 1,000 items sharing one string hash it once
     values: dict[str, str] = {}
-    rows = [(job_id, index, json.dumps(_pack(item.spec, digests, values)))
+    rows = [{"job_id": job_id, "idx": index,
+             "spec": json.dumps(_pack(item.spec, digests, values))}
             for index, item in enumerate(items)]
-    return rows, [(job_id, digest, value) for digest, value in values.items()]
+    return rows, [{"job_id": job_id, "digest": digest, "value": value}
+                  for digest, value in values.items()]
 
 
 def _pack(spec: dict[str, Any], digests: dict[int, str], values: dict[str, str]) -> dict[str, Any]:
@@ -620,11 +799,11 @@ def _references(value: Any) -> set[str]:
     return set()
 
 
-def _values_of(conn: sqlite3.Connection, job_id: str, row: Sequence[Any]) -> dict[str, str]:
+def _values_of(conn: Connection, job_id: str, row: Row[Any]) -> dict[str, str]:
     """Only the shared values one item's spec refers to."""
-    wanted = sorted(_references(json.loads(row[2])))
+    wanted = sorted(_references(json.loads(row.spec)))
     if not wanted:
         return {}
-    marks = ", ".join("?" for _ in wanted)
-    return dict(conn.execute(f"SELECT digest, value FROM job_values WHERE job_id = ?"  # noqa: S608
-                             f" AND digest IN ({marks})", [job_id, *wanted]).fetchall())
+    rows = conn.execute(select(job_values.c.digest, job_values.c.value).where(
+        job_values.c.job_id == job_id, job_values.c.digest.in_(wanted)))
+    return {str(r.digest): str(r.value) for r in rows}

@@ -1,0 +1,195 @@
+"""The job store's tables, defined once for SQLite and PostgreSQL, and the engines that hold them.
+
+The tables here are the head of the migrations (replicate_generation/migrations); a change to them
+ships with a new revision.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+from sqlalchemy import (
+    URL,
+    Column,
+    Double,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    create_engine,
+    exc,
+    make_url,
+    text,
+)
+from sqlalchemy.pool import Pool
+
+from replicate_generation.backends import StoreUnavailable
+from replicate_generation.sqlite_db import WRITE_PATIENCE_S, sqlite_engine
+
+Backend = Literal["sqlite", "postgresql"]
+
+metadata = MetaData()
+
+jobs = Table(
+    "jobs", metadata,
+    Column("id", Text, primary_key=True),
+    Column("account", Text, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("origin", Text, nullable=False, server_default="service"),
+    Column("state", Text, nullable=False),
+    Column("request_id", Text, nullable=False),
+    Column("item_count", Integer, nullable=False),
+    Column("owner", Text),
+    Column("created_at", Double, nullable=False),
+    Column("started_at", Double),
+    Column("finished_at", Double),
+    Column("cancel_requested_at", Double),
+    Column("idempotency_key", Text),
+    Column("request_hash", Text),
+    Column("webhook_url", Text),
+    Column("webhook_private", Integer, nullable=False, server_default=text("0")),
+    Column("webhook_state", Text),
+    Column("webhook_attempts", Integer, nullable=False, server_default=text("0")),
+    Column("webhook_next_at", Double),
+    Column("webhook_error", Text),
+    # Bumped by every claim: a write carrying an older number comes from a stale owner.
+    Column("fence", Integer, nullable=False, server_default=text("0")),
+)
+_OPEN = jobs.c.state.in_(["queued", "running"])
+Index("jobs_idempotency", jobs.c.account, jobs.c.idempotency_key, unique=True,
+      sqlite_where=jobs.c.idempotency_key.is_not(None),
+      postgresql_where=jobs.c.idempotency_key.is_not(None))
+Index("jobs_by_account", jobs.c.account, jobs.c.created_at.desc(), jobs.c.id.desc())
+Index("jobs_open", jobs.c.state, sqlite_where=_OPEN, postgresql_where=_OPEN)
+Index("jobs_webhooks", jobs.c.webhook_next_at,
+      sqlite_where=jobs.c.webhook_state == "pending",
+      postgresql_where=jobs.c.webhook_state == "pending")
+
+job_items = Table(
+    "job_items", metadata,
+    Column("job_id", Text, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("idx", Integer, primary_key=True),
+    Column("spec", Text, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("prediction_id", Text),
+    Column("prediction_model", Text),
+    Column("model_used", Text),
+    Column("attempts", Text, nullable=False, server_default="[]"),
+    Column("files", Text, nullable=False, server_default="[]"),
+    Column("error", Text),
+    Column("error_type", Text),
+    Column("cost_usd", Double),
+    Column("placeholder", Integer, nullable=False, server_default=text("0")),
+    Column("notes", Text, nullable=False, server_default="[]"),
+    Column("queued_at", Double, nullable=False),
+    Column("started_at", Double),
+    Column("finished_at", Double),
+)
+
+job_files = Table(
+    "job_files", metadata,
+    Column("path", Text, primary_key=True),
+    Column("job_id", Text, ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+)
+Index("job_files_by_job", job_files.c.job_id)
+
+# Values the items of a job share (a reference image...), once each, by sha256 digest.
+job_values = Table(
+    "job_values", metadata,
+    Column("job_id", Text, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("digest", Text, primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+job_workers = Table(
+    "job_workers", metadata,
+    Column("id", Text, primary_key=True),
+    Column("heartbeat_at", Double, nullable=False),
+)
+
+# What readiness writes (on SQLite the probe makes it itself, as the limit store's does).
+ready_probe = Table(
+    "ready_probe", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("at", Double),
+)
+
+
+# -- engines -----------------------------------------------------------------------------------
+
+
+def database_url(target: str) -> URL:
+    """A file path, `sqlite:///path` or `postgresql://...` (run on psycopg 3)."""
+    if "://" not in target:
+        return URL.create("sqlite+pysqlite", database=target)
+    try:
+        url = make_url(target)
+    except exc.ArgumentError:
+        # The message would repeat the string, password included.
+        raise ValueError("not a database URL nor a file path") from None
+    if url.drivername in ("postgresql", "postgres", "postgresql+psycopg"):
+        return url.set(drivername="postgresql+psycopg")
+    if url.drivername in ("sqlite", "sqlite+pysqlite"):
+        return url.set(drivername="sqlite+pysqlite")
+    raise ValueError(f"unsupported database {url.drivername!r}: use sqlite or postgresql")
+
+
+def open_engine(target: str) -> Engine:
+    url = database_url(target)
+    if url.get_backend_name() == "sqlite":
+        engine = sqlite_engine(url.database or "")
+    else:
+        engine = create_engine(
+            url, pool_pre_ping=True, isolation_level="READ COMMITTED", pool_size=5,
+            max_overflow=15, pool_timeout=WRITE_PATIENCE_S, connect_args={"connect_timeout": 5})
+    _ENGINES.add(engine)
+    return engine
+
+
+def backend_of(engine: Engine) -> Backend:
+    return "sqlite" if engine.dialect.name == "sqlite" else "postgresql"
+
+
+# Pools inherited through fork(): the child must neither use nor close (nor collect) them,
+# which would release its SQLite locks or end the parent's PostgreSQL sessions.
+_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+_INHERITED: list[Pool] = []
+
+
+def _after_fork_in_child() -> None:
+    for engine in list(_ENGINES):
+        _INHERITED.append(engine.pool)
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# -- PostgreSQL down ---------------------------------------------------------------------------
+
+
+@contextmanager
+def reachable(engine: Engine, *, connecting: bool = False) -> Iterator[None]:
+    """Turn a lost or refused PostgreSQL connection into StoreUnavailable (no URL, no password);
+    `connecting`: every driver error is a refused connection."""
+    try:
+        yield
+    except (exc.OperationalError, exc.InterfaceError) as error:
+        if backend_of(engine) == "sqlite" or not (connecting or error.connection_invalidated):
+            raise
+        raise StoreUnavailable("postgresql", short_reason(engine, error)) from None
+
+
+def short_reason(engine: Engine, error: exc.DBAPIError) -> str:
+    """The driver's first line, with the password (were it ever echoed) masked."""
+    lines = str(error.orig).strip().splitlines() or [type(error.orig).__name__]
+    reason = lines[0][:200]
+    password = engine.url.password
+    return reason.replace(str(password), "***") if password else reason
