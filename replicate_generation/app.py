@@ -21,6 +21,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from replicate_generation import observability, ops
+from replicate_generation.backends import StoreUnavailable, wait_for_backends
 from replicate_generation.catalogue import MODELS
 from replicate_generation.concurrency_manager import (
     ConcurrencyManager,
@@ -114,6 +115,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         chains = FallbackChains.parse(settings.fallback_chains)
     except ValueError as exc:
         raise SettingsError(str(exc)) from None
+    wait_for_backends(settings)
     runner = JobRunner(settings)
     app.extensions["settings"] = settings
     app.extensions["chains"] = chains
@@ -130,6 +132,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
     app.register_error_handler(StoreBusy, _store_busy)
+    app.register_error_handler(StoreUnavailable, _store_unavailable)
     app.register_error_handler(ExpandedRequestTooLarge, _expanded_too_large)
     app.register_error_handler(SchemaUnavailable, _schema_unavailable)
     if not settings.admin_api_key:
@@ -389,12 +392,15 @@ def _is_utf8(text: str) -> bool:
 
 @bp.get("/health")
 def health() -> Response:
-    """Report liveness and the limits in force; never waits on a limiter."""
+    """Report liveness, each backend and the limits in force; never waits on a limiter."""
     settings = _settings()
-    limits = _generator().manager.limits()
-    return jsonify(status="healthy", service=SERVICE, version=VERSION,
-                   supported_models=sorted(MODELS),
-                   concurrency_status=_limits_view(limits),
+    dependencies = _runner().dependencies()
+    healthy = all(d["status"] == "ok" for d in dependencies.values())
+    return jsonify(status="healthy" if healthy else "degraded", service=SERVICE,
+                   version=VERSION, supported_models=sorted(MODELS),
+                   dependencies=dependencies,
+                   concurrency_status=_limits_view(_generator().manager.limits())
+                   if dependencies["limits"]["status"] == "ok" else None,
                    admin_key_configured=bool(settings.admin_api_key),
                    server_token_configured=bool(settings.replicate_api_token))
 
@@ -412,7 +418,8 @@ def status() -> Response:
     held = {"process": _runner().held()} if caller is not None and caller.admin else {}
     return jsonify(
         **held,
-        service=SERVICE, version=VERSION, limits=_limits_view(_effective(sources)),
+        service=SERVICE, version=VERSION, backends=_runner().backends(),
+        limits=_limits_view(_effective(sources)),
         limit_sources=_sources_view(sources),
         admin_api_configured=bool(settings.admin_api_key),
         default_replicate_key_configured=bool(settings.replicate_api_token),
@@ -762,6 +769,13 @@ def _token_rejected(exc: TokenRejected) -> tuple[Response, int, dict[str, str]]:
 def _store_busy(exc: StoreBusy) -> tuple[Response, int, dict[str, str]]:
     """The state file stayed locked past the wait a request may take: nothing half done."""
     return (jsonify(_error_body(str(exc), error_type="store_busy")), 503,
+            {"Retry-After": str(exc.retry_after)})
+
+
+def _store_unavailable(exc: StoreUnavailable) -> tuple[Response, int, dict[str, str]]:
+    """Redis or PostgreSQL is down: nothing was created; waiting work keeps its place."""
+    return (jsonify(_error_body(str(exc), error_type="dependency_unavailable",
+                                dependency=exc.dependency)), 503,
             {"Retry-After": str(exc.retry_after)})
 
 

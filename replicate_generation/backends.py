@@ -6,11 +6,23 @@ with Retry-After, and work that was waiting keeps its place until the backend is
 
 from __future__ import annotations
 
-from typing import Literal
+import logging
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from replicate_generation.concurrency_manager import LimitStore
+    from replicate_generation.settings import Settings
 
 Dependency = Literal["redis", "postgresql", "sqlite"]
 
+log = logging.getLogger(__name__)
+
 UNAVAILABLE_RETRY_AFTER_S = 5
+# How long a starting process waits for Redis and PostgreSQL (compose may start them after us).
+STARTUP_PATIENCE_S = 30.0
 
 
 class StoreUnavailable(Exception):
@@ -21,3 +33,77 @@ class StoreUnavailable(Exception):
     def __init__(self, dependency: Dependency, detail: str = "unreachable") -> None:
         super().__init__(f"{dependency} is unavailable: {detail}")
         self.dependency = dependency
+
+
+def limits_backend(settings: Settings) -> Dependency:
+    return "redis" if settings.redis_url else "sqlite"
+
+
+def jobs_backend(settings: Settings) -> Dependency:
+    return "postgresql" if settings.database_url else "sqlite"
+
+
+def open_limit_store(settings: Settings) -> LimitStore:
+    """Redis when REDIS_URL is set (limits across hosts), else the host's state file."""
+    from replicate_generation.concurrency_manager import SQLiteLimitStore  # noqa: PLC0415
+    from replicate_generation.generation import build_limits  # noqa: PLC0415
+
+    limits = build_limits(settings)
+    if settings.redis_url:
+        from replicate_generation.redis_limits import RedisLimitStore  # noqa: PLC0415
+
+        return RedisLimitStore(settings.redis_url, limits, lease_ttl=settings.lease_ttl_seconds,
+                               key_prefix=settings.redis_key_prefix)
+    return SQLiteLimitStore(settings.state_file, limits, lease_ttl=settings.lease_ttl_seconds)
+
+
+def job_store_target(settings: Settings) -> str:
+    """What JobStore opens: DATABASE_URL when set, else the state file."""
+    return settings.database_url or str(settings.state_file)
+
+
+def wait_for_backends(settings: Settings, patience: float = STARTUP_PATIENCE_S) -> None:
+    """Start only once Redis and PostgreSQL answer (they may start after us); StoreUnavailable
+    after `patience` seconds. Later outages are met by failing closed, not by exiting."""
+    checks: list[tuple[Dependency, Callable[[], None]]] = []
+    if settings.redis_url:
+        checks.append(("redis", partial(_ping_redis, settings.redis_url)))
+    if settings.database_url:
+        checks.append(("postgresql", partial(_ping_postgres, settings.database_url)))
+    give_up = time.monotonic() + patience
+    for dependency, check in checks:
+        _wait_for(dependency, check, give_up)
+
+
+def _wait_for(dependency: Dependency, check: Callable[[], None], give_up: float) -> None:
+    warned = False
+    while True:
+        try:
+            check()
+            return
+        except Exception as exc:  # noqa: BLE001 - any failure to connect means "not yet"
+            reason = type(exc).__name__
+        if time.monotonic() >= give_up:
+            raise StoreUnavailable(dependency, f"no answer at start-up ({reason})")
+        if not warned:
+            log.warning("waiting for %s to answer (%s)", dependency, reason)
+            warned = True
+        time.sleep(0.5)
+
+
+def _ping_redis(url: str) -> None:
+    import redis  # noqa: PLC0415 - only deployments with REDIS_URL need it loaded
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+    finally:
+        client.close()
+
+
+def _ping_postgres(url: str) -> None:
+    import psycopg  # noqa: PLC0415 - only deployments with DATABASE_URL need it loaded
+
+    conninfo = url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with psycopg.connect(conninfo, connect_timeout=2) as conn:
+        conn.execute("SELECT 1")

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from replicate_generation import metrics, routing, schemas
+from replicate_generation.backends import open_limit_store
 from replicate_generation.catalogue import MODELS, ModelSpec
-from replicate_generation.concurrency_manager import ConcurrencyManager, Limits, SQLiteLimitStore
+from replicate_generation.concurrency_manager import ConcurrencyManager, Limits
 from replicate_generation.dispatcher import Dispatcher
 from replicate_generation.model_functions import (
     NO_HOOKS,
@@ -220,9 +221,8 @@ class Generator:
             raise ValueError(f"max_concurrent must be at least 1, got {max_concurrent}")
         self.settings = settings
         self.max_concurrent = max_concurrent
-        store = SQLiteLimitStore(settings.state_file, build_limits(settings),
-                                 lease_ttl=settings.lease_ttl_seconds)
-        self.manager = ConcurrencyManager(store)
+        self.limit_store = open_limit_store(settings)
+        self.manager = ConcurrencyManager(self.limit_store)
         self.runtime = Runtime(
             manager=self.manager,
             clients=ClientPool(settings.replicate_base_url,
@@ -252,6 +252,7 @@ class Generator:
         """Stop taking work, finish what runs, give back this process's leases."""
         self.dispatcher.shutdown(wait=True)
         self.manager.shutdown()
+        self.limit_store.close()
 
 
 def _origin(url: str) -> str:

@@ -41,9 +41,9 @@ from typing import Any, TypeVar
 
 from dotenv import dotenv_values, find_dotenv
 
-from replicate_generation.concurrency_manager import SQLiteLimitStore
+from replicate_generation.backends import limits_backend, open_limit_store
 from replicate_generation.dispatcher import QueueFull
-from replicate_generation.generation import Generator, Task, build_limits
+from replicate_generation.generation import Generator, Task
 from replicate_generation.jobs.runner import JobRunner, Submission
 from replicate_generation.jobs.store import ItemRow, JobRow
 from replicate_generation.model_functions import InvalidRequest, account_key
@@ -179,12 +179,12 @@ def global_status(*, token: str | None = None,
         raise SettingsError("REPLICATE_API_TOKEN is not set: pass token=... or set it")
     account = account_key(paying)
     # An observer: it never declares, so reading the status changes no process's limits.
-    store = SQLiteLimitStore(settings.state_file, build_limits(settings),
-                             lease_ttl=settings.lease_ttl_seconds)
+    store = open_limit_store(settings)
     sources = store.describe_limits()
     limit = {name: source.value for name, source in sources.items()}
     [stats] = store.stats(account)
     return {"account": account, "state_file": str(settings.state_file),
+            "limits_backend": limits_backend(settings),
             "concurrent_limit": limit["max_concurrent"],
             "requests_per_minute": limit["requests_per_minute"], "burst": limit["burst"],
             "polls_per_minute": limit["polls_per_minute"], "in_flight": stats.in_flight,

@@ -235,14 +235,20 @@ def response_schemas() -> dict[str, Schema]:
         "Limits": {"type": "object", "properties": {
             name: {"type": "integer"} for name in ("concurrent_limit", "requests_per_minute",
                                                     "burst", "polls_per_minute")}},
-        "Health": {"type": "object", "required": ["status"], "properties": {
-            "status": {"const": "healthy"}, "service": string, "version": string,
-            "supported_models": strings, "concurrency_status": ref("Limits")}},
+        "Dependency": {"type": "object", "required": ["backend", "status"], "properties": {
+            "backend": {"enum": ["sqlite", "redis", "postgresql"]}, "status": string}},
+        "Health": {"type": "object", "required": ["status", "dependencies"], "properties": {
+            "status": {"enum": ["healthy", "degraded"]}, "service": string, "version": string,
+            "supported_models": strings,
+            "dependencies": {"type": "object", "properties": {
+                "limits": ref("Dependency"), "jobs": ref("Dependency")}},
+            "concurrency_status": {"oneOf": [ref("Limits"), {"type": "null"}]}}},
         "Ready": {"type": "object", "required": ["status", "checks"], "properties": {
             "status": {"enum": ["ready", "not_ready"]}, "error": string, "request_id": string,
             "checks": {"type": "object", "additionalProperties": string}}},
         "Status": {"type": "object", "required": ["limits", "totals"], "properties": {
             "limits": ref("Limits"), "totals": {"type": "object"},
+            "backends": {"type": "object", "additionalProperties": string},
             "limit_sources": {"type": "object"}, "accounts": {"type": "array"}}},
         "Models": {"type": "object", "required": ["models"], "properties": {
             "supported_models": strings, "model_count": {"type": "integer"},
@@ -282,7 +288,8 @@ GENERATE_ERRORS = (400, 401, 413, 415, 422, 429, 502, 503, 504, 507)
 # (endpoint, method) -> summary, security, request body schema, {status: response schema}, extra.
 Operation = dict[str, Any]
 OPERATIONS: dict[tuple[str, str], Operation] = {
-    ("api.health", "GET"): {"summary": "Liveness and the limits in force", "security": [],
+    ("api.health", "GET"): {"summary": "Liveness, each backend, and the limits in force",
+                            "security": [],
                             "responses": {200: "Health"}},
     ("api.status", "GET"): {"summary": "Live figures; your account (or all, admin) with a key",
                             "security": OPTIONAL_KEY, "responses": {200: "Status", 401: "Error"}},

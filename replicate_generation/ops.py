@@ -8,10 +8,12 @@ from importlib import resources
 from typing import cast
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request, send_file
+from sqlalchemy.exc import DBAPIError
 from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import Forbidden, NotFound, Unauthorized
 
 from replicate_generation import metrics
+from replicate_generation.backends import StoreUnavailable
 from replicate_generation.jobs.runner import JobRunner
 from replicate_generation.openapi import DOCS_ASSETS, build_spec
 from replicate_generation.settings import Settings
@@ -111,11 +113,15 @@ def readiness_checks(runner: JobRunner) -> dict[str, str]:
     """Each dependency and whether it works now ("ok" or why not)."""
     dispatcher = runner.generator.dispatcher
     checks = {"dispatcher": "ok" if dispatcher.running else "stopped"}
+    jobs = "state_file" if runner.store.backend == "sqlite" else "jobs"
     try:
         runner.store.probe_write()
-        checks["state_file"] = "ok"
-    except (sqlite3.Error, OSError) as exc:
-        checks["state_file"] = f"unusable: {type(exc).__name__}: {str(exc)[:200]}"
+        checks[jobs] = "ok"
+    except StoreUnavailable as exc:
+        checks[jobs] = f"unavailable: {exc}"
+    except (sqlite3.Error, DBAPIError, OSError) as exc:
+        checks[jobs] = f"unusable: {type(exc).__name__}: {str(exc)[:200]}"
+    checks["limits"] = runner.dependencies()["limits"]["status"]
     return checks
 
 

@@ -116,4 +116,13 @@ def service_env(settings: Settings, workers: int = 2) -> dict[str, str]:
         "WEB_CONCURRENCY": str(workers),
         "GUNICORN_THREADS": "8",
         "LOG_LEVEL": "DEBUG",
+        **backend_env(settings),
     }
+
+
+def backend_env(settings: Settings) -> dict[str, str]:
+    """REDIS_URL, DATABASE_URL and friends, only where the settings use them."""
+    env = {"REDIS_URL": settings.redis_url, "DATABASE_URL": settings.database_url,
+           "REDIS_KEY_PREFIX": settings.redis_key_prefix if settings.redis_url else None,
+           "SINGLE_HOST": "true" if settings.single_host else None}
+    return {name: value for name, value in env.items() if value}

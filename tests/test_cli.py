@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import requests
 
@@ -21,6 +22,7 @@ from replicate_generation.devtools.simulator import Simulator
 from replicate_generation.jobs.store import JobStore
 from replicate_generation.settings import Settings
 from servers import ROOT, Gunicorn, service_env, wait_for
+from shared_backends import REDIS_URL, postgres_database, redis_prefix
 
 CLI = ["-m", "replicate_generation"]
 WEBP = b"RIFF"
@@ -287,3 +289,20 @@ def test_a_row_output_that_exists_is_refused_before_anything_is_spent(
     assert f"line 2: {Path('cars') / 'red.png'} already exists" in cli.log()
     assert sim.stats() == {}
     assert (tmp_path / "cars" / "red.png").read_bytes() == b"my red car"
+
+
+def test_migrate_brings_a_sqlite_state_file_and_a_postgresql_database_to_the_head(
+        cli: Cli, make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings()
+    assert cli.run(["migrate"], cli_env(settings)) == 0
+    assert "sqlite job store at revision 0002_job_fence" in cli.log()
+    assert settings.state_file.is_file()
+    with redis_prefix() as prefix, postgres_database() as database:
+        shared = make_settings(database_url=database, redis_url=REDIS_URL,
+                               redis_key_prefix=prefix)
+        assert cli.run(["migrate"], cli_env(shared)) == 0
+        assert cli.run(["migrate"], cli_env(shared)) == 0  # a second run changes nothing
+        assert "postgresql job store at revision 0002_job_fence" in cli.log()
+        with psycopg.connect(database) as conn:
+            row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+        assert row == ("0002_job_fence",)

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from replicate_generation import __version__
-from replicate_generation.cli import batch, serve, status
+from replicate_generation.cli import batch, migrate, serve, status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_parser(commands)
     status.add_parser(commands)
     serve.add_parsers(commands)
+    migrate.add_parser(commands)
     return parser
 
 

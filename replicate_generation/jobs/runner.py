@@ -29,6 +29,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from replicate_generation.backends import (
+    StoreUnavailable,
+    job_store_target,
+    jobs_backend,
+    limits_backend,
+)
 from replicate_generation.dispatcher import QueueFull, ShuttingDown
 from replicate_generation.generation import Generator, Resume, Task, TaskResult, execute
 from replicate_generation.jobs import webhooks
@@ -90,7 +96,7 @@ class JobRunner:
         self.settings = settings
         self.origin = origin
         self.generator = generator or Generator(settings)
-        self.store = JobStore(str(settings.state_file))
+        self.store = JobStore(job_store_target(settings))
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self._clock = clock
         # Tokens of accounts with work here, or not yet checked for orphans; dropped once idle.
@@ -185,6 +191,7 @@ class JobRunner:
         refused_for = self.generator.runtime.clients.rejected_for(account_key(token))
         if refused_for is not None:
             raise TokenRejected(refused_for)
+        self.check_backends()
         self.remember(token)
         request_id, _ = self.generator.new_request_dir()
         new = NewJob(id="job_" + secrets.token_urlsafe(16), account=account_key(token),
@@ -203,6 +210,20 @@ class JobRunner:
                 self.store.delete([job.id])
                 raise
         return job, created
+
+    def check_backends(self) -> None:
+        """Raise StoreUnavailable unless limits and jobs can be reached: fail closed."""
+        self.generator.limit_store.check()
+        self.store.check()
+
+    def backends(self) -> dict[str, str]:
+        return {"limits": limits_backend(self.settings), "jobs": jobs_backend(self.settings)}
+
+    def dependencies(self) -> dict[str, dict[str, str]]:
+        """Per role, the backend in use and "ok" or why it cannot be reached now."""
+        checks = {"limits": self.generator.limit_store.check, "jobs": self.store.check}
+        return {role: {"backend": backend, "status": _status_of(checks[role])}
+                for role, backend in self.backends().items()}
 
     def _queue(self, job: JobRow, token: str) -> None:
         """Queue the job's open items on the dispatcher (in input order), all or none."""
@@ -240,7 +261,7 @@ class JobRunner:
     def _run_item_inner(self, job: JobRow, index: int, token: str) -> None:
         if self._stopping:
             return
-        item = self.store.start_item(job.id, index, self._clock())
+        item = self.store.start_item(job.id, index, self._clock(), fence=job.fence)
         if item is None:
             self._close_if_done(job.id)
             return
@@ -248,8 +269,8 @@ class JobRunner:
         task = Task.from_record(index, item.spec)
         result = TaskResult(task=task, attempts=[Attempt(**a) for a in item.attempts])
         resume = _resume_point(item, result.attempts)
-        hooks = Hooks(on_intent=lambda _attempt: self._record_intent(job.id, index, result),
-                      on_created=lambda attempt: self._record(job.id, index, result, attempt),
+        hooks = Hooks(on_intent=lambda _attempt: self._record_intent(job, index, result),
+                      on_created=lambda attempt: self._record(job, index, result, attempt),
                       known_predictions=lambda: self.store.prediction_ids(
                           job.account, self._clock() - 2 * INPUT_RETENTION_SECONDS),
                       should_cancel=lambda: self.store.cancel_requested(job.id),
@@ -262,6 +283,9 @@ class JobRunner:
         except Suspended:
             log.info("job %s item %d left for the next start", job.id, index)
             return
+        except StoreUnavailable as exc:
+            self._hand_back(job, index, exc)
+            return
         except Exception as exc:  # noqa: BLE001 - one broken item must not sink its job
             if self._stopping:
                 # The limiter closes under a stopping process; the item resumes next start.
@@ -270,8 +294,15 @@ class JobRunner:
             result.error = GenerationError("internal_error", f"internal error: "
                                            f"{type(exc).__name__}")
         self._confirm_cancel(job, token, result)
-        self.store.finish_item(job.id, index, _outcome(result), self._clock())
-        self._close_if_done(job.id)
+        if self.store.finish_item(job.id, index, _outcome(result), self._clock(),
+                                  fence=job.fence):
+            self._close_if_done(job.id, fence=job.fence)
+
+    def _hand_back(self, job: JobRow, index: int, exc: StoreUnavailable) -> None:
+        """A backend went away under the item: nothing more is created for it here; the job
+        goes back to the pool, to be claimed (here or by another replica) once it returns."""
+        log.warning("job %s item %d waits for %s to come back", job.id, index, exc.dependency)
+        self.store.release_job(job.id, self.worker_id)
 
     def _confirm_cancel(self, job: JobRow, token: str, result: TaskResult) -> None:
         """A canceled item is "canceled" only once its prediction is seen to stop on Replicate;
@@ -309,18 +340,23 @@ class JobRunner:
         lost it to another: it must then neither create nor keep polling."""
         return self.store.owner(job_id) == self.worker_id
 
-    def _record_intent(self, job_id: str, index: int, result: TaskResult) -> None:
-        """Store the create about to be sent, so a lost answer is looked up, never re-sent."""
-        self.store.record_attempts(job_id, index, [a.as_dict() for a in result.attempts], None)
+    def _record_intent(self, job: JobRow, index: int, result: TaskResult) -> None:
+        """Store the create about to be sent, so a lost answer is looked up, never re-sent.
+        Fenced off (another process claimed the job): nothing is sent from here."""
+        if not self.store.record_attempts(job.id, index, [a.as_dict() for a in result.attempts],
+                                          None, fence=job.fence):
+            raise Suspended
 
-    def _record(self, job_id: str, index: int, result: TaskResult, attempt: Attempt) -> None:
+    def _record(self, job: JobRow, index: int, result: TaskResult, attempt: Attempt) -> None:
         """Store a new prediction's id before anything else happens to it."""
         assert attempt.prediction_id is not None  # noqa: S101 - called only after a create
-        self.store.record_attempts(job_id, index, [a.as_dict() for a in result.attempts],
-                                   (attempt.prediction_id, _model_id(attempt.model)))
+        if not self.store.record_attempts(job.id, index, [a.as_dict() for a in result.attempts],
+                                          (attempt.prediction_id, _model_id(attempt.model)),
+                                          fence=job.fence):
+            raise Suspended  # the new owner finds it by its stored intent
 
-    def _close_if_done(self, job_id: str) -> None:
-        job = self.store.finish_job_if_done(job_id, self._clock())
+    def _close_if_done(self, job_id: str, fence: int | None = None) -> None:
+        job = self.store.finish_job_if_done(job_id, self._clock(), fence=fence)
         if job is None:
             return
         log.info("job %s %s: %s", job.id, job.state, job.counts)
@@ -525,6 +561,7 @@ class JobRunner:
         # next start), so joining the dispatcher cannot hang on them.
         self.generator.manager.shutdown()
         self.generator.close()
+        self.store.close()
 
 
 def webhook_secret(signing_key: str, account: str) -> str:
@@ -584,3 +621,11 @@ def output_path(root: Path, relative: str) -> Path | None:
     if root not in candidate.parents or not candidate.is_file():
         return None
     return candidate
+
+
+def _status_of(check: Callable[[], None]) -> str:
+    try:
+        check()
+    except StoreUnavailable as exc:
+        return f"unavailable: {exc}"
+    return "ok"
