@@ -60,3 +60,22 @@ def test_the_proxy_image_is_pinned_and_health_checked(services: dict[str, Any]) 
     assert proxy["healthcheck"]["test"][0] == "CMD"
     assert proxy["depends_on"] == {APP: {"condition": "service_healthy"}}
     assert "healthcheck" in services[APP]
+
+
+def test_the_scale_profile_adds_persistent_redis_and_postgresql(services: dict[str, Any]) -> None:
+    redis, postgres, app = services["redis"], services["postgres"], services[APP]
+    assert redis["profiles"] == ["scale"] and postgres["profiles"] == ["scale"]
+    command = redis["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"  # leases survive a restart
+    for backend in (redis, postgres):
+        assert "ports" not in backend  # reachable on the compose network only
+        assert backend["healthcheck"]["test"][0] == "CMD"
+        assert re.fullmatch(r"[a-z]+:\d+\.\d+(\.\d+)?-alpine", backend["image"]), backend["image"]
+    # The replicas start once both answer, and without the profile they are not needed at all.
+    for name in ("redis", "postgres"):
+        assert app["depends_on"][name] == {"condition": "service_healthy", "required": False}
+
+
+def test_the_scale_profile_keeps_its_data_in_named_volumes() -> None:
+    parsed = yaml.safe_load(COMPOSE.read_text())
+    assert set(parsed["volumes"]) == {"redis-data", "postgres-data"}
