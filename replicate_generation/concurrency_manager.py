@@ -88,6 +88,10 @@ _RATE_STEP = 0.01
 _MIN_RATE_STEP = 0.2
 # 429s closer together than this (or than their back-off) are one episode: one cut.
 _EPISODE_S = 1.0
+# Waiters this close to the head of the queue wake on local releases; the rest only poll, at
+# most this far apart.
+_NEAR_RANK = 3
+_FAR_POLL_MAX_S = 1.0
 # While the store is unavailable, waiters retry (and the heartbeat beats) at most this far apart.
 _OUTAGE_PAUSE_MAX_S = 1.0
 
@@ -235,6 +239,10 @@ class LimitStore(Protocol):
 
     def try_acquire(self, account: str, ticket: str) -> str | None:
         """Enqueue or refresh ``ticket``; return a lease id if it may enter now."""
+        ...
+
+    def try_acquire_ranked(self, account: str, ticket: str) -> tuple[str | None, int]:
+        """As try_acquire, and when refused how many waiters enter before this one (1: next)."""
         ...
 
     def renew(self, lease_ids: Sequence[str], ticket_ids: Sequence[str]) -> None: ...
@@ -493,6 +501,9 @@ class SQLiteLimitStore:
     # -- leases and tickets -----------------------------------------------
 
     def try_acquire(self, account: str, ticket: str) -> str | None:
+        return self.try_acquire_ranked(account, ticket)[0]
+
+    def try_acquire_ranked(self, account: str, ticket: str) -> tuple[str | None, int]:
         with self._write() as conn:
             now = self._clock()
             # Purging here, inside the granting transaction, is what frees
@@ -503,22 +514,22 @@ class SQLiteLimitStore:
             free = self._limits(conn).max_concurrent - _count(
                 conn, "SELECT COUNT(*) FROM cm_leases WHERE account = ?", (account,)
             )
-            if free <= 0:  # also covers a lowered limit: in-flight work finishes first
-                return None
             ahead = _count(
                 conn,
                 "SELECT COUNT(*) FROM cm_tickets WHERE account = ? AND seq < ?",
                 (account, seq),
             )
-            if ahead >= free:  # FIFO: only the first `free` waiters may enter
-                return None
+            # FIFO: only the first `free` waiters may enter; free <= 0 also covers a lowered
+            # limit (in-flight work finishes first).
+            if ahead >= free:
+                return None, ahead - free + 1
             conn.execute("DELETE FROM cm_tickets WHERE seq = ?", (seq,))
             lease_id = uuid.uuid4().hex
             conn.execute(
                 "INSERT INTO cm_leases (id, account, expires) VALUES (?, ?, ?)",
                 (lease_id, account, now + self._ttl),
             )
-            return lease_id
+            return lease_id, 0
 
     def _upsert_ticket(
         self, conn: sqlite3.Connection, account: str, ticket: str, now: float
@@ -831,14 +842,24 @@ class ConcurrencyManager:
             generation = self._generation
             if self._closed:
                 raise RuntimeError("ConcurrencyManager has been shut down")
-            lease_id = self._patiently(partial(self._store.try_acquire, account, ticket),
-                                       deadline, self._pause_for_change)
+            lease_id, rank = self._patiently(
+                partial(self._store.try_acquire_ranked, account, ticket), deadline,
+                self._pause_for_change)
             if lease_id is not None:
                 return lease_id
             remaining = deadline - self._clock()
             if remaining <= 0:
                 raise DeadlineExceeded(f"no concurrency slot for {account} before the deadline")
-            self._wait_for_change(generation, min(remaining, self._jittered_poll()))
+            self._wait_for_turn(generation, rank, remaining)
+
+    def _wait_for_turn(self, generation: int, rank: int, remaining: float) -> None:
+        """The next in line polls often and wakes on a local release; those further back poll
+        less often the further back they are, so a long queue costs the store little."""
+        if rank <= _NEAR_RANK:
+            pause = self._jittered_poll() * (0.5 if rank <= 1 else 1.0)
+            self._wait_for_change(generation, min(remaining, pause))
+            return
+        self._stop.wait(min(remaining, _FAR_POLL_MAX_S, self._jittered_poll() * rank / 2))
 
     def _pause_for_change(self, timeout: float) -> None:
         # A fresh generation: releases before this pause must not cut every later one short.

@@ -186,8 +186,9 @@ if not seq then
 end
 redis.call('ZADD', KEYS[4], now + ttl, ticket)
 local free = limit - redis.call('ZCARD', KEYS[1])
-if free <= 0 then return false end  -- also a lowered limit: in-flight work finishes first
-if redis.call('ZCOUNT', KEYS[3], '-inf', '(' .. seq) >= free then return false end  -- FIFO
+local ahead = redis.call('ZCOUNT', KEYS[3], '-inf', '(' .. seq)
+-- FIFO: only the first `free` may enter (free <= 0: a lowered limit drains first); else the rank.
+if ahead >= free then return ahead - free + 1 end
 redis.call('ZREM', KEYS[3], ticket)
 redis.call('ZREM', KEYS[4], ticket)
 redis.call('ZREM', KEYS[2], lease)
@@ -533,8 +534,11 @@ class RedisLimitStore:
 
     # -- leases and tickets ------------------------------------------------------
 
-    @_fail_closed
     def try_acquire(self, account: str, ticket: str) -> str | None:
+        return self.try_acquire_ranked(account, ticket)[0]
+
+    @_fail_closed
+    def try_acquire_ranked(self, account: str, ticket: str) -> tuple[str | None, int]:
         _check_account(account)
         with self._tickets_lock:  # before the call: a lost answer must still be left
             self._tickets[ticket] = account
@@ -542,11 +546,11 @@ class RedisLimitStore:
         lease = self._run(
             "acquire", keys=self._keys(account, "leases", "released", "queue", "tickets", "seq"),
             args=[self._now(), self._ttl, limit, ticket, f"{account}|{ticket}", self._keep()])
-        if lease is None:
-            return None
+        if isinstance(lease, int):
+            return None, lease
         with self._tickets_lock:
             self._tickets.pop(ticket, None)
-        return str(lease)
+        return str(lease), 0
 
     @_fail_closed
     def renew(self, lease_ids: Sequence[str], ticket_ids: Sequence[str]) -> None:

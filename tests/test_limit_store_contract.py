@@ -205,7 +205,8 @@ class Watched:
                 with self._lock:
                     self.unavailable += 1
                 raise
-            if method.__name__ == "try_acquire" and result is None:
+            if method.__name__ == "try_acquire" and result is None or \
+                    method.__name__ == "try_acquire_ranked" and result[0] is None:
                 with self._lock:
                     self.refused += 1
             return result
@@ -606,6 +607,18 @@ def test_fifo_order_of_tickets(make_store: StoreFactory) -> None:
     assert stats_of(store).waiting == 0
     # Another account's queue is independent.
     assert store.try_acquire(OTHER, "o1") is not None
+
+
+def test_a_refused_waiter_learns_how_many_enter_before_it(make_store: StoreFactory) -> None:
+    store = make_store(Limits(2, 60), clock=FakeClock())
+    held = [store.try_acquire_ranked(ACCOUNT, f"h{i}") for i in range(2)]
+    assert [rank for _, rank in held] == [0, 0]
+    assert [store.try_acquire_ranked(ACCOUNT, t) for t in ("t1", "t2", "t3")] == \
+        [(None, 1), (None, 2), (None, 3)]
+    store.release(str(held[0][0]))  # one slot free: t2 is now second in line, t3 third
+    assert store.try_acquire_ranked(ACCOUNT, "t3") == (None, 2)
+    store.set_overrides({"max_concurrent": 1})  # lowered below what is held: one must leave
+    assert store.try_acquire_ranked(ACCOUNT, "t2") == (None, 2)
 
 
 def test_release_leave_queue_and_renew_run_twice_are_harmless(make_store: StoreFactory) -> None:
