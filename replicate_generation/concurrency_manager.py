@@ -245,6 +245,11 @@ class LimitStore(Protocol):
         """As try_acquire, and when refused how many waiters enter before this one (1: next)."""
         ...
 
+    def on_release(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when a slot is released in another process, where the store can
+        tell (else waiters find out by polling)."""
+        ...
+
     def renew(self, lease_ids: Sequence[str], ticket_ids: Sequence[str]) -> None: ...
 
     def release(self, lease_id: str) -> None: ...
@@ -379,6 +384,9 @@ class SQLiteLimitStore:
 
     def close(self) -> None:
         """Nothing to release: each thread's connection closes with its thread."""
+
+    def on_release(self, callback: Callable[[], None]) -> None:
+        """SQLite cannot signal other processes: their waiters poll."""
 
     # -- connections and transactions (one per thread, see sqlite_db) -----
 
@@ -1113,6 +1121,7 @@ class ConcurrencyManager:
         idle or not: a smaller limit must bind the others as long as it lives."""
         # Store down at start-up: open anyway (callers get 503s); the heartbeat declares later.
         self._unless_down("the limits declaration", partial(self._store.declare, self._instance))
+        self._unless_down("listening for releases", partial(self._store.on_release, self._notify))
         self._ensure_heartbeat()
 
     def _check_open(self) -> None:

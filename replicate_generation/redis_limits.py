@@ -42,6 +42,7 @@ a password).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -94,6 +95,9 @@ __all__ = ["RedisLimitStore"]
 _TOMBSTONE_TTLS = 10
 # How long a reserve/create_accepted result is kept for a resent command.
 _OP_TTL_MS = 30_000
+# The releases listener: how long one wait for a message lasts, and the pause after an error.
+_LISTEN_TIMEOUT_S = 1.0
+_LISTEN_RETRY_S = 0.5
 # redis-py resends a command after a dropped connection this often, briefly: the manager
 # retries longer, above the store.
 _RETRY = Retry(ExponentialWithJitterBackoff(cap=0.25, base=0.02), retries=2)
@@ -215,6 +219,7 @@ _RELEASE_LUA = _PRELUDE + """
 local now = clock(ARGV[1])
 redis.call('ZREM', KEYS[1], ARGV[2])
 bury(KEYS[2], {ARGV[2]}, now, tonumber(ARGV[3]))
+redis.call('PUBLISH', ARGV[4], '')  -- the next in line, in any process, may enter now
 """
 
 # KEYS: queue, tickets, leases, released. ARGV: now, ticket, its lease id, tombstone keep.
@@ -225,6 +230,7 @@ redis.call('ZREM', KEYS[2], ARGV[2])
 if redis.call('ZREM', KEYS[3], ARGV[3]) == 1 then
   bury(KEYS[4], {ARGV[3]}, clock(ARGV[1]), tonumber(ARGV[4]))
 end
+redis.call('PUBLISH', ARGV[5], '')  -- those behind it moved up
 """
 
 # KEYS: rate, creates, op. ARGV: now, kind, rpm, burst, ppm, max_wait, op id, op ttl (ms).
@@ -434,6 +440,7 @@ class RedisLimitStore:
         self._tickets_lock = threading.Lock()
         self._scripts = {name: self._redis.register_script(source)
                          for name, source in _SCRIPTS.items()}
+        self._listener: ReleaseListener | None = None
 
     @property
     def lease_ttl(self) -> float:
@@ -469,8 +476,20 @@ class RedisLimitStore:
         self._redis.ping()
 
     def close(self) -> None:
-        """Release the connection pool."""
+        """Stop listening for releases; release the connection pool."""
+        if self._listener is not None:
+            self._listener.close()
         self._redis.close()
+
+    def on_release(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever any process releases a slot or leaves a queue."""
+        if self._listener is None or not self._listener.alive_here():
+            # Threads do not survive fork: a child listens on its own.
+            self._listener = ReleaseListener(self._redis, self._channel())
+        self._listener.add(callback)
+
+    def _channel(self) -> str:
+        return f"{self._prefix}:releases"
 
     # -- limits: overrides and declarations ------------------------------------------
 
@@ -577,7 +596,7 @@ class RedisLimitStore:
         if account is None:
             return  # not one of ours: nothing holds it
         self._run("release", keys=self._keys(account, "leases", "released"),
-                  args=[self._now(), lease_id, self._keep()])
+                  args=[self._now(), lease_id, self._keep(), self._channel()])
 
     @_fail_closed
     def leave_queue(self, ticket: str) -> None:
@@ -586,7 +605,8 @@ class RedisLimitStore:
         if account is None:
             return  # never enqueued here, or already granted
         self._run("leave", keys=self._keys(account, "queue", "tickets", "leases", "released"),
-                  args=[self._now(), ticket, f"{account}|{ticket}", self._keep()])
+                  args=[self._now(), ticket, f"{account}|{ticket}", self._keep(),
+                        self._channel()])
 
     # -- rate (GCRA) and back-off --------------------------------------------------
 
@@ -650,3 +670,46 @@ class RedisLimitStore:
             args=[self._now()])
         stats = AccountStats(account, int(in_flight), int(waiting), int(creates), float(backoff))
         return stats, bool(int(active))
+
+
+class ReleaseListener:
+    """One thread per process on the releases channel, so the next waiter in line, whatever
+    process it is in, tries at once instead of at its next poll (polls stay the fallback)."""
+
+    def __init__(self, client: redis.Redis, channel: str) -> None:
+        self._client = client
+        self._channel = channel
+        self._callbacks: list[Callable[[], None]] = []
+        self._pid = os.getpid()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._listen, name="redis-releases", daemon=True)
+        self._thread.start()
+
+    def add(self, callback: Callable[[], None]) -> None:
+        self._callbacks.append(callback)
+
+    def alive_here(self) -> bool:
+        return self._pid == os.getpid() and self._thread.is_alive()
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._relay()
+            except (RedisError, OSError, ValueError):
+                # Down, or the pool closed under us: waiters poll meanwhile; the store says why.
+                self._stop.wait(_LISTEN_RETRY_S)
+
+    def _relay(self) -> None:
+        pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        try:
+            pubsub.subscribe(self._channel)
+            while not self._stop.is_set():
+                if pubsub.get_message(timeout=_LISTEN_TIMEOUT_S) is not None:
+                    for callback in list(self._callbacks):
+                        callback()
+        finally:
+            with contextlib.suppress(RedisError, OSError, ValueError):
+                pubsub.close()

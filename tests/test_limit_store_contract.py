@@ -981,6 +981,30 @@ def test_redis_try_acquire_run_twice_returns_the_same_lease(
     assert stats_of(store) == AccountStats(ACCOUNT, 1, 0, 0, 0.0)
 
 
+def test_a_release_in_another_process_wakes_the_next_in_line_before_its_poll(
+        redis_factory: StoreFactory) -> None:
+    here, there = redis_factory(Limits(1, 600)), redis_factory(Limits(1, 600))
+    # Polls this slow would leave the next in line waiting 1.25 s or more after a release.
+    manager = ConcurrencyManager(here, poll_interval=5.0)
+    lease = there.try_acquire(ACCOUNT, "elsewhere")
+    assert lease is not None
+    entered = threading.Event()
+
+    def wait_for_the_slot() -> None:
+        with manager.slot(ACCOUNT, time.time() + 30):
+            entered.set()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(wait_for_the_slot)
+        wait_until(lambda: stats_of(there).waiting == 1, "the waiter to queue")
+        released_at = time.monotonic()
+        there.release(lease)
+        assert entered.wait(10)
+        assert time.monotonic() - released_at < 1.0
+        future.result(timeout=10)
+    manager.shutdown()
+
+
 def test_every_redis_call_touches_one_slot(redis_factory: StoreFactory) -> None:
     with proxied_store(redis_factory, Limits(1, 60)) as (store, proxy):
         exercise_every_operation(store)
