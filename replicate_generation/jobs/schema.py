@@ -35,6 +35,10 @@ from replicate_generation.sqlite_db import WRITE_PATIENCE_S, sqlite_engine
 
 Backend = Literal["sqlite", "postgresql"]
 
+# Per process: 4 gunicorn workers stay well under PostgreSQL's default 100 connections.
+PG_POOL_SIZE = 16
+PG_POOL_OVERFLOW = 4
+
 metadata = MetaData()
 
 jobs = Table(
@@ -146,9 +150,12 @@ def open_engine(target: str) -> Engine:
     if url.get_backend_name() == "sqlite":
         engine = sqlite_engine(url.database or "")
     else:
+        # Connections kept open: an overflow one is opened and closed per use (a new server
+        # process each time), which under load costs more than the query.
         engine = create_engine(
-            url, pool_pre_ping=True, isolation_level="READ COMMITTED", pool_size=5,
-            max_overflow=15, pool_timeout=WRITE_PATIENCE_S, connect_args={"connect_timeout": 5})
+            url, pool_pre_ping=True, isolation_level="READ COMMITTED", pool_size=PG_POOL_SIZE,
+            max_overflow=PG_POOL_OVERFLOW, pool_timeout=WRITE_PATIENCE_S,
+            connect_args={"connect_timeout": 5})
     _ENGINES.add(engine)
     return engine
 

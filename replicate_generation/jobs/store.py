@@ -471,6 +471,9 @@ class JobStore:
                            fence: int | None = None) -> JobRow | None:
         """Close the job once every item ended; return it only to the caller that closed it
         (None as well when the job was fenced off)."""
+        if self._items_open(job_id):
+            # Not the last: the item still open closes it, after its own write (no lock taken).
+            return None
         with self._write() as conn:
             row = conn.execute(select(*_JOB).where(jobs.c.id == job_id)
                                .with_for_update(key_share=True)).first()
@@ -490,6 +493,12 @@ class JobStore:
                 webhook_next_at=now if webhook else None))
             job.webhook_state = webhook
         return job
+
+    def _items_open(self, job_id: str) -> bool:
+        with self._read() as conn:
+            return conn.execute(select(job_items.c.idx).where(
+                job_items.c.job_id == job_id, job_items.c.state.in_(_OPEN_STATES))
+                .limit(1)).first() is not None
 
     def request_cancel(self, job_id: str, now: float) -> list[int]:
         """Flag the job canceled and drop its queued items; return the items still running."""
@@ -647,9 +656,10 @@ def _item_fenced(fence: int | None) -> list[ColumnElement[bool]]:
 
 
 def _fence_holds(conn: Connection, job_id: str, fence: int | None) -> bool:
-    """Lock the job's row (PostgreSQL); True if it is there with this fence (or any, if None)."""
+    """Share-lock the job's row (PostgreSQL: FOR KEY SHARE, so a claim waits but the job's other
+    items do not); True if it is there with this fence (or any, if None)."""
     current = conn.execute(select(jobs.c.fence).where(jobs.c.id == job_id)
-                           .with_for_update(key_share=True)).scalar()
+                           .with_for_update(read=True, key_share=True)).scalar()
     return current is not None and (fence is None or current == fence)
 
 
