@@ -1024,8 +1024,9 @@ class ConcurrencyManager:
                 raise DeadlineExceeded(
                     f"{kind} token for {account} needs {wait:.3f}s, only {budget:.3f}s left"
                 )
-            if wait > 0:
-                self._sleep(wait)  # outside every lock and transaction
+            if wait <= 0:
+                return  # usable now: no back-off or cut could have begun while we slept
+            self._sleep(wait)  # outside every lock and transaction
             if self._patiently(partial(self._token_holds, account, kind, cut), deadline,
                                self._sleep):
                 return
