@@ -121,7 +121,7 @@ def readiness_checks(runner: JobRunner) -> dict[str, str]:
         checks[jobs] = f"unavailable: {exc}"
     except (sqlite3.Error, DBAPIError, OSError) as exc:
         checks[jobs] = f"unusable: {type(exc).__name__}: {str(exc)[:200]}"
-    checks["limits"] = runner.dependencies()["limits"]["status"]
+    checks["limits"] = runner.limits_status()
     return checks
 
 

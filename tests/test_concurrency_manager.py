@@ -29,7 +29,7 @@ from replicate_generation.concurrency_manager import (
     Limits,
     SQLiteLimitStore,
 )
-from test_limit_store_contract import FakeClock, wait_until
+from test_limit_store_contract import FakeClock, slot_waiter, wait_until
 
 ACCOUNT = "acct-hash-1"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -177,18 +177,10 @@ def test_a_waiter_keeps_waiting_through_an_outage_and_enters_after(tmp_path: Pat
     store = Switchable(sqlite_store(tmp_path, Limits(1, 600)))
     manager = ConcurrencyManager(store, poll_interval=0.01)  # type: ignore[arg-type]
     store.down.set()
-    entered = threading.Event()
-
-    def wait_for_a_slot() -> None:
-        with manager.slot(ACCOUNT, time.time() + 30):
-            entered.set()
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(wait_for_a_slot)
+    with slot_waiter(manager) as entered:
         wait_until(lambda: store.failures >= 5, "the waiter to retry through the outage")
         assert not entered.is_set()
         store.down.clear()
-        future.result(timeout=10)
     assert entered.is_set()
     assert store.inner.stats(ACCOUNT)[0].in_flight == 0
     manager.shutdown()

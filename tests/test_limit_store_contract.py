@@ -214,6 +214,22 @@ class Watched:
 
 
 @contextmanager
+def slot_waiter(manager: ConcurrencyManager) -> Iterator[threading.Event]:
+    """A thread waiting for one of ACCOUNT's slots; the event is set once it holds it. On exit
+    the thread must have finished."""
+    entered = threading.Event()
+
+    def wait_for_a_slot() -> None:
+        with manager.slot(ACCOUNT, time.time() + 30):
+            entered.set()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(wait_for_a_slot)
+        yield entered
+        future.result(timeout=15)
+
+
+@contextmanager
 def pool_opening(workers: int, *gates: threading.Event) -> Iterator[ThreadPoolExecutor]:
     """A thread pool whose gates all open on exit, so a failing assertion is
     reported at once instead of after the blocked holders time out."""
@@ -988,20 +1004,12 @@ def test_a_release_in_another_process_wakes_the_next_in_line_before_its_poll(
     manager = ConcurrencyManager(here, poll_interval=5.0)
     lease = there.try_acquire(ACCOUNT, "elsewhere")
     assert lease is not None
-    entered = threading.Event()
-
-    def wait_for_the_slot() -> None:
-        with manager.slot(ACCOUNT, time.time() + 30):
-            entered.set()
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(wait_for_the_slot)
+    with slot_waiter(manager) as entered:
         wait_until(lambda: stats_of(there).waiting == 1, "the waiter to queue")
         released_at = time.monotonic()
         there.release(lease)
         assert entered.wait(10)
         assert time.monotonic() - released_at < 1.0
-        future.result(timeout=10)
     manager.shutdown()
 
 
@@ -1164,18 +1172,10 @@ def test_waiters_wait_through_a_redis_outage_and_enter_when_it_is_back(
     store = Watched(RedisLimitStore(private_redis.url, Limits(1, 600), socket_timeout=0.5))
     manager = ConcurrencyManager(store, poll_interval=0.01)  # type: ignore[arg-type]
     private_redis.kill()
-    entered = threading.Event()
-
-    def wait_for_a_slot() -> None:
-        with manager.slot(ACCOUNT, time.time() + 30):
-            entered.set()
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(wait_for_a_slot)
+    with slot_waiter(manager) as entered:
         wait_until(lambda: store.unavailable >= 3, "the waiter to retry through the outage")
         assert not entered.is_set()
         private_redis.start()
-        future.result(timeout=15)
     assert entered.is_set()
     manager.shutdown()
     store.close()

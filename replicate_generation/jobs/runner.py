@@ -191,7 +191,8 @@ class JobRunner:
         refused_for = self.generator.runtime.clients.rejected_for(account_key(token))
         if refused_for is not None:
             raise TokenRejected(refused_for)
-        self.check_backends()
+        # Fail closed: the job store needs no look first, its own write below refuses.
+        self.generator.limit_store.check()
         self.remember(token)
         request_id, _ = self.generator.new_request_dir()
         new = NewJob(id="job_" + secrets.token_urlsafe(16), account=account_key(token),
@@ -211,19 +212,17 @@ class JobRunner:
                 raise
         return job, created
 
-    def check_backends(self) -> None:
-        """Raise StoreUnavailable unless limits and jobs can be reached: fail closed."""
-        self.generator.limit_store.check()
-        self.store.check()
-
     def backends(self) -> dict[str, str]:
         return {"limits": limits_backend(self.settings), "jobs": jobs_backend(self.settings)}
 
     def dependencies(self) -> dict[str, dict[str, str]]:
         """Per role, the backend in use and "ok" or why it cannot be reached now."""
-        checks = {"limits": self.generator.limit_store.check, "jobs": self.store.check}
-        return {role: {"backend": backend, "status": _status_of(checks[role])}
+        statuses = {"limits": self.limits_status(), "jobs": _status_of(self.store.check)}
+        return {role: {"backend": backend, "status": statuses[role]}
                 for role, backend in self.backends().items()}
+
+    def limits_status(self) -> str:
+        return _status_of(self.generator.limit_store.check)
 
     def _queue(self, job: JobRow, token: str) -> None:
         """Queue the job's open items on the dispatcher (in input order), all or none."""
