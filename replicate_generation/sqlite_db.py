@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from urllib.request import pathname2url
 
@@ -39,6 +39,33 @@ class StoreBusy(Exception):
 
 
 _patience = threading.local()
+_write_locks: dict[str, threading.RLock] = {}
+_write_locks_guard = threading.Lock()
+
+
+def _forget_write_locks() -> None:
+    # A lock held by a parent's thread at fork() would never be released in the child.
+    global _write_locks_guard
+    _write_locks.clear()
+    _write_locks_guard = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_write_locks)
+
+
+@contextmanager
+def process_write_lock(path: str, patience: float | None) -> Iterator[None]:
+    """Writers of one process queue on a Python lock and are woken at once; SQLite's busy
+    handler (sleeps of 1 to 100 ms) is then met only between processes."""
+    key = os.path.realpath(path)
+    with _write_locks_guard:
+        lock = _write_locks.setdefault(key, threading.RLock())
+    if not lock.acquire(timeout=-1 if patience is None else patience):
+        raise StoreBusy("the state file is busy; try again shortly")
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @contextmanager
@@ -127,15 +154,16 @@ class Database:
         """
         conn = self.connection()
         patience = None if patient or getattr(_patience, "on", False) else WRITE_PATIENCE_S
-        retry_while_busy(lambda: conn.execute("BEGIN IMMEDIATE"), patience=patience)
-        try:
-            yield conn
-            retry_while_busy(lambda: conn.execute("COMMIT"), patience=patience)
-        except BaseException:
-            # Never leave a transaction open on this thread's connection.
-            if conn.in_transaction:
-                conn.rollback()
-            raise
+        with process_write_lock(self.path, patience):
+            retry_while_busy(lambda: conn.execute("BEGIN IMMEDIATE"), patience=patience)
+            try:
+                yield conn
+                retry_while_busy(lambda: conn.execute("COMMIT"), patience=patience)
+            except BaseException:
+                # Never leave a transaction open on this thread's connection.
+                if conn.in_transaction:
+                    conn.rollback()
+                raise
 
     def probe_write(self, timeout: float = 2.0) -> None:
         """Open the path anew (a replaced or unwritable file shows only there) and write;
@@ -227,16 +255,18 @@ def sqlite_transaction(conn: Connection, *, immediate: bool,
     """BEGIN [IMMEDIATE] ... COMMIT on a SQLAlchemy connection, busy waits retried as
     `Database.write` retries them; a read (not immediate) is rolled back at the end."""
     raw = driver_connection(conn)
-    retry_while_busy(lambda: raw.execute("BEGIN IMMEDIATE" if immediate else "BEGIN"),
-                     patience=patience)
-    try:
-        yield
-        if immediate:
-            retry_while_busy(lambda: raw.execute("COMMIT"), patience=patience)
-    finally:
-        # Never leave a transaction open on a pooled connection.
-        if raw.in_transaction:
-            raw.rollback()
+    path = conn.engine.url.database or ""
+    with process_write_lock(path, patience) if immediate else nullcontext():
+        retry_while_busy(lambda: raw.execute("BEGIN IMMEDIATE" if immediate else "BEGIN"),
+                         patience=patience)
+        try:
+            yield
+            if immediate:
+                retry_while_busy(lambda: raw.execute("COMMIT"), patience=patience)
+        finally:
+            # Never leave a transaction open on a pooled connection.
+            if raw.in_transaction:
+                raw.rollback()
 
 
 def probe_file_write(path: str, timeout: float = 2.0) -> None:
