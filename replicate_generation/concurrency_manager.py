@@ -46,6 +46,8 @@ from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 
 from replicate_generation import metrics
 from replicate_generation.backends import StoreUnavailable
+from replicate_generation.host_wakeups import HostWakeups, wakeup_directory
+from replicate_generation.release_count import Heard, ReleaseCount
 from replicate_generation.sqlite_db import Database, StoreBusy
 
 __all__ = [
@@ -367,6 +369,7 @@ class SQLiteLimitStore:
         # The instance this store declared for, in the process that declared it: its own
         # defaults then always count, even if its row lapsed (a slow heartbeat).
         self._own: tuple[str, int] | None = None
+        self._wakeups = HostWakeups(wakeup_directory(path))
         self._create_schema()
 
     @property
@@ -383,10 +386,13 @@ class SQLiteLimitStore:
                                              f"({type(exc).__name__})") from exc
 
     def close(self) -> None:
-        """Nothing to release: each thread's connection closes with its thread."""
+        """Stop listening for wake-ups; each thread's connection closes with its thread."""
+        self._wakeups.close()
 
     def on_release(self, callback: Callable[[], None]) -> None:
-        """SQLite cannot signal other processes: their waiters poll."""
+        """Call ``callback`` when another store on this file releases a slot or leaves a queue
+        (a datagram between the processes of this host; see host_wakeups)."""
+        self._wakeups.listen(callback)
 
     # -- connections and transactions (one per thread, see sqlite_db) -----
 
@@ -577,10 +583,12 @@ class SQLiteLimitStore:
     def release(self, lease_id: str) -> None:
         with self._write() as conn:
             conn.execute("DELETE FROM cm_leases WHERE id = ?", (lease_id,))
+        self._wakeups.publish()
 
     def leave_queue(self, ticket: str) -> None:
         with self._write() as conn:
             conn.execute("DELETE FROM cm_tickets WHERE ticket = ?", (ticket,))
+        self._wakeups.publish()
 
     # -- rate (GCRA) and back-off --------------------------------------------
 
@@ -802,10 +810,9 @@ class ConcurrencyManager:
         self._registry_lock = threading.Lock()
         self._leases: set[str] = set()
         self._tickets: set[str] = set()
-        # Local releases bump the generation and wake waiters at once; waiters
-        # still poll so that releases in other processes are seen.
-        self._changed = threading.Condition()
-        self._generation = 0
+        # Releases here and those the store relays from other processes wake waiters; polls
+        # are the fallback for releases nobody relays.
+        self._releases = ReleaseCount()
         self._stop = threading.Event()
         self._wake = threading.Event()  # renew now: the store is back after an outage
         self._heartbeat: threading.Thread | None = None
@@ -847,7 +854,7 @@ class ConcurrencyManager:
 
     def _wait_for_lease(self, account: str, ticket: str, deadline: float) -> str:
         while True:
-            generation = self._generation
+            heard = self._releases.heard()
             if self._closed:
                 raise RuntimeError("ConcurrencyManager has been shut down")
             lease_id, rank = self._patiently(
@@ -858,27 +865,20 @@ class ConcurrencyManager:
             remaining = deadline - self._clock()
             if remaining <= 0:
                 raise DeadlineExceeded(f"no concurrency slot for {account} before the deadline")
-            self._wait_for_turn(generation, rank, remaining)
+            self._wait_for_turn(heard, rank, remaining)
 
-    def _wait_for_turn(self, generation: int, rank: int, remaining: float) -> None:
-        """The next in line polls often and wakes on a local release; those further back poll
-        less often the further back they are, so a long queue costs the store little."""
+    def _wait_for_turn(self, heard: Heard, rank: int, remaining: float) -> None:
+        """Sleep until enough releases were heard of for this waiter to be next in line, or
+        its poll: the next in line polls often, those further back the less often the further
+        back they are, so a long queue costs the store little."""
         if rank <= _NEAR_RANK:
             pause = self._jittered_poll() * (0.5 if rank <= 1 else 1.0)
-            self._wait_for_change(generation, min(remaining, pause))
-            return
-        self._stop.wait(min(remaining, _FAR_POLL_MAX_S, self._jittered_poll() * rank / 2))
+        else:
+            pause = min(_FAR_POLL_MAX_S, self._jittered_poll() * rank / 2)
+        self._releases.wait(heard, max(1, rank - 1), min(remaining, pause))
 
     def _pause_for_change(self, timeout: float) -> None:
-        # A fresh generation: releases before this pause must not cut every later one short.
-        self._wait_for_change(self._generation, timeout)
-
-    def _wait_for_change(self, generation: int, timeout: float) -> None:
-        with self._changed:
-            # Skip the wait if a release happened since we read the
-            # generation: its notify would otherwise be lost.
-            if self._generation == generation:
-                self._changed.wait(timeout)
+        self._releases.wait(self._releases.heard(), 1, timeout)
 
     def _patiently(self, step: Callable[[], T], deadline: float,
                    pause: Callable[[float], None]) -> T:
@@ -930,9 +930,7 @@ class ConcurrencyManager:
         return self._poll_interval * random.uniform(0.5, 1.5)  # noqa: S311
 
     def _notify(self) -> None:
-        with self._changed:
-            self._generation += 1
-            self._changed.notify_all()
+        self._releases.add()
 
     def _release(self, lease_id: str) -> None:
         self._untrack(self._leases, lease_id)
@@ -1081,17 +1079,17 @@ class ConcurrencyManager:
         new until in-flight work has drained below it."""
         limits.validate()
         self._store.set_limits(limits)
-        self._notify()  # a raised limit may admit local waiters now
+        self._releases.wake_everyone()  # a raised limit may admit waiters now
 
     def configure_fields(self, changes: Mapping[str, int | None]) -> None:
         """Override only the given ``Limits`` fields for every process; None clears one."""
         self._store.set_overrides(changes)
-        self._notify()  # a raised limit may admit local waiters now
+        self._releases.wake_everyone()  # a raised limit may admit waiters now
 
     def clear_configuration(self) -> None:
         """Drop every override: the live processes' environments decide again."""
         self._store.clear_overrides()
-        self._notify()
+        self._releases.wake_everyone()
 
     def stats(self, account: str | None = None) -> list[AccountStats]:
         return self._store.stats(account)
@@ -1102,6 +1100,7 @@ class ConcurrencyManager:
             self._reset_process_state()  # a forked child: the parent's declaration is not ours
         self._closed = True
         self._stop.set()
+        self._releases.wake_everyone()  # waiters see _closed at once
         self._wake.set()
         heartbeat = self._heartbeat
         if heartbeat is not None and heartbeat is not threading.current_thread():
@@ -1115,7 +1114,7 @@ class ConcurrencyManager:
         for ticket in tickets:
             self._best_effort(self._store.leave_queue, ticket)
         self._best_effort(self._store.withdraw, self._instance)
-        self._notify()
+        self._releases.wake_everyone()
 
     def _open(self) -> None:
         """Declare this process's limits and keep the declaration alive while open,

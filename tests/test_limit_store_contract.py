@@ -764,6 +764,47 @@ def test_waiters_enter_in_fifo_order(make_store: StoreFactory) -> None:
     manager.shutdown()
 
 
+def test_waiters_far_back_in_line_are_awake_when_their_turn_comes(
+        make_store: StoreFactory) -> None:
+    # Polls this slow would keep each waiter asleep 1 s or more after its turn came.
+    store = make_store(Limits(1, 6000))
+    manager = ConcurrencyManager(store, poll_interval=5.0)
+    occupancy, holder_gate, open_gate = Occupancy(), threading.Event(), threading.Event()
+    open_gate.set()
+    names = [f"w{i}" for i in range(6)]
+    with pool_opening(len(names) + 1, holder_gate) as pool:
+        futures = [pool.submit(hold_slot, manager, occupancy, "holder", holder_gate)]
+        wait_until(lambda: occupancy.inside == 1, "holder inside")
+        for queued, name in enumerate(names, start=1):
+            futures.append(pool.submit(hold_slot, manager, occupancy, name, open_gate))
+            wait_until(partial(queue_length_is, store, queued), f"{name} to queue")
+        released_at = time.monotonic()
+        holder_gate.set()
+        for future in futures:
+            future.result(timeout=30)
+        elapsed = time.monotonic() - released_at
+    assert occupancy.order == ["holder", *names]
+    assert elapsed < 1.0, f"six hand-overs took {elapsed:.2f} s"
+    manager.shutdown()
+
+
+def test_a_release_in_another_process_wakes_the_next_in_line_before_its_poll(
+        make_store: StoreFactory) -> None:
+    # SQLite: a datagram between the stores on one file; Redis: its pub/sub channel.
+    here, there = make_store(Limits(1, 600)), make_store(Limits(1, 600))
+    # Polls this slow would leave the next in line waiting 1.25 s or more after a release.
+    manager = ConcurrencyManager(here, poll_interval=5.0)
+    lease = there.try_acquire(ACCOUNT, "elsewhere")
+    assert lease is not None
+    with slot_waiter(manager) as entered:
+        wait_until(lambda: stats_of(there).waiting == 1, "the waiter to queue")
+        released_at = time.monotonic()
+        there.release(lease)
+        assert entered.wait(10)
+        assert time.monotonic() - released_at < 1.0
+    manager.shutdown()
+
+
 def test_slot_deadline_leaves_the_queue_and_spends_no_create_budget(
     make_store: StoreFactory,
 ) -> None:
@@ -995,22 +1036,6 @@ def test_redis_try_acquire_run_twice_returns_the_same_lease(
     assert lease is not None and lease.startswith(f"{ACCOUNT}|")  # renew finds the account
     assert store.try_acquire(ACCOUNT, "t1") == lease  # a resent command takes no second slot
     assert stats_of(store) == AccountStats(ACCOUNT, 1, 0, 0, 0.0)
-
-
-def test_a_release_in_another_process_wakes_the_next_in_line_before_its_poll(
-        redis_factory: StoreFactory) -> None:
-    here, there = redis_factory(Limits(1, 600)), redis_factory(Limits(1, 600))
-    # Polls this slow would leave the next in line waiting 1.25 s or more after a release.
-    manager = ConcurrencyManager(here, poll_interval=5.0)
-    lease = there.try_acquire(ACCOUNT, "elsewhere")
-    assert lease is not None
-    with slot_waiter(manager) as entered:
-        wait_until(lambda: stats_of(there).waiting == 1, "the waiter to queue")
-        released_at = time.monotonic()
-        there.release(lease)
-        assert entered.wait(10)
-        assert time.monotonic() - released_at < 1.0
-    manager.shutdown()
 
 
 def test_every_redis_call_touches_one_slot(redis_factory: StoreFactory) -> None:
