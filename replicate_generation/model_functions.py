@@ -7,10 +7,12 @@ every poll). Errors come out as `GenerationError` with a kind the HTTP layer map
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
 import re
+import ssl
 import threading
 import time
 from collections import OrderedDict
@@ -261,6 +263,13 @@ def retry_after_of(response: httpx.Response) -> float | None:
     return None
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """One TLS context per process: building one loads the CA bundle (tens of ms), which every
+    new account's client would otherwise pay on its first create."""
+    return httpx.create_ssl_context()
+
+
 class GuardedTransport(httpx.BaseTransport):
     """Give every request a timeout and remember 429 hints for the calling thread.
 
@@ -272,7 +281,7 @@ class GuardedTransport(httpx.BaseTransport):
         self._timeout = timeout.as_dict()
         limits = httpx.Limits(max_connections=max_connections,
                               max_keepalive_connections=max_connections)
-        self._inner = httpx.HTTPTransport(limits=limits)
+        self._inner = httpx.HTTPTransport(verify=_tls_context(), limits=limits)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         given = request.extensions.get("timeout") or {}

@@ -116,6 +116,8 @@ class JobRunner:
         self._watch_accounts()
         if settings.replicate_api_token:
             self.remember(settings.replicate_api_token)
+            # Built now rather than by the first batch, whose items would all wait on it.
+            self.generator.runtime.clients.get(settings.replicate_api_token)
         self.store.heartbeat(self.worker_id, clock())
         self._threads = [threading.Thread(target=self._maintain, name="jobs-maintain",
                                           daemon=True),
