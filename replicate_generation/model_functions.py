@@ -482,10 +482,6 @@ def _never() -> bool:
     return False
 
 
-def _always() -> bool:
-    return True
-
-
 def _ignore(_attempt: Attempt) -> None:
     return None
 
@@ -499,18 +495,18 @@ class Hooks:
     """How a durable job follows and steers one task.
 
     `on_intent` runs just before a create is sent (so a lost answer can be looked up, never paid
-    twice); `on_created` runs as soon as a prediction exists (so its id is stored before anything
-    else happens); `known_predictions` are ids other items already own (never adopted by a
-    lookup); `should_cancel` is asked before a create and at every poll; `may_create` false
-    means the process is stopping and takes nothing new; `should_suspend` tells a stopping
-    process to leave a running prediction for the next start to poll.
+    twice), and raises instead when nothing may be sent (Suspended: the process stops or lost
+    the job; GenerationError "canceled"); `on_created` runs as soon as a prediction exists (so
+    its id is stored before anything else happens); `known_predictions` are ids other items
+    already own (never adopted by a lookup); `should_cancel` is asked at every poll;
+    `should_suspend` tells a stopping process to leave a running prediction for the next start
+    to poll.
     """
 
     on_intent: Callable[[Attempt], None] = _ignore
     on_created: Callable[[Attempt], None] = _ignore
     known_predictions: Callable[[], set[str]] = _nothing_known
     should_cancel: Callable[[], bool] = _never
-    may_create: Callable[[], bool] = _always
     should_suspend: Callable[[], bool] = _never
 
 
@@ -559,14 +555,14 @@ def _create(client: replicate.Client, job: Job, rt: Runtime, deadline: float,
     server_errors = 0
     while True:
         rt.manager.wait_for_create(job.account, deadline)
-        if not hooks.may_create():
-            raise Suspended
-        if hooks.should_cancel():
-            raise GenerationError("canceled", "the job was canceled before this item started")
         attempt = Attempt(model=job.spec.ref, status="creating", intent_at=rt.clock(),
                           input_sha256=input_digest(job.input))
         attempts.append(attempt)
-        hooks.on_intent(attempt)
+        try:
+            hooks.on_intent(attempt)
+        except BaseException:
+            attempts.pop()  # refused (Suspended, canceled): never sent, so never an attempt
+            raise
         prediction, definite = _send_create(client, job, rt, deadline, attempt)
         if prediction is not None:
             return _created(job, rt, attempt, prediction, hooks)

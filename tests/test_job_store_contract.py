@@ -301,6 +301,40 @@ def test_an_item_starts_records_its_prediction_and_finishes_its_job(store: JobSt
     assert (second.state, second.error, second.error_type) == ("failed", "boom", "model_error")
 
 
+def test_an_intent_marks_a_fresh_item_running_and_is_refused_unless_it_may_be_sent(
+        store: JobStore) -> None:
+    job, _ = store.create(new_job("job_i", 4), "w", 1.0)
+    waiting = store.item_to_run("job_i", 0, fence=job.fence)
+    assert waiting is not None and waiting.state == "queued"  # a read: still queued
+    assert store.get("job_i").state == "queued"  # type: ignore[union-attr]
+    intent = [{"model": "m", "status": "creating"}]
+    assert store.record_intent("job_i", 0, intent, 2.0, owner="w", fence=job.fence) == "stored"
+    item = store.item("job_i", 0)
+    assert item is not None and (item.state, item.started_at, item.attempts) == (
+        "running", 2.0, intent)
+    job_now = store.get("job_i")
+    assert job_now is not None and (job_now.state, job_now.started_at) == ("running", 2.0)
+    # Another worker, or a stale fence: nothing is written.
+    assert store.record_intent("job_i", 1, intent, 3.0, owner="other", fence=job.fence) == \
+        "not_ours"
+    assert store.record_intent("job_i", 1, intent, 3.0, owner="w", fence=job.fence + 1) == \
+        "not_ours"
+    assert store.item_to_run("job_i", 1, fence=job.fence + 1) is None
+    # Ended meanwhile (canceled while it waited for a slot), then the running one sees the cancel.
+    assert store.request_cancel("job_i", 4.0) == [0]
+    assert store.item_to_run("job_i", 1, fence=job.fence) is None
+    assert store.record_intent("job_i", 1, intent, 5.0, owner="w", fence=job.fence) == "ended"
+    assert store.record_intent("job_i", 0, intent * 2, 5.0, owner="w", fence=job.fence) == \
+        "canceled"
+    assert [i.attempts for i in store.items("job_i")] == [intent, [], [], []]
+    # Handed back: the fence is unchanged, but the job is no longer this worker's.
+    handed, _ = store.create(new_job("job_h", 1), "w", 1.0)
+    store.release_job("job_h", "w")
+    assert store.record_intent("job_h", 0, intent, 2.0, owner="w", fence=handed.fence) == \
+        "not_ours"
+    assert store.item("job_h", 0).state == "queued"  # type: ignore[union-attr]
+
+
 def test_only_one_of_two_concurrent_closers_gets_the_job(
         open_store: Callable[[], JobStore]) -> None:
     first, second = open_store(), open_store()

@@ -262,7 +262,7 @@ class JobRunner:
     def _run_item_inner(self, job: JobRow, index: int, token: str) -> None:
         if self._stopping:
             return
-        item = self.store.start_item(job.id, index, self._clock(), fence=job.fence)
+        item = self._open_item(job, index)
         if item is None:
             self._close_if_done(job.id)
             return
@@ -275,7 +275,6 @@ class JobRunner:
                       known_predictions=lambda: self.store.prediction_ids(
                           job.account, self._clock() - 2 * INPUT_RETENTION_SECONDS),
                       should_cancel=lambda: self.store.cancel_requested(job.id),
-                      may_create=lambda: not self._stopping and self._owns(job.id),
                       should_suspend=lambda: self._suspending or not self._owns(job.id))
         dest = self.generator.runtime.output_root / job.request_id
         try:
@@ -298,6 +297,15 @@ class JobRunner:
         if self.store.finish_item(job.id, index, _outcome(result), self._clock(),
                                   fence=job.fence):
             self._close_if_done(job.id, fence=job.fence)
+
+    def _open_item(self, job: JobRow, index: int) -> ItemRow | None:
+        """The item to run, None if it ended or the job was fenced off. A fresh item stays
+        queued until its first intent marks it running, so waiting for a slot writes nothing;
+        one that ran before (a prediction to poll, a create to look up) is marked running now."""
+        item = self.store.item_to_run(job.id, index, fence=job.fence)
+        if item is None or (item.prediction_id is None and not item.attempts):
+            return item
+        return self.store.start_item(job.id, index, self._clock(), fence=job.fence)
 
     def _hand_back(self, job: JobRow, index: int, exc: StoreUnavailable) -> None:
         """A backend went away under the item: nothing more is created for it here; the job
@@ -343,9 +351,17 @@ class JobRunner:
 
     def _record_intent(self, job: JobRow, index: int, result: TaskResult) -> None:
         """Store the create about to be sent, so a lost answer is looked up, never re-sent.
-        Fenced off (another process claimed the job): nothing is sent from here."""
-        if not self.store.record_attempts(job.id, index, [a.as_dict() for a in result.attempts],
-                                          None, fence=job.fence):
+        Stopping, canceled, or no longer this process's job (another claimed it, or it was
+        handed back): nothing is sent from here."""
+        if self._stopping:
+            raise Suspended
+        outcome = self.store.record_intent(job.id, index,
+                                           [a.as_dict() for a in result.attempts],
+                                           self._clock(), owner=self.worker_id, fence=job.fence)
+        if outcome == "canceled":
+            raise GenerationError("canceled", "the job was canceled before this item started")
+        if outcome != "stored":
+            # "ended": whoever ended it (a cancel, a rejected token) closes it; nothing to add.
             raise Suspended
 
     def _record(self, job: JobRow, index: int, result: TaskResult, attempt: Attempt) -> None:

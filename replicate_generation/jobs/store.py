@@ -18,7 +18,7 @@ import time
 from collections.abc import Container, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import (
     Column,
@@ -184,6 +184,12 @@ _ITEM = [job_items.c[name] for name in (
 _OPEN_STATES = ("queued", "running")
 # The fence of the job an item belongs to, correlated with the item a statement touches.
 _ITEM_FENCE = select(jobs.c.fence).where(jobs.c.id == job_items.c.job_id).scalar_subquery()
+_ITEM_OWNER = select(jobs.c.owner).where(jobs.c.id == job_items.c.job_id).scalar_subquery()
+_ITEM_CANCELED = (select(jobs.c.cancel_requested_at).where(jobs.c.id == job_items.c.job_id)
+                  .scalar_subquery())
+# What became of an intent: stored, or not (the job was canceled, the item ended meanwhile, or
+# the job is no longer this owner's).
+IntentOutcome = Literal["stored", "canceled", "ended", "not_ours"]
 _RECONNECT_PAUSE_MAX_S = 2.0
 
 
@@ -436,6 +442,43 @@ class JobStore:
             prediction_model=prediction[1] if prediction else None)
         with self._write(patient=True) as conn:
             return bool(conn.execute(stmt).rowcount)
+
+    def item_to_run(self, job_id: str, index: int, *, fence: int | None) -> ItemRow | None:
+        """The item, unless it ended or the job was fenced off (a read: the item is marked
+        running by its first intent, `record_intent`, or by `start_item`)."""
+        if fence is not None and self.fence_of(job_id) != fence:
+            return None
+        item = self.item(job_id, index)
+        return None if item is None or item.state in ITEM_TERMINAL else item
+
+    def record_intent(self, job_id: str, index: int, attempts: list[dict[str, Any]], now: float,
+                      *, owner: str, fence: int | None) -> IntentOutcome:
+        """Store the attempts, the last a create about to be sent, and mark the item (and its
+        job) running, in one write that also checks what the send depends on: the item still
+        open, the job still this owner's (and fence's), and not canceled. Anything but "stored"
+        wrote nothing, and nothing may be sent."""
+        stmt = update(job_items).where(
+            job_items.c.job_id == job_id, job_items.c.idx == index,
+            job_items.c.state.in_(_OPEN_STATES), *_item_fenced(fence), _ITEM_OWNER == owner,
+            _ITEM_CANCELED.is_(None)).values(
+            attempts=json.dumps(attempts), prediction_id=None, prediction_model=None,
+            state="running", started_at=func.coalesce(job_items.c.started_at, now))
+        with self._write(patient=True) as conn:
+            # The job's row first, as every writer locks it (PostgreSQL: no deadlock).
+            if _fence_holds(conn, job_id, fence) and conn.execute(stmt).rowcount:
+                conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state == "queued")
+                             .values(state="running",
+                                     started_at=func.coalesce(jobs.c.started_at, now)))
+                return "stored"
+        return self._why_no_intent(job_id, index, owner, fence)
+
+    def _why_no_intent(self, job_id: str, index: int, owner: str,
+                       fence: int | None) -> IntentOutcome:
+        item = self.item(job_id, index)
+        if item is not None and item.state in ITEM_TERMINAL:
+            return "ended"
+        mine = self.owner(job_id) == owner and (fence is None or self.fence_of(job_id) == fence)
+        return "canceled" if mine and self.cancel_requested(job_id) else "not_ours"
 
     def prediction_ids(self, account: str, since: float) -> set[str]:
         """Prediction ids the account's items queued since then own (never adopted again)."""
