@@ -6,7 +6,9 @@ computed from the run times the simulator actually used (the service adds a rand
 item, so they differ from run to run): the list-scheduling makespan of those times, in creation
 order, on `limit` slots with zero overhead, where no create may start before the rpm allows
 (GCRA release times; this is the rpm floor). Efficiency is ideal / wall. The ideal counts
-prediction time only: downloading outputs (20 MB each in `memory`) is overhead.
+prediction time only: downloading outputs (20 MB each in `memory`) is overhead. The service is
+measured once every worker answers (a worker still booting would share the 2 cores with the
+first wave), as a service that has been up for a while would be.
 
 Each scenario but `memory` also runs a baseline in the same run, against the same simulator (its
 own token), after the service (one at a time, so the two do not share the 2 cores):
@@ -242,6 +244,7 @@ def running_service(sim: Simulator, sc: Scenario) -> Iterator[Gunicorn]:
         server = Gunicorn(env, work / "gunicorn.log")
         try:
             server.wait_ready()
+            server.wait_workers(sc.workers)
             yield server
         finally:
             server.stop()

@@ -73,6 +73,7 @@ def instances(settings: list[Settings], workers: int) -> Iterator[list[Gunicorn]
             servers.append(Gunicorn(env, one.state_file.parent / "gunicorn.log"))
         for server in servers:
             server.wait_ready(timeout=60)
+            server.wait_workers(workers)
         yield servers
     finally:
         for server in servers:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,8 @@ from replicate_generation.cli.serve import gunicorn_argv
 from replicate_generation.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+# An access log line of a /health answer; the group is the worker's pid (gunicorn_conf's format).
+_HEALTH_ANSWERED_BY = re.compile(r'"GET /health HTTP/1\.1" 200 \d+ \d+ms <(\d+)>')
 
 
 def free_port() -> int:
@@ -60,6 +64,21 @@ class Gunicorn:
                 pass
             time.sleep(0.1)
         raise TimeoutError(f"gunicorn not ready: {self.log()}")
+
+    def wait_workers(self, count: int, timeout: float = 60.0) -> None:
+        """Ask /health until `count` distinct workers have answered (the access log names each
+        answer's pid): a worker still booting would otherwise take CPU from the first requests.
+        Asked in bursts wider than one worker's threads, so an idle worker cannot take them all."""
+        deadline = time.monotonic() + timeout
+        burst = 2 * int(self.env.get("GUNICORN_THREADS", "16"))
+        with ThreadPoolExecutor(burst) as pool:
+            while time.monotonic() < deadline:
+                list(pool.map(lambda _: requests.get(self.url + "/health", timeout=5),
+                              range(burst)))
+                if len(set(_HEALTH_ANSWERED_BY.findall(self.log()))) >= count:
+                    return
+                time.sleep(0.05)
+        raise TimeoutError(f"fewer than {count} gunicorn workers answered: {self.log()}")
 
     def post(self, path: str, body: Any, headers: dict[str, str], timeout: float = 120) -> Any:
         return requests.post(self.url + path, json=body, headers=headers, timeout=timeout)
