@@ -388,9 +388,9 @@ def test_back_off_pushes_reservations(make_store: StoreFactory) -> None:
     assert store.backoff_remaining(ACCOUNT) == 30
     assert store.backoff_remaining(OTHER) == 0
 
-    # Creates (and polls) start after the back-off, then at the learned pace (70% of 60/min,
+    # Creates (and polls) start after the back-off, then at the learned pace (60% of 60/min,
     # one at a time) until accepted creates raise it again.
-    step = 60 / 42
+    step = 60 / 36
     assert [store.reserve(ACCOUNT, "create") for _ in range(3)] == \
         pytest.approx([30, 30 + step, 30 + 2 * step])
     assert store.reserve(ACCOUNT, "poll") == 30
@@ -409,12 +409,12 @@ def test_a_429_cuts_the_create_rate_once_per_episode(make_store: StoreFactory) -
     assert store.last_cut(OTHER) == 0
     clock.advance(2)
     assert [store.reserve(ACCOUNT, "create") for _ in range(3)] == \
-        pytest.approx([0, 60 / 420, 120 / 420])  # no burst while learning
+        pytest.approx([0, 60 / 360, 120 / 360])  # no burst while learning
     clock.advance(5)
-    store.back_off(ACCOUNT, 2)  # a later 429 is a new episode: 420 * 0.7
+    store.back_off(ACCOUNT, 2)  # a later 429 is a new episode: 360 * 0.6
     clock.advance(10)
     first = store.reserve(ACCOUNT, "create")
-    assert store.reserve(ACCOUNT, "create") - first == pytest.approx(60 / 294)
+    assert store.reserve(ACCOUNT, "create") - first == pytest.approx(60 / 216)
 
 
 def test_accepted_creates_raise_the_learned_rate_back_to_the_limit(
@@ -431,8 +431,8 @@ def test_accepted_creates_raise_the_learned_rate_back_to_the_limit(
         assert gaps[1] >= 60 / 100 - 1e-9  # never faster than the configured rate
         store.create_accepted(ACCOUNT)
         accepted += 1
-    # +1% per accepted create from 70/min: about 36 creates to regain the limit.
-    assert 30 <= accepted <= 40
+    # +1% per accepted create from 60/min: about 51 creates to regain the limit.
+    assert 46 <= accepted <= 56
     assert store.last_cut(ACCOUNT) == 0  # recovered: nothing learned is left
     store.create_accepted(OTHER)  # an account never throttled learns nothing
     assert store.reserve(OTHER, "create") == 0 and store.reserve(OTHER, "create") == 0
@@ -528,8 +528,8 @@ def test_a_token_reserved_before_a_rate_cut_is_taken_again_at_the_new_pace(
     manager.wait_for_create(ACCOUNT, start + 100)  # token at once
     manager.wait_for_create(ACCOUNT, start + 100)  # reserved at 60/min; the rate is cut
     manager.wait_for_create(ACCOUNT, start + 100)
-    # The second token was re-taken after the cut, so the third is spaced for 42/min, not 60.
-    assert clock.sleeps == pytest.approx([1.0, 60 / 42])
+    # The second token was re-taken after the cut, so the third is spaced for 36/min, not 60.
+    assert clock.sleeps == pytest.approx([1.0, 60 / 36])
     manager.shutdown()
 
 
@@ -1082,12 +1082,12 @@ def test_a_call_resent_after_its_reply_was_lost_counts_once(
         assert store.reserve(THIRD, "poll") == 0
         assert store.reserve(THIRD, "poll") == pytest.approx(60 / 2400)  # one token, not two
 
-        store.back_off(THIRD, 1)  # learned rate 42/min
+        store.back_off(THIRD, 1)  # learned rate 36/min
         clock.advance(10)
         proxy.drop_reply_to(script_on(b"}:rate", 2))
-        store.create_accepted(THIRD)  # +1% once: 42.42, not 42.8442
+        store.create_accepted(THIRD)  # +1% once: 36.36, not 36.7236
         first = store.reserve(THIRD, "create")
-        assert store.reserve(THIRD, "create") - first == pytest.approx(60 / 42.42)
+        assert store.reserve(THIRD, "create") - first == pytest.approx(60 / 36.36)
 
 
 @pytest.fixture
