@@ -20,8 +20,10 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from conftest import ADMIN, OTHER, OTHER_TOKEN, SERVER_TOKEN, USER, USER_TOKEN
+from replicate_generation.concurrency_manager import ConcurrencyManager, Limits, SQLiteLimitStore
 from replicate_generation.devtools.simulator import Simulator
 from replicate_generation.jobs import webhooks
+from replicate_generation.model_functions import account_key
 from servers import wait_for
 
 TERMINAL = {"succeeded", "partially_failed", "failed", "canceled"}
@@ -187,6 +189,34 @@ def test_sync_batch_keeps_the_legacy_shape_and_names_its_job(
 
 
 # --------------------------------------------------------------------------- cancel
+
+
+def test_an_item_waiting_for_a_slot_stays_queued_and_a_cancel_drops_it_unsent(
+        make_app: Callable[..., Flask], sim: Simulator) -> None:
+    app = make_app(concurrent_limit=1)
+    client = app.test_client()
+    # Another process on the same state file (a script, another worker) holds the only slot.
+    other = ConcurrencyManager(SQLiteLimitStore(app.extensions["jobs"].settings.state_file,
+                                                Limits(1, 600)), poll_interval=0.01)
+    try:
+        with other.slot(account_key(SERVER_TOKEN), time.time() + 60):
+            job_id = submit_async(client, batch(["waits"]), ADMIN)["id"]
+            wait_for(lambda: other.stats(account_key(SERVER_TOKEN))[0].waiting == 1,
+                     what="the item's runner to wait for the slot")
+            waiting = get_job(client, job_id, ADMIN)
+            assert waiting["state"] == "queued" and waiting["items"][0]["state"] == "queued"
+            canceled = client.post(f"/jobs/{job_id}/cancel", headers=ADMIN).get_json()
+            assert canceled["state"] == "canceled"  # nothing was running: done at once
+        # The slot frees; the runner takes it and finds its item ended: nothing is sent.
+        wait_for(lambda: other.stats(account_key(SERVER_TOKEN))[0].waiting == 0,
+                 what="the runner to take the slot")
+        wait_for(lambda: other.stats(account_key(SERVER_TOKEN))[0].in_flight == 0,
+                 what="the runner to give the slot back")
+    finally:
+        other.shutdown()
+    assert sim.predictions(SERVER_TOKEN) == []
+    item = get_job(client, job_id, ADMIN)["items"][0]
+    assert (item["state"], item["attempts"], item["error_type"]) == ("canceled", [], "canceled")
 
 
 def test_cancel_mid_run_cancels_running_predictions_and_never_creates_queued_ones(
