@@ -6,6 +6,7 @@ Both the limit store and the job store live in the state file; this is the part 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -53,11 +54,17 @@ def _forget_write_locks() -> None:
 os.register_at_fork(after_in_child=_forget_write_locks)
 
 
+@functools.lru_cache(maxsize=64)
+def _canonical(path: str) -> str:
+    # Resolved once per path, not on every write (realpath stats each component).
+    return os.path.realpath(path)
+
+
 @contextmanager
 def process_write_lock(path: str, patience: float | None) -> Iterator[None]:
     """Writers of one process queue on a Python lock and are woken at once; SQLite's busy
     handler (sleeps of 1 to 100 ms) is then met only between processes."""
-    key = os.path.realpath(path)
+    key = _canonical(path)
     with _write_locks_guard:
         lock = _write_locks.setdefault(key, threading.RLock())
     if not lock.acquire(timeout=-1 if patience is None else patience):

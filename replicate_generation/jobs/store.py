@@ -184,6 +184,7 @@ _ITEM = [job_items.c[name] for name in (
 _OPEN_STATES = ("queued", "running")
 # The fence of the job an item belongs to, correlated with the item a statement touches.
 _ITEM_FENCE = select(jobs.c.fence).where(jobs.c.id == job_items.c.job_id).scalar_subquery()
+_ITEM_AND_FENCE: list[ColumnElement[Any]] = [*_ITEM, _ITEM_FENCE.label("job_fence")]
 _ITEM_OWNER = select(jobs.c.owner).where(jobs.c.id == job_items.c.job_id).scalar_subquery()
 _ITEM_CANCELED = (select(jobs.c.cancel_requested_at).where(jobs.c.id == job_items.c.job_id)
                   .scalar_subquery())
@@ -446,10 +447,14 @@ class JobStore:
     def item_to_run(self, job_id: str, index: int, *, fence: int | None) -> ItemRow | None:
         """The item, unless it ended or the job was fenced off (a read: the item is marked
         running by its first intent, `record_intent`, or by `start_item`)."""
-        if fence is not None and self.fence_of(job_id) != fence:
-            return None
-        item = self.item(job_id, index)
-        return None if item is None or item.state in ITEM_TERMINAL else item
+        query = select(*_ITEM_AND_FENCE).where(
+            job_items.c.job_id == job_id, job_items.c.idx == index)
+        with self._read() as conn:  # one read, not one for the fence and one for the item
+            row = conn.execute(query).first()
+            if row is None or row.state in ITEM_TERMINAL or (
+                    fence is not None and row.job_fence != fence):
+                return None
+            return _item(row, _values_of(conn, job_id, row))
 
     def record_intent(self, job_id: str, index: int, attempts: list[dict[str, Any]], now: float,
                       *, owner: str, fence: int | None) -> IntentOutcome:
