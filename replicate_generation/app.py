@@ -21,7 +21,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from replicate_generation import observability, ops
-from replicate_generation.backends import StoreUnavailable, wait_for_backends
+from replicate_generation.backends import wait_for_backends
 from replicate_generation.catalogue import MODELS
 from replicate_generation.concurrency_manager import (
     ConcurrencyManager,
@@ -29,23 +29,28 @@ from replicate_generation.concurrency_manager import (
     LimitSource,
     validate_limit,
 )
-from replicate_generation.dispatcher import QueueFull, ShuttingDown
+from replicate_generation.errors import (
+    ExpandedRequestTooLarge,
+    GenerationError,
+    IdempotencyConflict,
+    InvalidRequest,
+    InvalidWebhook,
+    QueueFull,
+    SchemaUnavailable,
+    SettingsError,
+    ShuttingDown,
+    StoreBusy,
+    StoreUnavailable,
+    TokenRejected,
+)
 from replicate_generation.generation import Generator
 from replicate_generation.jobs import webhooks
 from replicate_generation.jobs.runner import JobRunner, Submission, output_path, webhook_secret
-from replicate_generation.jobs.store import IdempotencyConflict, JobRow
-from replicate_generation.model_functions import (
-    TOKEN_SHAPED,
-    GenerationError,
-    InvalidRequest,
-    TokenRejected,
-    account_key,
-    resolve_model,
-)
+from replicate_generation.jobs.store import JobRow
+from replicate_generation.model_functions import TOKEN_SHAPED, account_key, resolve_model
 from replicate_generation.observability import current_request_id
 from replicate_generation.outputs import InvalidName
 from replicate_generation.request_parsing import (
-    ExpandedRequestTooLarge,
     Parsed,
     estimate,
     parse_batch,
@@ -53,9 +58,8 @@ from replicate_generation.request_parsing import (
     request_hash,
 )
 from replicate_generation.routing import FallbackChains
-from replicate_generation.schemas import ModelPolicy, Resolver, SchemaUnavailable, resolving
-from replicate_generation.settings import Settings, SettingsError
-from replicate_generation.sqlite_db import StoreBusy
+from replicate_generation.schemas import ModelPolicy, Resolver, resolving
+from replicate_generation.settings import Settings
 
 SERVICE = "replicate-concurrent-generation"
 VERSION = "3.1.0"
@@ -792,7 +796,7 @@ def _expanded_too_large(exc: ExpandedRequestTooLarge) -> tuple[Response, int, di
 def _unexpected_error(exc: Exception) -> tuple[Response, int, dict[str, str]]:
     if isinstance(exc, InvalidRequest):
         return jsonify(_error_body(str(exc), field=exc.field, **exc.extra)), 400, {}
-    if isinstance(exc, InvalidName | webhooks.InvalidWebhook):
+    if isinstance(exc, InvalidName | InvalidWebhook):
         return jsonify(_error_body(str(exc), field=exc.field)), 400, {}
     if isinstance(exc, QueueFull):
         kind = "account_queue_full" if exc.scope == "account" else "queue_full"

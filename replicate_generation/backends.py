@@ -12,6 +12,8 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Literal
 
+from replicate_generation.errors import StoreUnavailable
+
 if TYPE_CHECKING:
     from replicate_generation.concurrency_manager import LimitStore
     from replicate_generation.settings import Settings
@@ -23,16 +25,6 @@ log = logging.getLogger(__name__)
 UNAVAILABLE_RETRY_AFTER_S = 5
 # How long a starting process waits for Redis and PostgreSQL (compose may start them after us).
 STARTUP_PATIENCE_S = 30.0
-
-
-class StoreUnavailable(Exception):
-    """A shared backend could not be reached; the message names it, never its credentials."""
-
-    retry_after = UNAVAILABLE_RETRY_AFTER_S
-
-    def __init__(self, dependency: Dependency, detail: str = "unreachable") -> None:
-        super().__init__(f"{dependency} is unavailable: {detail}")
-        self.dependency = dependency
 
 
 def limits_backend(settings: Settings) -> Dependency:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from replicate_generation.catalogue import ModelSpec
+from replicate_generation.errors import InvalidRequest
 from replicate_generation.library import (
     BatchClient,
     GenerationFailed,
@@ -37,7 +38,7 @@ from replicate_generation.library import (
     global_status,
     load_settings,
 )
-from replicate_generation.model_functions import InvalidRequest, resolve_model
+from replicate_generation.model_functions import resolve_model
 from replicate_generation.outputs import InvalidName
 from replicate_generation.request_parsing import parse_single
 from replicate_generation.routing import REFERENCE_KEYS, FallbackChains

@@ -45,10 +45,10 @@ from functools import partial
 from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 
 from replicate_generation import metrics
-from replicate_generation.backends import StoreUnavailable
+from replicate_generation.errors import DeadlineExceeded, StoreBusy, StoreUnavailable
 from replicate_generation.host_wakeups import HostWakeups, wakeup_directory
 from replicate_generation.release_count import Heard, ReleaseCount
-from replicate_generation.sqlite_db import Database, StoreBusy
+from replicate_generation.sqlite_db import Database
 
 __all__ = [
     "AccountStats",
@@ -190,10 +190,6 @@ def fold_own_defaults(
         low, high = folded.get(name, (mine, mine))
         folded[name] = (min(low, mine), max(high, mine))
     return folded, declarations + 1
-
-
-class DeadlineExceeded(Exception):
-    """A wait for a slot or a token would pass the caller's deadline."""
 
 
 class AccountStats(NamedTuple):

@@ -18,24 +18,12 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from replicate_generation.errors import QueueFull, ShuttingDown
+
 log = logging.getLogger(__name__)
 
 # Queued tasks drain within seconds at the usual limits; a client retrying sooner only spins.
 _RETRY_AFTER = 5.0
-
-
-class QueueFull(Exception):
-    """Too many tasks are waiting in this process (or for this account); retry later."""
-
-    def __init__(self, retry_after: float, *, scope: str = "process") -> None:
-        whose = " for this account" if scope == "account" else ""
-        super().__init__(f"too many tasks are queued{whose}; retry later")
-        self.retry_after = retry_after
-        self.scope = scope
-
-
-class ShuttingDown(Exception):
-    """The process is stopping and takes no new work."""
 
 
 class Dispatcher:

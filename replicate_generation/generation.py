@@ -19,11 +19,11 @@ from replicate_generation.backends import open_limit_store
 from replicate_generation.catalogue import MODELS, ModelSpec
 from replicate_generation.concurrency_manager import ConcurrencyManager, Limits
 from replicate_generation.dispatcher import Dispatcher
+from replicate_generation.errors import GenerationError
 from replicate_generation.model_functions import (
     NO_HOOKS,
     Attempt,
     ClientPool,
-    GenerationError,
     Hooks,
     Job,
     Runtime,

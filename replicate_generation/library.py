@@ -42,11 +42,11 @@ from typing import Any, TypeVar
 from dotenv import dotenv_values, find_dotenv
 
 from replicate_generation.backends import limits_backend, open_limit_store
-from replicate_generation.dispatcher import QueueFull
+from replicate_generation.errors import InvalidRequest, QueueFull, SettingsError
 from replicate_generation.generation import Generator, Task
 from replicate_generation.jobs.runner import JobRunner, Submission
 from replicate_generation.jobs.store import ItemRow, JobRow
-from replicate_generation.model_functions import InvalidRequest, account_key
+from replicate_generation.model_functions import account_key
 from replicate_generation.outputs import (
     IfExists,
     InvalidName,
@@ -64,7 +64,7 @@ from replicate_generation.request_parsing import (
     request_hash,
 )
 from replicate_generation.routing import REFERENCE_KEYS, FallbackChains
-from replicate_generation.settings import Settings, SettingsError
+from replicate_generation.settings import Settings
 
 __all__ = [
     "BatchClient",
@@ -380,7 +380,7 @@ class BatchClient:
 
         With an idempotency key already used by this account (and the same body), the existing
         job comes back instead: nothing is created. Raises InvalidRequest/InvalidName for a bad
-        body, dispatcher.QueueFull when this process has no room.
+        body, QueueFull when this process has no room.
         """
         parsed = parse_batch(body, self.settings.max_batch_size, self.chains)
         submission = Submission(kind="batch", tasks=parsed.tasks, idempotency_key=idempotency_key,

@@ -31,7 +31,14 @@ from replicate.exceptions import ReplicateError
 from replicate_generation import metrics
 from replicate_generation.any_outputs import is_empty, save_any
 from replicate_generation.catalogue import MODELS, ModelSpec, Param
-from replicate_generation.concurrency_manager import ConcurrencyManager, DeadlineExceeded
+from replicate_generation.concurrency_manager import ConcurrencyManager
+from replicate_generation.errors import (
+    DeadlineExceeded,
+    GenerationError,
+    InvalidRequest,
+    Suspended,
+    TokenRejected,
+)
 from replicate_generation.outputs import DownloadError, SavedFile, output_sources, save_outputs
 from replicate_generation.reconcile import (
     Absent,
@@ -62,15 +69,6 @@ MIN_POLL_SECONDS = 0.2
 
 
 # --------------------------------------------------------------------------- validation
-
-
-class InvalidRequest(ValueError):
-    """The caller's input is wrong; `field` names where, `extra` adds keys to the error body."""
-
-    def __init__(self, field: str, message: str, **extra: object) -> None:
-        super().__init__(message)
-        self.field = field
-        self.extra = extra
 
 
 # Set by schemas.resolving for one request: resolves models outside the catalogue, if allowed.
@@ -215,17 +213,6 @@ _CHECKERS: dict[str, Callable[[Param, object, str], None]] = {
 # --------------------------------------------------------------------------- errors
 
 
-class GenerationError(Exception):
-    """A task failed; `kind` says how, the message is safe to show the caller."""
-
-    def __init__(self, kind: str, message: str, *, prediction_id: str | None = None,
-                 upstream_status: int | None = None) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.prediction_id = prediction_id
-        self.upstream_status = upstream_status
-
-
 def account_key(token: str) -> str:
     """Name an account by a hash of its token: limits, stats and logs never hold the token."""
     return "acct_" + hashlib.sha256(token.encode()).hexdigest()[:16]
@@ -297,15 +284,6 @@ class GuardedTransport(httpx.BaseTransport):
 
     def close(self) -> None:
         self._inner.close()
-
-
-class TokenRejected(GenerationError):
-    """Replicate answered 401 to this account's token moments ago: refused without asking again."""
-
-    def __init__(self, retry_after: float) -> None:
-        super().__init__("replicate_unauthorized", "Replicate rejected this API token (401) "
-                         "moments ago; it is not sent again for a while", upstream_status=401)
-        self.retry_after = retry_after
 
 
 # How long an account whose token Replicate answered 401 is refused without asking again.
@@ -472,10 +450,6 @@ class Job:
     def metric_label(self) -> str:
         """The model as metrics name it: non-curated models share one label (bounded series)."""
         return self.spec.id if self.spec.curated else "other"
-
-
-class Suspended(Exception):
-    """The process is stopping: the task was left as it is, for the next start to resume."""
 
 
 def _never() -> bool:

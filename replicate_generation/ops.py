@@ -13,7 +13,7 @@ from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import Forbidden, NotFound, Unauthorized
 
 from replicate_generation import metrics
-from replicate_generation.backends import StoreUnavailable
+from replicate_generation.errors import StoreUnavailable
 from replicate_generation.jobs.runner import JobRunner
 from replicate_generation.openapi import DOCS_ASSETS, build_spec
 from replicate_generation.settings import Settings

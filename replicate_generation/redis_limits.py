@@ -68,8 +68,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from replicate_generation.backends import StoreUnavailable
-
 # The same constants as the SQLite store: both backends must give the same answers.
 from replicate_generation.concurrency_manager import (
     _EPISODE_S,
@@ -88,6 +86,7 @@ from replicate_generation.concurrency_manager import (
     resolve_limit_sources,
     validate_limit,
 )
+from replicate_generation.errors import StoreUnavailable
 
 __all__ = ["RedisLimitStore"]
 

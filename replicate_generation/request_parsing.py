@@ -15,8 +15,9 @@ from typing import Any, cast
 
 from replicate_generation import routing, schemas
 from replicate_generation.catalogue import ModelSpec
+from replicate_generation.errors import ExpandedRequestTooLarge, InvalidRequest
 from replicate_generation.generation import Task
-from replicate_generation.model_functions import InvalidRequest, resolve_model
+from replicate_generation.model_functions import resolve_model
 from replicate_generation.outputs import default_stem, safe_filename
 
 OPTION_KEYS = ("async", "webhook", "dry_run", "fallback", "fallback_on_content_policy",
@@ -177,17 +178,6 @@ def _tasks_mode(body: dict[str, Any], max_items: int, options: Options,
         tasks.append(_task(i, requested, params.pop("prompt"), params, stem, options, chains,
                            f"{where}."))
     return tasks
-
-
-class ExpandedRequestTooLarge(ValueError):
-    """The items' inputs, as they would be sent, add up to more than the server allows."""
-
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"The request expands to {size} bytes of model input across its items "
-                         f"(shared values counted once per item); at most {limit} "
-                         "(MAX_EXPANDED_REQUEST_BYTES)")
-        self.size = size
-        self.limit = limit
 
 
 def check_expanded_size(tasks: list[Task], limit: int) -> None:

@@ -29,7 +29,8 @@ from pathlib import Path
 from types import MappingProxyType
 
 from replicate_generation.catalogue import MODELS, ModelSpec, Param
-from replicate_generation.model_functions import InvalidRequest, build_input, check_value
+from replicate_generation.errors import InvalidRequest
+from replicate_generation.model_functions import build_input, check_value
 from replicate_generation.outputs import SavedFile, save_outputs
 
 __all__ = [

@@ -20,14 +20,13 @@ import httpx
 from replicate.exceptions import ReplicateError
 
 from replicate_generation.catalogue import MODELS, ModelSpec, Param
-from replicate_generation.concurrency_manager import DeadlineExceeded
-from replicate_generation.model_functions import (
-    OTHER_MODELS,
+from replicate_generation.errors import (
+    DeadlineExceeded,
     InvalidRequest,
-    Runtime,
+    SchemaUnavailable,
     TokenRejected,
-    account_key,
 )
+from replicate_generation.model_functions import OTHER_MODELS, Runtime, account_key
 from replicate_generation.model_functions import check_value as check_uri
 
 SCHEMA_TTL_SECONDS = 600.0
@@ -41,15 +40,6 @@ _ALLOWED_ITEM = re.compile(r"[a-z0-9][a-z0-9_.-]*(/[a-z0-9][a-z0-9_.-]*)?")
 _JSON_TYPES: Mapping[str, tuple[type, ...]] = {
     "string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,),
     "array": (list,), "object": (dict,)}
-
-
-class SchemaUnavailable(Exception):
-    """The model's schema could not be fetched: `status` is what the HTTP layer answers."""
-
-    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retry_after = retry_after
 
 
 # --------------------------------------------------------------------------- policy

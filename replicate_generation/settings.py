@@ -9,13 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
+from replicate_generation.errors import SettingsError
+
 DEFAULT_BASE_URL = "https://api.replicate.com"
 
 _T = TypeVar("_T")
-
-
-class SettingsError(ValueError):
-    """A variable has a value the service cannot start with; the message names it."""
 
 
 @dataclass(frozen=True)

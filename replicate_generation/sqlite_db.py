@@ -20,6 +20,8 @@ from urllib.request import pathname2url
 
 from sqlalchemy import URL, Connection, Engine, create_engine, event
 
+from replicate_generation.errors import StoreBusy
+
 log = logging.getLogger(__name__)
 
 # One wait inside SQLite's busy handler; longer locks are retried above it, with jitter.
@@ -31,12 +33,6 @@ STARTUP_PATIENCE_S = 30.0
 RETRY_PAUSE_MAX_S = 0.25
 STORE_BUSY_RETRY_AFTER_S = 2
 _BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
-
-
-class StoreBusy(Exception):
-    """The state file stayed locked by another writer longer than this caller may wait."""
-
-    retry_after = STORE_BUSY_RETRY_AFTER_S
 
 
 _patience = threading.local()

@@ -17,7 +17,8 @@ from conftest import ADMIN, SERVER_TOKEN, USER, USER_TOKEN
 from replicate_generation import schemas
 from replicate_generation.devtools import schema_models
 from replicate_generation.devtools.simulator import Simulator
-from replicate_generation.settings import Settings, SettingsError
+from replicate_generation.errors import SettingsError
+from replicate_generation.settings import Settings
 from test_jobs import submit_async, wait_terminal
 
 SCHNELL = schema_models.FLUX_SCHNELL

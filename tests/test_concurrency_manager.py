@@ -23,12 +23,12 @@ from typing import Any
 
 import pytest
 
-from replicate_generation.backends import StoreUnavailable
 from replicate_generation.concurrency_manager import (
     ConcurrencyManager,
     Limits,
     SQLiteLimitStore,
 )
+from replicate_generation.errors import StoreUnavailable
 from test_limit_store_contract import FakeClock, slot_waiter, wait_until
 
 ACCOUNT = "acct-hash-1"

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from replicate_generation.errors import StoreBusy
 from replicate_generation.jobs import store as store_module
 from replicate_generation.jobs.store import JobStore, NewItem, NewJob
-from replicate_generation.sqlite_db import StoreBusy, patient_writes
+from replicate_generation.sqlite_db import patient_writes
 
 
 def make_job(store: JobStore, job_id: str, origin: str, owner: str, now: float) -> None:

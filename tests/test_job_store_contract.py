@@ -21,11 +21,10 @@ import pytest
 from sqlalchemy import create_engine, exc, text
 
 import pg_server
-from replicate_generation.backends import StoreUnavailable
+from replicate_generation.errors import IdempotencyConflict, StoreUnavailable
 from replicate_generation.jobs.schema import database_url, open_engine
 from replicate_generation.jobs.store import (
     CANCEL_UNCONFIRMED,
-    IdempotencyConflict,
     ItemOutcome,
     JobStore,
     NewItem,

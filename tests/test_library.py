@@ -21,7 +21,8 @@ import requests
 from conftest import ADMIN, SERVER_TOKEN, USER_TOKEN
 from replicate_generation import library as rb
 from replicate_generation.devtools.simulator import Simulator
-from replicate_generation.settings import Settings, SettingsError
+from replicate_generation.errors import SettingsError
+from replicate_generation.settings import Settings
 from servers import ROOT, Gunicorn, service_env, wait_for
 from test_cli import running_on_sim
 

@@ -30,15 +30,14 @@ import redis
 from redis.crc import key_slot
 
 from redis_server import RedisProxy, RedisServer
-from replicate_generation.backends import StoreUnavailable
 from replicate_generation.concurrency_manager import (
     AccountStats,
     ConcurrencyManager,
-    DeadlineExceeded,
     Limits,
     LimitStore,
     SQLiteLimitStore,
 )
+from replicate_generation.errors import DeadlineExceeded, StoreUnavailable
 from replicate_generation.redis_limits import RedisLimitStore
 from shared_backends import missing
 

@@ -6,8 +6,8 @@ import httpx
 import pytest
 
 from replicate_generation.catalogue import MODELS
+from replicate_generation.errors import InvalidRequest
 from replicate_generation.model_functions import (
-    InvalidRequest,
     account_key,
     build_input,
     resolve_model,

@@ -12,7 +12,8 @@ import pytest
 
 from replicate_generation import routing
 from replicate_generation.catalogue import MODELS, ModelSpec
-from replicate_generation.model_functions import InvalidRequest, build_input
+from replicate_generation.errors import InvalidRequest
+from replicate_generation.model_functions import build_input
 from replicate_generation.outputs import DownloadError
 from replicate_generation.routing import (
     FallbackChains,

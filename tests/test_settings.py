@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from replicate_generation.settings import Settings, SettingsError
+from replicate_generation.errors import SettingsError
+from replicate_generation.settings import Settings
 
 
 def test_defaults_match_the_seed() -> None:

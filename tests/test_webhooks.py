@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from replicate_generation.errors import InvalidWebhook
 from replicate_generation.jobs import webhooks
-from replicate_generation.jobs.webhooks import DeliveryResult, InvalidWebhook
+from replicate_generation.jobs.webhooks import DeliveryResult
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "whsec_" + base64.b64encode(b"k" * 8 + bytes(range(24))).decode()

@@ -40,10 +40,12 @@ from typing import IO, Any
 import requests
 
 from replicate_generation.catalogue import ModelSpec
-from replicate_generation.dispatcher import QueueFull, ShuttingDown
-from replicate_generation.jobs.store import ITEM_TERMINAL, IdempotencyConflict
+from replicate_generation.errors import QueueFull, ShuttingDown
+from replicate_generation.jobs.store import ITEM_TERMINAL
+from replicate_generation.errors import IdempotencyConflict
 from replicate_generation.library import BatchClient, load_settings
-from replicate_generation.model_functions import InvalidRequest, resolve_model
+from replicate_generation.model_functions import resolve_model
+from replicate_generation.errors import InvalidRequest
 from replicate_generation.outputs import (
     IF_EXISTS_CHOICES,
     IfExists,
@@ -55,7 +57,8 @@ from replicate_generation.outputs import (
 )
 from replicate_generation.request_parsing import parse_batch
 from replicate_generation.routing import FallbackChains
-from replicate_generation.settings import Settings, SettingsError
+from replicate_generation.settings import Settings
+from replicate_generation.errors import SettingsError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 ACTIVE_JOBS = 2  # jobs in flight at once: the next one is queued while the last items run

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from replicate_generation.backends import StoreUnavailable, job_store_target, jobs_backend
+from replicate_generation.backends import job_store_target, jobs_backend
+from replicate_generation.errors import StoreUnavailable
 from replicate_generation.library import load_settings
-from replicate_generation.settings import SettingsError
+from replicate_generation.errors import SettingsError
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import requests
 
 from replicate_generation.library import global_status, load_settings
-from replicate_generation.settings import SettingsError
+from replicate_generation.errors import SettingsError
 
 HTTP_TIMEOUT = 10.0
 

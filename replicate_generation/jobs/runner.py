@@ -29,13 +29,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from replicate_generation.backends import (
+from replicate_generation.backends import job_store_target, jobs_backend, limits_backend
+from replicate_generation.errors import (
+    GenerationError,
+    InvalidRequest,
+    QueueFull,
+    ShuttingDown,
+    StoreBusy,
     StoreUnavailable,
-    job_store_target,
-    jobs_backend,
-    limits_backend,
+    Suspended,
+    TokenRejected,
 )
-from replicate_generation.dispatcher import QueueFull, ShuttingDown
 from replicate_generation.generation import Generator, Resume, Task, TaskResult, execute
 from replicate_generation.jobs import webhooks
 from replicate_generation.jobs.store import (
@@ -50,11 +54,7 @@ from replicate_generation.jobs.store import (
 from replicate_generation.model_functions import (
     TERMINAL,
     Attempt,
-    GenerationError,
     Hooks,
-    InvalidRequest,
-    Suspended,
-    TokenRejected,
     account_key,
     resolve_model,
 )
@@ -66,7 +66,7 @@ from replicate_generation.observability import (
 from replicate_generation.reconcile import INPUT_RETENTION_SECONDS
 from replicate_generation.request_parsing import check_expanded_size
 from replicate_generation.settings import Settings
-from replicate_generation.sqlite_db import StoreBusy, patient_writes
+from replicate_generation.sqlite_db import patient_writes
 
 log = logging.getLogger(__name__)
 

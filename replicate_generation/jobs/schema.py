@@ -30,7 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.pool import Pool
 
-from replicate_generation.backends import StoreUnavailable
+from replicate_generation.errors import StoreUnavailable
 from replicate_generation.sqlite_db import WRITE_PATIENCE_S, sqlite_engine
 
 Backend = Literal["sqlite", "postgresql"]

@@ -40,7 +40,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from replicate_generation.backends import StoreUnavailable
+from replicate_generation.errors import IdempotencyConflict, StoreBusy, StoreUnavailable
 from replicate_generation.jobs.schema import (
     Backend,
     backend_of,
@@ -57,7 +57,6 @@ from replicate_generation.migrations import migrate as migrate
 from replicate_generation.migrations import upgrade
 from replicate_generation.sqlite_db import (
     WRITE_PATIENCE_S,
-    StoreBusy,
     is_busy,
     probe_file_write,
     sqlite_transaction,
@@ -76,9 +75,6 @@ CANCEL_UNCONFIRMED = "cancel_unconfirmed"
 # Input strings at least this long are stored once per job and referenced from each item's spec.
 SHARED_VALUE_MIN_CHARS = 1024
 _SHARED_REF = "$shared"
-
-class IdempotencyConflict(Exception):
-    """The Idempotency-Key was used before with another request body."""
 
 
 @dataclass(frozen=True)

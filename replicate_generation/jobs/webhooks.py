@@ -44,6 +44,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.util import parse_url
 
 from replicate_generation import metrics
+from replicate_generation.errors import InvalidWebhook
 
 if TYPE_CHECKING:
     from requests.adapters import _HostParams, _PoolKwargs
@@ -81,20 +82,6 @@ Resolver = Callable[[str, int], list[str]]
 
 
 # --------------------------------------------------------------------------- errors
-
-
-class InvalidWebhook(ValueError):
-    """A webhook URL or secret was rejected; the message is safe to show the caller.
-
-    ``field`` names the request field. ``retryable`` is true when the cause may go away by itself
-    (the host did not resolve just now), false when the target is unacceptable.
-    """
-
-    def __init__(self, message: str, *, field: str = "webhook", retryable: bool = False) -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
-        self.retryable = retryable
 
 
 # --------------------------------------------------------------------------- signing

@@ -1,0 +1,120 @@
+"""Every exception that crosses modules: the bottom floor, importing nothing of the package."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Dependency = Literal["redis", "postgresql", "sqlite"]
+
+# A client retrying a down backend sooner than this only adds load.
+UNAVAILABLE_RETRY_AFTER_S = 5
+# A state file locked past a caller's patience frees within seconds.
+STORE_BUSY_RETRY_AFTER_S = 2
+
+
+class SettingsError(ValueError):
+    """A variable has a value the service cannot start with; the message names it."""
+
+
+class InvalidRequest(ValueError):
+    """The caller's input is wrong; `field` names where, `extra` adds keys to the error body."""
+
+    def __init__(self, field: str, message: str, **extra: object) -> None:
+        super().__init__(message)
+        self.field = field
+        self.extra = extra
+
+
+class ExpandedRequestTooLarge(ValueError):
+    """The items' inputs, as they would be sent, add up to more than the server allows."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"The request expands to {size} bytes of model input across its items "
+                         f"(shared values counted once per item); at most {limit} "
+                         "(MAX_EXPANDED_REQUEST_BYTES)")
+        self.size = size
+        self.limit = limit
+
+
+class InvalidWebhook(ValueError):
+    """A webhook URL or secret was rejected; the message is safe to show the caller.
+
+    `retryable` is true when the cause may pass by itself (the host did not resolve just now).
+    """
+
+    def __init__(self, message: str, *, field: str = "webhook", retryable: bool = False) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+        self.retryable = retryable
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before with another request body."""
+
+
+class GenerationError(Exception):
+    """A task failed; `kind` says how, the message is safe to show the caller."""
+
+    def __init__(self, kind: str, message: str, *, prediction_id: str | None = None,
+                 upstream_status: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.prediction_id = prediction_id
+        self.upstream_status = upstream_status
+
+
+class TokenRejected(GenerationError):
+    """Replicate answered 401 to this account's token moments ago: refused without asking again."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("replicate_unauthorized", "Replicate rejected this API token (401) "
+                         "moments ago; it is not sent again for a while", upstream_status=401)
+        self.retry_after = retry_after
+
+
+class SchemaUnavailable(Exception):
+    """The model's schema could not be fetched: `status` is what the HTTP layer answers."""
+
+    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class Suspended(Exception):
+    """The process is stopping: the task was left as it is, for the next start to resume."""
+
+
+class DeadlineExceeded(Exception):
+    """A wait for a slot or a token would pass the caller's deadline."""
+
+
+class QueueFull(Exception):
+    """Too many tasks are waiting in this process (or for this account); retry later."""
+
+    def __init__(self, retry_after: float, *, scope: str = "process") -> None:
+        whose = " for this account" if scope == "account" else ""
+        super().__init__(f"too many tasks are queued{whose}; retry later")
+        self.retry_after = retry_after
+        self.scope = scope
+
+
+class ShuttingDown(Exception):
+    """The process is stopping and takes no new work."""
+
+
+class StoreUnavailable(Exception):
+    """A shared backend could not be reached; the message names it, never its credentials."""
+
+    retry_after = UNAVAILABLE_RETRY_AFTER_S
+
+    def __init__(self, dependency: Dependency, detail: str = "unreachable") -> None:
+        super().__init__(f"{dependency} is unavailable: {detail}")
+        self.dependency = dependency
+
+
+class StoreBusy(Exception):
+    """The state file stayed locked by another writer longer than this caller may wait."""
+
+    retry_after = STORE_BUSY_RETRY_AFTER_S
