@@ -1,8 +1,5 @@
-"""What the shared backends (Redis for limits, PostgreSQL for jobs) raise when they are down.
-
-Callers fail closed on it: nothing is created while a backend is unreachable, HTTP answers 503
-with Retry-After, and work that was waiting keeps its place until the backend is back.
-"""
+"""Which backends the settings pick (SQLite, or Redis for limits and PostgreSQL for jobs), and
+waiting for them at start-up; later outages are met by failing closed (StoreUnavailable)."""
 
 from __future__ import annotations
 
@@ -10,19 +7,17 @@ import logging
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
-from replicate_generation.errors import StoreUnavailable
+from replicate_generation.errors import Dependency, StoreUnavailable
+from replicate_generation.limits.base import Limits, LimitStore
+from replicate_generation.limits.sqlite import SQLiteLimitStore
 
 if TYPE_CHECKING:
-    from replicate_generation.concurrency_manager import LimitStore
     from replicate_generation.settings import Settings
-
-Dependency = Literal["redis", "postgresql", "sqlite"]
 
 log = logging.getLogger(__name__)
 
-UNAVAILABLE_RETRY_AFTER_S = 5
 # How long a starting process waits for Redis and PostgreSQL (compose may start them after us).
 STARTUP_PATIENCE_S = 30.0
 
@@ -35,14 +30,22 @@ def jobs_backend(settings: Settings) -> Dependency:
     return "postgresql" if settings.database_url else "sqlite"
 
 
+def limits_from_settings(settings: Settings) -> Limits:
+    """The limits this process's environment asks for; the manager declares them in the store."""
+    return Limits(
+        max_concurrent=settings.concurrent_limit,
+        requests_per_minute=settings.requests_per_minute,
+        burst=settings.create_burst,
+        polls_per_minute=settings.polls_per_minute,
+    )
+
+
 def open_limit_store(settings: Settings) -> LimitStore:
     """Redis when REDIS_URL is set (limits across hosts), else the host's state file."""
-    from replicate_generation.concurrency_manager import SQLiteLimitStore  # noqa: PLC0415
-    from replicate_generation.generation import build_limits  # noqa: PLC0415
-
-    limits = build_limits(settings)
+    limits = limits_from_settings(settings)
     if settings.redis_url:
-        from replicate_generation.redis_limits import RedisLimitStore  # noqa: PLC0415
+        # Only deployments with REDIS_URL load the Redis client.
+        from replicate_generation.limits.redis import RedisLimitStore  # noqa: PLC0415
 
         return RedisLimitStore(settings.redis_url, limits, lease_ttl=settings.lease_ttl_seconds,
                                key_prefix=settings.redis_key_prefix)

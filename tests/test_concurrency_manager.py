@@ -23,12 +23,10 @@ from typing import Any
 
 import pytest
 
-from replicate_generation.concurrency_manager import (
-    ConcurrencyManager,
-    Limits,
-    SQLiteLimitStore,
-)
+from replicate_generation.concurrency_manager import ConcurrencyManager
 from replicate_generation.errors import StoreUnavailable
+from replicate_generation.limits.base import Limits
+from replicate_generation.limits.sqlite import SQLiteLimitStore
 from test_limit_store_contract import FakeClock, slot_waiter, wait_until
 
 ACCOUNT = "acct-hash-1"
@@ -121,7 +119,8 @@ def test_sqlite_check_reads_the_file_and_close_is_harmless(tmp_path: Path) -> No
 
 OPENER = r"""
 import os, sys, time
-from replicate_generation.concurrency_manager import Limits, SQLiteLimitStore
+from replicate_generation.limits.base import Limits
+from replicate_generation.limits.sqlite import SQLiteLimitStore
 
 db, go = sys.argv[1], sys.argv[2]
 while not os.path.exists(go):  # start together, as gunicorn workers do

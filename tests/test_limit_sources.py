@@ -20,13 +20,10 @@ import requests
 
 from conftest import ADMIN, SERVER_TOKEN
 from replicate_generation import library
-from replicate_generation.concurrency_manager import (
-    ConcurrencyManager,
-    Limits,
-    LimitSource,
-    SQLiteLimitStore,
-)
+from replicate_generation.concurrency_manager import ConcurrencyManager
 from replicate_generation.devtools.simulator import Simulator
+from replicate_generation.limits.base import Limits, LimitSource
+from replicate_generation.limits.sqlite import SQLiteLimitStore
 from replicate_generation.settings import Settings
 from servers import ROOT, Gunicorn, service_env, wait_for
 

@@ -30,15 +30,11 @@ import redis
 from redis.crc import key_slot
 
 from redis_server import RedisProxy, RedisServer
-from replicate_generation.concurrency_manager import (
-    AccountStats,
-    ConcurrencyManager,
-    Limits,
-    LimitStore,
-    SQLiteLimitStore,
-)
+from replicate_generation.concurrency_manager import ConcurrencyManager
 from replicate_generation.errors import DeadlineExceeded, StoreUnavailable
-from replicate_generation.redis_limits import RedisLimitStore
+from replicate_generation.limits.base import AccountStats, Limits, LimitStore
+from replicate_generation.limits.redis import RedisLimitStore
+from replicate_generation.limits.sqlite import SQLiteLimitStore
 from shared_backends import missing
 
 ACCOUNT = "acct-hash-1"
@@ -852,8 +848,10 @@ def test_shutdown_releases_leases_and_refuses_new_work(make_store: StoreFactory)
 
 WORKER = r"""
 import sys, threading, time, random
-from replicate_generation.concurrency_manager import ConcurrencyManager, Limits, SQLiteLimitStore
-from replicate_generation.redis_limits import RedisLimitStore
+from replicate_generation.concurrency_manager import ConcurrencyManager
+from replicate_generation.limits.base import Limits
+from replicate_generation.limits.sqlite import SQLiteLimitStore
+from replicate_generation.limits.redis import RedisLimitStore
 
 backend, target, prefix, out, mode, ttl = sys.argv[1:7]
 if backend == "sqlite":

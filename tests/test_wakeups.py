@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from replicate_generation.host_wakeups import HostWakeups, wakeup_directory
-from replicate_generation.release_count import ReleaseCount
+from replicate_generation.limits.release_count import ReleaseCount
+from replicate_generation.limits.wakeups import HostWakeups, wakeup_directory
 
 
 class Counter:

@@ -1,43 +1,7 @@
-"""LimitStore on Redis: the same leases, FIFO tickets, GCRA and limits as SQLiteLimitStore, shared
-by every host that points at one Redis.
+"""LimitStore on Redis: the SQLite store's leases, FIFO tickets, GCRA and limits, across hosts.
 
-Every operation is one Lua script (atomic, no lock held by a client) that reads Redis's own clock
-(``TIME``), so hosts with skewed clocks still agree. A ``clock`` given to the constructor (tests
-only) replaces it: its value travels as an argument.
-
-Keys. Everything of one account shares the hash tag ``{<account>}`` and every script touches the
-keys of one slot only, so Redis Cluster works; the shared limits (overrides, declarations, the set
-of active accounts) live under ``{limits}``. A per-account operation that needs the effective
-limits reads them first with a separate script on the ``{limits}`` slot::
-
-    <prefix>:{limits}:overrides      hash   field -> "value set_at"
-    <prefix>:{limits}:declarations   hash   instance -> "mc rpm burst ppm expires"
-    <prefix>:{limits}:accounts       zset   account -> last use (stats(None), pruned lazily)
-    <prefix>:{<account>}:leases      zset   lease id -> expiry
-    <prefix>:{<account>}:released    zset   lease id -> when purged or released (tombstones)
-    <prefix>:{<account>}:queue       zset   ticket -> sequence number (FIFO)
-    <prefix>:{<account>}:tickets     zset   ticket -> expiry
-    <prefix>:{<account>}:seq         string the ticket sequence (INCR)
-    <prefix>:{<account>}:rate        hash   tat:create, tat:poll, backoff, learned, cut_at
-    <prefix>:{<account>}:creates     zset   op id -> use time (creates_last_minute)
-    <prefix>:{<account>}:op:<op id>  string a result kept briefly, so a retried call spends nothing
-
-Safe to run twice. redis-py resends a command whose answer was lost; ``try_acquire`` derives the
-lease id from the ticket and returns that lease if it exists, and ``reserve``/``create_accepted``
-carry an op id whose stored result a second run returns. The other operations are idempotent.
-
-Persistence. Run Redis with ``appendonly yes`` and ``appendfsync everysec``. If a restart loses
-data anyway (no AOF, or the last second of it), holders re-register: ``renew`` re-adds a lease it
-does not find unless that lease was purged or released (tombstones, kept ``_TOMBSTONE_TTLS`` ttls;
-lost with the data, so after a loss every live lease comes back). Until each holder's next
-heartbeat an account can be over-admitted by the leases not yet re-registered; waiters simply
-re-enqueue on their next poll. An outage longer than a lease's ttl lets the first waiter after it
-purge leases whose holders have not renewed yet; the manager beats every second during an outage
-to keep that window short.
-
-Failures. Connection errors, timeouts, a loading or read-only server raise
-``StoreUnavailable("redis", ...)``: callers fail closed. No message carries the URL (it may hold
-a password).
+Each operation is one Lua script (lua/) on Redis's own clock, safe to run twice (a resent command
+spends nothing more). An unreachable, loading or read-only Redis raises StoreUnavailable.
 """
 
 from __future__ import annotations
@@ -49,6 +13,7 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from importlib import resources
 from typing import Any, ParamSpec, TypeVar
 
 import redis
@@ -68,15 +33,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-# The same constants as the SQLite store: both backends must give the same answers.
-from replicate_generation.concurrency_manager import (
-    _EPISODE_S,
-    _LIMIT_RANGES,
-    _MAX_BACKOFF_S,
-    _MIN_RATE_STEP,
-    _RATE_CUT,
-    _RATE_STEP,
-    _WINDOW_S,
+from replicate_generation.errors import StoreUnavailable
+from replicate_generation.limits.base import (
+    EPISODE_S,
+    LIMIT_RANGES,
+    MAX_BACKOFF_S,
+    MIN_RATE_STEP,
+    RATE_CUT,
+    RATE_STEP,
+    WINDOW_S,
     AccountStats,
     Kind,
     Limits,
@@ -86,7 +51,6 @@ from replicate_generation.concurrency_manager import (
     resolve_limit_sources,
     validate_limit,
 )
-from replicate_generation.errors import StoreUnavailable
 
 __all__ = ["RedisLimitStore"]
 
@@ -118,222 +82,17 @@ _TRANSIENT_PREFIXES = {"BUSY": "busy running a script", "NOREPLICAS": "not enoug
 P = ParamSpec("P")
 R = TypeVar("R")
 
-# Shared by every script: the clock, and numbers printed with full precision (Lua's tostring
-# keeps 14 digits, not enough for a Unix time with sub-millisecond steps).
-_PRELUDE = """
-local function clock(arg)
-  if arg ~= '' then return tonumber(arg) end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-local function num(x) return string.format('%.17g', x) end
--- Tombstones: a purged or released lease must never be revived by a late renew.
-local function bury(key, ids, now, keep)
-  for _, id in ipairs(ids) do redis.call('ZADD', key, now, id) end
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', num(now - keep))
-  if #ids > 0 then redis.call('PEXPIRE', key, math.ceil(keep * 1000)) end
-end
-"""
 
-# KEYS: overrides, declarations, accounts. ARGV: now, own instance or '', account to mark or ''.
-# Returns the overrides (flat field, "value set_at") and the other live declarations.
-_LIMITS_LUA = _PRELUDE + """
-local now = clock(ARGV[1])
-if ARGV[3] ~= '' then redis.call('ZADD', KEYS[3], now, ARGV[3]) end
-local declared = {}
-local all = redis.call('HGETALL', KEYS[2])
-for i = 1, #all, 2 do
-  local expires = tonumber(string.match(all[i + 1], '(%S+)$'))
-  if all[i] ~= ARGV[2] and expires > now then table.insert(declared, all[i + 1]) end
-end
-return {redis.call('HGETALL', KEYS[1]), declared}
-"""
+_SCRIPT_NAMES = ("limits", "declare", "override", "acquire", "renew", "release", "leave", "reserve",
+                 "backoff", "accepted", "backoff_left", "stats", "mark", "prune")
 
-# KEYS: declarations. ARGV: now, ttl, instance, "mc rpm burst ppm".
-_DECLARE_LUA = _PRELUDE + """
-local now = clock(ARGV[1])
-local all = redis.call('HGETALL', KEYS[1])
-for i = 1, #all, 2 do  -- purged by the living processes' heartbeats: no reaper to fail
-  local expires = tonumber(string.match(all[i + 1], '(%S+)$'))
-  if expires <= now then redis.call('HDEL', KEYS[1], all[i]) end
-end
-redis.call('HSET', KEYS[1], ARGV[3], ARGV[4] .. ' ' .. num(now + tonumber(ARGV[2])))
-"""
 
-# KEYS: overrides. ARGV: now, then field, value ('' clears) pairs.
-_OVERRIDE_LUA = _PRELUDE + """
-local now = clock(ARGV[1])
-for i = 2, #ARGV, 2 do
-  if ARGV[i + 1] == '' then redis.call('HDEL', KEYS[1], ARGV[i])
-  else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1] .. ' ' .. num(now)) end
-end
-"""
+def _lua(name: str) -> str:
+    return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
 
-# KEYS: leases, released, queue, tickets, seq. ARGV: now, ttl, max_concurrent, ticket, lease id,
-# tombstone keep. Returns the lease id, or nil while the caller must wait.
-_ACQUIRE_LUA = _PRELUDE + """
-local now, ttl, limit = clock(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local ticket, lease = ARGV[4], ARGV[5]
--- Purged inside the granting script: a dead holder's slot is back within ttl, no reaper.
-bury(KEYS[2], redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', num(now)), now, tonumber(ARGV[6]))
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', num(now))
-for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', num(now))) do
-  redis.call('ZREM', KEYS[3], gone)
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', num(now))
-if redis.call('ZSCORE', KEYS[1], lease) then return lease end  -- a resent call that already won
-local seq = redis.call('ZSCORE', KEYS[3], ticket)
-if not seq then
-  seq = redis.call('INCR', KEYS[5])
-  redis.call('ZADD', KEYS[3], seq, ticket)
-end
-redis.call('ZADD', KEYS[4], now + ttl, ticket)
-local free = limit - redis.call('ZCARD', KEYS[1])
-local ahead = redis.call('ZCOUNT', KEYS[3], '-inf', '(' .. seq)
--- FIFO: only the first `free` may enter (free <= 0: a lowered limit drains first); else the rank.
-if ahead >= free then return ahead - free + 1 end
-redis.call('ZREM', KEYS[3], ticket)
-redis.call('ZREM', KEYS[4], ticket)
-redis.call('ZREM', KEYS[2], lease)
-redis.call('ZADD', KEYS[1], now + ttl, lease)
-return lease
-"""
 
-# KEYS: leases, released, tickets. ARGV: now, ttl, number of leases, lease ids..., tickets...
-_RENEW_LUA = _PRELUDE + """
-local now, n = clock(ARGV[1]), tonumber(ARGV[3])
-local expires = now + tonumber(ARGV[2])
-for i = 4, 3 + n do
-  -- Missing but never purged or released: lost with Redis's data, so it is re-registered.
-  -- Expired but not purged yet: revived, as nobody was granted its slot (grants purge first).
-  if redis.call('ZSCORE', KEYS[1], ARGV[i]) or not redis.call('ZSCORE', KEYS[2], ARGV[i]) then
-    redis.call('ZADD', KEYS[1], expires, ARGV[i])
-  end
-end
-for i = 4 + n, #ARGV do redis.call('ZADD', KEYS[3], 'XX', expires, ARGV[i]) end
-"""
-
-# KEYS: leases, released. ARGV: now, lease id, tombstone keep.
-_RELEASE_LUA = _PRELUDE + """
-local now = clock(ARGV[1])
-redis.call('ZREM', KEYS[1], ARGV[2])
-bury(KEYS[2], {ARGV[2]}, now, tonumber(ARGV[3]))
-redis.call('PUBLISH', ARGV[4], '')  -- the next in line, in any process, may enter now
-"""
-
-# KEYS: queue, tickets, leases, released. ARGV: now, ticket, its lease id, tombstone keep.
-_LEAVE_LUA = _PRELUDE + """
-redis.call('ZREM', KEYS[1], ARGV[2])
-redis.call('ZREM', KEYS[2], ARGV[2])
--- A grant whose answer was lost: the caller never learned of the lease, so it goes too.
-if redis.call('ZREM', KEYS[3], ARGV[3]) == 1 then
-  bury(KEYS[4], {ARGV[3]}, clock(ARGV[1]), tonumber(ARGV[4]))
-end
-redis.call('PUBLISH', ARGV[5], '')  -- those behind it moved up
-"""
-
-# KEYS: rate, creates, op. ARGV: now, kind, rpm, burst, ppm, max_wait, op id, op ttl (ms).
-# Returns the wait before the token may be used (too long: nothing spent).
-_RESERVE_LUA = _PRELUDE + """
-local done = redis.call('GET', KEYS[3])
-if done then return done end  -- a resent call: the first run already answered
-local now, kind = clock(ARGV[1]), ARGV[2]
-local rpm, burst, rate = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-if kind == 'create' then
-  rate = rpm
-  local learned = tonumber(redis.call('HGET', KEYS[1], 'learned'))
-  if learned and learned < rpm then rate, burst = learned, 1 end  -- learning: no burst
-end
-local interval = 60 / rate
--- During a shared back-off "now" is its end, so tokens taken during it stay spaced after it.
-local arrival = math.max(now, tonumber(redis.call('HGET', KEYS[1], 'backoff')) or 0)
-local tat = tonumber(redis.call('HGET', KEYS[1], 'tat:' .. kind)) or arrival
-local use_at = math.max(arrival, tat - (burst - 1) * interval)
-if use_at - now <= tonumber(ARGV[6]) then
-  redis.call('HSET', KEYS[1], 'tat:' .. kind, math.max(tat, arrival) + interval)
-  if kind == 'create' then  -- logged at its use time: what Replicate will see
-    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', num(now - 60))
-    redis.call('ZADD', KEYS[2], use_at, ARGV[7])
-  end
-end
-local wait = num(use_at - now)
-redis.call('SET', KEYS[3], wait, 'PX', ARGV[8])
-return wait
-"""
-
-# KEYS: rate. ARGV: now, seconds, rpm, episode, cut.
-_BACKOFF_LUA = _PRELUDE + """
-local now, seconds, rpm = clock(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local until_ = math.max(tonumber(redis.call('HGET', KEYS[1], 'backoff')) or 0, now + seconds)
-redis.call('HSET', KEYS[1], 'backoff', until_)
-local tat = math.max(tonumber(redis.call('HGET', KEYS[1], 'tat:create')) or until_, until_)
-local learned = tonumber(redis.call('HGET', KEYS[1], 'learned'))
-local cut_at = tonumber(redis.call('HGET', KEYS[1], 'cut_at'))
--- 429s closer together than the episode are one: one cut; then the schedule restarts.
-if not learned or now - cut_at >= math.max(seconds, tonumber(ARGV[4])) then
-  local current = math.min(learned or rpm, rpm)
-  redis.call('HSET', KEYS[1], 'learned', math.max(1, current * tonumber(ARGV[5])), 'cut_at', now)
-  tat = until_
-end
-redis.call('HSET', KEYS[1], 'tat:create', tat)
-"""
-
-# KEYS: rate, op. ARGV: rpm, step, min step, op ttl (ms).
-_ACCEPTED_LUA = """
-if redis.call('GET', KEYS[2]) then return 0 end  -- a resent call: counted once
-local learned = tonumber(redis.call('HGET', KEYS[1], 'learned'))
-if learned then
-  learned = learned + math.max(tonumber(ARGV[3]), learned * tonumber(ARGV[2]))
-  if learned >= tonumber(ARGV[1]) then redis.call('HDEL', KEYS[1], 'learned', 'cut_at')
-  else redis.call('HSET', KEYS[1], 'learned', learned) end
-end
-redis.call('SET', KEYS[2], '1', 'PX', ARGV[4])
-return 1
-"""
-
-# KEYS: rate. ARGV: now.
-_BACKOFF_LEFT_LUA = _PRELUDE + """
-local until_ = tonumber(redis.call('HGET', KEYS[1], 'backoff')) or 0
-return num(math.max(0, until_ - clock(ARGV[1])))
-"""
-
-# KEYS: leases, tickets, creates, rate. ARGV: now.
-# Returns in_flight, waiting, creates_last_minute, backoff_remaining, active (0/1).
-_STATS_LUA = _PRELUDE + """
-local now = clock(ARGV[1])
-local live, since = '(' .. num(now), '(' .. num(now - 60)
-local in_flight = redis.call('ZCOUNT', KEYS[1], live, '+inf')
-local waiting = redis.call('ZCOUNT', KEYS[2], live, '+inf')
-local creates = redis.call('ZCOUNT', KEYS[3], since, num(now))
-local pending = redis.call('ZCOUNT', KEYS[3], since, '+inf')
-local backoff = math.max(0, (tonumber(redis.call('HGET', KEYS[4], 'backoff')) or 0) - now)
-local active = in_flight + waiting + pending > 0 or backoff > 0
-return {in_flight, waiting, creates, num(backoff), active and 1 or 0}
-"""
-
-# KEYS: accounts. ARGV: now, then accounts.
-_MARK_LUA = _PRELUDE + """
-local now = clock(ARGV[1])
-for i = 2, #ARGV do redis.call('ZADD', KEYS[1], now, ARGV[i]) end
-"""
-
-# KEYS: accounts. ARGV: now, idle seconds, then accounts found inactive.
-_PRUNE_LUA = _PRELUDE + """
-local idle_since = clock(ARGV[1]) - tonumber(ARGV[2])
-for i = 3, #ARGV do
-  local seen = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[i]))
-  -- Only if not used since: a concurrent use re-marked it and keeps it listed.
-  if seen and seen < idle_since then redis.call('ZREM', KEYS[1], ARGV[i]) end
-end
-"""
-
-_SCRIPTS = {
-    "limits": _LIMITS_LUA, "declare": _DECLARE_LUA, "override": _OVERRIDE_LUA,
-    "acquire": _ACQUIRE_LUA, "renew": _RENEW_LUA, "release": _RELEASE_LUA, "leave": _LEAVE_LUA,
-    "reserve": _RESERVE_LUA, "backoff": _BACKOFF_LUA, "accepted": _ACCEPTED_LUA,
-    "backoff_left": _BACKOFF_LEFT_LUA, "stats": _STATS_LUA, "mark": _MARK_LUA,
-    "prune": _PRUNE_LUA,
-}
+# Every script starts with the shared prelude: the clock and full-precision numbers.
+_SCRIPTS = {name: _lua("prelude") + _lua(name) for name in _SCRIPT_NAMES}
 
 
 def _unavailable_reason(exc: RedisError) -> str | None:
@@ -384,14 +143,14 @@ def _lease_account(lease_id: str) -> str | None:
 
 
 def _declaration(limits: Limits) -> str:
-    return " ".join(str(getattr(limits, name)) for name in _LIMIT_RANGES)
+    return " ".join(str(getattr(limits, name)) for name in LIMIT_RANGES)
 
 
 def _declared_ranges(values: Sequence[str]) -> dict[str, tuple[int, int]]:
     """(min, max) per field over declarations "mc rpm burst ppm expires"."""
     ranges: dict[str, tuple[int, int]] = {}
     for value in values:
-        for name, field in zip(_LIMIT_RANGES, value.split()[:len(_LIMIT_RANGES)], strict=True):
+        for name, field in zip(LIMIT_RANGES, value.split()[:len(LIMIT_RANGES)], strict=True):
             low, high = ranges.get(name, (int(field), int(field)))
             ranges[name] = (min(low, int(field)), max(high, int(field)))
     return ranges
@@ -400,10 +159,31 @@ def _declared_ranges(values: Sequence[str]) -> dict[str, tuple[int, int]]:
 def _overrides(flat: Sequence[str]) -> dict[str, tuple[int, float]]:
     overrides: dict[str, tuple[int, float]] = {}
     for name, stored in zip(flat[::2], flat[1::2], strict=True):
-        if name in _LIMIT_RANGES:
+        if name in LIMIT_RANGES:
             value, set_at = stored.split()
             overrides[name] = (int(value), float(set_at))
     return overrides
+
+
+class KeyNames:
+    """Key names: one hash tag per account, so every script touches one Cluster slot.
+
+    {limits}: overrides, declarations, accounts (last use). {<account>}: leases, released
+    (tombstones: a late renew never revives them), queue, tickets, seq, rate, creates, op:<id>.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self._prefix = prefix
+        self.releases = f"{prefix}:releases"
+
+    def shared(self, name: str) -> str:
+        return f"{self._prefix}:{{limits}}:{name}"
+
+    def one(self, account: str, name: str) -> str:
+        return f"{self._prefix}:{{{account}}}:{name}"
+
+    def of(self, account: str, *names: str) -> list[str]:
+        return [self.one(account, name) for name in names]
 
 
 class RedisLimitStore:
@@ -432,7 +212,7 @@ class RedisLimitStore:
         self._defaults = default_limits
         self._ttl = float(lease_ttl)
         self._clock = clock
-        self._prefix = key_prefix
+        self._names = KeyNames(key_prefix)
         self._own: tuple[str, int] | None = None  # see SQLiteLimitStore._own
         # Tickets this process enqueued: renew and leave_queue get only the ticket.
         self._tickets: dict[str, str] = {}
@@ -446,15 +226,6 @@ class RedisLimitStore:
         return self._ttl
 
     # -- keys, clock -------------------------------------------------------------
-
-    def _shared(self, name: str) -> str:
-        return f"{self._prefix}:{{limits}}:{name}"
-
-    def _key(self, account: str, name: str) -> str:
-        return f"{self._prefix}:{{{account}}}:{name}"
-
-    def _keys(self, account: str, *names: str) -> list[str]:
-        return [self._key(account, name) for name in names]
 
     def _now(self) -> str:
         """The scripts' clock argument: '' means Redis's own TIME."""
@@ -484,11 +255,8 @@ class RedisLimitStore:
         """Call ``callback`` whenever any process releases a slot or leaves a queue."""
         if self._listener is None or not self._listener.alive_here():
             # Threads do not survive fork: a child listens on its own.
-            self._listener = ReleaseListener(self._redis, self._channel())
+            self._listener = ReleaseListener(self._redis, self._names.releases)
         self._listener.add(callback)
-
-    def _channel(self) -> str:
-        return f"{self._prefix}:releases"
 
     # -- limits: overrides and declarations ------------------------------------------
 
@@ -500,7 +268,7 @@ class RedisLimitStore:
     def _sources(self, mark: str | None = None) -> dict[str, LimitSource]:
         """The effective limits; ``mark`` records that account as active (stats(None))."""
         own = self._own_instance()
-        keys = [self._shared(name) for name in ("overrides", "declarations", "accounts")]
+        keys = [self._names.shared(name) for name in ("overrides", "declarations", "accounts")]
         overrides, declared = self._run("limits", keys=keys,
                                         args=[self._now(), own or "", mark or ""])
         ranges, count = _declared_ranges(declared), len(declared)
@@ -521,7 +289,7 @@ class RedisLimitStore:
 
     def set_limits(self, limits: Limits) -> None:
         limits.validate()
-        self.set_overrides({name: getattr(limits, name) for name in _LIMIT_RANGES})
+        self.set_overrides({name: getattr(limits, name) for name in LIMIT_RANGES})
 
     @_fail_closed
     def set_overrides(self, changes: Mapping[str, int | None]) -> None:
@@ -532,23 +300,24 @@ class RedisLimitStore:
         pairs = [part for name, value in changes.items()
                  for part in (name, "" if value is None else str(value))]
         if pairs:
-            self._run("override", keys=[self._shared("overrides")], args=[self._now(), *pairs])
+            self._run("override", keys=[self._names.shared("overrides")],
+                      args=[self._now(), *pairs])
 
     @_fail_closed
     def clear_overrides(self) -> None:
-        self._redis.delete(self._shared("overrides"))
+        self._redis.delete(self._names.shared("overrides"))
 
     @_fail_closed
     def declare(self, instance: str) -> None:
         self._own = (instance, os.getpid())  # counts locally even if this write fails
-        self._run("declare", keys=[self._shared("declarations")],
+        self._run("declare", keys=[self._names.shared("declarations")],
                   args=[self._now(), self._ttl, instance, _declaration(self._defaults)])
 
     @_fail_closed
     def withdraw(self, instance: str) -> None:
         if self._own is not None and self._own[0] == instance:
             self._own = None
-        self._redis.hdel(self._shared("declarations"), instance)
+        self._redis.hdel(self._names.shared("declarations"), instance)
 
     # -- leases and tickets ------------------------------------------------------
 
@@ -562,7 +331,8 @@ class RedisLimitStore:
             self._tickets[ticket] = account
         limit = self._limits(mark=account).max_concurrent
         lease = self._run(
-            "acquire", keys=self._keys(account, "leases", "released", "queue", "tickets", "seq"),
+            "acquire",
+            keys=self._names.of(account, "leases", "released", "queue", "tickets", "seq"),
             args=[self._now(), self._ttl, limit, ticket, f"{account}|{ticket}", self._keep()])
         if isinstance(lease, int):
             return None, lease
@@ -584,9 +354,9 @@ class RedisLimitStore:
         if not work:
             return
         # After a data loss the holders' accounts must be listed by stats(None) again.
-        self._run("mark", keys=[self._shared("accounts")], args=[self._now(), *work])
+        self._run("mark", keys=[self._names.shared("accounts")], args=[self._now(), *work])
         for account, (leases, tickets) in work.items():
-            self._run("renew", keys=self._keys(account, "leases", "released", "tickets"),
+            self._run("renew", keys=self._names.of(account, "leases", "released", "tickets"),
                       args=[self._now(), self._ttl, len(leases), *leases, *tickets])
 
     @_fail_closed
@@ -594,8 +364,8 @@ class RedisLimitStore:
         account = _lease_account(lease_id)
         if account is None:
             return  # not one of ours: nothing holds it
-        self._run("release", keys=self._keys(account, "leases", "released"),
-                  args=[self._now(), lease_id, self._keep(), self._channel()])
+        self._run("release", keys=self._names.of(account, "leases", "released"),
+                  args=[self._now(), lease_id, self._keep(), self._names.releases])
 
     @_fail_closed
     def leave_queue(self, ticket: str) -> None:
@@ -603,9 +373,9 @@ class RedisLimitStore:
             account = self._tickets.pop(ticket, None)
         if account is None:
             return  # never enqueued here, or already granted
-        self._run("leave", keys=self._keys(account, "queue", "tickets", "leases", "released"),
+        self._run("leave", keys=self._names.of(account, "queue", "tickets", "leases", "released"),
                   args=[self._now(), ticket, f"{account}|{ticket}", self._keep(),
-                        self._channel()])
+                        self._names.releases])
 
     # -- rate (GCRA) and back-off --------------------------------------------------
 
@@ -617,7 +387,7 @@ class RedisLimitStore:
         limits = self._limits(mark=account)
         op = uuid.uuid4().hex
         wait = self._run(
-            "reserve", keys=self._keys(account, "rate", "creates", f"op:{op}"),
+            "reserve", keys=self._names.of(account, "rate", "creates", f"op:{op}"),
             args=[self._now(), kind, limits.requests_per_minute, limits.burst,
                   limits.polls_per_minute, repr(min(max_wait, 1e300)), op, _OP_TTL_MS])
         return float(wait)
@@ -628,25 +398,25 @@ class RedisLimitStore:
             raise ValueError(f"back-off seconds must be >= 0, got {seconds!r}")
         _check_account(account)
         limit = self._limits(mark=account).requests_per_minute
-        self._run("backoff", keys=self._keys(account, "rate"),
-                  args=[self._now(), min(seconds, _MAX_BACKOFF_S), limit, _EPISODE_S, _RATE_CUT])
+        self._run("backoff", keys=self._names.of(account, "rate"),
+                  args=[self._now(), min(seconds, MAX_BACKOFF_S), limit, EPISODE_S, RATE_CUT])
 
     @_fail_closed
     def create_accepted(self, account: str) -> None:
         _check_account(account)
         limit = self._limits(mark=account).requests_per_minute
         op = uuid.uuid4().hex
-        self._run("accepted", keys=self._keys(account, "rate", f"op:{op}"),
-                  args=[limit, _RATE_STEP, _MIN_RATE_STEP, _OP_TTL_MS])
+        self._run("accepted", keys=self._names.of(account, "rate", f"op:{op}"),
+                  args=[limit, RATE_STEP, MIN_RATE_STEP, _OP_TTL_MS])
 
     @_fail_closed
     def last_cut(self, account: str) -> float:
-        cut_at = self._redis.hget(self._key(account, "rate"), "cut_at")
+        cut_at = self._redis.hget(self._names.one(account, "rate"), "cut_at")
         return float(cut_at) if cut_at is not None else 0.0
 
     @_fail_closed
     def backoff_remaining(self, account: str) -> float:
-        left = self._run("backoff_left", keys=self._keys(account, "rate"), args=[self._now()])
+        left = self._run("backoff_left", keys=self._names.of(account, "rate"), args=[self._now()])
         return float(left)
 
     # -- observability ---------------------------------------------------------
@@ -655,17 +425,18 @@ class RedisLimitStore:
     def stats(self, account: str | None = None) -> list[AccountStats]:
         if account is not None:
             return [self._account_stats(account)[0]]
-        accounts = sorted(str(name) for name in self._redis.zrange(self._shared("accounts"), 0, -1))
+        listed = self._redis.zrange(self._names.shared("accounts"), 0, -1)
+        accounts = sorted(str(name) for name in listed)
         found = [self._account_stats(name) for name in accounts]
         idle = [stats.account for stats, active in found if not active]
         if idle:
-            self._run("prune", keys=[self._shared("accounts")],
-                      args=[self._now(), max(self._ttl, _WINDOW_S), *idle])
+            self._run("prune", keys=[self._names.shared("accounts")],
+                      args=[self._now(), max(self._ttl, WINDOW_S), *idle])
         return [stats for stats, active in found if active]
 
     def _account_stats(self, account: str) -> tuple[AccountStats, bool]:
         in_flight, waiting, creates, backoff, active = self._run(
-            "stats", keys=self._keys(account, "leases", "tickets", "creates", "rate"),
+            "stats", keys=self._names.of(account, "leases", "tickets", "creates", "rate"),
             args=[self._now()])
         stats = AccountStats(account, int(in_flight), int(waiting), int(creates), float(backoff))
         return stats, bool(int(active))
