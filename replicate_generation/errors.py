@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+from pathlib import Path
 from typing import Literal
 
 Dependency = Literal["redis", "postgresql", "sqlite"]
@@ -118,3 +120,24 @@ class StoreBusy(Exception):
     """The state file stayed locked by another writer longer than this caller may wait."""
 
     retry_after = STORE_BUSY_RETRY_AFTER_S
+
+
+class InvalidName(ValueError):
+    """A caller-supplied file name was rejected; `field` names the request field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+class OutputExists(FileExistsError):
+    """An output's name is taken by `path` and the caller did not ask to rename or replace."""
+
+    def __init__(self, path: Path, message: str) -> None:
+        super().__init__(errno.EEXIST, message, str(path))
+        self.path = path
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

@@ -22,9 +22,9 @@ from urllib.parse import parse_qs
 import pytest
 from werkzeug.serving import WSGIRequestHandler, make_server
 
+from replicate_generation.errors import InvalidName
 from replicate_generation.outputs import (
     DownloadError,
-    InvalidName,
     SavedFile,
     default_stem,
     output_sources,

@@ -16,7 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from replicate_generation.outputs import SavedFile, save_outputs
+from replicate_generation.outputs.base import SavedFile
+from replicate_generation.outputs.saving import save_outputs
 
 _FILE_PREFIXES = ("http://", "https://", "data:")
 _TEXT_TYPES = {".txt": "text/plain; charset=utf-8", ".json": "application/json"}

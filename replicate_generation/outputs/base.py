@@ -1,0 +1,41 @@
+"""What the rest of the service sees of a saved output: `SavedFile`, and `DownloadError`, which
+carries the files a failed call did save (paid for, so still reported)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class SavedFile:
+    """One output written to disk."""
+
+    path: Path
+    relative: str
+    size: int
+    content_type: str
+
+
+class DownloadError(Exception):
+    """An output could not be fetched or written; the message is safe to show a caller.
+
+    ``saved`` lists the outputs of the same call that were written before or after the
+    failure: they are paid for, so the caller can still report them.
+    """
+
+    def __init__(self, message: str, *, saved: Sequence[SavedFile] = ()) -> None:
+        super().__init__(message)
+        self.saved: tuple[SavedFile, ...] = tuple(saved)
+
+
+@contextmanager
+def file_errors(what: str) -> Iterator[None]:
+    """Make an OSError a DownloadError; strerror, unlike str(exc), has no path."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise DownloadError(f"could not write {what}: {reason}") from None
