@@ -25,7 +25,6 @@ import replicate
 from replicate.exceptions import ModelError, ReplicateError
 from replicate.helpers import FileOutput
 
-from replicate_generation.devtools import pictures, video
 from replicate_generation.devtools.simulator import (
     CLOUDFLARE_502_HTML,
     ERROR_OOM,
@@ -39,8 +38,10 @@ from replicate_generation.devtools.simulator import (
     output_bytes,
     parse_iso8601,
     parse_prefer_wait,
+    pictures,
     run_seconds_for,
     token_hash,
+    video,
 )
 
 TOKEN = "r8_sim_test_token_one"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 
-from replicate_generation.devtools.pictures import colour_of, size_for
+from replicate_generation.devtools.simulator.pictures import colour_of, size_for
 
 DURATION_MS = 1000
 
