@@ -1,7 +1,7 @@
 """Root entry: `gunicorn 'app:create_app()'` from a checkout, and `python app.py` serves."""
 
 from replicate_generation.app import create_app
-from replicate_generation.cli.serve import serve
+from replicate_generation.launch import serve
 
 __all__ = ["create_app"]
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import requests
 
-from replicate_generation.cli.serve import gunicorn_argv
+from replicate_generation.launch import gunicorn_argv
 from replicate_generation.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,7 +21,7 @@ from conftest import ADMIN, ADMIN_KEY, SERVER_TOKEN
 from replicate_generation.devtools.simulator import Simulator
 from replicate_generation.jobs.store import JobStore
 from replicate_generation.settings import Settings
-from servers import ROOT, Gunicorn, service_env, wait_for
+from servers import ROOT, Gunicorn, free_port, service_env, wait_for
 from shared_backends import REDIS_URL, postgres_database, redis_prefix
 
 CLI = ["-m", "replicate_generation"]
@@ -306,3 +306,26 @@ def test_migrate_brings_a_sqlite_state_file_and_a_postgresql_database_to_the_hea
         with psycopg.connect(database) as conn:
             row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
         assert row == ("0002_job_fence",)
+
+
+def test_the_simulator_command_takes_its_options_as_the_readme_writes_them(
+        tmp_path: Path) -> None:
+    port = free_port()
+    log = (tmp_path / "simulator.log").open("wb")
+    proc = subprocess.Popen(  # the README's `replicate-generation simulator --port 5055`
+        [sys.executable, *CLI, "simulator", "--port", str(port), "--run-seconds", "0.1"],
+        cwd=tmp_path, env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT)},
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def answers() -> bool:
+            try:
+                return requests.get(f"http://127.0.0.1:{port}/_sim/stats", timeout=1).ok
+            except requests.ConnectionError:
+                assert proc.poll() is None, (tmp_path / "simulator.log").read_text()
+                return False
+
+        wait_for(answers, 20, "the simulator to answer on the port it was given")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 from replicate_generation import __version__
@@ -24,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line and run the chosen command; return its exit code."""
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["simulator"]:
+        # argparse's REMAINDER drops options that come first (`simulator --port 5055`).
+        return serve.run_simulator(words[1:])
+    args = build_parser().parse_args(words)
     code: int = args.func(args)
     return code

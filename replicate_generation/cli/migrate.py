@@ -6,9 +6,8 @@ import argparse
 import sys
 
 from replicate_generation.backends import job_store_target, jobs_backend
-from replicate_generation.errors import StoreUnavailable
+from replicate_generation.errors import SettingsError, StoreUnavailable
 from replicate_generation.library import load_settings
-from replicate_generation.errors import SettingsError
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -3,25 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-GUNICORN_CONFIG = "python:replicate_generation.gunicorn_conf"
-WSGI_APP = "replicate_generation.app:create_app()"
-
-
-def gunicorn_argv(python: str | None = None) -> list[str]:
-    """The image's CMD, run with this interpreter: gunicorn with the package's own config."""
-    return [python or sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONFIG, WSGI_APP]
-
-
-def serve() -> int:
-    """Replace this process with gunicorn (so it gets the signals), as the image's CMD runs."""
-    argv = gunicorn_argv()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(argv[0], argv)  # noqa: S606 - fixed argv: this interpreter running gunicorn
-    return 1  # not reached: execv replaces the process or raises
+from replicate_generation.launch import serve
 
 
 def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -33,7 +16,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
                               help="run the local Replicate simulator (dev tool; --help for its "
                               "options)")
     sim.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    sim.set_defaults(func=_simulator)
+    sim.set_defaults(func=lambda args: run_simulator(args.args))
     demo = commands.add_parser("demo", help="the simulator plus the service: no token, no network")
     demo.add_argument("--port", type=int, default=5003, help="service port")
     demo.add_argument("--sim-port", type=int, default=5055, help="simulator port")
@@ -42,10 +25,11 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     demo.set_defaults(func=_demo)
 
 
-def _simulator(args: argparse.Namespace) -> int:
+def run_simulator(argv: list[str]) -> int:
+    """The simulator parses its own options."""
     from replicate_generation.devtools import simulator
 
-    simulator.main(args.args)
+    simulator.main(argv)
     return 0
 
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import requests
 
-from replicate_generation.library import global_status, load_settings
 from replicate_generation.errors import SettingsError
+from replicate_generation.library import global_status, load_settings
 
 HTTP_TIMEOUT = 10.0
 

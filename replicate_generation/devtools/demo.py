@@ -10,8 +10,8 @@ import os
 import signal
 import subprocess
 
-from replicate_generation.cli.serve import gunicorn_argv
 from replicate_generation.devtools.simulator import SimConfig, Simulator
+from replicate_generation.launch import gunicorn_argv
 
 DEMO_TOKEN = "r8_demo_simulator_token"  # only the simulator accepts it
 DEMO_ADMIN_KEY = "demo-admin-key"

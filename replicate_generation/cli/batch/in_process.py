@@ -1,0 +1,64 @@
+"""Jobs run by this process (the library's BatchClient), sharing the host's limits (`run`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from replicate_generation.cli.batch.backend import JobView
+from replicate_generation.cli.batch.errors import Busy, UsageError
+from replicate_generation.cli.batch.files import copy_atomic, place_files
+from replicate_generation.cli.batch.reader import Row
+from replicate_generation.errors import IdempotencyConflict, QueueFull, ShuttingDown
+from replicate_generation.jobs.bodies import item_body
+from replicate_generation.library import BatchClient
+from replicate_generation.outputs import IfExists
+
+
+class InProcessBackend:
+    """Jobs run by this process's BatchClient, against the host's STATE_FILE."""
+
+    def __init__(self, client: BatchClient, token: str) -> None:
+        self.client = client
+        self.token = token
+        self.runner = client.runner
+        self.mode = "in-process"
+
+    def submit(self, body: dict[str, Any], key: str) -> tuple[str, bool]:
+        try:
+            job, created = self.client.submit_body(body, idempotency_key=key, token=self.token)
+        except QueueFull as exc:
+            raise Busy(exc.retry_after, "this process's queue is full") from None
+        except ShuttingDown:
+            raise Busy(1.0, "stopping") from None
+        except IdempotencyConflict:
+            raise UsageError("the idempotency key was used with another body") from None
+        return job.id, created
+
+    def exists(self, job_id: str) -> bool:
+        return self.runner.store.get(job_id) is not None
+
+    def poll(self, job_id: str) -> JobView | None:
+        job = self.runner.store.get(job_id)
+        if job is None:
+            raise UsageError(f"job {job_id} is gone from the state file")
+        # The runner kept at start, not the client's: the last look comes after stop() closed it.
+        root = self.runner.generator.runtime.output_root
+        items = []
+        for row in self.runner.store.items(job_id):
+            item = item_body(row, self.runner.settings.output_dir)
+            item["files"] = [str(root / f) for f in row.files]  # real paths on this machine
+            items.append(item)
+        return JobView(state=job.state, counts=job.counts, items=items)
+
+    def place(self, item: dict[str, Any], row: Row, output_dir: Path | None,
+              if_exists: IfExists) -> list[str]:
+        return place_files(list(item.get("files") or []), row, output_dir, copy_atomic,
+                           if_exists)
+
+    def stop(self) -> None:
+        """Leave running predictions and queued items in the state file for the next run."""
+        self.client.close()
+
+    def close(self) -> None:
+        self.client.close()

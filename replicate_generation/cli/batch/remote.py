@@ -1,0 +1,118 @@
+"""Jobs on a running service, over its HTTP API (`run --service-url`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from replicate_generation.cli.batch.backend import JobView
+from replicate_generation.cli.batch.errors import Busy, UsageError
+from replicate_generation.cli.batch.files import place_files
+from replicate_generation.cli.batch.reader import Row
+from replicate_generation.outputs import IfExists
+
+HTTP_TIMEOUT = 30.0
+
+# The package's name, so log lines read as they always have.
+log = logging.getLogger(__package__)
+
+
+class ServiceBackend:
+    """Jobs on a running service, over its HTTP API."""
+
+    def __init__(self, url: str, headers: dict[str, str]) -> None:
+        self.url = url.rstrip("/")
+        self.session = requests.Session()
+        self.session.headers.update(headers)
+        self.mode = "service"
+
+    def submit(self, body: dict[str, Any], key: str) -> tuple[str, bool]:
+        try:
+            response = self.session.post(
+                f"{self.url}/generate-batch", json=body, timeout=HTTP_TIMEOUT,
+                headers={"Idempotency-Key": key, "Prefer": "respond-async"})
+        except requests.RequestException as exc:
+            # The answer may be lost after the job was made: the same key gets it back.
+            raise Busy(2.0, f"cannot reach the service ({type(exc).__name__})") from None
+        if response.status_code in (200, 201, 202):
+            data = response.json()
+            return str(data["id"]), response.headers.get("Idempotent-Replayed") != "true"
+        if response.status_code in (429, 503) or response.status_code >= 500:
+            raise Busy(_retry_after(response), f"the service answered {response.status_code}")
+        raise UsageError(f"the service refused the request ({response.status_code}): "
+                         f"{_error_text(response)}")
+
+    def exists(self, job_id: str) -> bool:
+        response = self._get(f"/jobs/{job_id}")
+        return response is not None and response.status_code == 200
+
+    def poll(self, job_id: str) -> JobView | None:
+        response = self._get(f"/jobs/{job_id}")
+        if response is None or response.status_code >= 500 or response.status_code == 429:
+            return None  # try again at the next round
+        if response.status_code != 200:
+            raise UsageError(f"GET /jobs/{job_id} answered {response.status_code}: "
+                             f"{_error_text(response)}")
+        data = response.json()
+        return JobView(state=str(data["state"]), counts=dict(data["counts"]),
+                       items=list(data["items"]))
+
+    def place(self, item: dict[str, Any], row: Row, output_dir: Path | None,
+              if_exists: IfExists) -> list[str]:
+        return place_files(list(item.get("urls") or []), row, output_dir, self._download,
+                           if_exists)
+
+    def _download(self, url: str, target: Path) -> None:
+        fd, tmp_name = tempfile.mkstemp(prefix=".", suffix=".part", dir=target.parent)
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                with self.session.get(f"{self.url}{url}", stream=True,
+                                      timeout=HTTP_TIMEOUT) as response:
+                    if response.status_code != 200:
+                        raise OSError(f"GET {url} answered {response.status_code}")
+                    for chunk in response.iter_content(1024 * 1024):
+                        out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def _get(self, path: str) -> requests.Response | None:
+        try:
+            return self.session.get(f"{self.url}{path}", timeout=HTTP_TIMEOUT)
+        except requests.RequestException as exc:
+            log.warning("GET %s failed: %s", path, type(exc).__name__)
+            return None
+
+    def stop(self) -> None:
+        """Nothing to stop here: the service keeps running the jobs."""
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def _retry_after(response: requests.Response) -> float:
+    try:
+        return max(0.5, min(60.0, float(response.headers.get("Retry-After", "2"))))
+    except ValueError:
+        return 2.0
+
+
+def _error_text(response: requests.Response) -> str:
+    try:
+        data = response.json()
+    except ValueError:
+        return response.text[:300]
+    if isinstance(data, dict) and "error" in data:
+        where = f" (field {data['field']})" if data.get("field") else ""
+        return f"{data['error']}{where}"
+    return str(data)[:300]
