@@ -1,16 +1,5 @@
-"""The old `replicate-batch-process` names and signatures, on replicate_generation's engine.
-
-Code written for the old package changes one import line and nothing else:
-
-    from replicate_batch_process import replicate_model_calling          # before
-    from replicate_generation.compat import replicate_model_calling      # after
-
-The same goes for `intelligent_batch_process`, `IntelligentBatchProcessor`, `BatchRequest`,
-`BatchResult` and `get_global_status` (the old `global_concurrency_manager` and
-`intelligent_batch_processor` modules included). What it deliberately does differently (an
-unknown parameter is an error, never a silent model switch; a failure is an exception or a failed
-BatchResult, never a black image; results in prompt order; ...) is in docs/migration.md.
-"""
+"""The old `replicate-batch-process` names and signatures on this engine: code written for the old
+package changes one import line. What differs on purpose is in docs/migration.md."""
 
 from __future__ import annotations
 
@@ -28,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from replicate_generation.catalogue import ModelSpec
-from replicate_generation.errors import InvalidRequest
+from replicate_generation.errors import InvalidName, InvalidRequest
 from replicate_generation.library import (
     BatchClient,
     GenerationFailed,
@@ -38,10 +26,11 @@ from replicate_generation.library import (
     global_status,
     load_settings,
 )
-from replicate_generation.model_functions import resolve_model
-from replicate_generation.outputs import InvalidName
+from replicate_generation.models.catalogue import ModelSpec
+from replicate_generation.models.chains import FallbackChains
+from replicate_generation.models.routing import REFERENCE_KEYS
+from replicate_generation.models.validation import resolve_model
 from replicate_generation.request_parsing import parse_single
-from replicate_generation.routing import REFERENCE_KEYS, FallbackChains
 from replicate_generation.settings import Settings
 
 __all__ = [

@@ -14,21 +14,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from replicate_generation import metrics, routing, schemas
+from replicate_generation import metrics
 from replicate_generation.backends import open_limit_store
-from replicate_generation.catalogue import MODELS, ModelSpec
-from replicate_generation.concurrency_manager import ConcurrencyManager, Limits
+from replicate_generation.clients import ClientPool
+from replicate_generation.concurrency_manager import ConcurrencyManager
 from replicate_generation.dispatcher import Dispatcher
 from replicate_generation.errors import GenerationError
 from replicate_generation.model_functions import (
     NO_HOOKS,
     Attempt,
-    ClientPool,
     Hooks,
     Job,
     Runtime,
     generate,
 )
+from replicate_generation.models.catalogue import MODELS, ModelSpec
+from replicate_generation.models.cost import estimate_cost
+from replicate_generation.models.fallback import fallback_input, should_fall_back
+from replicate_generation.models.placeholder import write_placeholder
+from replicate_generation.models.schema_fetch import recheck
+from replicate_generation.models.schemas import spec_from_id
 from replicate_generation.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,9 +74,9 @@ class Task:
 
     @classmethod
     def from_record(cls, index: int, record: dict[str, Any]) -> Task:
-        return cls(index=index, spec=schemas.spec_from_id(record["model"]),
+        return cls(index=index, spec=spec_from_id(record["model"]),
                    input=dict(record["input"]), stem=str(record["stem"]),
-                   requested=schemas.spec_from_id(record["requested"]),
+                   requested=spec_from_id(record["requested"]),
                    chain=tuple(MODELS[m] for m in record["chain"]), routed=record["routed"],
                    notes=tuple(record["notes"]),
                    fallback_on_content_policy=bool(record["fallback_on_content_policy"]),
@@ -128,22 +133,22 @@ def execute(task: Task, token: str, rt: Runtime, dest_dir: Path, result: TaskRes
                                  pending=here.pending if here else None)
         except GenerationError as exc:
             _note_failure(result, _after_refusal(exc, spec, mapped, token, rt))
-            if not routing.should_fall_back(exc.kind,
-                                             on_content_policy=task.fallback_on_content_policy):
+            if not should_fall_back(exc.kind,
+                                    on_content_policy=task.fallback_on_content_policy):
                 break
             continue
         result.error, result.model_used = None, spec
         result.files = [f.relative for f in generated.files]
         if spec.curated:  # a non-curated model's cost is unknown: None, not a guess
-            result.cost_usd = routing.estimate_cost(spec, mapped)
+            result.cost_usd = estimate_cost(spec, mapped)
             metrics.cost(spec.id, result.cost_usd)
         return
     if result.error is None:
         result.error = GenerationError("no_model_available", "no model of the fallback chain can "
                                        "honour this request")
     if task.placeholder and result.error.kind not in NO_PLACEHOLDER:
-        saved = routing.write_placeholder(task.model_requested, dest_dir, task.stem,
-                                          root=rt.output_root)
+        saved = write_placeholder(task.model_requested, dest_dir, task.stem,
+                                  root=rt.output_root)
         result.files, result.placeholder = [saved.relative], True
 
 
@@ -156,7 +161,7 @@ def _after_refusal(exc: GenerationError, spec: ModelSpec, model_input: dict[str,
     the 422 stands."""
     if exc.kind != "replicate_invalid_input" or spec.curated:
         return exc
-    problem = schemas.recheck(spec, model_input, token, rt)
+    problem = recheck(spec, model_input, token, rt)
     if problem is None:
         return exc
     return GenerationError("replicate_invalid_input", f"{exc} (the model's schema changed: "
@@ -182,7 +187,7 @@ def _input_for(task: Task, spec: ModelSpec, result: TaskResult) -> dict[str, obj
     """The task's input for this model of its chain, or None when it cannot honour it."""
     if spec is task.spec:
         return task.input
-    mapped = routing.fallback_input(task.spec, task.input, spec)
+    mapped = fallback_input(task.spec, task.input, spec)
     if mapped is None:
         result.notes.append(f"fallback to {spec.id} skipped: it cannot honour this request")
         return None
@@ -198,17 +203,6 @@ def _note_failure(result: TaskResult, exc: GenerationError) -> None:
     if result.attempts and result.attempts[-1].error is None:
         result.attempts[-1].status = "failed"
         result.attempts[-1].error = str(exc)
-
-
-def build_limits(settings: Settings) -> Limits:
-    """The limits this process's environment asks for. The manager declares them in the store;
-    per field a /configure override wins, else the smallest live declaration on the host."""
-    return Limits(
-        max_concurrent=settings.concurrent_limit,
-        requests_per_minute=settings.requests_per_minute,
-        burst=settings.create_burst,
-        polls_per_minute=settings.polls_per_minute,
-    )
 
 
 class Generator:

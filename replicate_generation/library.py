@@ -1,27 +1,8 @@
 """Generate with Replicate models from your own Python code, in-process: no server needed.
 
-The upstream library's three modes (docs/library.md), on the service's own engine:
-
-* `generate(prompt, model_name, output_filepath)`: one prompt;
-* `generate_batch(prompts, model_name, output_filepaths)`: many prompts for one model;
-* `generate_mixed([Request(...), ...])`: items with their own model and parameters.
-
-Each returns `Result`s in input order. Requests go through the service's own validation
-(`request_parsing`) and run as jobs on a `jobs.JobRunner`, which paces them with the limits kept in
-`STATE_FILE`: every script on the host and the service itself, sharing that file, share one
-account's predictions in flight and creates per minute. Settings come from the environment and a
-`.env` file found from the current directory, exactly as the service reads them.
-
-Unlike the service, the caller chooses where files go (`output_filepath` is a path on the caller's
-own machine). The job writes into `OUTPUT_DIR/<request_id>/`; the file is then moved atomically to
-the requested place, with the extension of the real format (`cover.jpg` for a WebP output becomes
-`cover.webp`, and `Result.notes` says so). A file already there with that name (whatever its
-extension) is never replaced silently: `if_exists` says whether to refuse (before anything is paid
-for), rename or overwrite.
-
-The a* functions run the calls in a thread; cancelling the awaiting task (Ctrl-C under
-`asyncio.run`) cancels that call's jobs, as Ctrl-C does for the synchronous calls.
-"""
+`generate`, `generate_batch` and `generate_mixed` (and their a* forms) run as jobs on the service's
+own engine, sharing one account's limits with every process on the host through `STATE_FILE`.
+Files are moved to the caller's paths, never replacing one silently (docs/library.md)."""
 
 from __future__ import annotations
 
@@ -39,18 +20,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dotenv import dotenv_values, find_dotenv
-
 from replicate_generation.backends import limits_backend, open_limit_store
-from replicate_generation.errors import InvalidRequest, QueueFull, SettingsError
+from replicate_generation.clients import account_key
+from replicate_generation.errors import (
+    InvalidName,
+    InvalidRequest,
+    OutputExists,
+    QueueFull,
+    SettingsError,
+)
 from replicate_generation.generation import Generator, Task
+from replicate_generation.jobs.bodies import item_body
 from replicate_generation.jobs.runner import JobRunner, Submission
 from replicate_generation.jobs.store import ItemRow, JobRow
-from replicate_generation.model_functions import account_key
+from replicate_generation.models.routing import REFERENCE_KEYS
 from replicate_generation.outputs import (
     IfExists,
-    InvalidName,
-    OutputExists,
     OutputNames,
     check_if_exists,
     default_stem,
@@ -63,8 +48,7 @@ from replicate_generation.request_parsing import (
     parse_single,
     request_hash,
 )
-from replicate_generation.routing import REFERENCE_KEYS, FallbackChains
-from replicate_generation.settings import Settings
+from replicate_generation.settings import Settings, read_environ
 
 __all__ = [
     "BatchClient",
@@ -162,12 +146,7 @@ class Result:
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """The service's settings, from `environ` or else os.environ plus the `.env` file found from
     the current directory upwards (the environment wins over the file, as in the service)."""
-    if environ is None:
-        found = find_dotenv(usecwd=True)
-        from_file = {k: v for k, v in dotenv_values(found).items() if v is not None} if found \
-            else {}
-        environ = {**from_file, **os.environ}
-    return Settings.from_env(environ)
+    return Settings.from_env(read_environ() if environ is None else environ)
 
 
 def global_status(*, token: str | None = None,
@@ -236,10 +215,7 @@ class BatchClient:
         self.max_concurrent = max_concurrent
         self.settings = settings if settings is not None else load_settings()
         self._token = token or self.settings.replicate_api_token
-        try:
-            self.chains = FallbackChains.parse(self.settings.fallback_chains)
-        except ValueError as exc:
-            raise SettingsError(str(exc)) from None
+        self.chains = self.settings.fallback_chains
         self._runner: JobRunner | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -389,7 +365,7 @@ class BatchClient:
 
     def describe_item(self, item: ItemRow) -> dict[str, Any]:
         """An item as the API shows it, with `files` as real paths on this machine."""
-        described = self.runner.describe_item(item, url_root="")
+        described = item_body(item, self.settings.output_dir)
         root = self.runner.generator.runtime.output_root
         described["files"] = [str(root / f) for f in item.files]
         return described

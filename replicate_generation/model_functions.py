@@ -1,45 +1,45 @@
-"""What each model does: validate a request against the catalogue, call Replicate, keep its output.
+"""One prediction's life: a slot, one create (never paid twice), polls, cancel, download.
 
-No Flask here. Every Replicate call goes through a per-token `replicate.Client` and through the
-account's limits (a lease while the prediction is in flight, a paced token for every create and
-every poll). Errors come out as `GenerationError` with a kind the HTTP layer maps to a status.
+No Flask here. Every Replicate call goes through the account's client (clients.py) and its
+limits (a lease while the prediction is in flight, a paced token for every create and every
+poll). Errors come out as `GenerationError` with a kind the HTTP layer maps to a status.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
-import math
 import re
-import ssl
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
-from contextvars import ContextVar
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
-from urllib.parse import quote, urlsplit
 
 import httpx
 import replicate
 from replicate.exceptions import ReplicateError
 
 from replicate_generation import metrics
-from replicate_generation.any_outputs import is_empty, save_any
-from replicate_generation.catalogue import MODELS, ModelSpec, Param
-from replicate_generation.concurrency_manager import ConcurrencyManager
-from replicate_generation.errors import (
-    DeadlineExceeded,
-    GenerationError,
-    InvalidRequest,
-    Suspended,
-    TokenRejected,
+from replicate_generation.clients import (
+    ClientPool,
+    account_key,
+    redact_upstream,
+    resets_in,
+    take_throttle_hint,
 )
-from replicate_generation.outputs import DownloadError, SavedFile, output_sources, save_outputs
+from replicate_generation.concurrency_manager import ConcurrencyManager
+from replicate_generation.errors import DeadlineExceeded, GenerationError, Suspended
+from replicate_generation.models.catalogue import ModelSpec
+from replicate_generation.outputs import (
+    DownloadError,
+    SavedFile,
+    is_empty,
+    output_sources,
+    save_any,
+    save_outputs,
+)
 from replicate_generation.reconcile import (
     Absent,
     Found,
@@ -57,7 +57,6 @@ NOT_RETRIED = {401: "replicate_unauthorized", 402: "replicate_payment_required",
                404: "replicate_not_found", 422: "replicate_invalid_input"}
 CONTENT_POLICY_MARKERS = ("(E005)", "flagged as sensitive", "NSFW")
 MAX_SERVER_ERRORS = 3
-MAX_URI_LENGTH = 2048
 DOWNLOAD_GRACE_SECONDS = 120.0
 CANCEL_WAIT_SECONDS = 60.0
 # Replicate holds a `Prefer: wait=N` create for at most 60 s.
@@ -66,319 +65,6 @@ MAX_SYNC_WAIT_SECONDS = 60
 # without spending the account's poll budget on predictions that run for minutes.
 POLL_AGE_FRACTION = 0.05
 MIN_POLL_SECONDS = 0.2
-
-
-# --------------------------------------------------------------------------- validation
-
-
-# Set by schemas.resolving for one request: resolves models outside the catalogue, if allowed.
-OTHER_MODELS: ContextVar[Callable[[str, str], ModelSpec | None] | None] = ContextVar(
-    "other_models", default=None)
-
-
-def resolve_model(name: object, field: str = "model_name") -> ModelSpec:
-    """Return the catalogue entry for a short id (`flux-dev`) or a full ref (`owner/name`);
-    any other `owner/name(:version)` only where MODEL_POLICY allows it (schemas.py)."""
-    if not isinstance(name, str) or not name:
-        raise InvalidRequest(field, f"{field} is required and must be a string")
-    for spec in MODELS.values():
-        if name in (spec.id, spec.ref):
-            return spec
-    other = OTHER_MODELS.get()
-    found = other(name, field) if other is not None else None
-    if found is not None:
-        return found
-    raise InvalidRequest(
-        field, f"Model '{name[:200]}' not supported", supported_models=sorted(MODELS)
-    )
-
-
-def build_input(
-    spec: ModelSpec, prompt: object, params: Mapping[str, object], prefix: str = ""
-) -> dict[str, object]:
-    """Validate every parameter against the catalogue and return the full model input."""
-    if prompt is None:
-        raise InvalidRequest(f"{prefix}prompt", f"{prefix}prompt is required")
-    checked = {"prompt": _check(_prompt_param(spec), prompt, f"{prefix}prompt")}
-    if not str(checked["prompt"]).strip():
-        raise InvalidRequest(f"{prefix}prompt", f"{prefix}prompt must not be empty")
-    for name, value in params.items():
-        param = spec.param(name)
-        if param is None or name == "prompt":
-            allowed = ", ".join(p.name for p in spec.params if p.name != "prompt")
-            raise InvalidRequest(
-                f"{prefix}{name}",
-                f"Unknown parameter '{name[:100]}' for model {spec.id}; allowed: {allowed}",
-            )
-        checked[name] = _check(param, value, f"{prefix}{name}")
-    for param in spec.params:
-        if param.name not in checked:
-            if param.required:
-                raise InvalidRequest(f"{prefix}{param.name}", f"{prefix}{param.name} is required")
-            if param.default is not None:
-                checked[param.name] = param.default
-    return checked
-
-
-def _prompt_param(spec: ModelSpec) -> Param:
-    param = spec.param("prompt")
-    if param is None:  # every catalogue entry has one; a test guards the catalogue
-        raise InvalidRequest("model_name", f"model {spec.id} takes no prompt")
-    return param
-
-
-def check_value(param: Param, value: object, field: str) -> object:
-    """Return the value if it fits the parameter; else InvalidRequest naming `field`."""
-    return _check(param, value, field)
-
-
-def _check(param: Param, value: object, field: str) -> object:
-    """Return the value if it fits the parameter's type, choices and range."""
-    checker = _CHECKERS[param.type]
-    checker(param, value, field)
-    if param.choices is not None and value not in param.choices:
-        options = ", ".join(repr(c) for c in param.choices)
-        raise InvalidRequest(field, f"{field} must be one of {options}")
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        if param.minimum is not None and value < param.minimum:
-            raise InvalidRequest(field, f"{field} must be >= {param.minimum}")
-        if param.maximum is not None and value > param.maximum:
-            raise InvalidRequest(field, f"{field} must be <= {param.maximum}")
-    return value
-
-
-def _check_string(param: Param, value: object, field: str) -> None:
-    if not isinstance(value, str):
-        raise InvalidRequest(field, f"{field} must be a string")
-    if param.max_length is not None and len(value) > param.max_length:
-        raise InvalidRequest(field, f"{field} must be at most {param.max_length} characters")
-
-
-def _check_integer(param: Param, value: object, field: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(field, f"{field} must be an integer")
-
-
-def _check_number(param: Param, value: object, field: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidRequest(field, f"{field} must be a number")
-
-
-def _check_boolean(param: Param, value: object, field: str) -> None:
-    if not isinstance(value, bool):
-        raise InvalidRequest(field, f"{field} must be true or false")
-
-
-def _check_uri(param: Param, value: object, field: str) -> None:
-    """Accept an http(s) URL or a data: URI; never a path on this server."""
-    message = (f"{field} must be an http(s) URL or a data: URI "
-               "(paths on the server are not accepted)")
-    if not isinstance(value, str):
-        raise InvalidRequest(field, message)
-    if value.startswith("data:"):
-        if "," not in value:
-            raise InvalidRequest(field, f"{field} is not a valid data: URI")
-        return
-    try:
-        parts = urlsplit(value)
-    except ValueError:  # e.g. "http://[": an unclosed IPv6 host
-        raise InvalidRequest(field, message) from None
-    if (parts.scheme not in ("http", "https") or not parts.netloc or len(value) > MAX_URI_LENGTH
-            or any(ch.isspace() or not ch.isprintable() for ch in value)):
-        raise InvalidRequest(field, message)
-
-
-def _check_uri_list(param: Param, value: object, field: str) -> None:
-    """Accept a list of 1..max_items URIs, each as `_check_uri` does; name the bad item."""
-    most = param.max_items
-    if not isinstance(value, list):
-        raise InvalidRequest(field, f"{field} must be a list of http(s) URLs or data: URIs")
-    if not value or (most is not None and len(value) > most):
-        limit = f"1 to {most}" if most is not None else "at least 1"
-        raise InvalidRequest(field, f"{field} must hold {limit} items, not {len(value)}")
-    for i, item in enumerate(value):
-        _check_uri(param, item, f"{field}[{i}]")
-
-
-_CHECKERS: dict[str, Callable[[Param, object, str], None]] = {
-    "string": _check_string,
-    "integer": _check_integer,
-    "number": _check_number,
-    "boolean": _check_boolean,
-    "uri": _check_uri,
-    "uri_list": _check_uri_list,
-}
-
-
-# --------------------------------------------------------------------------- errors
-
-
-def account_key(token: str) -> str:
-    """Name an account by a hash of its token: limits, stats and logs never hold the token."""
-    return "acct_" + hashlib.sha256(token.encode()).hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------- clients
-
-
-class _Throttle(threading.local):
-    """The last 429 this thread saw (ReplicateError drops Retry-After and the body retry_after)."""
-
-    retry_after: float | None = None
-
-
-_throttle = _Throttle()
-_RESETS_IN = re.compile(r"resets in ~?(\d+(?:\.\d+)?)\s*s")
-
-
-def retry_after_of(response: httpx.Response) -> float | None:
-    """Read how long Replicate asks us to wait: header, body `retry_after`, or the detail text."""
-    header = response.headers.get("retry-after", "").strip()
-    if header.replace(".", "", 1).isdigit():
-        return float(header)
-    try:
-        body = response.json()
-    except ValueError:
-        return None
-    if isinstance(body, dict):
-        value = body.get("retry_after")
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        match = _RESETS_IN.search(str(body.get("detail", "")))
-        if match:
-            return float(match.group(1))
-    return None
-
-
-@functools.cache
-def _tls_context() -> ssl.SSLContext:
-    """One TLS context per process: building one loads the CA bundle (tens of ms), which every
-    new account's client would otherwise pay on its first create."""
-    return httpx.create_ssl_context()
-
-
-class GuardedTransport(httpx.BaseTransport):
-    """Give every request a timeout and remember 429 hints for the calling thread.
-
-    replicate 1.0.7 sends prediction creates with no timeout at all, so a hung create would pin a
-    worker forever; and its ReplicateError keeps neither Retry-After nor the body's retry_after.
-    """
-
-    def __init__(self, timeout: httpx.Timeout, max_connections: int) -> None:
-        self._timeout = timeout.as_dict()
-        limits = httpx.Limits(max_connections=max_connections,
-                              max_keepalive_connections=max_connections)
-        self._inner = httpx.HTTPTransport(verify=_tls_context(), limits=limits)
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        given = request.extensions.get("timeout") or {}
-        request.extensions["timeout"] = {
-            key: given.get(key) if given.get(key) is not None else default
-            for key, default in self._timeout.items()
-        }
-        response = metrics.observe_replicate_call(self._inner.handle_request, request)
-        if response.status_code == 429:
-            response.read()
-            _throttle.retry_after = retry_after_of(response)
-        return response
-
-    def close(self) -> None:
-        self._inner.close()
-
-
-# How long an account whose token Replicate answered 401 is refused without asking again.
-REJECTED_SECONDS = 60.0
-# Rejections remembered at most (oldest dropped first), so a storm of bad tokens stays bounded.
-MAX_REJECTED = 100_000
-
-
-class ClientPool:
-    """One replicate.Client per token (bounded LRU), never the module-level default client.
-
-    Clients of accounts with no work left are dropped (`forget`); an account whose token
-    Replicate answered 401 is refused for a while (`reject`), keyed by its hash, never its token.
-    """
-
-    def __init__(self, base_url: str, *, max_clients: int = 256, max_connections: int = 100,
-                 timeout: httpx.Timeout | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._base_url = base_url
-        self._max = max_clients
-        self._max_connections = max_connections
-        self._timeout = timeout or httpx.Timeout(30.0, connect=5.0, pool=10.0)
-        self._clients: OrderedDict[str, replicate.Client] = OrderedDict()
-        self._rejected: OrderedDict[str, float] = OrderedDict()
-        self._on_rejected: list[Callable[[str], None]] = []
-        self._clock = clock
-        self._lock = threading.Lock()
-
-    def get(self, token: str) -> replicate.Client:
-        """Return the client for this token, building (and warming) it once; raise
-        TokenRejected while Replicate's last word on the token was a 401."""
-        key = account_key(token)
-        with self._lock:
-            remaining = self._rejection_left(key)
-            if remaining is not None:
-                raise TokenRejected(remaining)
-            client = self._clients.get(key)
-            if client is None:
-                client = self._build(token)
-                self._clients[key] = client
-                while len(self._clients) > self._max:
-                    self._clients.popitem(last=False)
-            self._clients.move_to_end(key)
-            return client
-
-    def forget(self, account: str) -> None:
-        """Drop the account's client (its work ended); a later call builds a new one."""
-        with self._lock:
-            self._clients.pop(account, None)
-
-    def cached(self) -> int:
-        """How many clients are kept."""
-        with self._lock:
-            return len(self._clients)
-
-    def on_rejected(self, callback: Callable[[str], None]) -> None:
-        """Call back with the account (outside the lock) when its token gets a 401."""
-        self._on_rejected.append(callback)
-
-    def reject(self, account: str) -> None:
-        """Replicate answered 401 for this account: refuse its work for REJECTED_SECONDS."""
-        with self._lock:
-            self._clients.pop(account, None)
-            self._rejected.pop(account, None)
-            self._rejected[account] = self._clock() + REJECTED_SECONDS
-            while len(self._rejected) > MAX_REJECTED:
-                self._rejected.popitem(last=False)
-        log.warning("replicate rejected the token of account=%s (401); refusing it for %.0fs",
-                    account, REJECTED_SECONDS)
-        for callback in self._on_rejected:
-            try:
-                callback(account)
-            except Exception:  # noqa: BLE001 - the item still fails as unauthorized
-                log.exception("handling the rejection of account=%s failed", account)
-
-    def rejected_for(self, account: str) -> float | None:
-        """Seconds the account is still refused for, or None."""
-        with self._lock:
-            return self._rejection_left(account)
-
-    def _rejection_left(self, account: str) -> float | None:
-        """Caller holds the lock; expired entries are dropped (oldest first, they expire first)."""
-        now = self._clock()
-        while self._rejected and next(iter(self._rejected.values())) <= now:
-            self._rejected.popitem(last=False)
-        until = self._rejected.get(account)
-        return None if until is None else until - now
-
-    def _build(self, token: str) -> replicate.Client:
-        transport = GuardedTransport(self._timeout, self._max_connections)
-        client = replicate.Client(api_token=token, base_url=self._base_url, transport=transport)
-        # The client builds its httpx client lazily without a lock: touching it here, under ours,
-        # stops concurrent first calls from each building (and leaking) a pool of their own.
-        _ = client._client  # noqa: SLF001
-        return client
 
 
 # --------------------------------------------------------------------------- running
@@ -660,8 +346,7 @@ def _handle_create_error(exc: ReplicateError, job: Job, rt: Runtime) -> None:
     """A create Replicate surely refused: back off on 429, raise on everything else."""
     status = exc.status or 0
     if status == 429:
-        retry_after = _throttle.retry_after or _retry_after_from_detail(exc) or 5.0
-        _throttle.retry_after = None
+        retry_after = take_throttle_hint() or resets_in(exc.detail or "") or 5.0
         rt.manager.throttled(job.account, min(max(retry_after, 0.5), 60.0))
         log.warning("replicate throttled creates for account=%s; backing off %.1fs",
                     job.account, retry_after)
@@ -685,11 +370,6 @@ def _retry_pause(count: int) -> float:
     return float(min(0.5 * 2**count, 10.0))
 
 
-def _retry_after_from_detail(exc: ReplicateError) -> float | None:
-    match = _RESETS_IN.search(exc.detail or "")
-    return float(match.group(1)) if match else None
-
-
 def _describe(exc: ReplicateError, token: str | None) -> str:
     """Replicate's error as a message safe to return, store and log."""
     parts = [f"Replicate answered {exc.status}"]
@@ -698,20 +378,6 @@ def _describe(exc: ReplicateError, token: str | None) -> str:
     if exc.detail:
         parts.append(exc.detail.strip())
     return redact_upstream(": ".join(parts), token)
-
-
-# Replicate's token shape, and credentials quoted back after "Bearer"/"Token" (whatever shape).
-TOKEN_SHAPED = re.compile(r"r8_[\w-]{8,}")
-_QUOTED_CREDENTIAL = re.compile(r"(?i)\b(bearer|token)(\s+|\s*[=:]\s*)[^\s\"',;]{8,}")
-
-
-def redact_upstream(text: str, token: str | None) -> str:
-    """Upstream text without the calling token (as sent or URL-encoded) or anything token-shaped."""
-    if token:
-        for spelling in {token, quote(token, safe="")}:
-            text = text.replace(spelling, "[redacted]")
-    text = TOKEN_SHAPED.sub("r8_[redacted]", text)
-    return _QUOTED_CREDENTIAL.sub(r"\1\2[redacted]", text)
 
 
 def _await_terminal(client: replicate.Client, job: Job, rt: Runtime, prediction: Any,
@@ -729,12 +395,7 @@ def _await_terminal(client: replicate.Client, job: Job, rt: Runtime, prediction:
             raise Suspended
         pause = min(_poll_pause(rt, since), deadline - rt.clock())
         if pause <= 0:
-            _cancel(client, job, rt, prediction.id)
-            metrics.prediction_finished(job.metric_label, "deadline_exceeded", rt.clock() - since)
-            raise GenerationError(
-                "deadline_exceeded",
-                f"prediction {prediction.id} did not finish within {rt.task_timeout:g} s "
-                "and was canceled", prediction_id=prediction.id)
+            raise _past_deadline(client, job, rt, prediction.id, since)
         rt.sleep(pause)
         try:
             rt.manager.wait_for_poll(job.account, deadline)
@@ -759,6 +420,17 @@ def _await_terminal(client: replicate.Client, job: Job, rt: Runtime, prediction:
                         type(exc).__name__)
     metrics.prediction_finished(job.metric_label, str(prediction.status), rt.clock() - since)
     return _check_terminal(prediction, job.token, curated=job.spec.curated)
+
+
+def _past_deadline(client: replicate.Client, job: Job, rt: Runtime, prediction_id: str,
+                   since: float) -> GenerationError:
+    """Cancel a prediction the task can no longer wait for; return the error to raise."""
+    _cancel(client, job, rt, prediction_id)
+    metrics.prediction_finished(job.metric_label, "deadline_exceeded", rt.clock() - since)
+    return GenerationError(
+        "deadline_exceeded",
+        f"prediction {prediction_id} did not finish within {rt.task_timeout:g} s "
+        "and was canceled", prediction_id=prediction_id)
 
 
 def _poll_pause(rt: Runtime, since: float) -> float:

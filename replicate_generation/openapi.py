@@ -13,11 +13,11 @@ from typing import Any
 
 from flask import Flask
 
-from replicate_generation.catalogue import MODELS, ModelSpec, Param
+from replicate_generation.models.catalogue import MODELS, ModelSpec, Param
+from replicate_generation.models.routing import REFERENCE_KEYS
+from replicate_generation.models.schemas import MODEL_NAME_PATTERN
 from replicate_generation.observability import HEADER as REQUEST_ID_HEADER
 from replicate_generation.request_parsing import OPTION_KEYS
-from replicate_generation.routing import REFERENCE_KEYS
-from replicate_generation.schemas import MODEL_NAME_PATTERN
 from replicate_generation.settings import Settings
 
 Schema = dict[str, Any]
@@ -492,7 +492,7 @@ def components(settings: Settings) -> Schema:
         schemas[f"Generate_{spec.id}"] = generate_schema(spec)
         schemas[f"BatchPrompts_{spec.id}"] = batch_prompts_schema(spec, settings.max_batch_size)
         schemas[f"Task_{spec.id}"] = task_schema(spec)
-    generic = settings.model_policy != "curated"
+    generic = settings.model_policy.mode != "curated"
     if generic:
         schemas["Generate_other"] = other_model_schema("generate any other model",
                                                        options_properties())

@@ -13,11 +13,15 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, cast
 
-from replicate_generation import routing, schemas
-from replicate_generation.catalogue import ModelSpec
 from replicate_generation.errors import ExpandedRequestTooLarge, InvalidRequest
 from replicate_generation.generation import Task
-from replicate_generation.model_functions import resolve_model
+from replicate_generation.models import schemas
+from replicate_generation.models.catalogue import ModelSpec
+from replicate_generation.models.chains import FallbackChains
+from replicate_generation.models.cost import estimate_cost
+from replicate_generation.models.fallback import fallback_input
+from replicate_generation.models.routing import plan
+from replicate_generation.models.validation import resolve_model
 from replicate_generation.outputs import default_stem, safe_filename
 
 OPTION_KEYS = ("async", "webhook", "dry_run", "fallback", "fallback_on_content_policy",
@@ -68,7 +72,7 @@ def parse_options(body: dict[str, Any]) -> tuple[Options, dict[str, Any]]:
     return options, rest
 
 
-def parse_single(body: dict[str, Any], chains: routing.FallbackChains) -> Parsed:
+def parse_single(body: dict[str, Any], chains: FallbackChains) -> Parsed:
     """The body of POST /generate: one prompt for one model."""
     options, rest = parse_options(body)
     params = {k: v for k, v in rest.items() if k not in ("model_name", "custom_filename")}
@@ -79,7 +83,7 @@ def parse_single(body: dict[str, Any], chains: routing.FallbackChains) -> Parsed
     return Parsed(tasks=[task], options=options)
 
 
-def parse_batch(body: dict[str, Any], max_items: int, chains: routing.FallbackChains) -> Parsed:
+def parse_batch(body: dict[str, Any], max_items: int, chains: FallbackChains) -> Parsed:
     """The body of POST /generate-batch: `prompts` for one model, or a `tasks` list."""
     options, rest = parse_options(body)
     if "tasks" in rest and "prompts" in rest:
@@ -95,7 +99,7 @@ def parse_batch(body: dict[str, Any], max_items: int, chains: routing.FallbackCh
 
 
 def _task(index: int, requested: Any, prompt: object, params: dict[str, Any], stem: str,
-          options: Options, chains: routing.FallbackChains, prefix: str) -> Task:
+          options: Options, chains: FallbackChains, prefix: str) -> Task:
     if not requested.curated:  # checked against its own schema; no routing, no fallback
         if options.placeholder:
             raise InvalidRequest("placeholder", "placeholders exist only for curated image "
@@ -105,8 +109,8 @@ def _task(index: int, requested: Any, prompt: object, params: dict[str, Any], st
     if options.placeholder and requested.kind != "image":
         raise InvalidRequest("placeholder", f"{requested.id} makes {requested.kind}: the black "
                              "placeholder exists only for image models")
-    planned = routing.plan(requested, prompt, params, prefix=prefix, chains=chains,
-                           fallback=options.fallback)
+    planned = plan(requested, prompt, params, prefix=prefix, chains=chains,
+                   fallback=options.fallback)
     return Task(index=index, spec=planned.spec, input=_with_seed(planned.spec, planned.input),
                 stem=stem,
                 requested=planned.requested, chain=planned.chain, routed=planned.routed,
@@ -136,7 +140,7 @@ def _items(body: dict[str, Any], key: str, max_items: int) -> list[Any]:
 
 
 def _prompts_mode(body: dict[str, Any], max_items: int, options: Options,
-                  chains: routing.FallbackChains) -> list[Task]:
+                  chains: FallbackChains) -> list[Task]:
     prompts = _items(body, "prompts", max_items)
     names = body.get("custom_filenames")
     if names is not None and (not isinstance(names, list) or len(names) != len(prompts)):
@@ -156,7 +160,7 @@ def _prompts_mode(body: dict[str, Any], max_items: int, options: Options,
 
 
 def _tasks_mode(body: dict[str, Any], max_items: int, options: Options,
-                chains: routing.FallbackChains) -> list[Task]:
+                chains: FallbackChains) -> list[Task]:
     items = _items(body, "tasks", max_items)
     shared = {k: v for k, v in body.items() if k not in ("model_name", "tasks")}
     if "prompt" in shared:
@@ -235,11 +239,11 @@ def estimate(tasks: list[Task]) -> dict[str, Any]:
             "index": task.index, "model_requested": task.model_requested.id,
             "model": task.spec.id, "routed": task.routed, "notes": list(task.notes),
             "fallback_chain": [m.id for m in task.chain],
-            "estimated_cost_usd": routing.estimate_cost(task.spec, task.input),
-            "max_cost_usd_with_fallbacks": round(routing.estimate_cost(task.spec, task.input)
+            "estimated_cost_usd": estimate_cost(task.spec, task.input),
+            "max_cost_usd_with_fallbacks": round(estimate_cost(task.spec, task.input)
                                                  + sum(_chain_costs(task)), 6),
         })
-    total = round(sum(routing.estimate_cost(t.spec, t.input) for t in tasks), 6)
+    total = round(sum(estimate_cost(t.spec, t.input) for t in tasks), 6)
     return {"dry_run": True, "estimated_cost_usd": total, "total_items": len(items),
             "models": sorted({str(i["model"]) for i in items}), "items": items}
 
@@ -253,7 +257,7 @@ def _estimate_unknown(tasks: list[Task]) -> dict[str, Any]:
     items: list[dict[str, Any]] = []
     for task in tasks:
         known = task.spec.curated
-        cost = routing.estimate_cost(task.spec, task.input) if known else None
+        cost = estimate_cost(task.spec, task.input) if known else None
         items.append({"index": task.index, "model_requested": task.model_requested.id,
                       "model": task.spec.id, "routed": task.routed, "notes": list(task.notes)
                       + ([] if known else [UNKNOWN_COST_NOTE]),
@@ -268,7 +272,7 @@ def _estimate_unknown(tasks: list[Task]) -> dict[str, Any]:
 def _chain_costs(task: Task) -> list[float]:
     costs = []
     for spec in task.chain:
-        mapped = routing.fallback_input(task.spec, task.input, spec)
+        mapped = fallback_input(task.spec, task.input, spec)
         if mapped is not None:
-            costs.append(routing.estimate_cost(spec, mapped[0]))
+            costs.append(estimate_cost(spec, mapped[0]))
     return costs

@@ -1,15 +1,23 @@
-"""Service settings: read once, at app creation, from the environment (and `.env`)."""
+"""Service settings: the environment (and `.env`) read once into values, parsed and checked.
+
+`read_environ` is the one `.env` loader; `Env` is the one typed reader, gunicorn_conf's too.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
+from dotenv import dotenv_values, find_dotenv, load_dotenv
+
 from replicate_generation.errors import SettingsError
+from replicate_generation.models.chains import FallbackChains
+from replicate_generation.models.schemas import ModelPolicy
 
 DEFAULT_BASE_URL = "https://api.replicate.com"
 
@@ -49,11 +57,11 @@ class Settings:
     webhook_max_attempts: int = 8
     webhook_retry_base_seconds: float = 5.0
     webhook_timeout_seconds: float = 10.0
-    fallback_chains: str | None = None
+    fallback_chains: FallbackChains = field(default_factory=FallbackChains.default)
     log_format: str = "text"
     metrics_access: str = "admin"
     metrics_token: str | None = field(default=None, repr=False)
-    model_policy: str = "curated"  # MODEL_POLICY: curated | allow:<owners, owner/name> | any
+    model_policy: ModelPolicy = ModelPolicy()  # MODEL_POLICY: curated | allow:<list> | any
     # Shared backends for several hosts; both unset = SQLite in state_file, as on one host.
     redis_url: str | None = field(default=None, repr=False)
     redis_key_prefix: str = "rg"
@@ -64,7 +72,7 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         """Parse settings from an environment mapping; raise SettingsError naming the variable."""
-        env = _Env(environ)
+        env = Env(environ)
         concurrent = env.integer("REPLICATE_CONCURRENT_LIMIT", None, 1, 10000)
         alias = env.integer("REPLICATE_GLOBAL_MAX_CONCURRENT", None, 1, 10000)
         if concurrent is not None and alias is not None and concurrent != alias:
@@ -131,7 +139,7 @@ class Settings:
             webhook_timeout_seconds=env.number(
                 "WEBHOOK_TIMEOUT_SECONDS", cls.webhook_timeout_seconds, 0.1, 120
             ),
-            fallback_chains=env.text("REPLICATE_FALLBACK_CHAINS", "") or None,
+            fallback_chains=_fallback_chains(env),
             log_format=env.choice("LOG_FORMAT", cls.log_format.upper(), ("TEXT", "JSON")).lower(),
             metrics_access=_metrics_access(env),
             metrics_token=env.secret("METRICS_TOKEN"),
@@ -151,7 +159,7 @@ class _Backends(NamedTuple):
     redis_key_prefix: str
 
 
-def _backends(env: _Env) -> _Backends:
+def _backends(env: Env) -> _Backends:
     """REDIS_URL, DATABASE_URL and the one combination refused: jobs shared, limits per host."""
     redis_url = _url(env, "REDIS_URL", _REDIS_SCHEMES)
     database_url = _url(env, "DATABASE_URL", _POSTGRES_SCHEMES)
@@ -166,7 +174,7 @@ def _backends(env: _Env) -> _Backends:
     return _Backends(redis_url, database_url, single_host, prefix)
 
 
-def _url(env: _Env, name: str, schemes: tuple[str, ...]) -> str | None:
+def _url(env: Env, name: str, schemes: tuple[str, ...]) -> str | None:
     # The value is never echoed: a URL may carry a password.
     value = env.secret(name)
     if value is not None and not value.startswith(schemes):
@@ -174,19 +182,24 @@ def _url(env: _Env, name: str, schemes: tuple[str, ...]) -> str | None:
     return value
 
 
-def _model_policy(env: _Env) -> str:
+def _model_policy(env: Env) -> ModelPolicy:
     """MODEL_POLICY, checked now so a typo stops the start rather than every request."""
-    from replicate_generation.schemas import ModelPolicy  # noqa: PLC0415 - it imports settings' users
-
     text = env.text("MODEL_POLICY", "curated").strip() or "curated"
     try:
-        ModelPolicy.parse(text)
+        return ModelPolicy.parse(text)
     except ValueError as exc:
         raise SettingsError(str(exc)) from None
-    return text
 
 
-def _metrics_access(env: _Env) -> str:
+def _fallback_chains(env: Env) -> FallbackChains:
+    """REPLICATE_FALLBACK_CHAINS over the defaults, checked now as MODEL_POLICY is."""
+    try:
+        return FallbackChains.parse(env.text("REPLICATE_FALLBACK_CHAINS", "") or None)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+
+
+def _metrics_access(env: Env) -> str:
     """METRICS_ACCESS: admin, token (then METRICS_TOKEN is required) or open."""
     access = env.choice("METRICS_ACCESS", "ADMIN", ("ADMIN", "TOKEN", "OPEN")).lower()
     token = env.secret("METRICS_TOKEN")
@@ -195,7 +208,21 @@ def _metrics_access(env: _Env) -> str:
     return access
 
 
-class _Env:
+def read_environ(*, export: bool = False) -> dict[str, str]:
+    """os.environ over the `.env` found from the working directory upwards (the environment wins).
+
+    With `export` the file's values also go into os.environ, for what reads it later (gunicorn's
+    workers, the web console).
+    """
+    found = find_dotenv(usecwd=True)
+    if export:
+        load_dotenv(found, override=False)
+        return dict(os.environ)
+    from_file = {k: v for k, v in dotenv_values(found).items() if v is not None} if found else {}
+    return {**from_file, **os.environ}
+
+
+class Env:
     """Typed access to an environment mapping, with errors that name the variable."""
 
     def __init__(self, environ: Mapping[str, str]) -> None:
@@ -226,15 +253,17 @@ class _Env:
         except ValueError:
             raise SettingsError(f"{name} must be {what}, got {raw!r}") from None
 
-    def integer(self, name: str, default: int | None, low: int, high: int) -> int | None:
+    def integer(self, name: str, default: int | None, low: int,
+                high: int | None) -> int | None:
         value = self._parse(name, int, "an integer")
         if value is None:
             return default
-        if not low <= value <= high:
-            raise SettingsError(f"{name} must be between {low} and {high}, got {value}")
+        if value < low or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"between {low} and {high}"
+            raise SettingsError(f"{name} must be {bounds}, got {value}")
         return value
 
-    def required_int(self, name: str, default: int, low: int, high: int) -> int:
+    def required_int(self, name: str, default: int, low: int, high: int | None) -> int:
         value = self.integer(name, default, low, high)
         assert value is not None  # noqa: S101 - default is an int, so value is too
         return value

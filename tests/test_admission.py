@@ -17,10 +17,10 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from conftest import ADMIN, OTHER, USER, USER_TOKEN
+from replicate_generation.clients import account_key
 from replicate_generation.devtools.simulator import Simulator, token_hash
 from replicate_generation.jobs.runner import JobRunner
 from replicate_generation.jobs.store import NewItem, NewJob
-from replicate_generation.model_functions import account_key
 from replicate_generation.request_parsing import parse_single
 from servers import wait_for
 

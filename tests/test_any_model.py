@@ -14,10 +14,10 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from conftest import ADMIN, SERVER_TOKEN, USER, USER_TOKEN
-from replicate_generation import schemas
-from replicate_generation.devtools import schema_models
-from replicate_generation.devtools.simulator import Simulator
+from replicate_generation.devtools.simulator import Simulator, schema_models
 from replicate_generation.errors import SettingsError
+from replicate_generation.models import schema_fetch, schemas
+from replicate_generation.models.schemas import ModelPolicy
 from replicate_generation.settings import Settings
 from test_jobs import submit_async, wait_terminal
 
@@ -30,14 +30,14 @@ IMAGE_URL = "https://example.com/photo.png"
 
 @pytest.fixture(autouse=True)
 def fresh_schema_cache() -> Iterator[None]:
-    schemas.CACHE.clear()
+    schema_fetch.CACHE.clear()
     yield
-    schemas.CACHE.clear()
+    schema_fetch.CACHE.clear()
 
 
 @pytest.fixture
 def client(make_app: Callable[..., Flask]) -> FlaskClient:
-    return make_app(model_policy="any").test_client()
+    return make_app(model_policy=ModelPolicy("any")).test_client()
 
 
 def creates(sim: Simulator) -> list[dict[str, Any]]:
@@ -145,7 +145,7 @@ def test_policy_curated_and_allow_list_refuse_what_they_should(
     status, answer = generate(curated, {"model_name": SCHNELL, "prompt": "a fox"})
     assert status == 400 and answer["field"] == "model_name"
     assert "not supported" in answer["error"]
-    allow = make_app(model_policy=f"allow:meta,{SCHNELL}").test_client()
+    allow = make_app(model_policy=ModelPolicy.parse(f"allow:meta,{SCHNELL}")).test_client()
     assert generate(allow, {"model_name": SCHNELL, "prompt": "a fox"})[0] == 200
     assert generate(allow, {"model_name": LLAMA, "prompt": "hi"})[0] == 200
     status, answer = generate(allow, {"model_name": CUTOUT, "image": IMAGE_URL})
@@ -190,7 +190,7 @@ def test_batch_of_a_non_curated_model_validates_every_item(
 
 def test_a_non_curated_job_resumes_after_a_restart_without_a_second_create(
         make_app: Callable[..., Flask], sim: Simulator) -> None:
-    first = make_app(model_policy="any", shutdown_grace_seconds=0.1)
+    first = make_app(model_policy=ModelPolicy("any"), shutdown_grace_seconds=0.1)
     job = submit_async(first.test_client(), {"model_name": f"{SCHNELL}:{OLD_SCHNELL}",
                                              "prompt": "#slow=2 a slow fox"}, ADMIN,
                        path="/generate")
@@ -198,7 +198,7 @@ def test_a_non_curated_job_resumes_after_a_restart_without_a_second_create(
     while not sim.predictions(SERVER_TOKEN) and time.monotonic() < deadline:
         time.sleep(0.05)
     first.extensions["jobs"].close()
-    second = make_app(model_policy="any").test_client()
+    second = make_app(model_policy=ModelPolicy("any")).test_client()
     done = wait_terminal(second, job["id"], ADMIN, timeout=20)
     assert done["state"] == "succeeded", done
     assert len(creates(sim)) == 1
@@ -206,13 +206,13 @@ def test_a_non_curated_job_resumes_after_a_restart_without_a_second_create(
 
 def test_schema_fetch_failures_are_clear_and_create_nothing(
         make_app: Callable[..., Flask], sim: Simulator) -> None:
-    client = make_app(model_policy="any").test_client()
+    client = make_app(model_policy=ModelPolicy("any")).test_client()
     sim.config.invalid_tokens = {USER_TOKEN}
     response = client.post("/generate", headers=USER, json={"model_name": SCHNELL,
                                                             "prompt": "a fox"})
     assert response.status_code == 401, response.get_json()
     assert response.get_json()["error_type"] == "replicate_unauthorized"
-    unreachable = make_app(model_policy="any",
+    unreachable = make_app(model_policy=ModelPolicy("any"),
                            replicate_base_url="http://127.0.0.1:9").test_client()
     status, answer = generate(unreachable, {"model_name": SCHNELL, "prompt": "a fox"})
     assert status == 502 and answer["error_type"] == "schema_unavailable", answer
@@ -220,8 +220,8 @@ def test_schema_fetch_failures_are_clear_and_create_nothing(
 
 
 def test_model_policy_setting_is_checked_at_start() -> None:
-    assert Settings.from_env({}).model_policy == "curated"
-    assert Settings.from_env({"MODEL_POLICY": "allow:meta, acme/cutout"}).model_policy
+    assert Settings.from_env({}).model_policy == ModelPolicy("curated")
+    assert Settings.from_env({"MODEL_POLICY": "allow:meta, acme/cutout"}).model_policy.allowed
     for bad in ("some", "allow:", "allow:a b"):
         with pytest.raises(SettingsError, match="MODEL_POLICY"):
             Settings.from_env({"MODEL_POLICY": bad})
@@ -233,7 +233,7 @@ def test_openapi_describes_other_models_generically_only_when_allowed(
         make_app: Callable[..., Flask]) -> None:
     curated = make_app().test_client().get("/openapi.json").get_json()["components"]["schemas"]
     assert "Generate_other" not in curated and "discriminator" in curated["GenerateRequest"]
-    spec = make_app(model_policy="any").test_client().get("/openapi.json").get_json()
+    spec = make_app(model_policy=ModelPolicy("any")).test_client().get("/openapi.json").get_json()
     found = spec["components"]["schemas"]
     other = found["Generate_other"]["properties"]["model_name"]
     assert other["pattern"] == schemas.MODEL_NAME_PATTERN

@@ -12,8 +12,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from conftest import ADMIN, ADMIN_KEY, OTHER, SERVER_TOKEN, USER, USER_TOKEN
-from replicate_generation.catalogue import MODELS
 from replicate_generation.devtools.simulator import Simulator
+from replicate_generation.models.catalogue import MODELS
 
 PNG_1PX = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 16).decode()
 

@@ -20,10 +20,12 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from conftest import ADMIN, OTHER, OTHER_TOKEN, SERVER_TOKEN, USER, USER_TOKEN
-from replicate_generation.concurrency_manager import ConcurrencyManager, Limits, SQLiteLimitStore
+from replicate_generation.clients import account_key
+from replicate_generation.concurrency_manager import ConcurrencyManager
 from replicate_generation.devtools.simulator import Simulator
 from replicate_generation.jobs import webhooks
-from replicate_generation.model_functions import account_key
+from replicate_generation.limits.base import Limits
+from replicate_generation.limits.sqlite import SQLiteLimitStore
 from servers import wait_for
 
 TERMINAL = {"succeeded", "partially_failed", "failed", "canceled"}

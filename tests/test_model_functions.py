@@ -1,18 +1,14 @@
-"""Pure pieces of model_functions: 429 hints, account names, the catalogue's shape."""
+"""Pure pieces of clients and models/: 429 hints, account names, the catalogue's shape."""
 
 from __future__ import annotations
 
 import httpx
 import pytest
 
-from replicate_generation.catalogue import MODELS
+from replicate_generation.clients import account_key, retry_after_of
 from replicate_generation.errors import InvalidRequest
-from replicate_generation.model_functions import (
-    account_key,
-    build_input,
-    resolve_model,
-    retry_after_of,
-)
+from replicate_generation.models.catalogue import MODELS
+from replicate_generation.models.validation import build_input, resolve_model
 
 THROTTLED = "Request was throttled. Your rate limit resets in ~7s."
 

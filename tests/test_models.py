@@ -16,11 +16,11 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from conftest import ADMIN, SERVER_TOKEN
-from replicate_generation.catalogue import MODELS
 from replicate_generation.devtools import simulator as replicate_simulator
 from replicate_generation.devtools.simulator import Simulator
 from replicate_generation.errors import InvalidRequest
-from replicate_generation.model_functions import build_input
+from replicate_generation.models.catalogue import MODELS
+from replicate_generation.models.validation import build_input
 
 SEED_MAX = 2**32 - 1
 BASIC_RATIOS = ("1:1", "16:9", "9:16", "3:4", "4:3")

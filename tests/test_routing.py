@@ -1,4 +1,4 @@
-"""routing.py: reference routing, fallback inputs and triggers, chains, cost, the placeholder."""
+"""models/: reference routing, fallback inputs and triggers, chains, cost, the placeholder."""
 
 from __future__ import annotations
 
@@ -10,18 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from replicate_generation import routing
-from replicate_generation.catalogue import MODELS, ModelSpec
 from replicate_generation.errors import InvalidRequest
-from replicate_generation.model_functions import build_input
+from replicate_generation.models import placeholder, routing
+from replicate_generation.models.catalogue import MODELS, ModelSpec
+from replicate_generation.models.chains import DEFAULT_CHAINS, FallbackChains
+from replicate_generation.models.cost import estimate_cost
+from replicate_generation.models.fallback import fallback_input, should_fall_back
+from replicate_generation.models.routing import plan
+from replicate_generation.models.validation import build_input
 from replicate_generation.outputs import DownloadError
-from replicate_generation.routing import (
-    FallbackChains,
-    estimate_cost,
-    fallback_input,
-    plan,
-    should_fall_back,
-)
 
 URL = "https://example.com/a.png"
 URL2 = "https://example.com/b.png"
@@ -342,7 +339,7 @@ def test_default_chains() -> None:
         "chatterbox": []}
     assert FallbackChains.parse("").as_dict() == FallbackChains.parse("  ").as_dict() \
         == FallbackChains.default().as_dict() == {
-            k: list(v) for k, v in routing.DEFAULT_CHAINS.items()}
+            k: list(v) for k, v in DEFAULT_CHAINS.items()}
 
 
 def test_every_chain_ends_without_repeats() -> None:
@@ -432,7 +429,7 @@ def read_png(data: bytes) -> tuple[tuple[int, ...], bytes]:
 
 def test_the_placeholder_is_a_black_1600x900_png(tmp_path: Path) -> None:
     root = tmp_path / "output"
-    saved = routing.write_placeholder(m("qwen-image"), root / "req1", "cover", root=root)
+    saved = placeholder.write_placeholder(m("qwen-image"), root / "req1", "cover", root=root)
     assert saved.path == (root / "req1" / "cover.png").resolve()
     assert saved.relative == "req1/cover.png" and saved.content_type == "image/png"
     data = saved.path.read_bytes()
@@ -447,9 +444,9 @@ def test_the_placeholder_is_only_for_images_and_only_under_the_root(tmp_path: Pa
     root = tmp_path / "output"
     for model_id in ("veo-3-fast", "kling-v2.1-master", "chatterbox"):
         with pytest.raises(ValueError, match="placeholder"):
-            routing.write_placeholder(m(model_id), root / "r", "x", root=root)
+            placeholder.write_placeholder(m(model_id), root / "r", "x", root=root)
     with pytest.raises(DownloadError):
-        routing.write_placeholder(m("flux-dev"), tmp_path / "elsewhere", "x", root=root)
+        placeholder.write_placeholder(m("flux-dev"), tmp_path / "elsewhere", "x", root=root)
     with pytest.raises(ValueError):
-        routing.write_placeholder(m("flux-dev"), root / "r", "../x", root=root)
+        placeholder.write_placeholder(m("flux-dev"), root / "r", "../x", root=root)
     assert not (tmp_path / "elsewhere").exists()
