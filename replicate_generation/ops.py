@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hmac
 import sqlite3
 from importlib import resources
-from typing import cast
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request, send_file
 from sqlalchemy.exc import DBAPIError
@@ -14,6 +12,8 @@ from werkzeug.exceptions import Forbidden, NotFound, Unauthorized
 
 from replicate_generation import metrics
 from replicate_generation.errors import StoreUnavailable
+from replicate_generation.http import context
+from replicate_generation.http.auth import same_secret
 from replicate_generation.jobs.runner import JobRunner
 from replicate_generation.openapi import DOCS_ASSETS, build_spec
 from replicate_generation.settings import Settings
@@ -58,20 +58,13 @@ def register(app: Flask, version: str) -> None:
     app.extensions["openapi_version"] = version
 
 
-def _settings() -> Settings:
-    return cast(Settings, current_app.extensions["settings"])
-
-
-def _runner() -> JobRunner:
-    return cast(JobRunner, current_app.extensions["jobs"])
-
-
 @ops.get("/openapi.json")
 def openapi() -> Response:
     """The OpenAPI 3.1 description, generated from the catalogue and the route table."""
     spec = current_app.extensions.get("openapi_spec")
     if spec is None:
-        spec = build_spec(current_app, _settings(), current_app.extensions["openapi_version"])
+        version = current_app.extensions["openapi_version"]
+        spec = build_spec(current_app, context.settings(), version)
         current_app.extensions["openapi_spec"] = spec
     return jsonify(spec)
 
@@ -103,7 +96,7 @@ def _with_csp(response: Response) -> Response:
 @ops.get("/ready")
 def ready() -> tuple[Response, int]:
     """200 once the store is open and the dispatcher runs; 503 while either is not."""
-    checks = readiness_checks(_runner())
+    checks = readiness_checks(context.runner())
     if all(value == "ok" for value in checks.values()):
         return jsonify(status="ready", checks=checks), 200
     return jsonify(status="not_ready", error="The service is not ready", checks=checks), 503
@@ -128,8 +121,8 @@ def readiness_checks(runner: JobRunner) -> dict[str, str]:
 @ops.get("/metrics")
 def metrics_view() -> Response:
     """Prometheus text exposition, to whoever METRICS_ACCESS allows."""
-    _check_scraper(_settings())
-    runner = _runner()
+    _check_scraper(context.settings())
+    runner = context.runner()
     body = metrics.render(metrics.StateCollector(runner.generator.manager, runner.store))
     return Response(body, mimetype="text/plain", content_type=metrics.CONTENT_TYPE_LATEST)
 
@@ -145,19 +138,12 @@ def _check_scraper(settings: Settings) -> None:
         if "X-Replicate-API-Key" in request.headers:
             raise Forbidden("Metrics need the admin key (X-Admin-API-Key)")
         raise Unauthorized("Metrics need the admin key (X-Admin-API-Key)")
-    if not _same(given, settings.admin_api_key):
+    if not same_secret(given, settings.admin_api_key):
         raise Unauthorized("Metrics need the admin key (X-Admin-API-Key)")
 
 
 def _check_bearer(expected: str) -> None:
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not _same(given.strip(), expected):
+    if scheme.lower() != "bearer" or not same_secret(given.strip(), expected):
         raise Unauthorized("Metrics need the METRICS_TOKEN as a bearer token",
                            www_authenticate=WWWAuthenticate("bearer", {"realm": "metrics"}))
-
-
-def _same(given: str, expected: str | None) -> bool:
-    """Constant-time; an unset expected value matches nothing."""
-    if not expected:
-        return False
-    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8"))

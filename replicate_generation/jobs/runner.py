@@ -26,10 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote
 
 from replicate_generation.backends import job_store_target, jobs_backend, limits_backend
+from replicate_generation.clients import account_key
 from replicate_generation.errors import (
     GenerationError,
     InvalidRequest,
@@ -42,6 +41,7 @@ from replicate_generation.errors import (
 )
 from replicate_generation.generation import Generator, Resume, Task, TaskResult, execute
 from replicate_generation.jobs import webhooks
+from replicate_generation.jobs.bodies import job_with_items
 from replicate_generation.jobs.store import (
     CANCEL_UNCONFIRMED,
     ItemOutcome,
@@ -51,13 +51,8 @@ from replicate_generation.jobs.store import (
     NewItem,
     NewJob,
 )
-from replicate_generation.model_functions import (
-    TERMINAL,
-    Attempt,
-    Hooks,
-    account_key,
-    resolve_model,
-)
+from replicate_generation.model_functions import TERMINAL, Attempt, Hooks
+from replicate_generation.models.validation import resolve_model
 from replicate_generation.observability import (
     bind_request_id,
     current_request_id,
@@ -481,7 +476,7 @@ class JobRunner:
         job = self.store.claim_webhook(self._clock(), WEBHOOK_LEASE_SECONDS)
         if job is None or key is None or job.webhook_url is None:
             return False
-        payload = self.describe(job, url_root="")
+        payload = job_with_items(job, self.store.items(job.id), self.settings.output_dir)
         attempt = job.webhook_attempts + 1
         result = webhooks.deliver(
             job.webhook_url, payload, secret=webhook_secret(key, job.account),
@@ -502,55 +497,6 @@ class JobRunner:
         log.info("webhook for job %s failed (attempt %d, %s); next in %.1fs", job.id, attempt,
                  result.error, pause)
         return True
-
-    # -- views ---------------------------------------------------------------------------------
-
-    def describe(self, job: JobRow, *, url_root: str, items: bool = True) -> dict[str, Any]:
-        """The job as the API shows it: state, counts, timestamps and (optionally) its items."""
-        body: dict[str, Any] = {
-            "id": job.id, "object": "job", "kind": job.kind, "state": job.state,
-            "status_url": f"{url_root}/jobs/{job.id}", "output_id": job.request_id,
-            "request_id": job.request_id,  # the output directory's id, as before: see output_id
-            "total": job.item_count, "counts": job.counts,
-            "created_at": _iso(job.created_at), "started_at": _iso(job.started_at),
-            "finished_at": _iso(job.finished_at),
-            "cancel_requested_at": _iso(job.cancel_requested_at),
-            "cost_usd": None,
-        }
-        if job.webhook_url:
-            body["webhook"] = {"url": job.webhook_url, "state": job.webhook_state,
-                               "attempts": job.webhook_attempts, "error": job.webhook_error}
-        if items:
-            rows = self.store.items(job.id)
-            body["items"] = [self.describe_item(r, url_root=url_root) for r in rows]
-            costs = [r.cost_usd for r in rows if r.cost_usd is not None]
-            body["cost_usd"] = round(sum(costs), 6) if costs else 0.0
-        return body
-
-    def describe_item(self, item: ItemRow, *, url_root: str) -> dict[str, Any]:
-        spec = item.spec
-        shown = self.settings.output_dir
-        return {
-            "index": item.index, "state": item.state,
-            "success": item.state == "succeeded",
-            "prompt": spec["input"].get("prompt"),
-            "seed": spec["input"].get("seed"),
-            "files": [(shown / f).as_posix() for f in item.files],
-            # Percent-encoded: a name may hold '#', '%' or ' ', and /files decodes once.
-            "urls": [f"{url_root}/files/{quote(f)}" for f in item.files],
-            "count": len(item.files),
-            "model_requested": spec["requested"],
-            "model_used": item.model_used,
-            "routed": spec.get("routed"),
-            "notes": [*spec.get("notes", []), *item.notes],
-            "prediction_id": item.prediction_id or _last_prediction(item.attempts),
-            "attempts": item.attempts,
-            "cost_usd": item.cost_usd,
-            "placeholder": item.placeholder,
-            "error": item.error, "error_type": item.error_type,
-            "queued_at": _iso(item.queued_at), "started_at": _iso(item.started_at),
-            "finished_at": _iso(item.finished_at),
-        }
 
     # -- stopping ------------------------------------------------------------------------------
 
@@ -616,20 +562,6 @@ def _outcome(result: TaskResult) -> ItemOutcome:
         attempts=[a.as_dict() for a in result.attempts], files=result.files,
         error=str(error) if error else None, error_type=error.kind if error else None,
         cost_usd=result.cost_usd, placeholder=result.placeholder, notes=result.notes)
-
-
-
-def _last_prediction(attempts: list[dict[str, Any]]) -> str | None:
-    for attempt in reversed(attempts):
-        if attempt.get("prediction_id"):
-            return str(attempt["prediction_id"])
-    return None
-
-
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
 
 
 def output_path(root: Path, relative: str) -> Path | None:

@@ -14,7 +14,6 @@ from flask import (
     Blueprint,
     Response,
     current_app,
-    jsonify,
     redirect,
     render_template,
     request,
@@ -25,6 +24,9 @@ from werkzeug.exceptions import NotFound
 from werkzeug.test import run_wsgi_app
 from werkzeug.wrappers import Response as WerkzeugResponse
 
+from replicate_generation.http import context
+from replicate_generation.http.auth import same_secret, token_shaped
+from replicate_generation.http.errors import error_response
 from replicate_generation.web.sessions import ConsoleSession, SessionStore
 
 HERE = Path(__file__).resolve().parent
@@ -36,7 +38,6 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
 # What the console may reach of the JSON API (no /configure, no webhook secret).
 FORWARDED = re.compile(r"^(models|status|generate-batch|jobs(/[A-Za-z0-9_-]+"
                        r"(/(cancel|retry|archive))?)?|files/.+)$")
-TOKEN_SHAPE = re.compile(r"^[\x21-\x7e]{8,256}$")
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 
 
@@ -135,12 +136,12 @@ def api_write(path: str) -> WerkzeugResponse:
 def _api(path: str) -> WerkzeugResponse:
     current = _current()
     if current is None:
-        return _json_error(401, "Sign in to the console first")
+        return error_response(401, "Sign in to the console first")
     if request.method in STATE_CHANGING and not _csrf_ok(current.csrf,
                                                         request.headers.get("X-CSRF-Token")):
-        return _json_error(403, "Missing or wrong CSRF token")
+        return error_response(403, "Missing or wrong CSRF token")
     if not FORWARDED.match(path):
-        return _json_error(404, "Not a console route")
+        return error_response(404, "Not a console route")
     return _forward(path, current)
 
 
@@ -150,7 +151,7 @@ def _forward(path: str, current: ConsoleSession) -> WerkzeugResponse:
                             "werkzeug.request")}
     environ["PATH_INFO"] = "/" + path
     if current.admin:
-        environ["HTTP_X_ADMIN_API_KEY"] = current_app.extensions["settings"].admin_api_key or ""
+        environ["HTTP_X_ADMIN_API_KEY"] = context.settings().admin_api_key or ""
     else:
         environ["HTTP_X_REPLICATE_API_KEY"] = current.token or ""
     body, status, headers = run_wsgi_app(current_app.wsgi_app, environ)
@@ -173,21 +174,13 @@ def _drain(body: Iterable[bytes]) -> bytes:
 
 def _key_ok(admin: bool, key: str) -> bool:
     if admin:
-        expected = current_app.extensions["settings"].admin_api_key
-        return bool(expected) and hmac.compare_digest(key.encode("utf-8", "surrogatepass"),
-                                                      expected.encode("utf-8"))
-    return bool(TOKEN_SHAPE.match(key))
+        return same_secret(key, context.settings().admin_api_key)
+    return token_shaped(key)
 
 
 def _csrf_ok(expected: object, given: str | None) -> bool:
     return (isinstance(expected, str) and given is not None
             and hmac.compare_digest(expected.encode(), given.encode("utf-8", "surrogatepass")))
-
-
-def _json_error(status: int, message: str) -> WerkzeugResponse:
-    response = jsonify(error=message)
-    response.status_code = status
-    return response
 
 
 def _plain(status: int, message: str) -> WerkzeugResponse:

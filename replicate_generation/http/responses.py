@@ -1,0 +1,137 @@
+"""The bodies the JSON routes answer with: /health and /status, the results of /generate and
+/generate-batch, job pages, /configure's view of the limits, and a job's files as one zip."""
+
+from __future__ import annotations
+
+import tempfile
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from replicate_generation.concurrency_manager import ConcurrencyManager
+from replicate_generation.http.auth import Caller
+from replicate_generation.http.errors import STATUS_BY_KIND
+from replicate_generation.http.limit_fields import effective, limits_view, sources_view
+from replicate_generation.jobs.bodies import job_body, job_with_items
+from replicate_generation.jobs.runner import JobRunner, output_path
+from replicate_generation.jobs.store import ItemRow, JobRow
+from replicate_generation.models.catalogue import MODELS
+from replicate_generation.observability import current_request_id
+from replicate_generation.settings import Settings
+
+SERVICE = "replicate-concurrent-generation"
+VERSION = "3.1.0"
+# Zips larger than this spill from memory to a temporary file on disk.
+SPOOL_BYTES = 8 * 1024 * 1024
+
+
+def health(settings: Settings, runner: JobRunner) -> dict[str, Any]:
+    """Liveness, each backend, and the limits in force when the limiter answers."""
+    dependencies = runner.dependencies()
+    healthy = all(d["status"] == "ok" for d in dependencies.values())
+    return {"status": "healthy" if healthy else "degraded", "service": SERVICE,
+            "version": VERSION, "supported_models": sorted(MODELS),
+            "dependencies": dependencies,
+            "concurrency_status": limits_view(runner.generator.manager.limits())
+            if dependencies["limits"]["status"] == "ok" else None,
+            "admin_key_configured": bool(settings.admin_api_key),
+            "server_token_configured": bool(settings.replicate_api_token)}
+
+
+def status(caller: Caller | None, settings: Settings, runner: JobRunner) -> dict[str, Any]:
+    """Totals for everyone, the caller's account for a user, every account for the admin."""
+    generator = runner.generator
+    totals = generator.manager.stats()
+    accounts = [a for a in totals if caller is not None and (caller.admin or
+                                                              a.account == caller.account)]
+    sources = generator.manager.limit_sources()
+    # Admin only: what this process keeps per account (bounded by the accounts with work here).
+    held = {"process": runner.held()} if caller is not None and caller.admin else {}
+    return {
+        **held,
+        "service": SERVICE, "version": VERSION, "backends": runner.backends(),
+        "limits": limits_view(effective(sources)),
+        "limit_sources": sources_view(sources),
+        "admin_api_configured": bool(settings.admin_api_key),
+        "default_replicate_key_configured": bool(settings.replicate_api_token),
+        "totals": {"in_flight": sum(a.in_flight for a in totals),
+                   "waiting": sum(a.waiting for a in totals),
+                   "creates_last_minute": sum(a.creates_last_minute for a in totals),
+                   "queued_in_this_process": generator.dispatcher.queued()},
+        "accounts": [{**a._asdict(), "queued_in_this_process": generator.dispatcher.queued(
+            a.account)} for a in accounts]}
+
+
+def configuration(manager: ConcurrencyManager, message: str) -> dict[str, Any]:
+    """The limits in force after a /configure change, and what set each one."""
+    sources = manager.limit_sources()
+    return {"success": True, "message": message, "new_settings": limits_view(effective(sources)),
+            "limit_sources": sources_view(sources)}
+
+
+def single_result(job: JobRow, items: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
+    """The seed's /generate shape, plus the job and the full result."""
+    item = items[0]
+    body: dict[str, Any] = {"success": item["success"], "model_name": item["model_requested"],
+                            "model_used": item["model_used"], "prompt": item["prompt"],
+                            "files": item["files"], "urls": item["urls"],
+                            "count": item["count"], "prediction_id": item["prediction_id"],
+                            "request_id": current_request_id(), "output_id": job.request_id,
+                            "job_id": job.id, "cost_usd": item["cost_usd"], "results": items}
+    if item["success"]:
+        return body, 200
+    body["error"] = f"Generation failed: {item['error']}"
+    body["error_type"] = item["error_type"]
+    body["placeholder"] = item["placeholder"]
+    return body, STATUS_BY_KIND.get(str(item["error_type"]), 502)
+
+
+def batch_result(job: JobRow, items: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
+    """The seed's /generate-batch shape, plus the job and every result in input order."""
+    ok = [i for i in items if i["success"]]
+    failed = [i for i in items if not i["success"]]
+    models = sorted({str(i["model_requested"]) for i in items})
+    return {
+        "success": not failed, "model_name": models[0] if len(models) == 1 else models,
+        "request_id": current_request_id(), "output_id": job.request_id, "job_id": job.id,
+        "state": job.state,
+        "total_prompts": len(items), "successful_count": len(ok), "failed_count": len(failed),
+        "successful_results": [{"prompt_index": i["index"], "files": i["files"],
+                                "urls": i["urls"], "prompt": i["prompt"], "count": i["count"]}
+                               for i in ok],
+        "failed_results": [{"prompt_index": i["index"], "prompt": i["prompt"],
+                            "error": i["error"], "error_type": i["error_type"]}
+                           for i in failed],
+        "cost_usd": round(sum(float(i["cost_usd"] or 0) for i in items), 6),
+        "results": items}, 200
+
+
+def full_job(runner: JobRunner, job: JobRow) -> dict[str, Any]:
+    """A job with every item, as GET /jobs/<id> shows it."""
+    return job_with_items(job, runner.store.items(job.id), runner.settings.output_dir)
+
+
+def job_page(jobs: list[JobRow], limit: int) -> dict[str, Any]:
+    """One page of a job list, given up to one job past the page (which says there is more)."""
+    page = jobs[:limit]
+    has_more = len(jobs) > limit
+    return {"object": "list", "data": [job_body(j) for j in page], "has_more": has_more,
+            "next": f"/jobs?limit={limit}&after={page[-1].id}" if has_more else None}
+
+
+def job_zip(runner: JobRunner, job: JobRow) -> tempfile.SpooledTemporaryFile[bytes]:
+    """Every file the job wrote, in input order, each under its own name (unique in the job)."""
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # send_file closes it
+    _write_zip(spool, runner.store.items(job.id), runner.generator.runtime.output_root)
+    spool.seek(0)
+    return spool
+
+
+def _write_zip(target: tempfile.SpooledTemporaryFile[bytes], items: list[ItemRow],
+               root: Path) -> None:
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as archive:
+        for item in items:
+            for relative in item.files:
+                path = output_path(root, relative)
+                if path is not None and path.is_file():
+                    archive.write(path, arcname=PurePosixPath(relative).name)

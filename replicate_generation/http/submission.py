@@ -1,0 +1,101 @@
+"""Turning a request into a job: /generate and /generate-batch (idempotency key, webhook policy,
+answer at once or wait for the results) and /jobs/<id>/retry (the failed items as a new job)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from flask import g, jsonify, request
+
+from replicate_generation.errors import IdempotencyConflict, InvalidRequest
+from replicate_generation.generation import Task
+from replicate_generation.http import context
+from replicate_generation.http.auth import paying_token
+from replicate_generation.http.errors import Answer, ApiError
+from replicate_generation.jobs import webhooks
+from replicate_generation.jobs.bodies import item_body, job_body
+from replicate_generation.jobs.runner import JobRunner, Submission
+from replicate_generation.jobs.store import ItemRow, JobRow
+from replicate_generation.request_parsing import Parsed, estimate, request_hash
+
+IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
+# The finished job's body as the route shows it, with its status code.
+Shape = Callable[[JobRow, list[dict[str, Any]]], tuple[dict[str, Any], int]]
+
+
+def submit(kind: str, body: dict[str, Any], parsed: Parsed, shape: Shape) -> Answer:
+    """Run a parsed request as a job: 202 with the job when async, else wait and answer."""
+    if parsed.options.dry_run:
+        return jsonify(estimate(parsed.tasks)), 200, {}
+    token = paying_token(g.caller)
+    submission = Submission(
+        kind=kind, tasks=parsed.tasks, idempotency_key=_idempotency_key(),
+        request_hash=request_hash(request.path, body),
+        webhook_url=_webhook_target(parsed.options.webhook),
+        webhook_private=g.caller.admin)
+    runner = context.runner()
+    try:
+        job, created = runner.submit(token, submission)
+    except IdempotencyConflict:
+        raise ApiError(422, "This Idempotency-Key was already used with a different request "
+                       "body", field="Idempotency-Key") from None
+    headers = {"Location": f"/jobs/{job.id}"}
+    if not created:
+        headers["Idempotent-Replayed"] = "true"
+    if parsed.options.run_async or _prefers_async():
+        headers["Preference-Applied"] = "respond-async"
+        return jsonify(job_body(job)), 202, headers
+    return _when_done(runner, job, shape, headers)
+
+
+def _when_done(runner: JobRunner, job: JobRow, shape: Shape, headers: dict[str, str]) -> Answer:
+    finished = runner.wait(job.id)
+    if finished is None:  # removed by retention while we waited: cannot happen in practice
+        raise ApiError(404, "Job not found")
+    items = [item_body(i, runner.settings.output_dir) for i in runner.store.items(job.id)]
+    payload, status = shape(finished, items)
+    return jsonify(payload), status, headers
+
+
+def retry(job: JobRow) -> Answer:
+    """A new job with the job's failed items, same models and parameters: 202 with it."""
+    runner = context.runner()
+    tasks = _failed_tasks(runner.store.items(job.id))
+    if not tasks:
+        raise ApiError(409, "This job has no failed item to retry")
+    new_job, _ = runner.submit(paying_token(g.caller), Submission(kind=job.kind, tasks=tasks))
+    body = job_body(new_job)
+    body["retry_of"] = job.id
+    return jsonify(body), 202, {"Location": f"/jobs/{new_job.id}"}
+
+
+def _failed_tasks(items: list[ItemRow]) -> list[Task]:
+    failed = [item for item in items if item.state == "failed"]
+    return [Task.from_record(index, item.spec) for index, item in enumerate(failed)]
+
+
+def _prefers_async() -> bool:
+    prefer = request.headers.get("Prefer", "")
+    return any(p.strip().lower().startswith("respond-async") for p in prefer.split(","))
+
+
+def _idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not IDEMPOTENCY_KEY.match(key):
+        raise ApiError(400, "Idempotency-Key must be 1 to 255 printable ASCII characters",
+                       field="Idempotency-Key")
+    return key
+
+
+def _webhook_target(url: str | None) -> str | None:
+    """Check a webhook URL against the policy for this caller (see docs/webhooks.md)."""
+    if url is None:
+        return None
+    if not context.settings().webhook_signing_key:
+        raise InvalidRequest("webhook", "Webhooks are not enabled on this server "
+                             "(WEBHOOK_SIGNING_KEY is not set)")
+    return webhooks.check_target(url, allow_private=g.caller.admin)
