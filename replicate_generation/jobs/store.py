@@ -1,11 +1,5 @@
-"""Durable jobs: every job, item, prediction id and attempt, in the shared SQLite state file or
-in PostgreSQL (one code path, SQLAlchemy Core; tables in schema.py, migrations in
-replicate_generation/migrations).
-
-A job belongs to the process that runs it (`owner`, a worker id with a heartbeat). When an owner's
-heartbeat stops, another process claims its unfinished jobs and resumes them: an item with a
-prediction id is polled, never created again. Nothing here calls Replicate.
-"""
+"""Durable jobs: every job, item, prediction id and attempt, in the SQLite state file or PostgreSQL
+(one code path, SQLAlchemy Core); a dead owner's unfinished jobs are claimed and resumed."""
 
 from __future__ import annotations
 
@@ -41,6 +35,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from replicate_generation.errors import IdempotencyConflict, StoreBusy, StoreUnavailable
+from replicate_generation.jobs.migrations import migrate as migrate
+from replicate_generation.jobs.migrations import upgrade
 from replicate_generation.jobs.schema import (
     Backend,
     backend_of,
@@ -53,8 +49,6 @@ from replicate_generation.jobs.schema import (
     reachable,
     ready_probe,
 )
-from replicate_generation.migrations import migrate as migrate
-from replicate_generation.migrations import upgrade
 from replicate_generation.sqlite_db import (
     WRITE_PATIENCE_S,
     is_busy,
