@@ -1,13 +1,6 @@
-"""The dispatcher: runs tasks on a thread pool, per account in FIFO order.
-
-Each account gets at most as many runner threads as its concurrency limit, so one account's
-10,000-item batch can never occupy every pool thread while another account's single request
-waits: threads only ever block on their own account's limits.
-
-Admission is fair too: an account may queue at most `max_queued_per_account` tasks, and an
-account over its fair share of the global queue may fill it only up to a reserve that is kept for
-accounts within theirs, so a small newcomer is admitted while a flooder is at its limit.
-"""
+"""Runs tasks on a thread pool, per account in FIFO order, with at most the account's concurrency
+limit of threads each, so one account's batch never holds every thread; admission keeps a
+reserve for accounts within their fair share of the queue."""
 
 from __future__ import annotations
 

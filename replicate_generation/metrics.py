@@ -1,10 +1,5 @@
-"""Prometheus metrics: event counters recorded where things happen, state read at scrape time.
-
-Under gunicorn (PROMETHEUS_MULTIPROC_DIR set by gunicorn_conf) every worker writes its events to
-that directory and a scrape of any worker adds them all up. State (leases, waiters, jobs) is read
-from the shared state file at scrape time, so every worker answers the same. Labels are models,
-outcomes, endpoints and status classes only: never an account, a token or a prompt.
-"""
+"""Prometheus metrics: events counted where they happen (across gunicorn workers), state read from
+the shared stores at scrape time. Labels never name an account, a token or a prompt."""
 
 from __future__ import annotations
 
@@ -28,7 +23,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:  # the limiter records into this module: no import cycle at run time
-    from replicate_generation.concurrency_manager import AccountStats
+    from replicate_generation.limits.base import AccountStats
 
 __all__ = ["CONTENT_TYPE_LATEST", "StateCollector", "render"]
 

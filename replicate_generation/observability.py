@@ -1,9 +1,5 @@
-"""Request ids and log lines: an `X-Request-ID` on every response and in every log line of that
-request and of its job, in the error body, and JSON log lines (LOG_FORMAT=json) for shippers.
-
-The id lives in a contextvar: HTTP threads bind it per request, the job runner binds the id a job
-was submitted with while it runs that job's items. A logging filter copies it onto each record.
-"""
+"""Request ids and log lines: an X-Request-ID on every response, error body and log line of a
+request and of its job (a contextvar), and JSON log lines (LOG_FORMAT=json) for shippers."""
 
 from __future__ import annotations
 

@@ -1,12 +1,7 @@
 """Find out whether a create whose answer was lost made a prediction.
 
-Replicate has no idempotency key, so a create whose answer is missing or ambiguous (a read
-timeout, a dropped connection, a 5xx, a body that is not a prediction, a process killed while
-the POST was in flight) may or may not have made a prediction. Creating again could pay twice;
-giving up could lose a paid one. Instead the account's predictions since the intent are listed
-(`GET /v1/predictions?created_after=...`, newest first, paginated) and matched by model and
-input; only a listing that proves the prediction does not exist allows a new create.
-"""
+Replicate has no idempotency key: the account's predictions since the intent are listed and
+matched by model and input, and only a listing that proves there is none allows a new create."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""One SQLite file shared by every process on the host: per-thread connections, WAL, short writes.
-
-Both the limit store and the job store live in the state file; this is the part they share
-(the job store through SQLAlchemy: `sqlite_engine`, `sqlite_transaction`, same rules).
-"""
+"""One SQLite file shared by every process on the host (the limit and job stores): per-thread
+connections, WAL, short writes queued per process."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""The job store's tables, defined once for SQLite and PostgreSQL, and the engines that hold them.
-
-The tables here are the head of the migrations (replicate_generation/migrations); a change to them
-ships with a new revision.
-"""
+"""The job store's tables for SQLite and PostgreSQL, and the engines that hold them; a change here
+ships with a new migration revision."""
 
 from __future__ import annotations
 

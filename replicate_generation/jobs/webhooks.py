@@ -1,23 +1,7 @@
-"""Job-completion webhooks, signed the Standard Webhooks way (https://www.standardwebhooks.com/).
+"""Job-completion webhooks, signed the Standard Webhooks way, sent only to checked addresses.
 
-Every delivery is one POST of the job's JSON (compact) with three headers:
-
-- ``webhook-id``: the message id, the same on every attempt (the receiver's idempotency key);
-- ``webhook-timestamp``: the attempt's time, integer unix seconds;
-- ``webhook-signature``: ``v1,<base64 HMAC-SHA256(key, "{id}.{timestamp}.{body}")>``.
-
-A ``whsec_<base64>`` secret signs with the decoded bytes; any other string with its UTF-8 bytes.
-
-SSRF policy (docs/webhooks.md): admin-key callers are internal services and may name any http(s)
-host (``allow_private=True``). Everyone else may only name an https URL whose host, when checked
-and again at every delivery, resolves only to globally routable addresses. A delivery to such a
-target connects to the very address that was checked (the host name still goes in the Host
-header, the TLS SNI and the certificate check), so a DNS answer that changes between the check
-and the connection cannot steer it to an internal address.
-
-Nothing here sleeps or keeps state: the caller schedules attempts (``retry_delay``) and stores
-the outcome. No error text ever contains the secret.
-"""
+Non-admin callers may name only https hosts that resolve to public addresses, and every delivery
+connects to the address checked (docs/webhooks.md). Nothing here sleeps or keeps state."""
 
 from __future__ import annotations
 
