@@ -184,10 +184,26 @@ def batch_tasks_schema(max_items: int) -> Schema:
 # --------------------------------------------------------------------------- responses
 
 
+def _primitives() -> tuple[Schema, Schema, Schema, Schema]:
+    """New string, number, boolean and list-of-strings schemas, for one build of the document."""
+    string = {"type": "string"}
+    return string, {"type": "number"}, {"type": "boolean"}, {"type": "array", "items": string}
+
+
 def response_schemas() -> dict[str, Schema]:
     """Components for what the service answers."""
-    string, number, boolean = {"type": "string"}, {"type": "number"}, {"type": "boolean"}
-    strings = {"type": "array", "items": string}
+    string, _, _, strings = _primitives()
+    return {
+        "Error": {"type": "object", "required": ["error"], "description": "The one error shape.",
+                  "properties": {"error": string, "request_id": string, "field": string,
+                                 "supported_models": strings, "error_type": string}},
+        **_job_schemas(), **_result_schemas(), **_health_schemas(), **_admin_schemas(),
+    }
+
+
+def _job_schemas() -> dict[str, Schema]:
+    """A job, its items, and a page of jobs."""
+    string, _, boolean, strings = _primitives()
     item = {"type": "object", "properties": {
         "index": {"type": "integer"}, "state": {"enum": ITEM_STATES}, "success": boolean,
         "prompt": nullable("string"), "seed": nullable("integer"), "files": strings,
@@ -209,13 +225,17 @@ def response_schemas() -> dict[str, Schema]:
         "cancel_requested_at": nullable("string"), "cost_usd": nullable("number"),
         "webhook": {"type": "object"}, "items": {"type": "array", "items": ref("JobItem")}}}
     return {
-        "Error": {"type": "object", "required": ["error"], "description": "The one error shape.",
-                  "properties": {"error": string, "request_id": string, "field": string,
-                                 "supported_models": strings, "error_type": string}},
         "JobItem": item, "Job": job,
         "JobList": {"type": "object", "required": ["object", "data", "has_more"], "properties": {
             "object": {"const": "list"}, "data": {"type": "array", "items": ref("Job")},
             "has_more": boolean, "next": nullable("string")}},
+    }
+
+
+def _result_schemas() -> dict[str, Schema]:
+    """What /generate and /generate-batch answer, and a dry run's estimate."""
+    string, number, boolean, strings = _primitives()
+    return {
         "GenerateResult": {"type": "object", "required": ["success", "results"], "properties": {
             "success": boolean, "model_name": string, "files": strings, "urls": strings,
             "request_id": string, "output_id": string, "job_id": string,
@@ -232,6 +252,13 @@ def response_schemas() -> dict[str, Schema]:
                      "properties": {"dry_run": {"const": True}, "estimated_cost_usd": number,
                                     "total_items": {"type": "integer"}, "models": strings,
                                     "items": {"type": "array", "items": {"type": "object"}}}},
+    }
+
+
+def _health_schemas() -> dict[str, Schema]:
+    """The account's limits, and what /health, /ready and /status answer."""
+    string, _, _, strings = _primitives()
+    return {
         "Limits": {"type": "object", "properties": {
             name: {"type": "integer"} for name in ("concurrent_limit", "requests_per_minute",
                                                     "burst", "polls_per_minute")}},
@@ -250,6 +277,13 @@ def response_schemas() -> dict[str, Schema]:
             "limits": ref("Limits"), "totals": {"type": "object"},
             "backends": {"type": "object", "additionalProperties": string},
             "limit_sources": {"type": "object"}, "accounts": {"type": "array"}}},
+    }
+
+
+def _admin_schemas() -> dict[str, Schema]:
+    """The model list and details, changing the limits, and the webhook secret."""
+    string, _, boolean, strings = _primitives()
+    return {
         "Models": {"type": "object", "required": ["models"], "properties": {
             "supported_models": strings, "model_count": {"type": "integer"},
             "models": {"type": "object"}}},

@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple, TypedDict, TypeVar
 
 from dotenv import dotenv_values, find_dotenv, load_dotenv
 
@@ -73,80 +73,178 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         """Parse settings from an environment mapping; raise SettingsError naming the variable."""
         env = Env(environ)
-        concurrent = env.integer("REPLICATE_CONCURRENT_LIMIT", None, 1, 10000)
-        alias = env.integer("REPLICATE_GLOBAL_MAX_CONCURRENT", None, 1, 10000)
-        if concurrent is not None and alias is not None and concurrent != alias:
-            raise SettingsError(
-                "REPLICATE_CONCURRENT_LIMIT and its alias REPLICATE_GLOBAL_MAX_CONCURRENT disagree "
-                f"({concurrent} vs {alias}); set only one"
-            )
+        # Read in this order, so a bad environment is reported by the same variable first.
+        concurrent_limit = _concurrent_limit(env)
         return cls(
-            replicate_api_token=env.secret("REPLICATE_API_TOKEN"),
-            admin_api_key=env.secret("CONCURRENT_DOCKER_ADMIN_API_KEY"),
-            host=env.text("FLASK_HOST", cls.host),
-            port=env.required_int("FLASK_PORT", cls.port, 1, 65535),
-            concurrent_limit=concurrent or alias or cls.concurrent_limit,
-            requests_per_minute=env.required_int(
-                "REPLICATE_REQUESTS_PER_MINUTE", cls.requests_per_minute, 1, 100000
-            ),
-            create_burst=env.required_int("REPLICATE_CREATE_BURST", cls.create_burst, 1, 1000),
-            polls_per_minute=env.required_int(
-                "REPLICATE_POLLS_PER_MINUTE", cls.polls_per_minute, 1, 100000
-            ),
-            replicate_base_url=env.base_url("REPLICATE_BASE_URL"),
-            output_dir=Path(env.text("OUTPUT_DIR", str(cls.output_dir))),
-            state_file=Path(env.text("STATE_FILE", str(cls.state_file))),
-            lease_ttl_seconds=env.number("LEASE_TTL_SECONDS", cls.lease_ttl_seconds, 0.5, 3600),
-            task_timeout_seconds=env.number(
-                "TASK_TIMEOUT_SECONDS", cls.task_timeout_seconds, 1, 86400
-            ),
-            poll_interval_seconds=env.number(
-                "POLL_INTERVAL_SECONDS", cls.poll_interval_seconds, 0.01, 60
-            ),
-            sync_wait_seconds=env.required_int(
-                "REPLICATE_SYNC_WAIT_SECONDS", cls.sync_wait_seconds, 0, 60
-            ),
-            max_batch_size=env.required_int("MAX_BATCH_SIZE", cls.max_batch_size, 1, 100000),
-            max_request_bytes=env.required_int(
-                "MAX_REQUEST_BYTES", cls.max_request_bytes, 1024, 1024**3
-            ),
-            max_expanded_request_bytes=env.required_int(
-                "MAX_EXPANDED_REQUEST_BYTES", cls.max_expanded_request_bytes, 1024, 64 * 1024**3
-            ),
-            dispatch_threads=env.required_int("DISPATCH_THREADS", cls.dispatch_threads, 1, 4096),
-            max_queued_tasks=env.required_int(
-                "MAX_QUEUED_TASKS", cls.max_queued_tasks, 1, 10_000_000
-            ),
-            max_queued_per_account=env.required_int(
-                "MAX_QUEUED_TASKS_PER_ACCOUNT", cls.max_queued_per_account, 1, 10_000_000
-            ),
-            log_level=env.choice(
-                "LOG_LEVEL", cls.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")
-            ),
-            job_retention_seconds=env.number(
-                "JOB_RETENTION_SECONDS", cls.job_retention_seconds, 60, 10 * 365 * 86400
-            ),
-            shutdown_grace_seconds=env.number(
-                "SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds, 0, 3600
-            ),
-            webhook_signing_key=env.secret("WEBHOOK_SIGNING_KEY"),
-            webhook_max_attempts=env.required_int(
-                "WEBHOOK_MAX_ATTEMPTS", cls.webhook_max_attempts, 1, 50
-            ),
-            webhook_retry_base_seconds=env.number(
-                "WEBHOOK_RETRY_BASE_SECONDS", cls.webhook_retry_base_seconds, 0.01, 3600
-            ),
-            webhook_timeout_seconds=env.number(
-                "WEBHOOK_TIMEOUT_SECONDS", cls.webhook_timeout_seconds, 0.1, 120
-            ),
+            **_server(env),
+            concurrent_limit=concurrent_limit,
+            **_replicate(env),
+            **_storage(env),
+            **_timing(env),
+            **_capacity(env),
+            log_level=env.choice("LOG_LEVEL", cls.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")),
+            **_lifetimes(env),
+            **_webhooks(env),
             fallback_chains=_fallback_chains(env),
-            log_format=env.choice("LOG_FORMAT", cls.log_format.upper(), ("TEXT", "JSON")).lower(),
-            metrics_access=_metrics_access(env),
-            metrics_token=env.secret("METRICS_TOKEN"),
+            **_observability(env),
             model_policy=_model_policy(env),
             **_backends(env)._asdict(),
         )
 
+
+def _concurrent_limit(env: Env) -> int:
+    """REPLICATE_CONCURRENT_LIMIT, or its alias REPLICATE_GLOBAL_MAX_CONCURRENT (never both)."""
+    concurrent = env.integer("REPLICATE_CONCURRENT_LIMIT", None, 1, 10000)
+    alias = env.integer("REPLICATE_GLOBAL_MAX_CONCURRENT", None, 1, 10000)
+    if concurrent is not None and alias is not None and concurrent != alias:
+        raise SettingsError(
+            "REPLICATE_CONCURRENT_LIMIT and its alias REPLICATE_GLOBAL_MAX_CONCURRENT disagree "
+            f"({concurrent} vs {alias}); set only one"
+        )
+    return concurrent or alias or Settings.concurrent_limit
+
+
+class _Server(TypedDict):
+    replicate_api_token: str | None
+    admin_api_key: str | None
+    host: str
+    port: int
+
+
+def _server(env: Env) -> _Server:
+    """Who pays, who administers, and where the service listens."""
+    return _Server(
+        replicate_api_token=env.secret("REPLICATE_API_TOKEN"),
+        admin_api_key=env.secret("CONCURRENT_DOCKER_ADMIN_API_KEY"),
+        host=env.text("FLASK_HOST", Settings.host),
+        port=env.required_int("FLASK_PORT", Settings.port, 1, 65535),
+    )
+
+
+class _Replicate(TypedDict):
+    requests_per_minute: int
+    create_burst: int
+    polls_per_minute: int
+    replicate_base_url: str
+
+
+def _replicate(env: Env) -> _Replicate:
+    """The account's pace of creates and polls, and where Replicate's API is."""
+    return _Replicate(
+        requests_per_minute=env.required_int(
+            "REPLICATE_REQUESTS_PER_MINUTE", Settings.requests_per_minute, 1, 100000),
+        create_burst=env.required_int("REPLICATE_CREATE_BURST", Settings.create_burst, 1, 1000),
+        polls_per_minute=env.required_int(
+            "REPLICATE_POLLS_PER_MINUTE", Settings.polls_per_minute, 1, 100000),
+        replicate_base_url=env.base_url("REPLICATE_BASE_URL"),
+    )
+
+
+class _Storage(TypedDict):
+    output_dir: Path
+    state_file: Path
+
+
+def _storage(env: Env) -> _Storage:
+    """Where outputs and the state file go."""
+    return _Storage(output_dir=Path(env.text("OUTPUT_DIR", str(Settings.output_dir))),
+                    state_file=Path(env.text("STATE_FILE", str(Settings.state_file))))
+
+
+class _Timing(TypedDict):
+    lease_ttl_seconds: float
+    task_timeout_seconds: float
+    poll_interval_seconds: float
+    sync_wait_seconds: int
+
+
+def _timing(env: Env) -> _Timing:
+    """How long a prediction's slot lives unrenewed, it may run, and a request waits for it."""
+    return _Timing(
+        lease_ttl_seconds=env.number("LEASE_TTL_SECONDS", Settings.lease_ttl_seconds, 0.5, 3600),
+        task_timeout_seconds=env.number(
+            "TASK_TIMEOUT_SECONDS", Settings.task_timeout_seconds, 1, 86400),
+        poll_interval_seconds=env.number(
+            "POLL_INTERVAL_SECONDS", Settings.poll_interval_seconds, 0.01, 60),
+        sync_wait_seconds=env.required_int(
+            "REPLICATE_SYNC_WAIT_SECONDS", Settings.sync_wait_seconds, 0, 60),
+    )
+
+
+class _Capacity(TypedDict):
+    max_batch_size: int
+    max_request_bytes: int
+    max_expanded_request_bytes: int
+    dispatch_threads: int
+    max_queued_tasks: int
+    max_queued_per_account: int
+
+
+def _capacity(env: Env) -> _Capacity:
+    """How big a request may be, and how much work this process takes on."""
+    return _Capacity(
+        max_batch_size=env.required_int("MAX_BATCH_SIZE", Settings.max_batch_size, 1, 100000),
+        max_request_bytes=env.required_int(
+            "MAX_REQUEST_BYTES", Settings.max_request_bytes, 1024, 1024**3),
+        max_expanded_request_bytes=env.required_int(
+            "MAX_EXPANDED_REQUEST_BYTES", Settings.max_expanded_request_bytes, 1024,
+            64 * 1024**3),
+        dispatch_threads=env.required_int("DISPATCH_THREADS", Settings.dispatch_threads, 1, 4096),
+        max_queued_tasks=env.required_int(
+            "MAX_QUEUED_TASKS", Settings.max_queued_tasks, 1, 10_000_000),
+        max_queued_per_account=env.required_int(
+            "MAX_QUEUED_TASKS_PER_ACCOUNT", Settings.max_queued_per_account, 1, 10_000_000),
+    )
+
+
+class _Lifetimes(TypedDict):
+    job_retention_seconds: float
+    shutdown_grace_seconds: float
+
+
+def _lifetimes(env: Env) -> _Lifetimes:
+    """How long finished jobs are kept, and how long a shutdown may take."""
+    return _Lifetimes(
+        job_retention_seconds=env.number(
+            "JOB_RETENTION_SECONDS", Settings.job_retention_seconds, 60, 10 * 365 * 86400),
+        shutdown_grace_seconds=env.number(
+            "SHUTDOWN_GRACE_SECONDS", Settings.shutdown_grace_seconds, 0, 3600),
+    )
+
+
+class _Webhooks(TypedDict):
+    webhook_signing_key: str | None
+    webhook_max_attempts: int
+    webhook_retry_base_seconds: float
+    webhook_timeout_seconds: float
+
+
+def _webhooks(env: Env) -> _Webhooks:
+    """How job-completion webhooks are signed, retried and timed out."""
+    return _Webhooks(
+        webhook_signing_key=env.secret("WEBHOOK_SIGNING_KEY"),
+        webhook_max_attempts=env.required_int(
+            "WEBHOOK_MAX_ATTEMPTS", Settings.webhook_max_attempts, 1, 50),
+        webhook_retry_base_seconds=env.number(
+            "WEBHOOK_RETRY_BASE_SECONDS", Settings.webhook_retry_base_seconds, 0.01, 3600),
+        webhook_timeout_seconds=env.number(
+            "WEBHOOK_TIMEOUT_SECONDS", Settings.webhook_timeout_seconds, 0.1, 120),
+    )
+
+
+class _Observability(TypedDict):
+    log_format: str
+    metrics_access: str
+    metrics_token: str | None
+
+
+def _observability(env: Env) -> _Observability:
+    """The log format, and who may read /metrics."""
+    return _Observability(
+        log_format=env.choice("LOG_FORMAT", Settings.log_format.upper(), ("TEXT", "JSON")).lower(),
+        metrics_access=_metrics_access(env),
+        metrics_token=env.secret("METRICS_TOKEN"),
+    )
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 _POSTGRES_SCHEMES = ("postgresql://", "postgres://", "postgresql+psycopg://")

@@ -23,7 +23,7 @@ import pytest
 
 from replicate_generation.errors import InvalidWebhook
 from replicate_generation.jobs import webhooks
-from replicate_generation.jobs.webhooks import DeliveryResult
+from replicate_generation.jobs.webhooks import DeliveryResult, targets
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "whsec_" + base64.b64encode(b"k" * 8 + bytes(range(24))).decode()
@@ -516,12 +516,12 @@ def test_deliver_raises_for_bugs_and_configuration_errors(receiver: Receiver) ->
 @pytest.fixture
 def loopback_counts_as_public(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let the public-only path target this machine, so it can be tested end to end."""
-    real = webhooks._is_public
+    real = targets._is_public
 
     def is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return ip.is_loopback or real(ip)
 
-    monkeypatch.setattr(webhooks, "_is_public", is_public)
+    monkeypatch.setattr(targets, "_is_public", is_public)
 
 
 @pytest.mark.usefixtures("loopback_counts_as_public")

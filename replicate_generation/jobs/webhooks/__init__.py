@@ -1,0 +1,41 @@
+"""Job-completion webhooks, signed the Standard Webhooks way, sent only to checked addresses.
+
+Non-admin callers may name only https hosts that resolve to public addresses, and every delivery
+connects to an address checked (docs/webhooks.md). signing, targets (the URL policy), delivery
+(one attempt) and retries (backoff); nothing here sleeps or keeps state.
+"""
+
+from replicate_generation.errors import InvalidWebhook
+from replicate_generation.jobs.webhooks.delivery import (
+    USER_AGENT,
+    DeliveryResult,
+    deliver,
+    new_session,
+)
+from replicate_generation.jobs.webhooks.retries import MAX_ATTEMPTS, backoff, retry_delay
+from replicate_generation.jobs.webhooks.signing import (
+    new_msg_id,
+    new_secret,
+    secret_bytes,
+    sign,
+    verify,
+)
+from replicate_generation.jobs.webhooks.targets import Resolver, check_target
+
+__all__ = [
+    "MAX_ATTEMPTS",
+    "USER_AGENT",
+    "DeliveryResult",
+    "InvalidWebhook",
+    "Resolver",
+    "backoff",
+    "check_target",
+    "deliver",
+    "new_msg_id",
+    "new_secret",
+    "new_session",
+    "retry_delay",
+    "secret_bytes",
+    "sign",
+    "verify",
+]

@@ -1,0 +1,266 @@
+"""One delivery attempt: the job POSTed, signed, to an address the target check accepted.
+
+Of a receiver's answer only the status line and headers are read (http.client caps those at
+100 headers of 64 KiB); the body is never read, and the connection is closed.
+"""
+
+from __future__ import annotations
+
+import http.cookiejar
+import ipaddress
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+import requests
+import urllib3.exceptions
+from requests.adapters import HTTPAdapter
+
+from replicate_generation import metrics
+from replicate_generation.errors import InvalidWebhook
+from replicate_generation.jobs.webhooks.signing import (
+    SECRET_PREFIX,
+    check_header_value,
+    secret_bytes,
+    sign,
+)
+from replicate_generation.jobs.webhooks.targets import (
+    IP,
+    Resolver,
+    Target,
+    parse_target,
+    public_addresses,
+)
+
+if TYPE_CHECKING:
+    from requests.adapters import _HostParams, _PoolKwargs
+
+USER_AGENT = "replicate-concurrent-generation-webhooks/1"
+_MAX_ADDRESSES = 3  # addresses of one host tried in turn when a connection cannot be made
+_MAX_RETRY_AFTER = 86400.0
+
+# (url, extra headers) of one try: the name itself, or one checked address.
+_Try = tuple[str, dict[str, str]]
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    """The outcome of one attempt.
+
+    ``ok``: the receiver answered 2xx. ``status``: its status, None when none came.
+    ``error``: why not, safe to store and show (never the secret, the signature or the URL's
+    query). ``retry_after``: the receiver's Retry-After, in seconds. ``retryable``: a later
+    attempt may succeed; false on success, on 410 Gone and on a target that is no longer
+    acceptable.
+    """
+
+    ok: bool
+    status: int | None
+    error: str | None
+    retry_after: float | None
+    retryable: bool = False
+
+    @property
+    def gone(self) -> bool:
+        """The receiver answered 410 Gone: stop sending to this URL."""
+        return self.status == 410
+
+
+class _PinnedHostAdapter(HTTPAdapter):
+    """For a request sent to an IP address with a ``Host`` header naming a host, do TLS as that
+    host: SNI and the certificate's name check use the Host header's name, not the IP."""
+
+    def build_connection_pool_key_attributes(
+        self, request: requests.PreparedRequest, verify: bool | str,
+        cert: str | tuple[str, str] | None = None,
+    ) -> tuple[_HostParams, _PoolKwargs]:
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(
+            request, verify, cert)
+        host_header = request.headers.get("Host")
+        if (host_params["scheme"] == "https" and _is_ip(str(host_params["host"]))
+                and host_header and "]" not in host_header):
+            name = host_header.rsplit(":", 1)[0]
+            if not _is_ip(name):
+                # A pool-key field: pools for different names never share connections.
+                cast("dict[str, object]", pool_kwargs)["server_hostname"] = name
+        return host_params, pool_kwargs
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def new_session() -> requests.Session:
+    """A Session fit for deliveries: no proxies, .netrc or cookies from the environment, and
+    TLS to a pinned address checked against the host's name. Pass one to ``deliver`` to reuse
+    connections; a plain Session fails every pinned https delivery (the name check fails)."""
+    session = requests.Session()
+    session.trust_env = False
+    session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+    adapter = _PinnedHostAdapter(max_retries=0)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
+
+
+def deliver(
+    url: str,
+    payload: Mapping[str, object],
+    *,
+    secret: str,
+    msg_id: str,
+    allow_private: bool,
+    timeout: float = 10.0,
+    session: requests.Session | None = None,
+    clock: Callable[[], float] = time.time,
+    resolve: Resolver | None = None,
+) -> DeliveryResult:
+    """Make one delivery attempt and report how it went; never raises for a network problem.
+
+    The target is checked again (DNS may have changed since it was accepted); with
+    ``allow_private=False`` the connection goes to one of the addresses just checked, never to
+    a fresh DNS answer. Redirects are never followed (a 3xx is a failure). ``timeout`` bounds
+    the connection and each read. 2xx is success; 410 is final; anything else may be retried,
+    after at least ``retry_after`` when the receiver said so.
+
+    :raises ValueError: msg_id is malformed; TypeError or ValueError: payload is not
+        JSON-serialisable (bugs); InvalidWebhook: the secret is malformed (configuration).
+    """
+    check_header_value("msg_id", msg_id)
+    secret_bytes(secret)  # a malformed secret is a configuration error: raise, do not report
+    try:
+        target = parse_target(url, allow_private=allow_private)
+        addresses = None if allow_private else public_addresses(target, resolve)
+    except InvalidWebhook as exc:
+        return DeliveryResult(ok=False, status=None, error=exc.message, retry_after=None,
+                              retryable=exc.retryable)
+    body, headers = _signed(payload, secret=secret, msg_id=msg_id, clock=clock)
+    tries = _tries(target, addresses)
+    http = new_session() if session is None else session
+    try:
+        result = _post(http, tries, body, headers, timeout)
+    finally:
+        if session is None:
+            http.close()
+    metrics.webhook_delivery("delivered" if result.ok else "failed")
+    return _scrub(result, secret)
+
+
+def _signed(payload: Mapping[str, object], *, secret: str, msg_id: str,
+            clock: Callable[[], float]) -> tuple[bytes, dict[str, str]]:
+    """The body as compact JSON, and the headers that sign it."""
+    body = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode("ascii")
+    timestamp = int(clock())
+    return body, {
+        "Content-Type": "application/json",
+        "User-Agent": USER_AGENT,
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(secret, msg_id, timestamp, body),
+    }
+
+
+def _tries(target: Target, addresses: list[IP] | None) -> list[_Try]:
+    """The URL by name (private targets, literal addresses), or each checked address in turn."""
+    if addresses is None or target.ip is not None:
+        return [(target.url, {})]
+    tries: list[_Try] = []
+    for address in addresses[:_MAX_ADDRESSES]:
+        shown = f"[{address.compressed}]" if address.version == 6 else address.compressed
+        tries.append((f"{target.scheme}://{shown}:{target.port}{target.request_target}",
+                      {"Host": target.host_header}))
+    return tries
+
+
+def _post(http: requests.Session, tries: list[_Try], body: bytes, headers: dict[str, str],
+          timeout: float) -> DeliveryResult:
+    """POST to the first try that accepts a connection; no redirects, the body never read."""
+    result = DeliveryResult(ok=False, status=None, error="not attempted", retry_after=None)
+    for attempt_url, extra in tries:
+        try:
+            response = http.post(attempt_url, data=body, headers={**headers, **extra},
+                                 timeout=(timeout, timeout), allow_redirects=False,
+                                 stream=True)
+        except requests.RequestException as exc:
+            result = _failure(exc, timeout)
+            if _never_connected(exc):
+                continue  # nothing was sent: the next address may answer
+            break
+        try:
+            result = _from_response(response)
+        finally:
+            response.close()  # the body is never read
+        break
+    return result
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (the HTTP-date form is ignored), clamped to a day."""
+    try:
+        seconds = float(value) if value else None
+    except ValueError:
+        return None
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return None
+    return min(seconds, _MAX_RETRY_AFTER)
+
+
+def _never_connected(exc: requests.RequestException) -> bool:
+    """True when no connection was made, so the request was certainly not sent."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    reason = getattr(exc.args[0] if exc.args else None, "reason", None)
+    return isinstance(reason, urllib3.exceptions.NewConnectionError)
+
+
+def _failure(exc: requests.RequestException, timeout: float) -> DeliveryResult:
+    """A transport error as a result; the text comes from the error's type only."""
+    if isinstance(exc, requests.exceptions.SSLError):
+        reason = "TLS handshake with the receiver failed (certificate or protocol)"
+    elif isinstance(exc, requests.ConnectTimeout):
+        reason = f"could not connect to the receiver within {timeout:g} s"
+    elif isinstance(exc, requests.ReadTimeout):
+        reason = f"the receiver did not answer within {timeout:g} s"
+    elif isinstance(exc, requests.ConnectionError):
+        reason = ("could not connect to the receiver" if _never_connected(exc)
+                  else "the connection to the receiver failed")
+    else:
+        return DeliveryResult(ok=False, status=None, retry_after=None, retryable=False,
+                              error=f"the webhook could not be sent ({type(exc).__name__})")
+    return DeliveryResult(ok=False, status=None, error=reason, retry_after=None, retryable=True)
+
+
+def _from_response(response: requests.Response) -> DeliveryResult:
+    status = response.status_code
+    if 200 <= status <= 299:
+        return DeliveryResult(ok=True, status=status, error=None, retry_after=None)
+    if status == 410:
+        return DeliveryResult(ok=False, status=status, retry_after=None, retryable=False,
+                              error="the receiver answered 410 Gone: no more deliveries")
+    if 300 <= status <= 399:
+        error = f"the receiver answered {status}: redirects are not followed, fix the URL"
+    else:
+        error = f"the receiver answered {status}"
+    return DeliveryResult(ok=False, status=status, error=error, retryable=True,
+                          retry_after=_parse_retry_after(response.headers.get("Retry-After")))
+
+
+def _scrub(result: DeliveryResult, secret: str) -> DeliveryResult:
+    """Belt and braces: no error text may carry the secret or its key."""
+    if result.error is None:
+        return result
+    error = result.error
+    for needle in {secret, secret.removeprefix(SECRET_PREFIX)}:
+        if len(needle) >= 4:
+            error = error.replace(needle, "[redacted]")
+    if error == result.error:
+        return result
+    return DeliveryResult(ok=result.ok, status=result.status, error=error,
+                          retry_after=result.retry_after, retryable=result.retryable)

@@ -1,0 +1,42 @@
+"""Generate with Replicate models from your own Python code, in-process: no server needed.
+
+`generate`, `generate_batch` and `generate_mixed` (and their a* forms) run as jobs on the service's
+own engine, sharing one account's limits with every process on the host through `STATE_FILE`.
+Files are moved to the caller's paths, never replacing one silently (docs/library.md).
+
+calls (the module-level functions), client (`BatchClient`), arguments, placement (the caller's
+paths), cancellation (the a* forms), results (`Request`, `Result`), status (settings, limits).
+"""
+
+from replicate_generation.errors import InvalidName, InvalidRequest, OutputExists
+from replicate_generation.library.calls import (
+    agenerate,
+    agenerate_batch,
+    agenerate_mixed,
+    default_client,
+    generate,
+    generate_batch,
+    generate_mixed,
+)
+from replicate_generation.library.client import BatchClient
+from replicate_generation.library.results import GenerationFailed, Request, Result
+from replicate_generation.library.status import global_status, load_settings
+
+__all__ = [
+    "BatchClient",
+    "GenerationFailed",
+    "InvalidName",
+    "InvalidRequest",
+    "OutputExists",
+    "Request",
+    "Result",
+    "agenerate",
+    "agenerate_batch",
+    "agenerate_mixed",
+    "default_client",
+    "generate",
+    "generate_batch",
+    "generate_mixed",
+    "global_status",
+    "load_settings",
+]
