@@ -25,7 +25,8 @@ from replicate_generation.http.errors import Answer, ApiError
 from replicate_generation.http.inputs import int_arg, json_object
 from replicate_generation.http.limit_fields import overrides_from
 from replicate_generation.http.logs import configure_logging
-from replicate_generation.jobs.runner import JobRunner, output_path, webhook_secret
+from replicate_generation.jobs.notifier import webhook_secret
+from replicate_generation.jobs.runner import JobRunner, output_path
 from replicate_generation.models.catalogue import MODELS
 from replicate_generation.models.validation import resolve_model
 from replicate_generation.request_parsing import parse_batch, parse_single

@@ -106,9 +106,9 @@ def readiness_checks(runner: JobRunner) -> dict[str, str]:
     """Each dependency and whether it works now ("ok" or why not)."""
     dispatcher = runner.generator.dispatcher
     checks = {"dispatcher": "ok" if dispatcher.running else "stopped"}
-    jobs = "state_file" if runner.store.backend == "sqlite" else "jobs"
+    jobs = "state_file" if runner.store.db.backend == "sqlite" else "jobs"
     try:
-        runner.store.probe_write()
+        runner.store.db.probe_write()
         checks[jobs] = "ok"
     except StoreUnavailable as exc:
         checks[jobs] = f"unavailable: {exc}"

@@ -19,8 +19,8 @@ from flask.testing import FlaskClient
 from conftest import ADMIN, OTHER, USER, USER_TOKEN
 from replicate_generation.clients import account_key
 from replicate_generation.devtools.simulator import Simulator, token_hash
+from replicate_generation.jobs.rows import NewItem, NewJob
 from replicate_generation.jobs.runner import JobRunner
-from replicate_generation.jobs.store import NewItem, NewJob
 from replicate_generation.request_parsing import parse_single
 from servers import wait_for
 
@@ -175,7 +175,7 @@ def test_orphans_resume_with_more_accounts_than_sqlite_has_variables(
     store = runner.store
     variables = sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
     # 40,000 accounts with jobs another live process runs.
-    store.heartbeat("another-live-process", time.time() + 3600)
+    store.owners.heartbeat("another-live-process", time.time() + 3600)
     for i in range(40_000):
         store.create(NewJob(id=f"job_live_{i}", account=account_key(f"r8_known_{i:06d}"),
                             kind="batch", request_id=f"r{i}", items=[]),
@@ -189,8 +189,8 @@ def test_orphans_resume_with_more_accounts_than_sqlite_has_variables(
                  "a-dead-process", time.time())
     # More tokens known at once than an IN (...) of them could take.
     for i in range(variables):
-        runner.remember(f"r8_known_{i:06d}")
-    runner.remember(USER_TOKEN)
+        runner.accounts.remember(f"r8_known_{i:06d}")
+    runner.accounts.remember(USER_TOKEN)
 
     client = app.test_client()
     wait_for(partial(ended, client, "job_orphan"), 20.0, "the orphan to be resumed")

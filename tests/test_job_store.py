@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from replicate_generation.errors import StoreBusy
-from replicate_generation.jobs import store as store_module
-from replicate_generation.jobs.store import JobStore, NewItem, NewJob
+from replicate_generation.jobs import database
+from replicate_generation.jobs.rows import NewItem, NewJob
+from replicate_generation.jobs.store import JobStore
 from replicate_generation.sqlite_db import patient_writes
 
 
@@ -22,22 +23,23 @@ def make_job(store: JobStore, job_id: str, origin: str, owner: str, now: float) 
 
 def test_orphans_are_claimed_by_their_own_origin_only_and_once(tmp_path: Path) -> None:
     store = JobStore(str(tmp_path / "state.sqlite3"))
-    store.heartbeat("dead", 0.0)
+    owners = store.owners
+    owners.heartbeat("dead", 0.0)
     make_job(store, "job_service", "service", "dead", 0.0)
     make_job(store, "job_script", "library", "dead", 0.0)
-    store.heartbeat("alive", 100.0)
+    owners.heartbeat("alive", 100.0)
     make_job(store, "job_alive", "service", "alive", 100.0)
     # A script never takes over the service's jobs, nor the service a script's.
-    assert store.claim_orphans("script", ["acct_a"], 100.0, 30.0, "library") == ["job_script"]
-    assert store.claim_orphans("svc", ["acct_b"], 100.0, 30.0, "service") == []
-    assert store.claim_orphans("svc", ["acct_a"], 100.0, 30.0, "service") == ["job_service"]
+    assert owners.claim_orphans("script", ["acct_a"], 100.0, 30.0, "library") == ["job_script"]
+    assert owners.claim_orphans("svc", ["acct_b"], 100.0, 30.0, "service") == []
+    assert owners.claim_orphans("svc", ["acct_a"], 100.0, 30.0, "service") == ["job_service"]
     # Claimed jobs have a live owner now (heartbeats of the claimers).
-    store.heartbeat("svc", 100.0)
-    store.heartbeat("script", 100.0)
-    assert store.claim_orphans("other", ["acct_a"], 101.0, 30.0, "service") == []
+    owners.heartbeat("svc", 100.0)
+    owners.heartbeat("script", 100.0)
+    assert owners.claim_orphans("other", ["acct_a"], 101.0, 30.0, "service") == []
     # A worker that retires hands its jobs over at once.
-    store.retire("svc")
-    assert store.claim_orphans("other", ["acct_a"], 101.0, 30.0, "service") == ["job_service"]
+    owners.retire("svc")
+    assert owners.claim_orphans("other", ["acct_a"], 101.0, 30.0, "service") == ["job_service"]
 
 
 def test_a_locked_state_file_makes_writes_wait_then_refuse_while_patient_ones_wait_it_out(
@@ -45,12 +47,12 @@ def test_a_locked_state_file_makes_writes_wait_then_refuse_while_patient_ones_wa
     path = tmp_path / "state.sqlite3"
     store = JobStore(str(path))
     make_job(store, "job_1", "service", "w", 0.0)
-    monkeypatch.setattr(store_module, "WRITE_PATIENCE_S", 0.6)
+    monkeypatch.setattr(database, "WRITE_PATIENCE_S", 0.6)
     other = sqlite3.connect(path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # another process's long write
     started = time.monotonic()
     with pytest.raises(StoreBusy):
-        store.heartbeat("w", 1.0)
+        store.owners.heartbeat("w", 1.0)
     assert 0.5 < time.monotonic() - started < 5.0
     # Readers never wait for the writer (WAL).
     assert store.get("job_1") is not None

@@ -22,15 +22,10 @@ from sqlalchemy import create_engine, exc, text
 
 import pg_server
 from replicate_generation.errors import IdempotencyConflict, StoreUnavailable
+from replicate_generation.jobs.migrations import migrate
+from replicate_generation.jobs.rows import CANCEL_UNCONFIRMED, ItemOutcome, NewItem, NewJob
 from replicate_generation.jobs.schema import database_url, open_engine
-from replicate_generation.jobs.store import (
-    CANCEL_UNCONFIRMED,
-    ItemOutcome,
-    JobStore,
-    NewItem,
-    NewJob,
-    migrate,
-)
+from replicate_generation.jobs.store import JobStore
 from replicate_generation.sqlite_db import patient_writes
 from shared_backends import missing
 
@@ -328,7 +323,7 @@ def test_an_intent_marks_a_fresh_item_running_and_is_refused_unless_it_may_be_se
     assert [i.attempts for i in store.items("job_i")] == [intent, [], [], []]
     # Handed back: the fence is unchanged, but the job is no longer this worker's.
     handed, _ = store.create(new_job("job_h", 1), "w", 1.0)
-    store.release_job("job_h", "w")
+    store.owners.release_job("job_h", "w")
     assert store.record_intent("job_h", 0, intent, 2.0, owner="w", fence=handed.fence) == \
         "not_ours"
     assert store.item("job_h", 0).state == "queued"  # type: ignore[union-attr]
@@ -403,26 +398,27 @@ def make_orphan(store: JobStore, job_id: str, origin: str, owner: str, now: floa
 
 
 def test_orphans_are_claimed_by_their_own_origin_only_and_once(store: JobStore) -> None:
-    store.heartbeat("dead", 0.0)
+    owners = store.owners
+    owners.heartbeat("dead", 0.0)
     make_orphan(store, "job_service", "service", "dead", 0.0)
     make_orphan(store, "job_script", "library", "dead", 0.0)
-    store.heartbeat("alive", 100.0)
+    owners.heartbeat("alive", 100.0)
     make_orphan(store, "job_alive", "service", "alive", 100.0)
-    assert store.claim_orphans("script", ["acct_a"], 100.0, 30.0, "library") == ["job_script"]
-    assert store.claim_orphans("svc", ["acct_b"], 100.0, 30.0, "service") == []
-    assert store.claim_orphans("svc", ["acct_a"], 100.0, 30.0, "service") == ["job_service"]
-    assert store.owner("job_service") == "svc" and store.fence_of("job_service") == 2
-    store.heartbeat("svc", 100.0)
-    store.heartbeat("script", 100.0)
-    assert store.claim_orphans("other", ["acct_a"], 101.0, 30.0, "service") == []
-    store.retire("svc")
-    assert store.claim_orphans("other", ["acct_a"], 101.0, 30.0, "service") == ["job_service"]
-    assert store.fence_of("job_service") == 3 and store.fence_of("job_alive") == 1
-    store.release_job("job_service", "someone else")
-    assert store.owner("job_service") == "other"
-    store.release_job("job_service", "other")
-    assert store.owner("job_service") is None
-    assert store.fence_of("job_missing") == 0
+    assert owners.claim_orphans("script", ["acct_a"], 100.0, 30.0, "library") == ["job_script"]
+    assert owners.claim_orphans("svc", ["acct_b"], 100.0, 30.0, "service") == []
+    assert owners.claim_orphans("svc", ["acct_a"], 100.0, 30.0, "service") == ["job_service"]
+    assert owners.owner("job_service") == "svc" and owners.fence_of("job_service") == 2
+    owners.heartbeat("svc", 100.0)
+    owners.heartbeat("script", 100.0)
+    assert owners.claim_orphans("other", ["acct_a"], 101.0, 30.0, "service") == []
+    owners.retire("svc")
+    assert owners.claim_orphans("other", ["acct_a"], 101.0, 30.0, "service") == ["job_service"]
+    assert owners.fence_of("job_service") == 3 and owners.fence_of("job_alive") == 1
+    owners.release_job("job_service", "someone else")
+    assert owners.owner("job_service") == "other"
+    owners.release_job("job_service", "other")
+    assert owners.owner("job_service") is None
+    assert owners.fence_of("job_missing") == 0
 
 
 def test_two_stores_claiming_at_once_take_every_orphan_exactly_once(
@@ -430,36 +426,36 @@ def test_two_stores_claiming_at_once_take_every_orphan_exactly_once(
     first, second = open_store(), open_store()
     for i in range(40):
         first.create(new_job(f"job_{i:02}"), "gone", 1.0)  # an owner that never beat
-    first.heartbeat("a", 100.0)
-    first.heartbeat("b", 100.0)
-    results = together(lambda: first.claim_orphans("a", ["acct_a"], 100.0, 30.0),
-                       lambda: second.claim_orphans("b", ["acct_a"], 100.0, 30.0))
+    first.owners.heartbeat("a", 100.0)
+    first.owners.heartbeat("b", 100.0)
+    results = together(lambda: first.owners.claim_orphans("a", ["acct_a"], 100.0, 30.0),
+                       lambda: second.owners.claim_orphans("b", ["acct_a"], 100.0, 30.0))
     claimed_a, claimed_b = results
     assert isinstance(claimed_a, list) and isinstance(claimed_b, list), results
     assert not set(claimed_a) & set(claimed_b)
     assert sorted(claimed_a + claimed_b) == [f"job_{i:02}" for i in range(40)]
-    assert {first.fence_of(job_id) for job_id in claimed_a + claimed_b} == {2}
-    assert {first.owner(job_id) for job_id in claimed_a} <= {"a"}
-    assert together(lambda: first.claim_orphans("a", ["acct_a"], 101.0, 30.0),
-                    lambda: second.claim_orphans("b", ["acct_a"], 101.0, 30.0)) == [[], []]
+    assert {first.owners.fence_of(job_id) for job_id in claimed_a + claimed_b} == {2}
+    assert {first.owners.owner(job_id) for job_id in claimed_a} <= {"a"}
+    assert together(lambda: first.owners.claim_orphans("a", ["acct_a"], 101.0, 30.0),
+                    lambda: second.owners.claim_orphans("b", ["acct_a"], 101.0, 30.0)) == [[], []]
 
 
 def test_a_stale_owner_changes_nothing_once_another_claimed_its_job(store: JobStore) -> None:
     job, _ = store.create(new_job("job_f", 3), "old", 0.0)
-    store.heartbeat("old", 0.0)
-    assert job.fence == store.fence_of("job_f") == 1
+    store.owners.heartbeat("old", 0.0)
+    assert job.fence == store.owners.fence_of("job_f") == 1
     assert store.start_item("job_f", 0, 1.0, fence=1) is not None
     assert store.record_attempts("job_f", 0, [{"a": 1}], ("pred_1", "m"), fence=1)
-    store.heartbeat("new", 100.0)
-    assert store.claim_orphans("new", ["acct_a"], 100.0, 30.0) == ["job_f"]
-    assert store.fence_of("job_f") == 2
+    store.owners.heartbeat("new", 100.0)
+    assert store.owners.claim_orphans("new", ["acct_a"], 100.0, 30.0) == ["job_f"]
+    assert store.owners.fence_of("job_f") == 2
     before = store.items("job_f")
     # Every late write of the old owner is fenced off, and says so.
     assert store.start_item("job_f", 1, 101.0, fence=1) is None
     assert store.record_attempts("job_f", 0, [], None, fence=1) is False
     assert store.finish_item("job_f", 0, ItemOutcome(state="failed", files=["r/x"]), 101.0,
                              fence=1) is False
-    assert store.fail_queued_items("new", "acct_a", OK, 101.0, fence={"job_f": 1}) == []
+    assert store.owners.fail_queued_items("new", "acct_a", OK, 101.0, fence={"job_f": 1}) == []
     assert store.finish_job_if_done("job_f", 101.0, fence=1) is None
     assert store.items("job_f") == before and store.file_job("r/x") is None
     assert store.get("job_f").state == "running"  # type: ignore[union-attr]
@@ -468,7 +464,7 @@ def test_a_stale_owner_changes_nothing_once_another_claimed_its_job(store: JobSt
     assert store.finish_item("job_f", 0, OK, 102.0, fence=2)
     assert store.start_item("job_f", 1, 102.0, fence=2) is not None
     assert store.finish_item("job_f", 1, OK, 103.0)
-    assert store.fail_queued_items("new", "acct_a", ItemOutcome(
+    assert store.owners.fail_queued_items("new", "acct_a", ItemOutcome(
         state="failed", error="token rejected", error_type="auth"), 104.0,
         fence={"job_f": 2}) == ["job_f"]
     done = store.finish_job_if_done("job_f", 105.0, fence=2)
@@ -482,7 +478,7 @@ def test_failing_queued_items_touches_only_the_workers_open_jobs(store: JobStore
     store.create(new_job("job_other_acct", 1, account="acct_b"), "me", 1.0)
     store.start_item("job_mine", 0, 2.0)
     outcome = ItemOutcome(state="failed", error="rejected", error_type="auth")
-    assert store.fail_queued_items("me", "acct_a", outcome, 3.0) == ["job_mine"]
+    assert store.owners.fail_queued_items("me", "acct_a", outcome, 3.0) == ["job_mine"]
     assert [i.state for i in store.items("job_mine")] == ["running", "failed"]
     assert [i.state for i in store.items("job_theirs")] == ["queued"]
     assert [i.state for i in store.items("job_other_acct")] == ["queued"]
@@ -497,21 +493,22 @@ def test_a_webhook_is_claimed_by_one_deliverer_at_a_time_until_done(
     store.create(new_job("job_w", webhook="https://example.test/h"), "w", 1.0)
     store.finish_item("job_w", 0, OK, 2.0)
     store.finish_job_if_done("job_w", 2.0)
-    assert store.next_webhook_at() == 2.0
-    claims = together(lambda: store.claim_webhook(3.0, 120.0),
-                      lambda: other.claim_webhook(3.0, 120.0))
+    assert store.outbox.next_webhook_at() == 2.0
+    claims = together(lambda: store.outbox.claim_webhook(3.0, 120.0),
+                      lambda: other.outbox.claim_webhook(3.0, 120.0))
     assert sum(c is not None for c in claims) == 1, claims
     claimed = next(c for c in claims if c is not None)
     assert claimed.id == "job_w" and claimed.counts["succeeded"] == 1
-    assert store.claim_webhook(4.0, 120.0) is None  # leased
-    assert store.next_webhook_at() == 123.0
-    store.webhook_done("job_w", "pending", 1, 10.0, "HTTP 500")
-    again = store.claim_webhook(10.0, 120.0)
+    assert store.outbox.claim_webhook(4.0, 120.0) is None  # leased
+    assert store.outbox.next_webhook_at() == 123.0
+    store.outbox.webhook_done("job_w", "pending", 1, 10.0, "HTTP 500")
+    again = store.outbox.claim_webhook(10.0, 120.0)
     assert again is not None and again.webhook_attempts == 1 and again.webhook_error == "HTTP 500"
-    assert store.expired(1000.0) == []  # awaiting its webhook
-    store.webhook_done("job_w", "delivered", 2, None, None)
-    assert store.next_webhook_at() is None and store.claim_webhook(1000.0, 1.0) is None
-    assert store.expired(1000.0) == [("job_w", "req_job_w")]
+    assert store.retention.expired(1000.0) == []  # awaiting its webhook
+    store.outbox.webhook_done("job_w", "delivered", 2, None, None)
+    assert (store.outbox.next_webhook_at() is None
+            and store.outbox.claim_webhook(1000.0, 1.0) is None)
+    assert store.retention.expired(1000.0) == [("job_w", "req_job_w")]
 
 
 def test_expired_jobs_are_listed_and_deleted_with_everything_they_own(
@@ -525,13 +522,13 @@ def test_expired_jobs_are_listed_and_deleted_with_everything_they_own(
             store.finish_item(job_id, index, ItemOutcome(
                 state="succeeded", files=[f"{job_id}/{index}.png"]), at)
         store.finish_job_if_done(job_id, at)
-    assert store.expired(100.0) == [("job_old", "req_job_old")]
-    assert len(store.expired(1000.0, limit=1)) == 1
-    store.delete(["job_old"])
+    assert store.retention.expired(100.0) == [("job_old", "req_job_old")]
+    assert len(store.retention.expired(1000.0, limit=1)) == 1
+    store.retention.delete(["job_old"])
     assert store.get("job_old") is None and store.items("job_old") == []
     assert store.file_job("job_old/0.png") is None and store.file_job("job_new/0.png")
     assert rows(target, "job_values") == 0
-    assert store.expired(1000.0) == [("job_new", "req_job_new")]
+    assert store.retention.expired(1000.0) == [("job_new", "req_job_new")]
 
 
 # --------------------------------------------------------------------------- health
@@ -539,10 +536,10 @@ def test_expired_jobs_are_listed_and_deleted_with_everything_they_own(
 
 def test_the_store_names_its_backend_and_checks_and_probes_it(store: JobStore,
                                                               target: str) -> None:
-    assert store.backend == ("sqlite" if "://" not in target else "postgresql")
-    store.check()
-    store.probe_write()
-    store.probe_write()
+    assert store.db.backend == ("sqlite" if "://" not in target else "postgresql")
+    store.db.check()
+    store.db.probe_write()
+    store.db.probe_write()
 
 
 def test_targets_are_paths_or_urls_and_a_url_never_shows_its_password(tmp_path: Path) -> None:
@@ -556,7 +553,7 @@ def test_targets_are_paths_or_urls_and_a_url_never_shows_its_password(tmp_path: 
     with pytest.raises(ValueError):
         JobStore(":memory:")
     via_url = JobStore(f"sqlite:///{tmp_path}/a/state.sqlite3")
-    assert via_url.backend == "sqlite" and (tmp_path / "a" / "state.sqlite3").exists()
+    assert via_url.db.backend == "sqlite" and (tmp_path / "a" / "state.sqlite3").exists()
     via_url.close()
 
 
@@ -584,8 +581,8 @@ def test_an_old_state_file_is_adopted_with_every_row(tmp_path: Path) -> None:
         ("running", "pred_0"), ("queued", None)]
     assert store.file_job("r/0.png") == "job_old"
     assert store.create(new_job("job_dup", key="k"), "w", 2.0)[0].id == "job_old"
-    assert store.claim_orphans("w", ["acct_a"], 100.0, 30.0) == ["job_old"]
-    assert store.fence_of("job_old") == 1
+    assert store.owners.claim_orphans("w", ["acct_a"], 100.0, 30.0) == ["job_old"]
+    assert store.owners.fence_of("job_old") == 1
     store.close()
     assert migrate(str(path)) == HEAD
 
@@ -605,7 +602,7 @@ import sys, time
 from replicate_generation.jobs.store import JobStore
 time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
 store = JobStore(sys.argv[1])
-store.heartbeat(sys.argv[3], 1.0)
+store.owners.heartbeat(sys.argv[3], 1.0)
 store.close()
 """
 
@@ -648,8 +645,8 @@ def test_a_stopped_server_is_unavailable_and_the_same_store_works_once_it_is_bac
     store = JobStore(url)
     store.create(new_job("job_down", 2), "w", 1.0)
     private_server.stop()
-    for call in (lambda: store.get("job_down"), store.check, store.probe_write,
-                 lambda: store.heartbeat("w", 2.0), lambda: JobStore(url),
+    for call in (lambda: store.get("job_down"), store.db.check, store.db.probe_write,
+                 lambda: store.owners.heartbeat("w", 2.0), lambda: JobStore(url),
                  lambda: store.create(new_job("job_lost"), "w", 2.0)):
         with pytest.raises(StoreUnavailable) as down:
             call()
@@ -669,7 +666,7 @@ def test_a_stopped_server_is_unavailable_and_the_same_store_works_once_it_is_bac
     private_server.start()
     writer.join(30)
     assert waited == [True]
-    store.check()
+    store.db.check()
     item = store.item("job_down", 0)
     assert item is not None and item.prediction_id == "pred_kept"
     assert store.create(new_job("job_after"), "w", 3.0)[1]
@@ -682,8 +679,8 @@ def test_a_stopped_server_is_unavailable_and_the_same_store_works_once_it_is_bac
 
 def backend_session(store: JobStore) -> object:
     """Which connection the pool hands out: PostgreSQL's backend pid, SQLite's connection."""
-    with store._engine.connect() as conn:  # the pool, as the store's calls use it
-        if store.backend == "postgresql":
+    with store.db.engine.connect() as conn:  # the pool, as the store's calls use it
+        if store.db.backend == "postgresql":
             return conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
         return id(conn.connection.driver_connection)
 
@@ -696,7 +693,7 @@ def test_a_forked_child_opens_its_own_connections_and_leaves_the_parents_alone(
     if pid == 0:  # the child: any failure is its exit status
         try:
             ok = backend_session(store) != before and store.get("job_fork") is not None
-            store.heartbeat("child", 2.0)
+            store.owners.heartbeat("child", 2.0)
             os._exit(0 if ok else 1)
         except BaseException:  # noqa: BLE001 - reported through the exit status
             os._exit(2)
@@ -704,6 +701,6 @@ def test_a_forked_child_opens_its_own_connections_and_leaves_the_parents_alone(
     assert os.waitstatus_to_exitcode(status) == 0
     # The parent's pooled connection survived the child (not closed nor reused by it).
     assert backend_session(store) == before
-    store.heartbeat("w", 2.0)
-    assert store.claim_orphans("x", ["acct_a"], 2.0, 30.0) == []
+    store.owners.heartbeat("w", 2.0)
+    assert store.owners.claim_orphans("x", ["acct_a"], 2.0, 30.0) == []
     assert store.state_counts()[0] == {"queued": 1}

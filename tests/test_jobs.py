@@ -505,9 +505,9 @@ def test_purge_expired_removes_finished_jobs_and_their_files_only(
     wait_for(lambda: len(sim.predictions(SERVER_TOKEN)) == 2, what="the hung create")
 
     runner = app.extensions["jobs"]
-    assert runner.purge_expired(time.time()) == 0  # nothing is past its retention yet
+    assert runner.maintenance.purge_expired(time.time()) == 0  # nothing is past its retention yet
     assert get_job(client, job_id, ADMIN)["state"] == "succeeded"
-    assert runner.purge_expired(time.time() + 120) == 1
+    assert runner.maintenance.purge_expired(time.time() + 120) == 1
     assert not path.exists() and not path.parent.exists()
     assert client.get(f"/jobs/{job_id}", headers=ADMIN).status_code == 404
     assert client.get(url, headers=ADMIN).status_code == 404

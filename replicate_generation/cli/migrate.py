@@ -19,7 +19,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run_migrate(_args: argparse.Namespace) -> int:
-    from replicate_generation.jobs.store import migrate  # noqa: PLC0415 - loads alembic
+    from replicate_generation.jobs.migrations import migrate  # noqa: PLC0415 - loads alembic
 
     try:
         settings = load_settings()

@@ -16,7 +16,7 @@ from flask import g, request
 from replicate_generation.clients import account_key
 from replicate_generation.http import context
 from replicate_generation.http.errors import ApiError
-from replicate_generation.jobs.store import JobRow
+from replicate_generation.jobs.rows import JobRow
 from replicate_generation.models.schema_fetch import Resolver, resolving
 from replicate_generation.settings import Settings
 
@@ -79,7 +79,7 @@ def require_key(role: str = "any") -> Callable[[F], F]:
             g.caller = caller
             if caller.token is not None and not caller.admin:
                 # A user's orphaned jobs can resume once their token is known again.
-                context.runner().remember(caller.token)
+                context.runner().accounts.remember(caller.token)
             return view(*args, **kwargs)
 
         return cast(F, guarded)

@@ -13,8 +13,8 @@ from replicate_generation.http.auth import Caller
 from replicate_generation.http.errors import STATUS_BY_KIND
 from replicate_generation.http.limit_fields import effective, limits_view, sources_view
 from replicate_generation.jobs.bodies import job_body, job_with_items
+from replicate_generation.jobs.rows import ItemRow, JobRow
 from replicate_generation.jobs.runner import JobRunner, output_path
-from replicate_generation.jobs.store import ItemRow, JobRow
 from replicate_generation.models.catalogue import MODELS
 from replicate_generation.observability import current_request_id
 from replicate_generation.settings import Settings
@@ -46,7 +46,7 @@ def status(caller: Caller | None, settings: Settings, runner: JobRunner) -> dict
                                                               a.account == caller.account)]
     sources = generator.manager.limit_sources()
     # Admin only: what this process keeps per account (bounded by the accounts with work here).
-    held = {"process": runner.held()} if caller is not None and caller.admin else {}
+    held = {"process": runner.accounts.held()} if caller is not None and caller.admin else {}
     return {
         **held,
         "service": SERVICE, "version": VERSION, "backends": runner.backends(),

@@ -16,8 +16,8 @@ from replicate_generation.http.auth import paying_token
 from replicate_generation.http.errors import Answer, ApiError
 from replicate_generation.jobs import webhooks
 from replicate_generation.jobs.bodies import item_body, job_body
+from replicate_generation.jobs.rows import ItemRow, JobRow
 from replicate_generation.jobs.runner import JobRunner, Submission
-from replicate_generation.jobs.store import ItemRow, JobRow
 from replicate_generation.request_parsing import Parsed, estimate, request_hash
 
 IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from replicate_generation.jobs.store import ItemRow, JobRow
+from replicate_generation.jobs.rows import ItemRow, JobRow
 
 
 def job_body(job: JobRow, items: list[dict[str, Any]] | None = None) -> dict[str, Any]:

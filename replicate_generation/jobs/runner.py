@@ -1,24 +1,17 @@
 """Durable jobs: every request becomes a job whose items run on the dispatcher and are recorded in
 the state file as they go, so that a crash or a restart loses nothing and pays for nothing twice.
 
-A job is owned by the process that runs it. A background thread keeps this process's heartbeat,
-takes over the open jobs of processes whose heartbeat stopped (an item with a prediction id is
-polled, never created again), removes jobs past their retention and delivers webhooks.
-
-Tokens are never written to disk: the server token comes from the settings, and a user's token is
-kept in memory from the user's requests. A user job orphaned by a crash therefore resumes as soon
-as its owner makes any authenticated request to any process.
+A job is owned by the process that runs it; a resumed item with a prediction id is polled, never
+created again. Background threads keep the store (`Maintenance`: heartbeat, orphans, retention)
+and send webhooks (`WebhookNotifier`). Users' tokens live only in memory (`AccountMemory`), so a
+user job orphaned by a crash resumes once its owner makes any authenticated request anywhere.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import logging
 import os
 import secrets
-import shutil
 import socket
 import threading
 import time
@@ -40,17 +33,18 @@ from replicate_generation.errors import (
     TokenRejected,
 )
 from replicate_generation.generation import Generator, Resume, Task, TaskResult, execute
-from replicate_generation.jobs import webhooks
-from replicate_generation.jobs.bodies import job_with_items
-from replicate_generation.jobs.store import (
+from replicate_generation.jobs.accounts import AccountMemory
+from replicate_generation.jobs.maintenance import Maintenance
+from replicate_generation.jobs.notifier import WebhookNotifier
+from replicate_generation.jobs.rows import (
     CANCEL_UNCONFIRMED,
     ItemOutcome,
     ItemRow,
     JobRow,
-    JobStore,
     NewItem,
     NewJob,
 )
+from replicate_generation.jobs.store import JobStore
 from replicate_generation.model_functions import TERMINAL, Attempt, Hooks
 from replicate_generation.models.validation import resolve_model
 from replicate_generation.observability import (
@@ -65,8 +59,6 @@ from replicate_generation.sqlite_db import patient_writes
 
 log = logging.getLogger(__name__)
 
-RETENTION_SWEEP_SECONDS = 60.0
-WEBHOOK_LEASE_SECONDS = 120.0
 # How long a canceled item keeps asking Replicate until its prediction is seen to stop.
 CANCEL_CONFIRM_SECONDS = 30.0
 
@@ -94,11 +86,6 @@ class JobRunner:
         self.store = JobStore(job_store_target(settings))
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self._clock = clock
-        # Tokens of accounts with work here, or not yet checked for orphans; dropped once idle.
-        self._tokens: dict[str, str] = {}
-        self._unchecked: set[str] = set()
-        self._server_account = (account_key(settings.replicate_api_token)
-                                if settings.replicate_api_token else None)
         self._done: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         self._running = 0
@@ -107,17 +94,22 @@ class JobRunner:
         self._suspending = False
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._last_sweep = 0.0
+        self.accounts = AccountMemory(self.generator, settings.replicate_api_token, self._lock,
+                                      self._wake)
+        self.maintenance = Maintenance(
+            self.store, settings, self.accounts, worker_id=self.worker_id, origin=origin,
+            output_root=self.generator.runtime.output_root, clock=clock, resume=self._resume,
+            stopping=lambda: self._stopping, wake=self._wake, stop=self._stop)
+        notifier = WebhookNotifier(self.store, settings, clock=clock, stop=self._stop)
         self._watch_accounts()
         if settings.replicate_api_token:
-            self.remember(settings.replicate_api_token)
+            self.accounts.remember(settings.replicate_api_token)
             # Built now rather than by the first batch, whose items would all wait on it.
             self.generator.runtime.clients.get(settings.replicate_api_token)
-        self.store.heartbeat(self.worker_id, clock())
-        self._threads = [threading.Thread(target=self._maintain, name="jobs-maintain",
-                                          daemon=True),
-                         threading.Thread(target=self._deliver_webhooks, name="jobs-webhooks",
-                                          daemon=True)]
+        self.store.owners.heartbeat(self.worker_id, clock())
+        self._threads = [
+            threading.Thread(target=self.maintenance.run, name="jobs-maintain", daemon=True),
+            threading.Thread(target=notifier.run, name="jobs-webhooks", daemon=True)]
         for thread in self._threads:
             thread.start()
 
@@ -125,56 +117,16 @@ class JobRunner:
 
     def _watch_accounts(self) -> None:
         """The hooks that free an account's memory or its queue."""
-        self.generator.dispatcher.on_idle(self._account_idle)
+        self.generator.dispatcher.on_idle(self.accounts.idle)
         self.generator.runtime.clients.on_rejected(self._fail_rejected_account)
-
-    def remember(self, token: str) -> None:
-        """Keep a caller's token in memory until its orphaned jobs were looked for and its work
-        here ended, so that its orphaned jobs can resume here."""
-        account = account_key(token)
-        if self.generator.runtime.clients.rejected_for(account) is not None:
-            return  # Replicate refuses it: nothing could resume with it
-        with self._lock:
-            known = account in self._tokens
-            self._tokens[account] = token
-            if not known:
-                self._unchecked.add(account)
-        if not known:
-            self._wake.set()
-
-    def held(self) -> dict[str, int]:
-        """What this process keeps in memory per account: clients and remembered tokens."""
-        with self._lock:
-            remembered = len(self._tokens)
-        return {"clients_cached": self.generator.runtime.clients.cached(),
-                "tokens_remembered": remembered}
-
-    def _account_idle(self, account: str) -> None:
-        """The account has nothing queued or running here: keep nothing for it."""
-        if account == self._server_account:
-            return  # one, from the settings: its warm client is worth keeping
-        self.generator.runtime.clients.forget(account)
-        with self._lock:
-            if account not in self._unchecked:
-                self._tokens.pop(account, None)
-
-    def _forget_idle(self, accounts: set[str]) -> None:
-        """Drop the tokens of these (just checked) accounts unless they still have work here."""
-        dispatcher = self.generator.dispatcher
-        idle = [a for a in accounts if a != self._server_account and not dispatcher.busy(a)]
-        with self._lock:
-            for account in idle:
-                if account not in self._unchecked:
-                    self._tokens.pop(account, None)
-        for account in idle:
-            self.generator.runtime.clients.forget(account)
 
     def _fail_rejected_account(self, account: str) -> None:
         """Replicate answered 401 for this account: its queued items fail now, unsent."""
         dropped = self.generator.dispatcher.discard(account)
         outcome = ItemOutcome(state="failed", error="Replicate rejected this API token (401); "
                               "not sent", error_type="replicate_unauthorized")
-        jobs = self.store.fail_queued_items(self.worker_id, account, outcome, self._clock())
+        jobs = self.store.owners.fail_queued_items(self.worker_id, account, outcome,
+                                                   self._clock())
         log.info("account=%s rejected: %d queued items of %d jobs failed unsent", account,
                  dropped, len(jobs))
         for job_id in jobs:
@@ -190,7 +142,7 @@ class JobRunner:
             raise TokenRejected(refused_for)
         # Fail closed: the job store needs no look first, its own write below refuses.
         self.generator.limit_store.check()
-        self.remember(token)
+        self.accounts.remember(token)
         request_id, _ = self.generator.new_request_dir()
         new = NewJob(id="job_" + secrets.token_urlsafe(16), account=account_key(token),
                      kind=submission.kind, request_id=request_id,
@@ -205,7 +157,7 @@ class JobRunner:
                 self._queue(job, token)
             except (QueueFull, ShuttingDown):
                 # Refused as a whole (429/503): the caller retries; nothing was run or paid.
-                self.store.delete([job.id])
+                self.store.retention.delete([job.id])
                 raise
         return job, created
 
@@ -214,7 +166,7 @@ class JobRunner:
 
     def dependencies(self) -> dict[str, dict[str, str]]:
         """Per role, the backend in use and "ok" or why it cannot be reached now."""
-        statuses = {"limits": self.limits_status(), "jobs": _status_of(self.store.check)}
+        statuses = {"limits": self.limits_status(), "jobs": _status_of(self.store.db.check)}
         return {role: {"backend": backend, "status": statuses[role]}
                 for role, backend in self.backends().items()}
 
@@ -237,7 +189,7 @@ class JobRunner:
             # The job is safe in the store: hand it back so a sweep (here or elsewhere) takes it
             # up again once there is room.
             log.warning("job %s waits in the store: this process is full or stopping", job.id)
-            self.store.release_job(job.id, self.worker_id)
+            self.store.owners.release_job(job.id, self.worker_id)
 
     # -- running -----------------------------------------------------------------------------
 
@@ -306,7 +258,7 @@ class JobRunner:
         """A backend went away under the item: nothing more is created for it here; the job
         goes back to the pool, to be claimed (here or by another replica) once it returns."""
         log.warning("job %s item %d waits for %s to come back", job.id, index, exc.dependency)
-        self.store.release_job(job.id, self.worker_id)
+        self.store.owners.release_job(job.id, self.worker_id)
 
     def _confirm_cancel(self, job: JobRow, token: str, result: TaskResult) -> None:
         """A canceled item is "canceled" only once its prediction is seen to stop on Replicate;
@@ -342,7 +294,7 @@ class JobRunner:
     def _owns(self, job_id: str) -> bool:
         """Still this process's job? A process whose heartbeat stalled past the TTL may have
         lost it to another: it must then neither create nor keep polling."""
-        return self.store.owner(job_id) == self.worker_id
+        return self.store.owners.owner(job_id) == self.worker_id
 
     def _record_intent(self, job: JobRow, index: int, result: TaskResult) -> None:
         """Store the create about to be sent, so a lost answer is looked up, never re-sent.
@@ -409,95 +361,6 @@ class JobRunner:
             pass  # the cancel is stored; the job's last item closes it
         return self.store.get(job_id)
 
-    # -- background: heartbeat, recovery, retention ----------------------------------------
-
-    def _maintain(self) -> None:
-        interval = max(0.05, self.settings.lease_ttl_seconds / 3)
-        while not self._stop.is_set():
-            try:
-                self._maintain_once()
-            except Exception:  # noqa: BLE001 - the loop must survive a busy database
-                log.exception("job maintenance failed; retrying")
-            self._wake.wait(interval)
-            self._wake.clear()
-
-    def _maintain_once(self) -> None:
-        now = self._clock()
-        self.store.heartbeat(self.worker_id, now)
-        if not self._stopping:
-            self._resume_orphans(now)
-        if now - self._last_sweep >= RETENTION_SWEEP_SECONDS:
-            self._last_sweep = now
-            self.purge_expired(now)
-
-    def _resume_orphans(self, now: float) -> None:
-        with self._lock:
-            tokens = dict(self._tokens)
-            checked = set(self._unchecked)
-        for job_id in self.store.claim_orphans(self.worker_id, tokens, now,
-                                               self.settings.lease_ttl_seconds, self.origin):
-            job = self.store.get(job_id)
-            if job is not None:
-                log.info("resuming job %s (%s)", job.id, job.counts)
-                self._resume(job, tokens[job.account])
-        with self._lock:
-            self._unchecked -= checked
-        self._forget_idle(checked)
-
-    def purge_expired(self, now: float) -> int:
-        """Delete jobs (and their files) that finished longer ago than the retention."""
-        expired = self.store.expired(now - self.settings.job_retention_seconds)
-        root = self.generator.runtime.output_root
-        for _, request_id in expired:
-            directory = (root / request_id).resolve()
-            if directory.parent == root and directory.is_dir():
-                shutil.rmtree(directory, ignore_errors=True)
-        self.store.delete([job_id for job_id, _ in expired])
-        if expired:
-            log.info("removed %d jobs past their retention", len(expired))
-        return len(expired)
-
-    # -- background: webhooks ----------------------------------------------------------------
-
-    def _deliver_webhooks(self) -> None:
-        while not self._stop.is_set():
-            try:
-                delivered = self._deliver_one()
-            except Exception:  # noqa: BLE001 - the loop must survive a bad receiver or database
-                log.exception("webhook delivery failed; retrying")
-                delivered = False
-            if not delivered:
-                due = self.store.next_webhook_at()
-                pause = 1.0 if due is None else min(1.0, max(0.02, due - self._clock()))
-                self._stop.wait(pause)
-
-    def _deliver_one(self) -> bool:
-        key = self.settings.webhook_signing_key
-        job = self.store.claim_webhook(self._clock(), WEBHOOK_LEASE_SECONDS)
-        if job is None or key is None or job.webhook_url is None:
-            return False
-        payload = job_with_items(job, self.store.items(job.id), self.settings.output_dir)
-        attempt = job.webhook_attempts + 1
-        result = webhooks.deliver(
-            job.webhook_url, payload, secret=webhook_secret(key, job.account),
-            msg_id=f"msg_{job.id}", allow_private=job.webhook_private,
-            timeout=self.settings.webhook_timeout_seconds)
-        if result.ok:
-            self.store.webhook_done(job.id, "delivered", attempt, None, None)
-            log.info("webhook for job %s delivered (attempt %d)", job.id, attempt)
-            return True
-        if not result.retryable or attempt >= self.settings.webhook_max_attempts:
-            self.store.webhook_done(job.id, "failed", attempt, None, result.error)
-            log.warning("webhook for job %s given up after %d attempts: %s", job.id, attempt,
-                        result.error)
-            return True
-        pause = max(result.retry_after or 0.0,
-                    webhooks.backoff(attempt, base=self.settings.webhook_retry_base_seconds))
-        self.store.webhook_done(job.id, "pending", attempt, self._clock() + pause, result.error)
-        log.info("webhook for job %s failed (attempt %d, %s); next in %.1fs", job.id, attempt,
-                 result.error, pause)
-        return True
-
     # -- stopping ------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -519,20 +382,12 @@ class JobRunner:
         self._wake.set()
         for thread in self._threads:
             thread.join(timeout=5.0)
-        self.store.retire(self.worker_id)
+        self.store.owners.retire(self.worker_id)
         # Closing the limiter first wakes items still waiting for a slot (they are left for the
         # next start), so joining the dispatcher cannot hang on them.
         self.generator.manager.shutdown()
         self.generator.close()
         self.store.close()
-
-
-def webhook_secret(signing_key: str, account: str) -> str:
-    """Each account's own webhook secret (`whsec_...`), derived from the server's key: one
-    account can never sign, and so forge, webhooks for another account's receiver."""
-    digest = hmac.new(signing_key.encode(), b"webhook-secret:" + account.encode(),
-                      hashlib.sha256).digest()
-    return "whsec_" + base64.b64encode(digest).decode()
 
 
 def _resume_point(item: ItemRow, attempts: list[Attempt]) -> Resume | None:

@@ -20,7 +20,7 @@ from replicate_generation.cli.batch.manifest import JobLog, Manifest
 from replicate_generation.cli.batch.progress import Progress, say
 from replicate_generation.cli.batch.reader import Row
 from replicate_generation.errors import InvalidName
-from replicate_generation.jobs.store import ITEM_TERMINAL
+from replicate_generation.jobs.rows import ITEM_TERMINAL
 from replicate_generation.outputs import IfExists
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2

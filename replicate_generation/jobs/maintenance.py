@@ -1,0 +1,84 @@
+"""A process's upkeep of the job store, run by a background thread: its heartbeat, taking over
+the open jobs of processes whose heartbeat stopped (for accounts whose token it holds), and
+removing jobs (and their files) past their retention."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from replicate_generation.jobs.accounts import AccountMemory
+from replicate_generation.jobs.rows import JobRow
+from replicate_generation.jobs.store import JobStore
+from replicate_generation.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RETENTION_SWEEP_SECONDS = 60.0
+
+
+class Maintenance:
+    """Heartbeat, recovery and retention for one runner (`run` is its thread's loop)."""
+
+    def __init__(self, store: JobStore, settings: Settings, accounts: AccountMemory, *,
+                 worker_id: str, origin: str, output_root: Path, clock: Callable[[], float],
+                 resume: Callable[[JobRow, str], None], stopping: Callable[[], bool],
+                 wake: threading.Event, stop: threading.Event) -> None:
+        self._store = store
+        self._settings = settings
+        self._accounts = accounts
+        self._worker_id = worker_id
+        self._origin = origin
+        self._output_root = output_root
+        self._clock = clock
+        # The runner queues a claimed job's items; it refuses new work once stopping.
+        self._resume = resume
+        self._stopping = stopping
+        self._wake = wake
+        self._stop = stop
+        self._last_sweep = 0.0
+
+    def run(self) -> None:
+        interval = max(0.05, self._settings.lease_ttl_seconds / 3)
+        while not self._stop.is_set():
+            try:
+                self._maintain_once()
+            except Exception:  # noqa: BLE001 - the loop must survive a busy database
+                log.exception("job maintenance failed; retrying")
+            self._wake.wait(interval)
+            self._wake.clear()
+
+    def _maintain_once(self) -> None:
+        now = self._clock()
+        self._store.owners.heartbeat(self._worker_id, now)
+        if not self._stopping():
+            self._resume_orphans(now)
+        if now - self._last_sweep >= RETENTION_SWEEP_SECONDS:
+            self._last_sweep = now
+            self.purge_expired(now)
+
+    def _resume_orphans(self, now: float) -> None:
+        tokens, checked = self._accounts.to_check()
+        for job_id in self._store.owners.claim_orphans(
+                self._worker_id, tokens, now, self._settings.lease_ttl_seconds, self._origin):
+            job = self._store.get(job_id)
+            if job is not None:
+                log.info("resuming job %s (%s)", job.id, job.counts)
+                self._resume(job, tokens[job.account])
+        self._accounts.checked(checked)
+
+    def purge_expired(self, now: float) -> int:
+        """Delete jobs (and their files) that finished longer ago than the retention."""
+        expired = self._store.retention.expired(now - self._settings.job_retention_seconds)
+        root = self._output_root
+        for _, request_id in expired:
+            directory = (root / request_id).resolve()
+            if directory.parent == root and directory.is_dir():
+                shutil.rmtree(directory, ignore_errors=True)
+        self._store.retention.delete([job_id for job_id, _ in expired])
+        if expired:
+            log.info("removed %d jobs past their retention", len(expired))
+        return len(expired)
