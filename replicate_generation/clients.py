@@ -1,8 +1,7 @@
 """The Replicate client pool: one guarded `replicate.Client` per token, and what is known of tokens.
 
-Accounts are named by a hash of their token (`account_key`); a token Replicate answered 401 is
-refused for a while; every request gets a timeout and leaves its 429 hint for the calling thread;
-upstream text is redacted of tokens before it is stored or shown.
+Accounts are named by a token hash (`account_key`); a 401'd token is refused a while; requests get
+timeouts and keep 429 hints; upstream text loses its tokens before it is stored or shown.
 """
 
 from __future__ import annotations
@@ -84,8 +83,7 @@ def _tls_context() -> ssl.SSLContext:
 class GuardedTransport(httpx.BaseTransport):
     """Give every request a timeout and remember 429 hints for the calling thread.
 
-    replicate 1.0.7 sends prediction creates with no timeout at all, so a hung create would pin a
-    worker forever; and its ReplicateError keeps neither Retry-After nor the body's retry_after.
+    replicate 1.0.7 sends creates with no timeout, and its ReplicateError drops Retry-After.
     """
 
     def __init__(self, timeout: httpx.Timeout, max_connections: int) -> None:
@@ -119,8 +117,7 @@ MAX_REJECTED = 100_000
 class ClientPool:
     """One replicate.Client per token (bounded LRU), never the module-level default client.
 
-    Clients of accounts with no work left are dropped (`forget`); an account whose token
-    Replicate answered 401 is refused for a while (`reject`), keyed by its hash, never its token.
+    Idle accounts' clients are dropped (`forget`); a token answered 401 is refused a while.
     """
 
     def __init__(self, base_url: str, *, max_clients: int = 256, max_connections: int = 100,
@@ -199,8 +196,7 @@ class ClientPool:
     def _build(self, token: str) -> replicate.Client:
         transport = GuardedTransport(self._timeout, self._max_connections)
         client = replicate.Client(api_token=token, base_url=self._base_url, transport=transport)
-        # The client builds its httpx client lazily without a lock: touching it here, under ours,
-        # stops concurrent first calls from each building (and leaking) a pool of their own.
+        # Built lazily and unlocked upstream: touched under our lock, racing calls leak no pools.
         _ = client._client  # noqa: SLF001
         return client
 

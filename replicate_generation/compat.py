@@ -65,9 +65,7 @@ def replicate_model_calling(prompt: str, model_name: str,
                             if_exists: str | None = None, **params: Any) -> list[str]:
     """Generate one prompt; return the paths of the files written (extension = real format).
 
-    :raises UnsupportedParameter: a parameter the model does not take.
-    :raises InvalidRequest: an unknown model, a bad value, a missing local reference file.
-    :raises GenerationFailed: the model (and its fallbacks) failed; nothing is reported as made.
+    Raises UnsupportedParameter, InvalidRequest or GenerationFailed (docs/migration.md).
     """
     clean = _model_params(model_name, params)
     with BatchClient(settings=_settings(None)) as client:
@@ -85,9 +83,7 @@ async def intelligent_batch_process(
         **common_params: Any) -> list[str]:
     """Generate many prompts with one model; return the successful files in PROMPT order.
 
-    At most `max_concurrent` of them run at once in this call, under the account's shared
-    limit (`global_max_concurrent`, else REPLICATE_GLOBAL_MAX_CONCURRENT). A failed prompt is
-    logged as a warning and has no file in the list, as before.
+    `max_concurrent` caps this call under the account's shared limit; failures are only logged.
     """
     prompt_list = list(prompts) if isinstance(prompts, list | tuple) else prompts
     paths = _batch_paths(prompt_list, model_name, output_dir, output_filepath)
@@ -172,8 +168,7 @@ class IntelligentBatchProcessor:
                                         if_exists: str | None = None) -> list[BatchResult]:
         """Run every request; return one BatchResult per request, in request order.
 
-        A request the engine refuses before spending anything (unknown model or parameter, bad
-        value, missing reference file) comes back failed with the reason; the others run.
+        A request refused before anything is spent comes back failed with the reason; others run.
         """
         items = list(requests)
         if not items:

@@ -1,8 +1,7 @@
 """The ConcurrencyManager: one per process, it waits for leases and tokens outside every lock.
 
-Slots are leases kept alive by a heartbeat; rates are tokens whose wait is computed by the store
-(SQLite on one host, Redis across hosts), so callers sleep outside every transaction. While the
-store is unavailable callers keep their place until their deadline, then get StoreUnavailable.
+Slots are heartbeat-kept leases, rates are store-computed waits slept outside any transaction;
+while the store is down callers keep their place until their deadline (then StoreUnavailable).
 """
 
 from __future__ import annotations
@@ -26,11 +25,9 @@ from replicate_generation.limits.release_count import Heard, ReleaseCount
 
 logger = logging.getLogger(__name__)
 
-# Sleeps are measured on another clock than time.time(); a wake-up a hair
-# early must not be mistaken for a new back-off.
+# Sleeps run on another clock than time.time(): a wake-up a hair early is not a new back-off.
 _BACKOFF_EPSILON_S = 0.01
-# Waiters this close to the head of the queue wake on local releases; the rest only poll, at
-# most this far apart.
+# Waiters this near the head wake on local releases; the rest only poll, at most this far apart.
 _NEAR_RANK = 3
 _FAR_POLL_MAX_S = 1.0
 
@@ -38,11 +35,7 @@ T = TypeVar("T")
 
 
 class ConcurrencyManager:
-    """Per-process front end: waits for leases and tokens, keeps leases alive.
-
-    One per process. All waiting happens here, outside any store transaction
-    and outside every lock.
-    """
+    """Per-process front end: waits for leases and tokens outside every lock, keeps leases alive."""
 
     def __init__(
         self,
@@ -74,8 +67,7 @@ class ConcurrencyManager:
         self._pid = os.getpid()
         # Names this process's declaration of its limits; not a secret.
         self._instance = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        # Releases here and those the store relays from other processes wake waiters; polls
-        # are the fallback for releases nobody relays.
+        # Local and store-relayed releases wake waiters; polls catch the releases nobody relays.
         self._releases = ReleaseCount()
         self._heartbeat = Heartbeat(self._store, self._instance, self._heartbeat_interval, logger)
         self._outage = self._heartbeat.outage
@@ -165,8 +157,7 @@ class ConcurrencyManager:
             return result
 
     def _jittered_poll(self) -> float:
-        # Jitter spreads the polls of many waiters so they do not hit the
-        # database in lock-step. Not security-relevant randomness.
+        # Jitter keeps many waiters' polls out of lock-step (not security-relevant randomness).
         return self._poll_interval * random.uniform(0.5, 1.5)  # noqa: S311
 
     def _notify(self) -> None:
@@ -217,8 +208,7 @@ class ConcurrencyManager:
             if self._patiently(partial(self._token_holds, account, kind, cut), deadline,
                                self._sleep):
                 return
-            # A 429 back-off began, or the create rate was cut, while we slept: this token
-            # was spaced for a rate Replicate refuses, so take a new one.
+            # A back-off or rate cut began while we slept: this token was spaced for a refused rate.
 
     def _reserve(self, account: str, kind: Kind, deadline: float) -> tuple[float, float, float]:
         """(last cut, wait, budget): one token reserved within what is left of the deadline."""

@@ -1,8 +1,7 @@
 """The Flask-free core: run one validated task down its model chain, within the account's limits.
 
-`jobs.JobRunner` runs every task of every request through `execute`, on the `Generator`'s
-dispatcher; scripts on the host use the same classes and share the service's limits through the
-same state file.
+`jobs.JobRunner` runs every task through `execute` on the `Generator`'s dispatcher; scripts on the
+host use the same classes and share the service's limits through the same state file.
 """
 
 from __future__ import annotations
@@ -115,9 +114,7 @@ def execute(task: Task, token: str, rt: Runtime, dest_dir: Path, result: TaskRes
             hooks: Hooks = NO_HOOKS, resume: Resume | None = None) -> None:
     """Run the task on its model, then down its fallback chain while the model itself fails.
 
-    `resume` says where the task stood before a restart: its model is picked up by polling the
-    prediction, or by looking up a create whose answer was lost. Raises Suspended when the
-    process stops mid-task.
+    `resume` (after a restart) polls or looks up a lost create; Suspended when the process stops.
     """
     models = [task.spec, *task.chain]
     position = _resume_position(models, resume)

@@ -1,8 +1,7 @@
 """Gunicorn settings: `gunicorn -c python:replicate_generation.gunicorn_conf ...` (launch.py).
 
-The master runs this once; names gunicorn knows are its settings, `_`-prefixed ones are ignored.
-FLASK_HOST, FLASK_PORT and LOG_LEVEL are read as the service's settings read them, so the port
-gunicorn binds and the port the app reports cannot drift apart.
+Run once by the master; `_` names are not settings. FLASK_HOST, FLASK_PORT and LOG_LEVEL are read
+as the service reads them, so the port gunicorn binds and the one the app reports cannot drift.
 """
 
 from __future__ import annotations
@@ -78,8 +77,7 @@ worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108
 accesslog = "-"
 errorlog = "-"
 loglevel = _log_level("LOG_LEVEL", "INFO")
-# No request-header atoms and %(U)s without the query: credentials travel in headers.
-# Last field: the response's X-Request-ID (sanitised by the service).
+# No header atoms, no query (%(U)s): credentials stay out; the last field is the X-Request-ID.
 access_log_format = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms %(p)s %({x-request-id}o)s'
 
 proc_name = "replicate-generation"
@@ -113,9 +111,7 @@ def child_exit(server: object, worker: object) -> None:
 def worker_exit(server: object, worker: object) -> None:
     """Stop the worker's job runner before the interpreter shuts down.
 
-    Left to interpreter exit, the dispatcher's pool threads would be joined before any atexit
-    hook runs, so a SIGTERM would wait for every queued item. Closing here takes no new items,
-    gives running ones the grace period and leaves the rest in the store for the next start.
+    Exit joins pool threads before atexit hooks, so a SIGTERM would wait for every queued item.
     """
     app = getattr(worker, "wsgi", None)
     extensions = getattr(app, "extensions", None)

@@ -1,8 +1,7 @@
 """One prediction's life: a slot, one create (never paid twice), polls, cancel, download.
 
-No Flask here. Every Replicate call goes through the account's client (clients.py) and its
-limits (a lease while the prediction is in flight, a paced token for every create and every
-poll). Errors come out as `GenerationError` with a kind the HTTP layer maps to a status.
+No Flask. Every call goes through the account's client and limits (a lease in flight, a paced
+token per create and poll); errors are `GenerationError`s whose kind maps to an HTTP status.
 """
 
 from __future__ import annotations
@@ -61,8 +60,7 @@ DOWNLOAD_GRACE_SECONDS = 120.0
 CANCEL_WAIT_SECONDS = 60.0
 # Replicate holds a `Prefer: wait=N` create for at most 60 s.
 MAX_SYNC_WAIT_SECONDS = 60
-# A long prediction is polled at this fraction of its age, so it is seen soon after it ends
-# without spending the account's poll budget on predictions that run for minutes.
+# Polls at this fraction of a prediction's age: soon seen once done, cheap while it runs long.
 POLL_AGE_FRACTION = 0.05
 MIN_POLL_SECONDS = 0.2
 
@@ -152,22 +150,13 @@ def _nothing_known() -> set[str]:
 
 @dataclass(frozen=True)
 class Hooks:
-    """How a durable job follows and steers one task.
+    """How a durable job follows and steers one task, so no create is ever paid twice."""
 
-    `on_intent` runs just before a create is sent (so a lost answer can be looked up, never paid
-    twice), and raises instead when nothing may be sent (Suspended: the process stops or lost
-    the job; GenerationError "canceled"); `on_created` runs as soon as a prediction exists (so
-    its id is stored before anything else happens); `known_predictions` are ids other items
-    already own (never adopted by a lookup); `should_cancel` is asked at every poll;
-    `should_suspend` tells a stopping process to leave a running prediction for the next start
-    to poll.
-    """
-
-    on_intent: Callable[[Attempt], None] = _ignore
-    on_created: Callable[[Attempt], None] = _ignore
-    known_predictions: Callable[[], set[str]] = _nothing_known
-    should_cancel: Callable[[], bool] = _never
-    should_suspend: Callable[[], bool] = _never
+    on_intent: Callable[[Attempt], None] = _ignore  # before a create; raises if none may be sent
+    on_created: Callable[[Attempt], None] = _ignore  # stores the id before anything else happens
+    known_predictions: Callable[[], set[str]] = _nothing_known  # ids other items own: never adopted
+    should_cancel: Callable[[], bool] = _never  # asked at every poll
+    should_suspend: Callable[[], bool] = _never  # stopping: leave it for the next start to poll
 
 
 NO_HOOKS = Hooks()
@@ -178,9 +167,7 @@ def generate(job: Job, rt: Runtime, attempts: list[Attempt] | None = None, *,
              pending: Attempt | None = None) -> Generated:
     """Run one prediction within the account's limits, then download its outputs at once.
 
-    With `resume`, the prediction already exists (created before a crash): it is polled, never
-    created again. With `pending`, a create was sent but its answer never stored: it is looked
-    up before anything is created.
+    `resume`: it exists, so it is only polled; `pending`: a lost create is looked up first.
     """
     attempts = attempts if attempts is not None else []
     deadline = rt.clock() + rt.task_timeout
@@ -289,8 +276,7 @@ def _status_of(attempt: Attempt) -> int | None:
     return int(match.group(1)) if match else None
 
 
-# One lookup at a time in this process, so two items with the same input never adopt one
-# prediction between the lookup and storing its id.
+# One lookup at a time: two items with one input never adopt the same prediction.
 _adoption = threading.Lock()
 
 

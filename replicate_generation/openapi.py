@@ -1,8 +1,7 @@
-"""OpenAPI 3.1 for the service, built from what validates requests: the catalogue's parameters
-and the app's own route table, so the description cannot drift from what the service accepts.
+"""OpenAPI 3.1 for the service, built from the catalogue and the route table, so it cannot drift.
 
-Every Flask rule must have an entry in OPERATIONS (a route without one fails the build, and so a
-test); request bodies are oneOf per model, discriminated by `model_name`.
+A Flask rule missing from OPERATIONS fails the build (and a test); request bodies are oneOf per
+model, discriminated by `model_name`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Turn a request body (the service's JSON, or a library/CLI call) into validated tasks.
 
-Flask-free: every problem is an `InvalidRequest` naming the field. The options that steer a
-request rather than a model (async, webhook, dry_run, fallback, placeholder) are taken out of the
-body first, so they never reach a model's parameters.
+Flask-free; problems are `InvalidRequest`s naming the field. Request options (async, webhook,
+dry_run, fallback, placeholder) are taken out first, so they never reach a model's parameters.
 """
 
 from __future__ import annotations

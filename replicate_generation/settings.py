@@ -309,8 +309,7 @@ def _metrics_access(env: Env) -> str:
 def read_environ(*, export: bool = False) -> dict[str, str]:
     """os.environ over the `.env` found from the working directory upwards (the environment wins).
 
-    With `export` the file's values also go into os.environ, for what reads it later (gunicorn's
-    workers, the web console).
+    `export` also puts the file's values in os.environ, for gunicorn's workers and the console.
     """
     found = find_dotenv(usecwd=True)
     if export:

@@ -123,8 +123,7 @@ class Database:
             raise ValueError("the state store needs a file path shared by all processes")
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        # Connections inherited through fork() must not be used or closed in the child (closing
-        # would drop the child's own POSIX locks); keep them referenced instead.
+        # Fork-inherited connections, kept: closing them in the child would drop its POSIX locks.
         self._inherited: list[sqlite3.Connection] = []
         enable_wal(self.connection())
 
@@ -136,8 +135,7 @@ class Database:
             self._inherited.append(conn)
         # isolation_level=None: transactions are issued explicitly (BEGIN IMMEDIATE / COMMIT).
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-        # NORMAL is durable across process crashes in WAL mode; only an OS crash can lose the
-        # last commits.
+        # In WAL mode NORMAL survives process crashes; only an OS crash can lose the last commits.
         conn.execute("PRAGMA synchronous = NORMAL")
         self._local.conn = conn
         self._local.pid = os.getpid()
@@ -145,12 +143,9 @@ class Database:
 
     @contextmanager
     def write(self, *, patient: bool = False) -> Iterator[sqlite3.Connection]:
-        """A short write transaction; IMMEDIATE takes the write lock up front so that
-        read-then-write never fails half way with SQLITE_BUSY.
+        """A short write transaction; IMMEDIATE locks up front, so read-then-write never gets BUSY.
 
-        Waiting for the lock (and a COMMIT refused as busy, which keeps the transaction) is
-        retried: up to WRITE_PATIENCE_S, then StoreBusy; without limit when `patient` or inside
-        `patient_writes()`.
+        Waits retry WRITE_PATIENCE_S, then StoreBusy; forever if `patient` or in `patient_writes()`.
         """
         conn = self.connection()
         patience = None if patient or getattr(_patience, "on", False) else WRITE_PATIENCE_S
@@ -188,10 +183,9 @@ class Database:
 
 
 def enable_wal(conn: sqlite3.Connection) -> None:
-    """Switch the file to WAL (persistent; a no-op once done).
+    """Switch the file to WAL (persistent; a no-op once done); start-up only, holding no lock.
 
-    When several workers open a brand-new file at once, the switch can fail with SQLITE_BUSY
-    without consulting the busy handler, so retry briefly. Start-up only; no lock is held.
+    Retried briefly: workers opening a new file at once get SQLITE_BUSY past the busy handler.
     """
     give_up = time.monotonic() + STARTUP_PATIENCE_S
     while True:
@@ -205,8 +199,7 @@ def enable_wal(conn: sqlite3.Connection) -> None:
             time.sleep(random.uniform(0.005, 0.05))  # noqa: S311 - jitter only
             continue
         if row is None or str(row[0]).lower() != "wal":
-            # Still correct (BEGIN IMMEDIATE serialises writers) but readers may then wait for
-            # writers; e.g. network filesystems.
+            # Still correct (BEGIN IMMEDIATE serialises writers), but readers may wait (e.g. NFS).
             log.warning("SQLite refused WAL mode (journal_mode=%s)", row)
         return
 

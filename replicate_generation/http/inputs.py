@@ -37,8 +37,7 @@ def int_arg(name: str, default: int, low: int, high: int) -> int:
     raw = request.args.get(name)
     if raw is None:
         return default
-    # isdecimal, not isdigit: "²" is a digit that int() refuses (a 500 instead of a 400).
-    # The length first: int() refuses over 4300 digits with a ValueError.
+    # isdecimal: int() refuses the digit "²" (a 500); length first: int() refuses 4300+ digits.
     if not raw.isdecimal() or len(raw) > 20 or not low <= int(raw) <= high:
         raise InvalidRequest(name, f"{name} must be an integer from {low} to {high}")
     return int(raw)
@@ -105,8 +104,7 @@ def _json_problem(body: dict[str, Any]) -> tuple[str, str] | None:
 
 
 def _value_problem(value: object) -> str | None:
-    # A lone surrogate has no UTF-8 (prompts, names and hashes are all encoded); 1e999 is inf,
-    # and an integer past the largest double overflows wherever it is taken as a number.
+    # Values get UTF-8 encoded or used as numbers: lone surrogates, inf and huge ints would fail.
     if isinstance(value, str) and not _is_utf8(value):
         return "is not valid Unicode text (it holds a lone surrogate)"
     if isinstance(value, float) and not math.isfinite(value):

@@ -38,11 +38,9 @@ _RECONNECT_PAUSE_MAX_S = 2.0
 
 
 class JobDatabase:
-    """The engine of the jobs tables, on SQLite (a path or `sqlite:///path`) or PostgreSQL
-    (`postgresql://...`), upgraded to the newest migration on opening.
+    """The jobs tables' engine on SQLite or PostgreSQL, upgraded to the newest migration on opening.
 
-    On PostgreSQL, a refused or lost connection raises StoreUnavailable; the same object works
-    again once the server is back.
+    A lost PostgreSQL raises StoreUnavailable; the same object works again once it is back.
     """
 
     def __init__(self, target: str) -> None:

@@ -43,14 +43,9 @@ class Owners:
 
     def claim_orphans(self, worker: str, accounts: Container[str], now: float, ttl: float,
                       origin: str = "service") -> list[str]:
-        """Take over open jobs whose owner is gone, for accounts this worker can pay with; each
-        claim bumps the job's fence (see `fence_of`).
+        """Take over ownerless open jobs of `origin` that `accounts` can pay for; bump each fence.
 
-        The orphans are read first and matched against `accounts` here, so the query never grows
-        with the number of accounts (an `IN (...)` of them would pass SQLite's variable limit).
-        Only jobs of the same origin: a script on the host never takes over the service's jobs
-        (it would write them into its own output directory), nor the service a script's.
-        On PostgreSQL, jobs another claimer is taking are skipped (SKIP LOCKED), not waited for.
+        Accounts match here, not in SQL (an IN list can pass SQLite's limit); PG skips locked rows.
         """
         live = select(job_workers.c.id)
         orphans = select(jobs.c.id, jobs.c.account).where(
@@ -74,11 +69,9 @@ class Owners:
 
     def fail_queued_items(self, worker: str, account: str, outcome: ItemOutcome, now: float, *,
                           fence: Mapping[str, int] | None = None) -> list[str]:
-        """End every queued item of the account's open jobs this worker owns with `outcome`
-        (at once, nothing is sent anywhere); return the ids of the jobs touched.
+        """End the queued items of the account's jobs this worker owns (sending nothing); job ids.
 
-        `fence`: the fencing number this worker holds for each job; a job missing from it or
-        whose fence moved on is left alone.
+        Given `fence` (job id -> fence held), a job missing from it or fenced off is left alone.
         """
         owned = select(jobs.c.id, jobs.c.fence).where(
             jobs.c.account == account, jobs.c.owner == worker, jobs.c.state.in_(OPEN_STATES),

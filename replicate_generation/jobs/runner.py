@@ -1,10 +1,7 @@
-"""Durable jobs: every request becomes a job whose items run on the dispatcher and are recorded in
-the state file as they go, so that a crash or a restart loses nothing and pays for nothing twice.
+"""Durable jobs, recorded as they run: a crash or restart loses nothing and pays for nothing twice.
 
-A job is owned by the process that runs it; a resumed item with a prediction id is polled, never
-created again. Background threads keep the store (`Maintenance`: heartbeat, orphans, retention)
-and send webhooks (`WebhookNotifier`). Users' tokens live only in memory (`AccountMemory`), so a
-user job orphaned by a crash resumes once its owner makes any authenticated request anywhere.
+A resumed item with a prediction id is polled, never created again. Users' tokens live only in
+memory (`AccountMemory`): an orphaned user job resumes at its owner's next authenticated request.
 """
 
 from __future__ import annotations
@@ -186,8 +183,7 @@ class JobRunner:
         try:
             self._queue(job, token)
         except (QueueFull, ShuttingDown):
-            # The job is safe in the store: hand it back so a sweep (here or elsewhere) takes it
-            # up again once there is room.
+            # Safe in the store: handed back, a sweep in any process resumes it once there is room.
             log.warning("job %s waits in the store: this process is full or stopping", job.id)
             self.store.owners.release_job(job.id, self.worker_id)
 
@@ -383,8 +379,7 @@ class JobRunner:
         for thread in self._threads:
             thread.join(timeout=5.0)
         self.store.owners.retire(self.worker_id)
-        # Closing the limiter first wakes items still waiting for a slot (they are left for the
-        # next start), so joining the dispatcher cannot hang on them.
+        # Limiter first: it wakes items waiting for a slot, so joining the dispatcher cannot hang.
         self.generator.manager.shutdown()
         self.generator.close()
         self.store.close()

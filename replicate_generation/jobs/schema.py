@@ -147,8 +147,7 @@ def open_engine(target: str) -> Engine:
     if url.get_backend_name() == "sqlite":
         engine = sqlite_engine(url.database or "")
     else:
-        # Connections kept open: an overflow one is opened and closed per use (a new server
-        # process each time), which under load costs more than the query.
+        # Kept open: an overflow connection costs a new server process per use, more than the query.
         engine = create_engine(
             url, pool_pre_ping=True, isolation_level="READ COMMITTED", pool_size=PG_POOL_SIZE,
             max_overflow=PG_POOL_OVERFLOW, pool_timeout=WRITE_PATIENCE_S,
@@ -161,8 +160,7 @@ def backend_of(engine: Engine) -> Backend:
     return "sqlite" if engine.dialect.name == "sqlite" else "postgresql"
 
 
-# Pools inherited through fork(): the child must neither use nor close (nor collect) them,
-# which would release its SQLite locks or end the parent's PostgreSQL sessions.
+# Fork-inherited pools, kept: used, closed or collected they drop locks or the parent's sessions.
 _ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
 _INHERITED: list[Pool] = []
 

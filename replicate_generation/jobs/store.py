@@ -51,17 +51,14 @@ _ITEM_AND_FENCE: list[ColumnElement[Any]] = [*ITEM_COLUMNS, _ITEM_FENCE.label("j
 _ITEM_OWNER = select(jobs.c.owner).where(jobs.c.id == job_items.c.job_id).scalar_subquery()
 _ITEM_CANCELED = (select(jobs.c.cancel_requested_at).where(jobs.c.id == job_items.c.job_id)
                   .scalar_subquery())
-# What became of an intent: stored, or not (the job was canceled, the item ended meanwhile, or
-# the job is no longer this owner's).
+# What became of an intent; "not_ours": the job is no longer this owner's.
 IntentOutcome = Literal["stored", "canceled", "ended", "not_ours"]
 
 
 class JobStore:
-    """Jobs and their items, on SQLite (a path or `sqlite:///path`) or PostgreSQL
-    (`postgresql://...`). Times are wall-clock seconds given by the caller.
+    """Jobs and their items, on SQLite or PostgreSQL; times are wall-clock seconds from the caller.
 
-    Opening upgrades the tables to the newest migration (see `JobDatabase`); `owners`, `outbox`
-    and `retention` share its connections.
+    `owners`, `outbox` and `retention` share its connections (`JobDatabase`).
     """
 
     def __init__(self, target: str) -> None:
@@ -77,10 +74,9 @@ class JobStore:
     # -- submitting ------------------------------------------------------------------------
 
     def create(self, job: NewJob, owner: str, now: float) -> tuple[JobRow, bool]:
-        """Insert a job and its items at once; with a known Idempotency-Key return that job.
+        """Insert a job and its items; return (job, created), or a known Idempotency-Key's job.
 
-        Returns (job, created). Raises IdempotencyConflict when the key was used with another
-        body. The rows are built before the write lock is taken, so the transaction stays short.
+        IdempotencyConflict for another body; rows are built before the lock to keep it short.
         """
         items, values = pack_items(job.id, (item.spec for item in job.items))
         with self.db.write() as conn:
@@ -167,9 +163,7 @@ class JobStore:
         job_id = self.db.scalar(select(job_files.c.job_id).where(job_files.c.path == path))
         return str(job_id) if job_id is not None else None
 
-    # -- running ---------------------------------------------------------------------------
-    # An owner's writes take `fence`: given, they apply only while the job's fence is still
-    # that number, so an owner that lost the job to a claim changes nothing.
+    # -- running (a write given `fence` is void once a claim moved it: a lost owner changes nothing)
 
     def start_item(self, job_id: str, index: int, now: float, *,
                    fence: int | None = None) -> ItemRow | None:
@@ -199,10 +193,9 @@ class JobStore:
 
     def record_attempts(self, job_id: str, index: int, attempts: list[dict[str, Any]],
                         prediction: tuple[str, str] | None, *, fence: int | None = None) -> bool:
-        """Write the attempts so far, and the prediction now in flight (id, model) or none;
-        False if the item is not there or the job was fenced off.
+        """Write the attempts and the prediction in flight; False if the item is gone or fenced off.
 
-        Retried until it is stored, however busy the file: the create it records is paid for.
+        Retried however busy the file: the create it records is paid for.
         """
         stmt = update(job_items).where(job_items.c.job_id == job_id, job_items.c.idx == index,
                                        *_item_fenced(fence)).values(

@@ -1,11 +1,7 @@
 """Generate with Replicate models from your own Python code, in-process: no server needed.
 
-`generate`, `generate_batch` and `generate_mixed` (and their a* forms) run as jobs on the service's
-own engine, sharing one account's limits with every process on the host through `STATE_FILE`.
-Files are moved to the caller's paths, never replacing one silently (docs/library.md).
-
-calls (the module-level functions), client (`BatchClient`), arguments, placement (the caller's
-paths), cancellation (the a* forms), results (`Request`, `Result`), status (settings, limits).
+`generate`, `generate_batch`, `generate_mixed` (and a* forms) run as jobs on the service's engine,
+sharing limits through `STATE_FILE`; files never silently replace another (docs/library.md).
 """
 
 from replicate_generation.errors import InvalidName, InvalidRequest, OutputExists

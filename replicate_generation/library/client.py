@@ -47,13 +47,7 @@ class _Chunk:
 class BatchClient:
     """A reusable session: one job runner (threads, HTTP clients, state file) for many calls.
 
-    Use it as a context manager, or call `close()`: running predictions are then left in the state
-    file rather than abandoned, and any process with the same token picks them up.
-
-    :param token: the Replicate token that pays; default REPLICATE_API_TOKEN.
-    :param settings: default `load_settings()`.
-    :param max_concurrent: at most this many of this client's items in flight at once, under
-        the account's shared limit (which still bounds it); default: the account's limit.
+    `max_concurrent` caps this client under the account's limit; `close()` leaves work to resume.
     """
 
     def __init__(self, *, token: str | None = None, settings: Settings | None = None,
@@ -80,8 +74,7 @@ class BatchClient:
             if self._closed:
                 raise RuntimeError("this BatchClient is closed")
             if self._runner is None:
-                # "library": a script resumes its own (and other scripts') jobs, never the
-                # service's, which belong in the service's output directory.
+                # "library": never resume the service's jobs, which belong in its output directory.
                 generator = Generator(self.settings, max_concurrent=self.max_concurrent)
                 self._runner = JobRunner(self.settings, generator, origin="library")
                 # A client nobody closed still hands its unfinished work over at exit.
@@ -145,8 +138,7 @@ class BatchClient:
                        if_exists: IfExists = "refuse", **params: Any) -> list[Result]:
         """Generate many prompts with one model in parallel; `params` apply to every prompt.
 
-        `output_filepaths`, when given, is a list parallel to `prompts` (None entries keep the
-        default name under OUTPUT_DIR).
+        `output_filepaths` parallels `prompts`; a None keeps the default name under OUTPUT_DIR.
         """
         check_if_exists(if_exists)
         prompt_list = as_list(prompts, "prompts")
@@ -205,9 +197,7 @@ class BatchClient:
                     token: str | None = None) -> tuple[JobRow, bool]:
         """Submit a /generate-batch body as a job without waiting; return (job, created).
 
-        With an idempotency key already used by this account (and the same body), the existing
-        job comes back instead: nothing is created. Raises InvalidRequest/InvalidName for a bad
-        body, QueueFull when this process has no room.
+        A reused idempotency key returns its job; raises InvalidRequest, InvalidName or QueueFull.
         """
         parsed = parse_batch(body, self.settings.max_batch_size, self.chains)
         submission = Submission(kind="batch", tasks=parsed.tasks, idempotency_key=idempotency_key,
@@ -242,8 +232,7 @@ class BatchClient:
                 for item in runner.store.items(chunk.job.id):
                     results.append(self._result(chunk.job.id, item, chunk.offset))
         except BaseException:
-            # Interrupted (Ctrl-C, a cancelled task) or broken: nobody will collect these
-            # results, so stop paying.
+            # Interrupted (Ctrl-C, cancelled) or broken: nobody will collect these, so stop paying.
             for chunk in chunks:
                 if chunk.job is not None:
                     runner.cancel(chunk.job.id)

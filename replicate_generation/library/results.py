@@ -22,9 +22,7 @@ class GenerationFailed(Exception):
 class Request:
     """One item of a mixed batch: what the upstream library called `BatchRequest`.
 
-    `params` are the model's parameters (checked against the catalogue before anything is
-    spent). A reference given as a `pathlib.Path` is read here and sent inline as a data: URI;
-    a string must be an http(s) URL or a data: URI.
+    A `pathlib.Path` reference is read here and sent as a data: URI; a str must be a URL or one.
     """
 
     prompt: str

@@ -13,8 +13,7 @@ from typing import Any, Literal, NamedTuple, Protocol
 
 Kind = Literal["create", "poll"]
 
-# Inclusive bounds checked by Limits.validate(); a 0 would block forever and a
-# negative rate would divide by zero or go backwards (upstream defect §3.8).
+# Inclusive: 0 would block forever, a negative rate divide by zero (upstream defect §3.8).
 LIMIT_RANGES: dict[str, tuple[int, int]] = {
     "max_concurrent": (1, 10_000),
     "requests_per_minute": (1, 100_000),
@@ -25,8 +24,7 @@ LIMIT_RANGES: dict[str, tuple[int, int]] = {
 # A bogus Retry-After (or "inf") must not freeze an account for good.
 MAX_BACKOFF_S = 3600.0
 WINDOW_S = 60.0
-# AIMD on the create rate: cut to 60% on a 429 (70% took one more throttled probe on the way
-# down, 50% lost a sixth of the pace), then +1% (at least 0.2/min) per accepted create.
+# AIMD: 60% on a 429 (70% cost a throttled probe, 50% a sixth of the pace), +1% per create.
 RATE_CUT = 0.6
 RATE_STEP = 0.01
 MIN_RATE_STEP = 0.2
@@ -69,8 +67,7 @@ def check_known_limit(name: str) -> None:
 class LimitSource:
     """One limit as every process sharing the store applies it, and why.
 
-    ``source`` is "configure" when a /configure override is stored for the field, else
-    "environment": the smallest value among the live processes' declarations.
+    ``source``: "configure" (an override), else "environment" (the smallest live declaration).
     """
 
     value: int
@@ -191,8 +188,7 @@ class LimitStore(Protocol):
     def reserve(self, account: str, kind: Kind, *, max_wait: float = math.inf) -> float:
         """Spend one token now; return seconds to wait before using it.
 
-        If the wait would exceed ``max_wait`` nothing is spent and the (too
-        long) wait is returned, so callers never burn a token they cannot use.
+        Past ``max_wait`` nothing is spent and the wait is returned: no token is burnt unused.
         """
         ...
 

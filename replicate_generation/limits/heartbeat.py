@@ -119,8 +119,7 @@ class Heartbeat:
         self._beat("limits declaration", lambda: self._store.declare(self._instance))
 
     def _beat(self, what: str, step: Callable[[], None]) -> None:
-        # Keep beating on any failure: one failed renewal is survivable (the interval is a
-        # fraction of the ttl); a dead heartbeat would drop every lease.
+        # Beat on through failures: a missed renewal is survivable, a dead heartbeat loses leases.
         try:
             step()
         except StoreUnavailable as exc:

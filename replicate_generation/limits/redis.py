@@ -61,8 +61,7 @@ _OP_TTL_MS = 30_000
 # The releases listener: how long one wait for a message lasts, and the pause after an error.
 _LISTEN_TIMEOUT_S = 1.0
 _LISTEN_RETRY_S = 0.5
-# redis-py resends a command after a dropped connection this often, briefly: the manager
-# retries longer, above the store.
+# redis-py resends after a dropped connection only briefly: the manager, above, retries longer.
 _RETRY = Retry(ExponentialWithJitterBackoff(cap=0.25, base=0.02), retries=2)
 # Errors that mean "not now" rather than a bug, and the reason given; subclasses first.
 _UNAVAILABLE: tuple[tuple[type[RedisError], str], ...] = (
@@ -168,8 +167,7 @@ def _overrides(flat: Sequence[str]) -> dict[str, tuple[int, float]]:
 class KeyNames:
     """Key names: one hash tag per account, so every script touches one Cluster slot.
 
-    {limits}: overrides, declarations, accounts (last use). {<account>}: leases, released
-    (tombstones: a late renew never revives them), queue, tickets, seq, rate, creates, op:<id>.
+    The scripts' KEYS lines name the keys; {limits} holds what all accounts share.
     """
 
     def __init__(self, prefix: str) -> None:
@@ -189,8 +187,7 @@ class KeyNames:
 class RedisLimitStore:
     """LimitStore on one Redis (or Cluster-compatible key layout) shared by every host.
 
-    ``default_limits`` are what this process's environment asks for; they bind others once
-    declared (the manager declares while open). ``clock`` is for tests: None uses Redis's clock.
+    ``default_limits`` bind others only once declared; ``clock`` is for tests (None: Redis's).
     """
 
     def __init__(

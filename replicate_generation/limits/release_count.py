@@ -1,9 +1,7 @@
 """How many releases a process has heard of, so a waiter can sleep until it is next in line.
 
-A waiter at rank r (r slots must come free before it may enter) sleeps until r - 1 more releases
-were heard of, here or in another process, instead of guessing when to poll: the next in line is
-then always awake when the slot it waits for comes free. Releases of other accounts count too;
-waking early only costs one more look at the store.
+At rank r a waiter sleeps through r - 1 releases (any process), so the next in line is awake when
+its slot frees; other accounts' releases count too, as waking early costs only one more look.
 """
 
 from __future__ import annotations

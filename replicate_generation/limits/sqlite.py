@@ -38,8 +38,7 @@ from replicate_generation.sqlite_db import Database
 logger = logging.getLogger(__name__)
 
 _SCHEMA = (
-    # Legacy: one row holding all four fields, written by older versions' /configure;
-    # _migrate_legacy_limits turns it into per-field overrides.
+    # Legacy: older versions' /configure row; _migrate_legacy_limits makes per-field overrides.
     """CREATE TABLE IF NOT EXISTS cm_limits (
         id INTEGER PRIMARY KEY CHECK (id = 1),
         max_concurrent INTEGER NOT NULL,
@@ -61,8 +60,7 @@ _SCHEMA = (
         id TEXT PRIMARY KEY, account TEXT NOT NULL, expires REAL NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS cm_leases_account ON cm_leases (account)",
     "CREATE INDEX IF NOT EXISTS cm_leases_expires ON cm_leases (expires)",
-    # AUTOINCREMENT: a seq is never reused, so a new ticket can never sort
-    # ahead of an older one even after the newest row was deleted.
+    # AUTOINCREMENT: a seq is never reused, so a new ticket never sorts ahead of an older one.
     """CREATE TABLE IF NOT EXISTS cm_tickets (
         seq INTEGER PRIMARY KEY AUTOINCREMENT, ticket TEXT NOT NULL UNIQUE,
         account TEXT NOT NULL, expires REAL NOT NULL)""",
@@ -86,14 +84,7 @@ _SCHEMA = (
 class SQLiteLimitStore:
     """LimitStore on one SQLite file (WAL) shared by every process on the host.
 
-    Each thread gets its own connection, so a writer waiting on SQLite's busy
-    timeout never holds a Python lock that other threads (or /health) need.
-    Times stored are ``clock()`` values, wall-clock by default so that all
-    processes agree.
-
-    ``default_limits`` are what this process's environment asks for. They bind
-    other processes only once declared (``declare``, which the manager does
-    while it is open); a store that never declares is a read-only observer.
+    A connection per thread: a writer in SQLite's busy wait holds no lock others (/health) need.
     """
 
     def __init__(
@@ -111,8 +102,7 @@ class SQLiteLimitStore:
         self._defaults = default_limits
         self._ttl = float(lease_ttl)
         self._clock = clock
-        # The instance this store declared for, in the process that declared it: its own
-        # defaults then always count, even if its row lapsed (a slow heartbeat).
+        # The instance declared here: its defaults count even if its row lapsed (a slow heartbeat).
         self._own: tuple[str, int] | None = None
         self._wakeups = HostWakeups(wakeup_directory(path))
         self._create_schema()
@@ -259,8 +249,7 @@ class SQLiteLimitStore:
     def try_acquire_ranked(self, account: str, ticket: str) -> tuple[str | None, int]:
         with self._db.write() as conn:
             now = self._clock()
-            # Purging here, inside the granting transaction, is what frees
-            # the slots of dead holders: no separate reaper to fail.
+            # Purged inside the granting transaction: dead holders' slots free with no reaper.
             conn.execute("DELETE FROM cm_leases WHERE expires <= ?", (now,))
             conn.execute("DELETE FROM cm_tickets WHERE expires <= ?", (now,))
             seq = _upsert_ticket(conn, account, ticket, now, self._ttl)
@@ -272,8 +261,7 @@ class SQLiteLimitStore:
                 "SELECT COUNT(*) FROM cm_tickets WHERE account = ? AND seq < ?",
                 (account, seq),
             )
-            # FIFO: only the first `free` waiters may enter; free <= 0 also covers a lowered
-            # limit (in-flight work finishes first).
+            # FIFO: only the first `free` may enter (free <= 0: a lowered limit drains first).
             if ahead >= free:
                 return None, ahead - free + 1
             conn.execute("DELETE FROM cm_tickets WHERE seq = ?", (seq,))
@@ -289,9 +277,7 @@ class SQLiteLimitStore:
             return
         with self._db.write() as conn:
             expires = self._clock() + self._ttl
-            # A lease that expired but was not purged yet is revived: nobody
-            # was granted its slot (grants purge first), so this stays safe and
-            # a holder paused past its ttl is still counted while it works.
+            # Expired, unpurged leases revive safely (grants purge first): a paused holder counts.
             conn.executemany(
                 "UPDATE cm_leases SET expires = ? WHERE id = ?",
                 [(expires, lease_id) for lease_id in lease_ids],
@@ -324,9 +310,7 @@ class SQLiteLimitStore:
                 rate, burst = _create_pace(conn, account, limits)
             interval = WINDOW_S / rate  # emission interval T
             tolerance = (burst - 1) * interval  # tau
-            # During a shared back-off the account behaves as if "now" were
-            # the end of the back-off, so every kind waits it out and tokens
-            # taken during it are still spaced by GCRA afterwards.
+            # In a shared back-off "now" is its end, so tokens taken during it stay spaced after.
             arrival = max(now, _backoff_until(conn, account))
             tat = _tat(conn, account, kind, default=arrival)
             use_at = max(arrival, tat - tolerance)
@@ -351,8 +335,7 @@ class SQLiteLimitStore:
                 "INSERT OR REPLACE INTO cm_backoffs (account, until) VALUES (?, ?)",
                 (account, until),
             )
-            # Later create reservations start after the back-off; after a cut, the tokens
-            # already handed out are re-reserved by their holders, so the schedule restarts.
+            # Creates wait out the back-off; after a cut, holders re-reserve: the schedule restarts.
             tat = max(_tat(conn, account, "create", default=until), until)
             if _cut_learned_rate(conn, account, self._limits(conn), now, seconds):
                 tat = until
@@ -485,8 +468,7 @@ def _account_stats(conn: sqlite3.Connection, account: str, now: float) -> Accoun
 
 
 def _log_create(conn: sqlite3.Connection, account: str, use_at: float, now: float) -> None:
-    # Logged at the time the token may be used, so creates_last_minute
-    # approximates what Replicate sees rather than how many are queued.
+    # Logged at use time, so creates_last_minute approximates what Replicate sees, not the queue.
     conn.execute("DELETE FROM cm_create_log WHERE at <= ?", (now - WINDOW_S,))
     conn.execute("INSERT INTO cm_create_log (account, at) VALUES (?, ?)", (account, use_at))
 

@@ -1,9 +1,7 @@
 """Wake-ups between the processes of one host, for the SQLite limit store (SQLite cannot notify).
 
-Each listening store binds a Unix datagram socket in a directory beside the state file; a
-release sends one byte to every other socket there, so the next waiter in line, whatever process
-it is in, tries at once instead of at its next poll. Polls stay the fallback: a lost or
-undeliverable wake-up only costs a poll interval.
+A release sends a byte to every store's Unix datagram socket beside the state file, so the next
+waiter tries at once; polls stay the fallback, so a lost wake-up costs only a poll interval.
 """
 
 from __future__ import annotations

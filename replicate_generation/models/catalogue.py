@@ -1,9 +1,7 @@
 """The model catalogue: data only. Every model, its kind, price and every parameter it accepts.
 
-Adding a model means adding an entry here; validation, `/models` and input building read it.
-Parameter facts come from the upstream registry (shared/reference/upstream-defects.md §4) and
-the service README; `None` defaults are not sent, every other default is sent explicitly so a
-request is reproducible from its logged input.
+Facts from the upstream registry (shared/reference/upstream-defects.md §4); non-`None` defaults
+are sent explicitly, so a request is reproducible from its logged input.
 """
 
 from __future__ import annotations
@@ -25,8 +23,7 @@ SEED_MAX = 2**32 - 1
 class Param:
     """One input parameter of a model, as the caller may send it.
 
-    `uri` is one http(s) URL or data: URI (never a path on the server); `uri_list` is a JSON
-    array of 1..`max_items` of them.
+    `uri`: an http(s) URL or data: URI, never a server path; `uri_list`: 1..`max_items` of them.
     """
 
     name: str
@@ -60,11 +57,9 @@ class Param:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A Replicate model the service can run.
+    """A Replicate model the service can run, at `price_usd` per `price_unit`.
 
-    `price_usd` is charged per `price_unit`: each output image, each call, each second of video
-    (the `duration` input) or each 1,000 characters of the prompt. `reference_key` is the input
-    that takes the model's reference (`reference_media`); a `uri_list` key takes several.
+    `reference_key` is the input for its reference (`reference_media`); a `uri_list` takes several.
     """
 
     id: str

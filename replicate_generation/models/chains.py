@@ -68,8 +68,7 @@ class FallbackChains:
     def parse(cls, text: str | None) -> FallbackChains:
         """Parse `{"model": ["next", ...]}`; models it does not name keep their default chain.
 
-        None or blank gives the defaults. `[]` turns a model's fallback off.
-        :raises ValueError: naming the problem.
+        None or blank gives the defaults, `[]` turns a fallback off; ValueError names a problem.
         """
         if text is None or not text.strip():
             return cls.default()

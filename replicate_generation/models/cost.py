@@ -10,8 +10,7 @@ from replicate_generation.models.catalogue import ModelSpec
 def estimate_cost(spec: ModelSpec, model_input: Mapping[str, object]) -> float:
     """What the call should cost in USD, from the catalogue's price.
 
-    Per image x num_outputs, per call, per second x duration, or per 1,000 characters of the
-    prompt (pro rata).
+    Per image x num_outputs, per call, per second x duration or per 1,000 prompt characters.
     """
     unit = spec.price_unit
     if unit == "call":

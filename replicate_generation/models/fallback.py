@@ -1,8 +1,7 @@
 """When a model fails, what to try next: the trigger, and the input mapped to another model.
 
-A fallback maps the input to the next model (values too: webp -> png, aspect ratios to the
-nearest allowed) and says what it changed; it is refused when it would lose the reference,
-change the kind of output or weaken a safety setting, and it never adds a safety downgrade.
+Values map too (webp -> png, nearest aspect ratio) and the changes are told; a fallback is refused
+rather than lose the reference, change the kind of output or weaken a safety setting.
 """
 
 from __future__ import annotations
@@ -23,9 +22,7 @@ FALLBACK_ERROR_KINDS = frozenset({
 })  # fmt: skip
 """GenerationError kinds that mean the model failed; anything else is not the model's fault."""
 
-# Parameters that shape the output: a fallback keeps them even at the source model's default, so
-# the caller gets the same shape and format whichever model made it. Other parameters still at the
-# source's default give way to the target's own default.
+# Kept even at the source's default, so the output's shape and format do not depend on the model.
 _CARRIED_DEFAULTS = frozenset({"aspect_ratio", "output_format", "output_quality", "num_outputs",
                                "megapixels", "seed"})
 # Safety parameters where a higher number is more permissive: a fallback never raises one.
@@ -46,8 +43,7 @@ def fallback_input(
 ) -> tuple[dict[str, object], tuple[str, ...]] | None:
     """The input for `target` carrying `source_input` over, and notes on what changed.
 
-    None when `target` cannot honour the request: another kind of output, a reference it cannot
-    take (it is never dropped), or a safety setting it could only weaken.
+    None when `target` would change the output's kind, drop the reference or weaken safety.
     """
     outcome = fallback_or_reason(source, source_input, target)
     return None if isinstance(outcome, str) else outcome
@@ -89,8 +85,7 @@ def translate(
 ) -> tuple[dict[str, object], list[str]] | str:
     """Map every parameter but prompt and the reference; a str is why it cannot be done.
 
-    With `quiet_defaults`, source parameters still at the source's default that the target
-    lacks are named together in one note instead of one note each.
+    `quiet_defaults`: defaults the target lacks share one note instead of one note each.
     """
     out: dict[str, object] = {}
     notes: list[str] = []

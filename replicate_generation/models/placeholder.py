@@ -41,11 +41,9 @@ class _Bytes:
 
 
 def write_placeholder(spec: ModelSpec, dest_dir: Path, stem: str, *, root: Path) -> SavedFile:
-    """Write the black placeholder as `<stem>.png`, atomically, under `root`.
+    """Write the black placeholder as `<stem>.png` (image models only), atomically, under `root`.
 
-    Only for image models. The caller must report it as a placeholder, never as a success.
-    :raises ValueError: for a video or audio model, or a malformed stem.
-    :raises outputs.DownloadError: when dest_dir is outside root or the write fails.
+    The caller must report it as a placeholder, never as a success.
     """
     if spec.kind != "image":
         raise ValueError(f"{spec.id} makes {spec.kind}; a placeholder image would be a lie")

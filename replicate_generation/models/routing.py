@@ -1,8 +1,7 @@
 """Which model a request item runs on, with what input, and which fallbacks could take it.
 
-A reference given to a model that cannot take it goes to one that can (one image:
-flux-kontext-max, two or three: nano-banana), and the caller is told; a reference is never
-dropped, and an unknown parameter is an error, never a reason to switch models.
+A reference goes to a model that can take it (one image: flux-kontext-max, two or three:
+nano-banana), never dropped; an unknown parameter is an error, never a reason to switch models.
 """
 
 from __future__ import annotations
@@ -69,8 +68,7 @@ def plan(
 ) -> Plan:
     """Validate a request item, route its reference, and list the fallbacks that could take it.
 
-    :raises InvalidRequest: naming the field, for any bad or unknown parameter and for a
-        reference no model can take as asked (wrong media, too many images).
+    InvalidRequest names the field, also for a reference no model can take as asked.
     """
     reference = _find_reference(params, prefix)
     notes: tuple[str, ...] = ()

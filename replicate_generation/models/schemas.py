@@ -1,8 +1,7 @@
 """Any Replicate model beside the curated nine: MODEL_POLICY, its cog schema, input checks.
 
-A non-curated model (`owner/name` or `owner/name:<64-hex version>`) is allowed by MODEL_POLICY,
-then its input is checked against the model's own cog schema (schema_fetch.py gets it) before
-anything is created. Pure: problems are InvalidRequest (400) or SchemaUnavailable.
+The input is checked against the model's own schema (schema_fetch.py gets it) before anything is
+created. Pure: problems are InvalidRequest (400) or SchemaUnavailable.
 """
 
 from __future__ import annotations

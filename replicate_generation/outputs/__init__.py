@@ -1,8 +1,7 @@
 """Prediction outputs, from the model's answer to a file on disk.
 
-names (stems, numbering), formats (the real extension), sources and downloads (the bytes),
-saving (atomic writes under the output root), placement (no-clobber moves elsewhere),
-shapes (outputs of any shape from non-curated models); base holds the shared types and errors.
+names, formats (the real extension), sources and downloads (the bytes), saving (atomic, under the
+root), placement (no-clobber), shapes (non-curated outputs); base: shared types and errors.
 """
 
 from replicate_generation.outputs.base import DownloadError, SavedFile

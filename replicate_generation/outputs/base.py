@@ -22,8 +22,7 @@ class SavedFile:
 class DownloadError(Exception):
     """An output could not be fetched or written; the message is safe to show a caller.
 
-    ``saved`` lists the outputs of the same call that were written before or after the
-    failure: they are paid for, so the caller can still report them.
+    ``saved`` lists the call's outputs written anyway: they are paid for, so report them.
     """
 
     def __init__(self, message: str, *, saved: Sequence[SavedFile] = ()) -> None:

@@ -244,8 +244,7 @@ def _check_response(response: requests.Response, label: str, max_bytes: int) -> 
 def _copy_body(response: requests.Response, sink: Sink, label: str, fetch: Fetch) -> None:
     """Stream the body into the sink, checking the deadline after every read.
 
-    read1() returns what one socket read delivers; iter_content() would block until a
-    whole chunk has arrived, so a server trickling bytes could outlive the deadline.
+    read1(), not iter_content(), which waits for whole chunks: a trickle could beat the deadline.
     """
     try:
         while chunk := response.raw.read1(_CHUNK_BYTES, decode_content=True):

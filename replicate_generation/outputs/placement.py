@@ -1,8 +1,7 @@
 """Move finished files out of the output root to where a caller asked, never over a file unasked.
 
-The real extension is known only after generation, so a name is "taken" by any file with the
-same stem whatever its extension, and by the `<stem>_<n>.<ext>` names of several outputs.
-A name is claimed with a hard link (or an O_EXCL file), so a file created meanwhile is never lost.
+Extensions are known only after generation, so any file of the same stem (or `<stem>_<n>`) takes
+the name; a claim is a hard link (or an O_EXCL file), so a file created meanwhile is never lost.
 """
 
 from __future__ import annotations
@@ -85,9 +84,7 @@ def place_without_clobbering(files: Sequence[tuple[Path, str]], directory: Path,
                              if_exists: IfExists) -> list[Path]:
     """Give each `(source, rest)` the name `directory/<stem><rest>` and remove the sources.
 
-    "overwrite" replaces what is there; "refuse" raises OutputExists when the stem is taken (the
-    sources stay); "rename" uses the first free of `<stem>-2`, `<stem>-3`, ... for every file. A
-    name is claimed with a hard link (or an O_EXCL file): a file created meanwhile is never lost.
+    "overwrite" replaces, "refuse" raises OutputExists, "rename" takes the first free `<stem>-<n>`.
     """
     if if_exists == "overwrite":
         targets = [directory / f"{stem}{rest}" for _, rest in files]

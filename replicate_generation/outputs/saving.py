@@ -1,8 +1,7 @@
 """save_outputs: fetch a prediction's outputs at once and write them safely under the root.
 
-Replicate deletes output files an hour after a prediction, so they are saved as soon as it
-succeeds. Every file lands under the output root, never outside it, and is written atomically
-(a hidden temp file, fsync, rename) under the extension of its real content.
+At once, as Replicate deletes them after an hour; each is written atomically (hidden temp file,
+fsync, rename) inside the root, under the extension of its real content.
 """
 
 from __future__ import annotations
@@ -45,16 +44,7 @@ def save_outputs(
 ) -> list[SavedFile]:
     """Download every source now and write it atomically under dest_dir, in order.
 
-    One source becomes "<stem><ext>"; several become "<stem>_1<ext>", "<stem>_2<ext>"...
-    Every source is attempted even after one fails, because Replicate deletes outputs
-    after an hour; the DownloadError raised then lists the files that were saved.
-
-    :param root: the output root; dest_dir must resolve inside it.
-    :param deadline: absolute time, on ``clock``, by which downloads must be done.
-    :param auth_token: sent as a Bearer token only to URLs on ``auth_origin``.
-    :param fallback_ext: the extension to use when neither content nor headers tell.
-    :raises DownloadError: on any fetch or write failure, or a dest_dir outside root.
-    :raises ValueError: on a malformed stem, fallback_ext, auth_origin or limit (a bug).
+    All are tried despite a failure (Replicate deletes outputs after an hour); see DownloadError.
     """
     fallback = _check_arguments(stem, fallback_ext, max_bytes, attempts)
     fetch = new_fetch(session=session, deadline=deadline, clock=clock, max_bytes=max_bytes,

@@ -1,10 +1,7 @@
-"""Save the output of a non-curated model, whatever its shape.
+"""Save the output of a non-curated model, whatever its shape, as files (never inline).
 
-Files (a URL, a data: URI or a list of them) are saved as curated outputs are: `<stem>.<ext>`,
-or `<stem>_1.<ext>`, `<stem>_2.<ext>`... in order. A dict whose values are files saves each
-under `<stem>_<key>` (in the dict's order). Text (a string that is not a URL, or a list of such
-strings, which cog streams as tokens) is joined and saved as `<stem>.txt`; anything else (numbers,
-dicts of values) is saved as JSON, `<stem>.json`. Text and JSON are files too, never inline.
+Files are named as curated outputs are, a dict of files `<stem>_<key>`, text (cog's streamed
+tokens, joined) `<stem>.txt`, anything else `<stem>.json`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
 """`replicate-generation run`: a CSV or JSONL file of requests, run resumably, here or on a service.
 
-reader (rows and their checks), manifest (what is done), files (placing outputs), backend with
-remote and in_process (where jobs run), progress, run (the loop) and command (arguments, signals).
 Resuming, stopping and the manifest's fields are described in docs/library.md.
 """
 

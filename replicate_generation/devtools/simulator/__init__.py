@@ -1,7 +1,6 @@
 """A local, threaded simulator of Replicate's HTTP API for the tests, the benchmarks and the demo.
 
-The real ``replicate`` client (and the service built on it) runs against it unchanged. Tests
-drive and inspect ``Simulator`` directly; other processes use the same controls under ``/_sim/``;
+The real ``replicate`` client runs against it unchanged; other processes drive it under ``/_sim/``;
 ``replicate-generation simulator --port 5055`` serves it alone (any non-empty token works).
 """
 

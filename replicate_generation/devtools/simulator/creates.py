@@ -38,8 +38,7 @@ from replicate_generation.devtools.simulator.web import (
     request_token,
 )
 
-# Answer a Prefer-wait create this long before the window ends: the client's read timeout is
-# only window + 0.5 s, and a late answer becomes a ReadTimeout on a prediction that exists.
+# Answer before the window ends: the client times out at window + 0.5 s, orphaning the prediction.
 _WAIT_MARGIN_S = 0.2
 _WAIT_POLL_S = 0.02  # how often a held create re-reads a clock that does not run in real time
 _WAKE_SLACK_S = 0.001  # sleep this past a known finish time, so the clock has surely reached it
@@ -172,8 +171,7 @@ class Creates:
     def _hold(self, pred: Prediction, seconds: int, base: str) -> dict[str, Any]:
         """Keep a Prefer-wait create open until terminal or the window ends (waiting unlocked).
 
-        The window counts from the request's arrival. The wait ends at the prediction's known
-        finish time, or when cancel, configure, wake_waiters, reset or stop notify.
+        It also wakes at the known finish time, or on cancel, configure, wake_waiters, reset, stop.
         """
         deadline = g.get("arrived_real", time.monotonic()) + max(0.0, seconds - _WAIT_MARGIN_S)
         shared = self._shared

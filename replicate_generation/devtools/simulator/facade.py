@@ -113,10 +113,9 @@ class Simulator:
         headers: dict[str, str] | None = None,
         count: int = 1,
     ) -> None:
-        """Answer the next ``count`` matching requests with this response instead.
+        """Answer the next ``count`` matching requests (``method`` may be "*") with this response.
 
-        ``method`` may be "*". A 429 without a body looks like a real throttle
-        (Retry-After from ``headers`` or 1 s). A str body is sent as text/html (gateway pages).
+        A 429 without a body mimics a real throttle (Retry-After 1 s); a str body goes as text/html.
         """
         self._faults.inject(method, path_regex, status, body, headers, count)
 
@@ -126,20 +125,12 @@ class Simulator:
         count: int = 1,
         *,
         token: str | None = None,
-        body: str | None = None,
-        hold_seconds: float = DEFAULT_HOLD_S,
+        body: str | None = None,  # the 502's page or the garbage 201; None: the real answer, halved
+        hold_seconds: float = DEFAULT_HOLD_S,  # real time; reset() and stop() end it early
     ) -> None:
         """Make the next ``count`` accepted creates (of ``token``, or of any) lose their answer.
 
-        The prediction is created first in every case: counted, listed, readable, running.
-
-        * ``"drop"``: the connection is closed without a response (the client raises
-          httpx.RemoteProtocolError); needs the real server, not a WSGI transport.
-        * ``"502"``: a Cloudflare HTML 502 (``body`` replaces the page).
-        * ``"garbage"``: 201 with ``body`` (``"<html>..."``, ``"[1,2]"``...; sent as text/html if
-          it starts with ``<``, else as JSON); None sends the real answer cut in half.
-        * ``"hold"``: the answer is held ``hold_seconds`` of real time (default 65 s, past any
-          read timeout the client sets), then sent; reset() and stop() end the hold early.
+        The prediction exists anyway; ``kind``: "drop" (real server only), "502", "garbage", "hold".
         """
         key = token_hash(token) if token else None
         self._faults.add_create_fault(kind, count, key, body, hold_seconds)

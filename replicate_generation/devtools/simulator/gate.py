@@ -40,8 +40,7 @@ def _is_simulated_path(path: str) -> bool:
 def _shut_client_socket() -> None:
     """Shut the client's socket so it gets no answer (httpx: RemoteProtocolError).
 
-    Werkzeug then fails to write the response and treats that as a dropped connection,
-    quietly. Under a WSGI transport there is no socket: the 444 response is sent instead.
+    Werkzeug then drops the response quietly; a WSGI transport has no socket, so it gets the 444.
     """
     conn = request.environ.get("werkzeug.socket")
     if conn is not None:

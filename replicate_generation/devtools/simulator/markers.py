@@ -1,9 +1,7 @@
 """Prompt markers: what one prediction does, chosen by its prompt, and how long it runs.
 
-``#fail``, ``#nsfw``, ``#oom`` fail it with the real error strings, ``#empty`` succeeds with
-``[]``, ``#hang`` never ends until canceled, ``#slow=<seconds>`` sets its processing time.
-``#fail@flux-dev`` (any marker) applies to that model only, so one model of a fallback chain
-can fail while the next succeeds.
+``#fail``/``#nsfw``/``#oom`` fail (real error strings), ``#empty`` gives ``[]``, ``#hang`` never
+ends, ``#slow=<s>`` sets the time; ``#fail@flux-dev`` scopes any marker to one model of a chain.
 """
 
 from __future__ import annotations
@@ -64,10 +62,7 @@ def _spread_fraction(prompt: str, seed: Any) -> float:
 def run_seconds_for(prompt: str, config: SimConfig, *, seed: Any = None, model: str = "") -> float:
     """Return the processing time a prediction of this prompt gets (``math.inf`` for #hang).
 
-    ``#slow=N`` wins; otherwise ``run_seconds + run_seconds_spread * u`` where u in [0, 1)
-    hashes the prompt and the ``seed`` input, so a benchmark can compute the ideal makespan
-    from its prompts alone (add ``queue_seconds`` for the time to terminal). ``model`` (an
-    ``owner/name`` ref) resolves scoped markers such as ``#hang@flux-dev``.
+    ``#slow=N`` wins, else a spread hashed from prompt and seed: benchmarks can predict makespans.
     """
     found = behaviour(prompt, model)
     if found.hang:

@@ -76,8 +76,7 @@ def _webp(tag: bytes) -> bytes:
     """Build a lossless (VP8L) 1x1 WebP whose pixel colour comes from the tag."""
     red, green, blue = _colour(tag)
     acc, nbits = 0, 0
-    # VP8L bits are LSB-first: no transform, no colour cache, no meta prefix codes, then five
-    # one-symbol "simple" prefix codes (green, red, blue, alpha with 8-bit symbols; distance).
+    # VP8L, LSB-first: no transform, cache or meta codes; five one-symbol "simple" prefix codes.
     fields_ = [(0, 1), (0, 1), (0, 1)]
     for value in (green, red, blue, 255):
         fields_ += [(1, 1), (0, 1), (1, 1), (value, 8)]
@@ -178,10 +177,7 @@ def output_bytes(ext: str, tag: str, size: int = 0, *, prompt: str | None = None
                  aspect_ratio: object = None) -> bytes:
     """Return the file served for one output: format ``ext``, content unique to ``tag``.
 
-    With ``prompt``, an image is a demo picture of the prompt in the requested aspect ratio
-    (``pictures``) and a video a one-second playable clip (``video``). With ``size``,
-    the file is padded with a chunk its decoders skip to about that many bytes (never more), so it
-    stays valid; 0 (or less than the file) pads nothing.
+    ``prompt`` makes it a demo picture or clip; ``size`` pads it (a chunk decoders skip) to ~size.
     """
     drawn = None
     if prompt is not None:

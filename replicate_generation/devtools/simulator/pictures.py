@@ -1,8 +1,7 @@
 """Demo pictures for the simulator, written without an imaging library.
 
-Each image has the requested aspect ratio, a colour derived from the prompt and (PNG, JPEG) the
-prompt's first words in a 5x7 font, so the console's gallery looks like a real run: PNG at full
-resolution, JPEG in 8x8 blocks (one DC coefficient each), WebP as one lossless colour.
+The requested aspect ratio, the prompt's colour and (PNG, JPEG) its first words in a 5x7 font, so
+the console's gallery looks real; JPEG is 8x8 DC-only blocks, WebP one lossless colour.
 """
 
 from __future__ import annotations

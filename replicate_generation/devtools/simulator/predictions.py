@@ -85,9 +85,7 @@ class PredictionRoutes:
     def _list_predictions(self) -> Response:
         """GET /v1/predictions: the caller's predictions, filtered, newest first, 100 a page.
 
-        ``next``/``previous`` are absolute URLs with a keyset cursor (stable while new
-        predictions arrive) and the same filters. Results lack ``logs``, and their ``input``
-        is ``{}`` once ``input_retention_seconds`` have passed since the create.
+        Keyset cursors stay stable as predictions arrive; no ``logs``; old inputs read ``{}``.
         """
         base, filters = base_url(), _list_filters()
         cursor = request.args.get("cursor")

@@ -1,8 +1,7 @@
 """Non-curated models the simulator serves, with input schemas in cog's real shape.
 
-Enums are `allOf: [{"$ref": "#/components/schemas/<Name>"}]`, inputs carry `x-order`, optional
-numbers are `nullable`, file inputs are `format: uri`. Tests may swap a model's latest input
-schema (`set_input_schema`) to see the service pick the change up after a 422.
+Enums via `allOf`/`$ref`, `x-order`, `nullable` numbers, `format: uri` files; tests swap a schema
+(`set_input_schema`) to see the service pick the change up after a 422.
 """
 
 from __future__ import annotations
@@ -15,8 +14,7 @@ FLUX_SCHNELL = "black-forest-labs/flux-schnell"
 CUTOUT = "acme/cutout"
 LLAMA = "meta/meta-llama-3-8b-instruct"
 
-# ref -> (output kind, file format): "image" is a list of files, "dict" {image, mask}, "text"
-# streamed tokens.
+# ref -> (output kind, format): "image" a list of files, "dict" {image, mask}, "text" tokens.
 KINDS: dict[str, tuple[str, str]] = {
     FLUX_SCHNELL: ("image", "webp"),
     CUTOUT: ("dict", "png"),

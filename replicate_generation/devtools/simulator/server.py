@@ -16,11 +16,7 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 class _BigBacklogServer(ThreadedWSGIServer):
-    """What ``make_server(threaded=True)`` builds, with a listen backlog of 2048.
-
-    The default of 128 drops connects when hundreds of clients arrive at once; make_server has
-    no parameter for it.
-    """
+    """``make_server(threaded=True)`` with a backlog of 2048: 128 drops bursts of connects."""
 
     request_queue_size = 2048
 

@@ -1,8 +1,7 @@
 """Job-completion webhooks, signed the Standard Webhooks way, sent only to checked addresses.
 
-Non-admin callers may name only https hosts that resolve to public addresses, and every delivery
-connects to an address checked (docs/webhooks.md). signing, targets (the URL policy), delivery
-(one attempt) and retries (backoff); nothing here sleeps or keeps state.
+signing, targets (the URL policy: docs/webhooks.md), delivery (one attempt) and retries (backoff);
+nothing here sleeps or keeps state.
 """
 
 from replicate_generation.errors import InvalidWebhook

@@ -48,13 +48,9 @@ _Try = tuple[str, dict[str, str]]
 
 @dataclass(frozen=True)
 class DeliveryResult:
-    """The outcome of one attempt.
+    """The outcome of one attempt (fields: docs/webhooks.md); ``error`` is safe to store and show.
 
-    ``ok``: the receiver answered 2xx. ``status``: its status, None when none came.
-    ``error``: why not, safe to store and show (never the secret, the signature or the URL's
-    query). ``retry_after``: the receiver's Retry-After, in seconds. ``retryable``: a later
-    attempt may succeed; false on success, on 410 Gone and on a target that is no longer
-    acceptable.
+    ``retryable`` is false on success, on 410 Gone and for a target no longer acceptable.
     """
 
     ok: bool
@@ -124,14 +120,7 @@ def deliver(
 ) -> DeliveryResult:
     """Make one delivery attempt and report how it went; never raises for a network problem.
 
-    The target is checked again (DNS may have changed since it was accepted); with
-    ``allow_private=False`` the connection goes to one of the addresses just checked, never to
-    a fresh DNS answer. Redirects are never followed (a 3xx is a failure). ``timeout`` bounds
-    the connection and each read. 2xx is success; 410 is final; anything else may be retried,
-    after at least ``retry_after`` when the receiver said so.
-
-    :raises ValueError: msg_id is malformed; TypeError or ValueError: payload is not
-        JSON-serialisable (bugs); InvalidWebhook: the secret is malformed (configuration).
+    The target is checked again (DNS may change); only a bad msg_id, payload or secret raises.
     """
     check_header_value("msg_id", msg_id)
     secret_bytes(secret)  # a malformed secret is a configuration error: raise, do not report

@@ -20,8 +20,7 @@ def backoff(
 ) -> float:
     """Seconds to wait after failed attempt number ``attempt`` (1 = the first).
 
-    ``d = min(cap, base * factor ** (attempt - 1))``, then "equal jitter": a uniform draw in
-    ``[d/2, d]``, so delays grow, spread out, and never exceed ``cap``.
+    Capped exponential ``d``, then "equal jitter" in ``[d/2, d]``: spread out, never over ``cap``.
     """
     if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
         raise ValueError("attempt must be an integer >= 1")

@@ -28,8 +28,7 @@ def new_msg_id() -> str:
 def secret_bytes(secret: str) -> bytes:
     """The HMAC key: ``whsec_<base64>`` decoded, any other string as UTF-8.
 
-    :raises InvalidWebhook: empty, or a ``whsec_`` secret that is not valid base64 (the message
-        never quotes the secret).
+    Empty or bad base64 raises InvalidWebhook, whose message never quotes the secret.
     """
     if not isinstance(secret, str) or not secret:
         raise InvalidWebhook("the webhook secret must be a non-empty string")
@@ -80,12 +79,9 @@ def verify(
     tolerance: int = 300,
     now: float | None = None,
 ) -> bool:
-    """True when ``headers`` carry a valid ``v1`` signature of ``body`` made at most
-    ``tolerance`` seconds from ``now`` (either way). Header names match in any case (pass
-    ``dict(request.headers)`` from Flask). Any one of several space-separated signatures may
-    match (secret rotation); comparison is constant-time.
+    """True when ``headers`` (any case) carry a ``v1`` signature of ``body`` within ``tolerance``.
 
-    :raises InvalidWebhook: the secret itself is malformed (a configuration error).
+    Any of several signatures may match (rotation), in constant time; a bad secret raises.
     """
     key = secret_bytes(secret)
     msg_id = _header(headers, "webhook-id")

@@ -23,16 +23,12 @@ Resolver = Callable[[str, int], list[str]]
 """(host, port) -> the addresses it resolves to, as strings; raises OSError when it cannot."""
 
 _BLOCKED_NETWORKS = tuple(ipaddress.ip_network(net) for net in (
-    # IPv4: "this network", private, CGNAT, loopback, link-local (cloud metadata at
-    # 169.254.169.254), IETF protocol assignments, documentation, 6to4 relay, benchmarking,
-    # multicast, reserved and broadcast.
+    # IPv4 not globally routable (docs/webhooks.md), link-local for cloud metadata included.
     "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
     "172.16.0.0/12", "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16",
     "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
     "255.255.255.255/32",
-    # IPv6: unspecified, loopback, IPv4-compatible and other ::/8, local-use NAT64, discard,
-    # IETF protocol assignments (Teredo included), documentation, 6to4, unique-local,
-    # link-local, site-local, multicast.
+    # IPv6 likewise; ::/8, NAT64, Teredo and 6to4 too, as they can stand for an IPv4 address.
     "::/128", "::1/128", "::/8", "64:ff9b:1::/48", "100::/64", "2001::/23", "2001:db8::/32",
     "2002::/16", "3fff::/20", "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8",
 ))
@@ -63,8 +59,7 @@ def _is_public(ip: IP) -> bool:
 def _host_name_ok(host: str) -> bool:
     """A DNS name of letters, digits, '-' and '_' whose last label is not all digits.
 
-    The last rule turns away the numeric forms the C resolver reads as IPv4 ("127.1",
-    "2130706433", "0177.0.0.1") that ipaddress does not parse.
+    That rule refuses hosts like "127.1" that the C resolver reads as IPv4 and ipaddress does not.
     """
     if len(host) > 253:
         return False
@@ -221,14 +216,9 @@ def public_addresses(target: Target, resolve: Resolver | None) -> list[IP]:
 
 
 def check_target(url: object, *, allow_private: bool, resolve: Resolver | None = None) -> str:
-    """Validate a webhook URL against the SSRF policy and return it normalised.
+    """Validate a webhook URL against the SSRF policy (docs/webhooks.md); return it normalised.
 
-    Any caller: http(s), a host, no user info, at most 2048 printable ASCII characters.
-    ``allow_private=False`` (user-token callers) also needs https and a host whose every address
-    (or the literal address itself) is globally routable. ``resolve`` replaces the system
-    resolver (tests).
-
-    :raises InvalidWebhook: with a message safe to show the caller (it never quotes the URL).
+    ``resolve`` replaces the system resolver (tests); InvalidWebhook never quotes the URL.
     """
     target = parse_target(url, allow_private=allow_private)
     if not allow_private:

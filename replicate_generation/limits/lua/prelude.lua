@@ -1,5 +1,4 @@
--- Shared by every script: the clock, and numbers printed with full precision (Lua's tostring
--- keeps 14 digits, not enough for a Unix time with sub-millisecond steps).
+-- Shared by every script: the clock, and %.17g numbers (tostring's 14 digits lose sub-ms times).
 local function clock(arg)
   if arg ~= '' then return tonumber(arg) end
   local t = redis.call('TIME')

@@ -2,8 +2,7 @@
 local now, n = clock(ARGV[1]), tonumber(ARGV[3])
 local expires = now + tonumber(ARGV[2])
 for i = 4, 3 + n do
-  -- Missing but never purged or released: lost with Redis's data, so it is re-registered.
-  -- Expired but not purged yet: revived, as nobody was granted its slot (grants purge first).
+  -- Unless released: re-add if Redis lost it; revive if expired unpurged (grants purge first).
   if redis.call('ZSCORE', KEYS[1], ARGV[i]) or not redis.call('ZSCORE', KEYS[2], ARGV[i]) then
     redis.call('ZADD', KEYS[1], expires, ARGV[i])
   end

@@ -1,10 +1,7 @@
 """Baseline: the job tables as the store made them before migrations (CREATE TABLE IF NOT EXISTS).
 
-A state file from then has them and no alembic_version: only what is missing is created, so every
-row stays. A frozen copy, not schema.py: later revisions change that.
-
-Revision ID: 0001_baseline
-Revises:
+A state file from then has no alembic_version: only what is missing is created, so every row
+stays. A frozen copy, not schema.py: later revisions change that.
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
 """Fencing: jobs.fence, bumped by every claim, so a stale owner's late write changes nothing.
 
 Jobs from before start at 0; the next claim makes it 1.
-
-Revision ID: 0002_job_fence
-Revises: 0001_baseline
 """
 
 from __future__ import annotations
