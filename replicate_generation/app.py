@@ -27,6 +27,7 @@ from replicate_generation.http.limit_fields import overrides_from
 from replicate_generation.http.logs import configure_logging
 from replicate_generation.jobs.notifier import webhook_secret
 from replicate_generation.jobs.runner import JobRunner, output_path
+from replicate_generation.models import schema_fetch
 from replicate_generation.models.catalogue import MODELS
 from replicate_generation.models.validation import resolve_model
 from replicate_generation.request_parsing import parse_batch, parse_single
@@ -48,6 +49,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     wait_for_backends(settings)
+    schema_fetch.CACHE.resize(settings.schema_cache_max_bytes)
     runner = JobRunner(settings)
     context.install(app, settings, runner)
     # gunicorn's worker_exit hook closes it first; this covers every other way of serving.
@@ -213,8 +215,9 @@ def webhook_signing_secret() -> Response:
 def job_archive(job_id: str) -> WerkzeugResponse:
     """Every file the job wrote, in input order, as one zip named after the job."""
     job = owned_job(job_id)
-    return send_file(responses.job_zip(context.runner(), job), mimetype="application/zip",
-                     as_attachment=True, download_name=f"{job.id}.zip", max_age=0)
+    return Response(responses.job_zip(context.runner(), job), mimetype="application/zip",
+                    headers={"Content-Disposition": f'attachment; filename="{job.id}.zip"',
+                             "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @extras.post("/jobs/<job_id>/retry")

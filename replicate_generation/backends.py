@@ -9,7 +9,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
-from replicate_generation.errors import Dependency, StoreUnavailable
+from replicate_generation.errors import Dependency, SettingsError, StoreUnavailable
 from replicate_generation.limits.base import Limits, LimitStore
 from replicate_generation.limits.sqlite import SQLiteLimitStore
 
@@ -48,7 +48,7 @@ def open_limit_store(settings: Settings) -> LimitStore:
         from replicate_generation.limits.redis import RedisLimitStore  # noqa: PLC0415
 
         return RedisLimitStore(settings.redis_url, limits, lease_ttl=settings.lease_ttl_seconds,
-                               key_prefix=settings.redis_key_prefix)
+                               key_prefix=settings.redis_key_prefix, cluster=settings.redis_cluster)
     return SQLiteLimitStore(settings.state_file, limits, lease_ttl=settings.lease_ttl_seconds)
 
 
@@ -59,10 +59,11 @@ def job_store_target(settings: Settings) -> str:
 
 def wait_for_backends(settings: Settings, patience: float = STARTUP_PATIENCE_S) -> None:
     """Start only once Redis and PostgreSQL answer (they may start after us); StoreUnavailable
-    after `patience` seconds. Later outages are met by failing closed, not by exiting."""
+    after `patience` seconds. Later outages are met by failing closed, not by exiting.
+    SettingsError at once for a server that is not what the settings say (a Redis Cluster)."""
     checks: list[tuple[Dependency, Callable[[], None]]] = []
     if settings.redis_url:
-        checks.append(("redis", partial(_ping_redis, settings.redis_url)))
+        checks.append(("redis", partial(_ping_redis, settings.redis_url, settings.redis_cluster)))
     if settings.database_url:
         checks.append(("postgresql", partial(_ping_postgres, settings.database_url)))
     give_up = time.monotonic() + patience
@@ -76,6 +77,8 @@ def _wait_for(dependency: Dependency, check: Callable[[], None], give_up: float)
         try:
             check()
             return
+        except SettingsError:
+            raise  # waiting cannot mend a wrong setting
         except Exception as exc:  # noqa: BLE001 - any failure to connect means "not yet"
             reason = type(exc).__name__
         if time.monotonic() >= give_up:
@@ -86,14 +89,11 @@ def _wait_for(dependency: Dependency, check: Callable[[], None], give_up: float)
         time.sleep(0.5)
 
 
-def _ping_redis(url: str) -> None:
-    import redis  # noqa: PLC0415 - only deployments with REDIS_URL need it loaded
+def _ping_redis(url: str, cluster: bool) -> None:
+    # Only deployments with REDIS_URL load the Redis client.
+    from replicate_generation.limits.redis_client import probe  # noqa: PLC0415
 
-    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
-    try:
-        client.ping()
-    finally:
-        client.close()
+    probe(url, cluster=cluster)
 
 
 def _ping_postgres(url: str) -> None:

@@ -15,12 +15,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import quote
 
 import httpx
 import replicate
 
-from replicate_generation import metrics
+from replicate_generation import json_depth, metrics
 from replicate_generation.errors import TokenRejected
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,10 @@ class GuardedTransport(httpx.BaseTransport):
             key: given.get(key) if given.get(key) is not None else default
             for key, default in self._timeout.items()
         }
-        response = metrics.observe_replicate_call(self._inner.handle_request, request)
+        inner = metrics.observe_replicate_call(self._inner.handle_request, request)
+        response = DepthTolerantResponse(inner.status_code, headers=inner.headers,
+                                         stream=inner.stream, extensions=inner.extensions,
+                                         request=request)
         if response.status_code == 429:
             response.read()
             _throttle.retry_after = retry_after_of(response)
@@ -106,6 +110,17 @@ class GuardedTransport(httpx.BaseTransport):
 
     def close(self) -> None:
         self._inner.close()
+
+
+class DepthTolerantResponse(httpx.Response):
+    """A response whose JSON nested past json_depth.MAX_DEPTH still reads (that part marked): a
+    model's deep output must not hide the prediction's id and status."""
+
+    def json(self, **kwargs: Any) -> Any:
+        try:
+            return super().json(**kwargs)
+        except RecursionError:
+            return json_depth.loads(self.content)
 
 
 # How long an account whose token Replicate answered 401 is refused without asking again.

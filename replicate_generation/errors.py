@@ -141,3 +141,48 @@ class OutputExists(FileExistsError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class EgressRefused(Exception):
+    """An outbound fetch broke the egress policy or one of its bounds; the message is safe to show.
+
+    `retryable`: the cause may pass by itself (a host that did not resolve just now);
+    `exhausted`: a per-prediction or per-job bound is used up, so later outputs are refused too.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False, exhausted: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+        self.exhausted = exhausted
+
+
+class OutputsNotSaved(GenerationError):
+    """A prediction succeeded but its outputs were not all saved; `files` lists those that were."""
+
+    def __init__(self, kind: str, message: str, *, prediction_id: str,
+                 files: tuple[str, ...] = ()) -> None:
+        super().__init__(kind, message, prediction_id=prediction_id)
+        self.files = files
+
+
+class TokenUnverified(Exception):
+    """Replicate could not say whether a user's token is valid (unreachable, 5xx, 429): the
+    request is refused, nothing stored, and may be tried again after `retry_after` seconds."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("Replicate could not be reached to check this API token; nothing was "
+                         "stored, try again shortly")
+        self.retry_after = retry_after
+
+
+class AccountStoreFull(Exception):
+    """The account keeps as many jobs, or bytes of job records, as it may: nothing was stored.
+
+    `status` 413 for a job that could never fit, else 429 with `retry_after` (when room frees).
+    """
+
+    def __init__(self, message: str, *, status: int, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after

@@ -18,7 +18,8 @@ from replicate_generation.backends import open_limit_store
 from replicate_generation.clients import ClientPool
 from replicate_generation.concurrency_manager import ConcurrencyManager
 from replicate_generation.dispatcher import Dispatcher
-from replicate_generation.errors import GenerationError
+from replicate_generation.egress import Egress, EgressPolicy, OutputBounds
+from replicate_generation.errors import GenerationError, OutputsNotSaved
 from replicate_generation.model_functions import (
     NO_HOOKS,
     Attempt,
@@ -130,6 +131,8 @@ def execute(task: Task, token: str, rt: Runtime, dest_dir: Path, result: TaskRes
                                  pending=here.pending if here else None)
         except GenerationError as exc:
             _note_failure(result, _after_refusal(exc, spec, mapped, token, rt))
+            if isinstance(exc, OutputsNotSaved):
+                result.files = list(exc.files)  # paid for and on disk: reported with the error
             if not should_fall_back(exc.kind,
                                     on_content_policy=task.fallback_on_content_policy):
                 break
@@ -143,7 +146,7 @@ def execute(task: Task, token: str, rt: Runtime, dest_dir: Path, result: TaskRes
     if result.error is None:
         result.error = GenerationError("no_model_available", "no model of the fallback chain can "
                                        "honour this request")
-    if task.placeholder and result.error.kind not in NO_PLACEHOLDER:
+    if task.placeholder and result.error.kind not in NO_PLACEHOLDER and not result.files:
         saved = write_placeholder(task.model_requested, dest_dir, task.stem,
                                   root=rt.output_root)
         result.files, result.placeholder = [saved.relative], True
@@ -223,6 +226,7 @@ class Generator:
             task_timeout=settings.task_timeout_seconds,
             poll_interval=settings.poll_interval_seconds,
             sync_wait=settings.sync_wait_seconds,
+            egress=egress_for(settings),
         )
 
         def runners_for(_account: str) -> int:
@@ -244,6 +248,27 @@ class Generator:
         self.dispatcher.shutdown(wait=True)
         self.manager.shutdown()
         self.limit_store.close()
+
+
+def egress_for(settings: Settings) -> Egress:
+    """The egress policy and output bounds the settings name; Replicate's own origin (outputs it
+    serves, the simulator's on 127.0.0.1 included) is let through whatever its address."""
+    policy = EgressPolicy(
+        allow_private=settings.egress_allow_private,
+        max_redirects=settings.egress_max_redirects,
+        min_bytes_per_second=settings.egress_min_bytes_per_second,
+        stall_seconds=settings.egress_stall_seconds,
+        download_seconds=settings.egress_download_seconds,
+        max_decompression_ratio=settings.egress_max_decompression_ratio,
+    ).trusting([settings.replicate_base_url])
+    bounds = OutputBounds(
+        max_file_bytes=settings.output_max_file_bytes,
+        max_files_per_prediction=settings.output_max_files_per_prediction,
+        max_bytes_per_prediction=settings.output_max_bytes_per_prediction,
+        max_files_per_job=settings.output_max_files_per_job,
+        max_bytes_per_job=settings.output_max_bytes_per_job,
+    )
+    return Egress(policy, bounds)
 
 
 def _origin(url: str) -> str:

@@ -20,7 +20,7 @@ import httpx
 import replicate
 from replicate.exceptions import ReplicateError
 
-from replicate_generation import metrics
+from replicate_generation import json_depth, metrics
 from replicate_generation.clients import (
     ClientPool,
     account_key,
@@ -29,7 +29,13 @@ from replicate_generation.clients import (
     take_throttle_hint,
 )
 from replicate_generation.concurrency_manager import ConcurrencyManager
-from replicate_generation.errors import DeadlineExceeded, GenerationError, Suspended
+from replicate_generation.egress import Egress
+from replicate_generation.errors import (
+    DeadlineExceeded,
+    GenerationError,
+    OutputsNotSaved,
+    Suspended,
+)
 from replicate_generation.models.catalogue import ModelSpec
 from replicate_generation.outputs import (
     DownloadError,
@@ -63,6 +69,10 @@ MAX_SYNC_WAIT_SECONDS = 60
 # Polls at this fraction of a prediction's age: soon seen once done, cheap while it runs long.
 POLL_AGE_FRACTION = 0.05
 MIN_POLL_SECONDS = 0.2
+# Outputs nesting deeper are not saved (no model's files or text need it; a hostile one might).
+MAX_OUTPUT_DEPTH = 32
+# The longest prediction error kept and shown: a model's author writes it.
+MAX_UPSTREAM_ERROR_CHARS = 2000
 
 
 # --------------------------------------------------------------------------- running
@@ -114,6 +124,7 @@ class Runtime:
     sleep: Callable[[float], None] = time.sleep
     sync_wait: int = MAX_SYNC_WAIT_SECONDS  # Prefer: wait=N on creates; 0 turns it off
     reconcile_settle: float = 2.0  # a lost create may show up in the listing a moment later
+    egress: Egress = field(default_factory=Egress)  # outputs: policy, bounds, each job's tally
 
 
 @dataclass(frozen=True)
@@ -248,7 +259,7 @@ def _send_create(client: replicate.Client, job: Job, rt: Runtime, deadline: floa
         attempt.status = "not_created"
         attempt.error = f"could not reach Replicate: {type(exc).__name__}"
         return None, True
-    except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
+    except (httpx.HTTPError, ValueError, TypeError, AttributeError, RecursionError) as exc:
         # Sent, and the answer lost or not a prediction (ValueError covers pydantic's).
         attempt.error = f"lost Replicate's answer to a create: {type(exc).__name__}"
         return None, False
@@ -363,7 +374,14 @@ def _describe(exc: ReplicateError, token: str | None) -> str:
         parts.append(exc.title)
     if exc.detail:
         parts.append(exc.detail.strip())
-    return redact_upstream(": ".join(parts), token)
+    return _bounded(redact_upstream(": ".join(parts), token))
+
+
+def _bounded(text: str) -> str:
+    """Upstream text as kept and shown: an excerpt when it is long (a model writes its errors)."""
+    if len(text) <= MAX_UPSTREAM_ERROR_CHARS:
+        return text
+    return f"{text[:MAX_UPSTREAM_ERROR_CHARS]}... ({len(text):,} characters in all)"
 
 
 def _await_terminal(client: replicate.Client, job: Job, rt: Runtime, prediction: Any,
@@ -429,13 +447,17 @@ def _check_terminal(prediction: Any, token: str | None, *, curated: bool = True)
     """Turn a failed, canceled or empty prediction into a GenerationError."""
     pid = prediction.id
     if prediction.status == "succeeded":
+        if json_depth.too_deep(prediction.output, MAX_OUTPUT_DEPTH):
+            raise GenerationError("download_failed", f"prediction {pid} succeeded but its output "
+                                  f"nests deeper than {MAX_OUTPUT_DEPTH} levels and was not "
+                                  "saved; Replicate keeps it for an hour", prediction_id=pid)
         empty = (not output_sources(prediction.output) if curated
                  else is_empty(prediction.output))
         if empty:
             raise GenerationError("empty_output", f"prediction {pid} succeeded with no output "
                                   "(often a safety filter)", prediction_id=pid)
         return prediction
-    error = redact_upstream(str(prediction.error or prediction.status), token)
+    error = _bounded(redact_upstream(str(prediction.error or prediction.status), token))
     if prediction.status == "failed":
         kind = "content_policy" if any(m in error for m in CONTENT_POLICY_MARKERS) else \
             "model_failed"
@@ -456,24 +478,28 @@ def _cancel(client: replicate.Client, job: Job, rt: Runtime, prediction_id: str)
 
 
 def _download(prediction: Any, job: Job, rt: Runtime, deadline: float) -> list[SavedFile]:
-    """Download the outputs now: Replicate deletes them after an hour."""
+    """Download the outputs now (Replicate deletes them after an hour), under the egress policy
+    and within the prediction's and job's bounds; a failure keeps the files saved before it."""
     fallback = job.input.get("output_format")
+    options: dict[str, Any] = {
+        "root": rt.output_root, "deadline": max(deadline, rt.clock() + DOWNLOAD_GRACE_SECONDS),
+        "auth_token": job.token, "auth_origin": rt.api_origin, "clock": rt.clock,
+        "policy": rt.egress.policy, "max_bytes": rt.egress.bounds.max_file_bytes}
     try:
-        if not job.spec.curated:
-            return save_any(
-                prediction.output, job.dest_dir, job.stem, root=rt.output_root,
-                deadline=max(deadline, rt.clock() + DOWNLOAD_GRACE_SECONDS),
-                auth_token=job.token, auth_origin=rt.api_origin, clock=rt.clock)
-        return save_outputs(
-            output_sources(prediction.output), job.dest_dir, job.stem, root=rt.output_root,
-            deadline=max(deadline, rt.clock() + DOWNLOAD_GRACE_SECONDS), auth_token=job.token,
-            auth_origin=rt.api_origin, clock=rt.clock,
-            fallback_ext=f".{fallback}" if isinstance(fallback, str) else None)
+        with rt.egress.budget(job.dest_dir) as budget:
+            if not job.spec.curated:
+                return save_any(prediction.output, job.dest_dir, job.stem, budget=budget,
+                                **options)
+            return save_outputs(
+                output_sources(prediction.output), job.dest_dir, job.stem, budget=budget,
+                fallback_ext=f".{fallback}" if isinstance(fallback, str) else None, **options)
     except DownloadError as exc:
-        raise GenerationError("download_failed", f"prediction {prediction.id} succeeded but "
-                              f"its output could not be saved: "
+        what = "was refused" if exc.refused else "could not be saved"
+        raise OutputsNotSaved("output_refused" if exc.refused else "download_failed",
+                              f"prediction {prediction.id} succeeded but its output {what}: "
                               f"{redact_upstream(str(exc), job.token)}",
-                              prediction_id=prediction.id) from None
+                              prediction_id=prediction.id,
+                              files=tuple(f.relative for f in exc.saved)) from None
     except OSError as exc:
         raise GenerationError("storage_error", f"prediction {prediction.id} succeeded but "
                               f"writing its output failed: {exc.strerror}",

@@ -325,7 +325,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                             "security": [],
                             "responses": {200: "Health"}},
     ("api.status", "GET"): {"summary": "Live figures; your account (or all, admin) with a key",
-                            "security": OPTIONAL_KEY, "responses": {200: "Status", 401: "Error"}},
+                            "security": OPTIONAL_KEY,
+                            "responses": {200: "Status", 401: "Error", 503: "Error"}},
     ("api.models", "GET"): {"summary": "Every model and its parameters", "security": [],
                             "responses": {200: "Models"}},
     ("api.model_detail", "GET"): {
@@ -358,17 +359,18 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                     "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
                    {"name": "after", "in": "query", "required": False,
                     "schema": {"type": "string"}}],
-        "responses": {200: "JobList", 400: "Error", 401: "Error", 404: "Error"}},
+        "responses": {200: "JobList", 400: "Error", 401: "Error", 404: "Error", 503: "Error"}},
     ("api.get_job", "GET"): {"summary": "A job and its items", "security": ANY_KEY,
-                             "responses": {200: "Job", 401: "Error", 404: "Error"}},
+                             "responses": {200: "Job", 401: "Error", 404: "Error", 503: "Error"}},
     ("api.cancel_job", "POST"): {"summary": "Cancel a job", "security": ANY_KEY,
-                                 "responses": {200: "Job", 401: "Error", 404: "Error"}},
+                                 "responses": {200: "Job", 401: "Error", 404: "Error",
+                                               503: "Error"}},
     ("api.get_file", "GET"): {
         "summary": "Download an output (Range supported)", "security": ANY_KEY,
         "params": [{"name": "Range", "in": "header", "required": False,
                     "schema": {"type": "string"}}],
         "responses": {200: "file", 206: "file", 304: None, 401: "Error", 404: "Error",
-                      416: "Error"}},
+                      416: "Error", 503: "Error"}},
     ("api.webhook_signing_secret", "GET"): {
         "summary": "Your webhook signing secret", "security": ANY_KEY,
         "responses": {200: "WebhookSecret", 401: "Error", 404: "Error", 503: "Error"}},
@@ -384,12 +386,13 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                              "responses": {200: "metrics", 401: "Error", 403: "Error"}},
     ("extras.job_archive", "GET"): {
         "summary": "Every file of a job, in input order, as one zip", "security": ANY_KEY,
-        "responses": {200: "zip", 401: "Error", 404: "Error"}},
+        "responses": {200: "zip", 401: "Error", 404: "Error", 503: "Error"}},
     ("extras.retry_job", "POST"): {
-        "summary": "Retry a job's failed items as a new job (same models and parameters)",
+        "summary": "Retry a job's failed items as a new job (same models and parameters, "
+                   "checked again against the model policy and schemas in force)",
         "security": ANY_KEY, "job": True,
-        "responses": {202: "Job", 401: "Error", 404: "Error", 409: "Error", 413: "Error",
-                      429: "Error", 503: "Error"}},
+        "responses": {202: "Job", 400: "Error", 401: "Error", 404: "Error", 409: "Error",
+                      413: "Error", 429: "Error", 502: "Error", 503: "Error"}},
     # The browser console (README, "Console"): HTML pages and a session cookie, not a key.
     ("console.index", "GET"): {"summary": "The console (or its sign-in page)", "security": [],
                                "responses": {200: "html"}},
@@ -397,7 +400,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                                   "responses": {200: "html"}},
     ("console.sign_in", "POST"): {"summary": "Open a console session (form: kind, key)",
                                   "security": [],
-                                  "responses": {303: None, 401: "html", 403: "text", 413: "Error"}},
+                                  "responses": {303: None, 401: "html", 403: "text", 413: "Error",
+                                                503: "html"}},
     ("console.sign_out", "POST"): {"summary": "Close the console session", "security": [],
                                    "responses": {303: None, 403: "text"}},
     ("console.asset", "GET"): {"summary": "A console script or style sheet", "security": [],
@@ -459,9 +463,10 @@ def _describe_status(status: int) -> str:
     return {200: "OK", 202: "Accepted: the job runs", 206: "Partial content",
             304: "Not modified", 400: "Bad input (`field` names it)", 401: "No valid key",
             403: "Not allowed with this key", 404: "Not found", 405: "Wrong method",
-            413: "Body too large", 415: "Body not application/json",
+            413: "Body (or the job's records) too large", 415: "Body not application/json",
             416: "Range not satisfiable", 422: "Idempotency-Key reused with another body",
-            429: "Queue full: retry after Retry-After", 500: "Internal error",
+            429: "Queue full, or the account keeps all it may: retry after Retry-After",
+            500: "Internal error",
             502: "Replicate failed (`error_type`)", 503: "Unavailable (Retry-After)",
             504: "Deadline exceeded", 507: "Storage error"}.get(status, "See the body")
 

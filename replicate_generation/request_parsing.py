@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from replicate_generation.errors import ExpandedRequestTooLarge, InvalidRequest
 from replicate_generation.generation import Task
@@ -22,6 +23,7 @@ from replicate_generation.models.fallback import fallback_input
 from replicate_generation.models.routing import plan
 from replicate_generation.models.validation import resolve_model
 from replicate_generation.outputs import default_stem, safe_filename
+from replicate_generation.outputs.names import shared_name
 
 OPTION_KEYS = ("async", "webhook", "dry_run", "fallback", "fallback_on_content_policy",
                "placeholder")
@@ -89,11 +91,12 @@ def parse_batch(body: dict[str, Any], max_items: int, chains: FallbackChains) ->
         raise InvalidRequest("tasks", "Give either tasks or prompts, not both")
     if "tasks" in rest:
         tasks = _tasks_mode(rest, max_items, options, chains)
+        check_unique_names(tasks, lambda i: f"tasks[{i}].custom_filename")
     elif "prompts" in rest:
         tasks = _prompts_mode(rest, max_items, options, chains)
+        check_unique_names(tasks, lambda i: f"custom_filenames[{i}]")
     else:
         raise InvalidRequest("prompts", "Either tasks array or prompts array is required")
-    check_unique_names(tasks)
     return Parsed(tasks=tasks, options=options)
 
 
@@ -213,19 +216,23 @@ def _json_size(value: object, sizes: dict[int, int]) -> int:
     return len(json.dumps(value))
 
 
-def check_unique_names(tasks: list[Task]) -> None:
-    """Two items may not write the same file, including the `_N` names of multi-output items."""
-    seen: dict[str, int] = {}
-    for task in tasks:
-        count = task.input.get("num_outputs", 1)
-        names = [task.stem] if count == 1 else [f"{task.stem}_{n}" for n in
-                                                range(1, int(cast(int, count)) + 1)]
-        for name in names:
-            other = seen.setdefault(name.casefold(), task.index)
-            if other != task.index:
-                raise InvalidRequest("custom_filenames",
-                                     f"item {task.index} would write '{name}', as item {other} "
-                                     "does; file names must be unique within a batch")
+def check_unique_names(tasks: list[Task], field: Callable[[int], str]) -> None:
+    """Two items may not write the same file: the `_N` names of multi-output items are reserved,
+    and every `<name>_...` of a non-curated model's item (how many files it makes is not known)."""
+    clash = shared_name((task.index, task.stem, _file_count(task)) for task in tasks)
+    if clash is not None:
+        index, other, name = clash
+        raise InvalidRequest(field(index), f"item {index} could write '{name}', as item {other} "
+                             "may; file names must be unique within a batch (names differing "
+                             "only in case or Unicode form count as one)")
+
+
+def _file_count(task: Task) -> int | None:
+    """How many files the item writes; None when the model decides (non-curated)."""
+    if not task.spec.curated:
+        return None
+    count = task.input.get("num_outputs", 1)
+    return count if isinstance(count, int) and not isinstance(count, bool) else 1
 
 
 def estimate(tasks: list[Task]) -> dict[str, Any]:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -15,6 +16,7 @@ from typing import NamedTuple, TypedDict, TypeVar
 
 from dotenv import dotenv_values, find_dotenv, load_dotenv
 
+from replicate_generation.egress.addresses import parse_networks
 from replicate_generation.errors import SettingsError
 from replicate_generation.models.chains import FallbackChains
 from replicate_generation.models.schemas import ModelPolicy
@@ -22,6 +24,7 @@ from replicate_generation.models.schemas import ModelPolicy
 DEFAULT_BASE_URL = "https://api.replicate.com"
 
 _T = TypeVar("_T")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -50,13 +53,33 @@ class Settings:
     dispatch_threads: int = 128
     max_queued_tasks: int = 10000
     max_queued_per_account: int = 2000
+    # What one user's account may keep in the job store (the admin key's account is the operator's).
+    max_jobs_per_account: int = 10_000
+    max_job_bytes_per_account: int = 1024**3
+    # Non-curated models' schemas kept in memory per process (estimated bytes; LRU).
+    schema_cache_max_bytes: int = 64 * 1024 * 1024
     log_level: str = "INFO"
     job_retention_seconds: float = 7 * 86400.0
     shutdown_grace_seconds: float = 20.0
+    # How long Replicate's word on a user's token (GET /v1/account) is kept in the shared store.
+    token_verified_seconds: float = 300.0
+    token_refused_seconds: float = 60.0
     webhook_signing_key: str | None = field(default=None, repr=False)
     webhook_max_attempts: int = 8
     webhook_retry_base_seconds: float = 5.0
     webhook_timeout_seconds: float = 10.0
+    # Every fetch that is not Replicate's API (outputs, webhooks): the egress policy and bounds.
+    egress_allow_private: tuple[IPNetwork, ...] = ()
+    egress_max_redirects: int = 5
+    egress_min_bytes_per_second: int = 32 * 1024
+    egress_stall_seconds: float = 10.0
+    egress_download_seconds: float = 120.0
+    egress_max_decompression_ratio: float = 100.0
+    output_max_file_bytes: int = 512 * 1024**2
+    output_max_files_per_prediction: int = 100
+    output_max_bytes_per_prediction: int = 1024**3
+    output_max_files_per_job: int = 10_000
+    output_max_bytes_per_job: int = 32 * 1024**3
     fallback_chains: FallbackChains = field(default_factory=FallbackChains.default)
     log_format: str = "text"
     metrics_access: str = "admin"
@@ -65,6 +88,8 @@ class Settings:
     # Shared backends for several hosts; both unset = SQLite in state_file, as on one host.
     redis_url: str | None = field(default=None, repr=False)
     redis_key_prefix: str = "rg"
+    # REDIS_URL names one node of a Redis Cluster: the client follows the cluster's slots.
+    redis_cluster: bool = False
     database_url: str | None = field(default=None, repr=False)
     # DATABASE_URL without REDIS_URL keeps limits per host: allowed only when said so.
     single_host: bool = False
@@ -85,6 +110,7 @@ class Settings:
             log_level=env.choice("LOG_LEVEL", cls.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")),
             **_lifetimes(env),
             **_webhooks(env),
+            **_egress(env),
             fallback_chains=_fallback_chains(env),
             **_observability(env),
             model_policy=_model_policy(env),
@@ -178,6 +204,9 @@ class _Capacity(TypedDict):
     dispatch_threads: int
     max_queued_tasks: int
     max_queued_per_account: int
+    max_jobs_per_account: int
+    max_job_bytes_per_account: int
+    schema_cache_max_bytes: int
 
 
 def _capacity(env: Env) -> _Capacity:
@@ -194,21 +223,33 @@ def _capacity(env: Env) -> _Capacity:
             "MAX_QUEUED_TASKS", Settings.max_queued_tasks, 1, 10_000_000),
         max_queued_per_account=env.required_int(
             "MAX_QUEUED_TASKS_PER_ACCOUNT", Settings.max_queued_per_account, 1, 10_000_000),
+        max_jobs_per_account=env.required_int(
+            "MAX_JOBS_PER_ACCOUNT", Settings.max_jobs_per_account, 1, 100_000_000),
+        max_job_bytes_per_account=env.required_int(
+            "MAX_JOB_BYTES_PER_ACCOUNT", Settings.max_job_bytes_per_account, 1024, 1024**4),
+        schema_cache_max_bytes=env.required_int(
+            "SCHEMA_CACHE_MAX_BYTES", Settings.schema_cache_max_bytes, 0, 64 * 1024**3),
     )
 
 
 class _Lifetimes(TypedDict):
     job_retention_seconds: float
     shutdown_grace_seconds: float
+    token_verified_seconds: float
+    token_refused_seconds: float
 
 
 def _lifetimes(env: Env) -> _Lifetimes:
-    """How long finished jobs are kept, and how long a shutdown may take."""
+    """How long finished jobs are kept, a shutdown may take, and a token's check is trusted."""
     return _Lifetimes(
         job_retention_seconds=env.number(
             "JOB_RETENTION_SECONDS", Settings.job_retention_seconds, 60, 10 * 365 * 86400),
         shutdown_grace_seconds=env.number(
             "SHUTDOWN_GRACE_SECONDS", Settings.shutdown_grace_seconds, 0, 3600),
+        token_verified_seconds=env.number(
+            "TOKEN_VERIFIED_SECONDS", Settings.token_verified_seconds, 1, 86400),
+        token_refused_seconds=env.number(
+            "TOKEN_REFUSED_SECONDS", Settings.token_refused_seconds, 1, 3600),
     )
 
 
@@ -230,6 +271,57 @@ def _webhooks(env: Env) -> _Webhooks:
         webhook_timeout_seconds=env.number(
             "WEBHOOK_TIMEOUT_SECONDS", Settings.webhook_timeout_seconds, 0.1, 120),
     )
+
+
+class _Egress(TypedDict):
+    egress_allow_private: tuple[IPNetwork, ...]
+    egress_max_redirects: int
+    egress_min_bytes_per_second: int
+    egress_stall_seconds: float
+    egress_download_seconds: float
+    egress_max_decompression_ratio: float
+    output_max_file_bytes: int
+    output_max_files_per_prediction: int
+    output_max_bytes_per_prediction: int
+    output_max_files_per_job: int
+    output_max_bytes_per_job: int
+
+
+def _egress(env: Env) -> _Egress:
+    """What outbound fetches may reach and how fast, and what outputs may put on disk."""
+    return _Egress(
+        egress_allow_private=_networks(env, "EGRESS_ALLOW_PRIVATE"),
+        egress_max_redirects=env.required_int(
+            "EGRESS_MAX_REDIRECTS", Settings.egress_max_redirects, 0, 20),
+        egress_min_bytes_per_second=env.required_int(
+            "EGRESS_MIN_BYTES_PER_SECOND", Settings.egress_min_bytes_per_second, 1, 1024**3),
+        egress_stall_seconds=env.number(
+            "EGRESS_STALL_SECONDS", Settings.egress_stall_seconds, 0.1, 600),
+        egress_download_seconds=env.number(
+            "EGRESS_DOWNLOAD_SECONDS", Settings.egress_download_seconds, 1, 86400),
+        egress_max_decompression_ratio=env.number(
+            "EGRESS_MAX_DECOMPRESSION_RATIO", Settings.egress_max_decompression_ratio, 1, 1e6),
+        output_max_file_bytes=env.required_int(
+            "OUTPUT_MAX_FILE_BYTES", Settings.output_max_file_bytes, 1, 1024**4),
+        output_max_files_per_prediction=env.required_int(
+            "OUTPUT_MAX_FILES_PER_PREDICTION", Settings.output_max_files_per_prediction, 1,
+            1_000_000),
+        output_max_bytes_per_prediction=env.required_int(
+            "OUTPUT_MAX_BYTES_PER_PREDICTION", Settings.output_max_bytes_per_prediction, 1,
+            1024**4),
+        output_max_files_per_job=env.required_int(
+            "OUTPUT_MAX_FILES_PER_JOB", Settings.output_max_files_per_job, 1, 100_000_000),
+        output_max_bytes_per_job=env.required_int(
+            "OUTPUT_MAX_BYTES_PER_JOB", Settings.output_max_bytes_per_job, 1, 1024**5),
+    )
+
+
+def _networks(env: Env, name: str) -> tuple[IPNetwork, ...]:
+    """A list of CIDR ranges, comma- or space-separated."""
+    try:
+        return parse_networks(env.text(name, ""))
+    except ValueError as exc:
+        raise SettingsError(f"{name}: {exc}") from None
 
 
 class _Observability(TypedDict):
@@ -255,6 +347,7 @@ class _Backends(NamedTuple):
     database_url: str | None
     single_host: bool
     redis_key_prefix: str
+    redis_cluster: bool
 
 
 def _backends(env: Env) -> _Backends:
@@ -269,7 +362,11 @@ def _backends(env: Env) -> _Backends:
     prefix = env.text("REDIS_KEY_PREFIX", "rg")
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", prefix):
         raise SettingsError("REDIS_KEY_PREFIX must be 1-64 letters, digits, '_', '.' or '-'")
-    return _Backends(redis_url, database_url, single_host, prefix)
+    cluster = env.flag("REDIS_CLUSTER")
+    if cluster and not (redis_url or "").startswith(("redis://", "rediss://")):
+        raise SettingsError("REDIS_CLUSTER=true needs REDIS_URL: a redis:// or rediss:// URL of "
+                            "one of the cluster's nodes")
+    return _Backends(redis_url, database_url, single_host, prefix, cluster)
 
 
 def _url(env: Env, name: str, schemes: tuple[str, ...]) -> str | None:

@@ -1,5 +1,6 @@
 """One SQLite file shared by every process on the host (the limit and job stores): per-thread
-connections, WAL, short writes queued per process."""
+connections, WAL, short writes queued per process, and pages freed by deletes given back to the
+disk a bounded batch at a time (incremental auto-vacuum)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,13 @@ STARTUP_PATIENCE_S = 30.0
 RETRY_PAUSE_MAX_S = 0.25
 STORE_BUSY_RETRY_AFTER_S = 2
 _BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
+# The WAL file is cut back to this after a checkpoint (else it keeps its largest size for good).
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+# Pages (4 KiB) one reclaim step frees: a write lock held for tens of milliseconds.
+RECLAIM_PAGES = 2048
+# A file from before incremental auto-vacuum is rebuilt (VACUUM) only up to this size.
+CONVERT_MAX_BYTES = 64 * 1024 * 1024
+INCREMENTAL = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
 
 
 _patience = threading.local()
@@ -137,6 +145,7 @@ class Database:
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         # In WAL mode NORMAL survives process crashes; only an OS crash can lose the last commits.
         conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
         self._local.conn = conn
         self._local.pid = os.getpid()
         return conn
@@ -184,12 +193,15 @@ class Database:
 
 def enable_wal(conn: sqlite3.Connection) -> None:
     """Switch the file to WAL (persistent; a no-op once done); start-up only, holding no lock.
+    A new file is made with incremental auto-vacuum, so purged space can go back to the disk.
 
     Retried briefly: workers opening a new file at once get SQLITE_BUSY past the busy handler.
     """
     give_up = time.monotonic() + STARTUP_PATIENCE_S
     while True:
         try:
+            # Only a file with no table yet takes it; an older file is converted by reclaim_space.
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             row = conn.execute("PRAGMA journal_mode = WAL").fetchone()
         except sqlite3.OperationalError as exc:
             if getattr(exc, "sqlite_errorcode", None) not in _BUSY_CODES:
@@ -233,6 +245,7 @@ def _on_connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:
     # isolation_level=None: the driver never opens transactions itself; BEGIN is explicit.
     dbapi_connection.isolation_level = None
     dbapi_connection.execute("PRAGMA synchronous = NORMAL")
+    dbapi_connection.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
 
 
 def driver_connection(conn: Connection) -> sqlite3.Connection:
@@ -274,3 +287,81 @@ def probe_file_write(path: str, timeout: float = 2.0) -> None:
         conn.execute("COMMIT")
     finally:
         conn.close()
+
+
+# -- space given back to the disk -----------------------------------------------------------------
+
+
+def reclaim_space(path: str, *, budget: float = 1.0) -> int:
+    """Give the pages deletes freed back to the disk, RECLAIM_PAGES per short write, for at most
+    `budget` seconds; return the pages freed (0 on any failure: only space is at stake). A file
+    made before incremental auto-vacuum is rebuilt once if small (VACUUM), else left as it is
+    with a warning saying how to convert it."""
+    if not os.path.exists(path):
+        return 0
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    try:
+        return _reclaim(conn, path, budget)
+    except (sqlite3.Error, StoreBusy) as exc:
+        # Only space is at stake: the next pass tries again.
+        log.warning("could not give the state file's free pages back: %s", exc)
+        return 0
+    finally:
+        conn.close()
+
+
+def _reclaim(conn: sqlite3.Connection, path: str, budget: float) -> int:
+    free = _pragma(conn, "freelist_count")
+    if not free:
+        return 0
+    if _pragma(conn, "auto_vacuum") != INCREMENTAL:
+        return _convert(conn, path, free)
+    give_up = time.monotonic() + budget
+    left = free
+    while left and time.monotonic() < give_up:
+        _write_script(conn, path, f"PRAGMA incremental_vacuum({RECLAIM_PAGES});")
+        left = _pragma(conn, "freelist_count")
+    # The file shrinks when the WAL is folded back in; PASSIVE never waits for readers.
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    return free - left
+
+
+def _pragma(conn: sqlite3.Connection, name: str) -> int:
+    row = conn.execute(f"PRAGMA {name}").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _write_script(conn: sqlite3.Connection, path: str, body: str) -> None:
+    """One write transaction around `body`, queued like every writer of this process."""
+
+    def step() -> None:
+        try:
+            # executescript: Python's execute steps a multi-row PRAGMA only once.
+            conn.executescript(f"BEGIN IMMEDIATE; {body} COMMIT;")
+        except sqlite3.Error:
+            if conn.in_transaction:
+                conn.rollback()
+            raise
+
+    with process_write_lock(path, WRITE_PATIENCE_S):
+        retry_while_busy(step, patience=WRITE_PATIENCE_S)
+
+
+_warned_unconverted: set[str] = set()
+
+
+def _convert(conn: sqlite3.Connection, path: str, free: int) -> int:
+    """Rebuild a small file with incremental auto-vacuum (writers wait a moment); warn once
+    about a large one, which is better converted while the service is stopped."""
+    if os.path.getsize(path) > CONVERT_MAX_BYTES:
+        if path not in _warned_unconverted:
+            _warned_unconverted.add(path)
+            log.warning("the state file %s predates incremental auto-vacuum and keeps space its "
+                        "deletes freed; while the service is stopped, run: sqlite3 <file> "
+                        "'PRAGMA auto_vacuum = INCREMENTAL; VACUUM;'", path)
+        return 0
+    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    with process_write_lock(path, WRITE_PATIENCE_S):
+        retry_while_busy(lambda: conn.execute("VACUUM"), patience=WRITE_PATIENCE_S)
+    log.info("the state file %s now gives freed space back to the disk", path)
+    return free

@@ -312,7 +312,7 @@ def test_batch_validation_errors(client: FlaskClient, sim: Simulator) -> None:
         ({"model_name": "flux-dev", "prompts": ["a", "b"], "custom_filenames": ["x"]},
          "custom_filenames"),
         ({"model_name": "flux-dev", "prompts": ["a", "b"], "custom_filenames": ["x", "X"]},
-         "custom_filenames"),
+         "custom_filenames[1]"),
         ({"model_name": "flux-dev", "prompts": ["a"], "tasks": [{"prompt": "b"}]}, "tasks"),
         ({"model_name": "flux-dev", "tasks": ["a"]}, "tasks[0]"),
         ({"model_name": "flux-dev", "tasks": [{"custom_filename": "a"}]}, "tasks[0].prompt"),
@@ -322,7 +322,7 @@ def test_batch_validation_errors(client: FlaskClient, sim: Simulator) -> None:
          "tasks[0].guidance"),
         ({"model_name": "flux-dev", "tasks": [
             {"prompt": "a", "num_outputs": 2, "custom_filename": "x"},
-            {"prompt": "b", "custom_filename": "x_2"}]}, "custom_filenames"),
+            {"prompt": "b", "custom_filename": "x_2"}]}, "tasks[1].custom_filename"),
     ]
     for body, field in cases:
         response = post(client, "/generate-batch", body, ADMIN)

@@ -19,6 +19,10 @@ FORBIDDEN = [
                 "concurrency_manager", "library", "cli")),
     ("outputs", ("model_functions", "generation", "jobs", "app", "http", "web", "models",
                  "limits", "concurrency_manager", "library", "cli")),
+    # The egress policy sits just above errors: webhooks and outputs both lean on it.
+    ("egress", ("model_functions", "generation", "jobs", "app", "http", "web", "models",
+                "outputs", "limits", "concurrency_manager", "library", "cli", "settings",
+                "devtools", "clients", "metrics")),
     ("limits", ("model_functions", "generation", "jobs", "app", "http", "web", "models",
                 "outputs", "concurrency_manager", "library", "cli")),
     ("concurrency_manager", ("model_functions", "generation", "jobs", "app", "http", "web",

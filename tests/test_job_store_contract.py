@@ -30,7 +30,7 @@ from replicate_generation.sqlite_db import patient_writes
 from shared_backends import missing
 
 SHARED_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-HEAD = "0002_job_fence"
+HEAD = "0003_record_bytes"
 TABLES = ("job_files", "job_values", "job_items", "jobs", "job_workers")
 OK = ItemOutcome(state="succeeded", model_used="flux-dev")
 

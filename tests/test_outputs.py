@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import gzip
 import io
+import ipaddress
 import socket
 import struct
 import threading
@@ -22,6 +23,7 @@ from urllib.parse import parse_qs
 import pytest
 from werkzeug.serving import WSGIRequestHandler, make_server
 
+from replicate_generation.egress import EgressPolicy
 from replicate_generation.errors import InvalidName
 from replicate_generation.outputs import (
     DownloadError,
@@ -232,8 +234,13 @@ def root(tmp_path: Path) -> Path:
     return tmp_path / "out"
 
 
+# The sample servers listen on 127.0.0.1, which the egress policy refuses unless allowed.
+LOOPBACK = EgressPolicy(allow_private=(ipaddress.ip_network("127.0.0.0/8"),))
+
+
 def save(sources: Sequence[object], root: Path, stem: str = "car", **kw: Any) -> list[SavedFile]:
     kw.setdefault("deadline", time.time() + 10)
+    kw.setdefault("policy", LOOPBACK)
     return save_outputs(sources, root / "req_abc", stem, root=root, **kw)
 
 

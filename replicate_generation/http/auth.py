@@ -1,9 +1,11 @@
-"""Who is calling: the admin key (checked in constant time) or a user's Replicate token, the role
-a route needs, the token that pays for the work, and which jobs the caller may see."""
+"""Who is calling: the admin key (checked in constant time) or a user's Replicate token (checked
+with Replicate before anything is stored for it), the role a route needs, the token that pays for
+the work, and which jobs the caller may see."""
 
 from __future__ import annotations
 
 import hmac
+import math
 import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -14,6 +16,7 @@ from typing import Any, TypeVar, cast
 from flask import g, request
 
 from replicate_generation.clients import account_key
+from replicate_generation.errors import TokenUnverified
 from replicate_generation.http import context
 from replicate_generation.http.errors import ApiError
 from replicate_generation.jobs.rows import JobRow
@@ -63,8 +66,19 @@ def resolve_caller(settings: Settings) -> Caller:
         return Caller(admin=True, token=settings.replicate_api_token)
     user_token = request.headers.get("X-Replicate-API-Key")
     if user_token is not None and token_shaped(user_token):
+        verify_user_token(user_token)
         return Caller(admin=False, token=user_token)
     raise ApiError(401, AUTH_MESSAGE)
+
+
+def verify_user_token(token: str) -> None:
+    """Replicate accepts this token (asked once per period, the verdict shared by every process);
+    else 401 (TokenRejected) or 503 when Replicate could not be asked: nothing is stored."""
+    try:
+        context.runner().token_checks.check(token)
+    except TokenUnverified as exc:
+        raise ApiError(503, str(exc), headers={"Retry-After": str(math.ceil(exc.retry_after))},
+                       error_type="token_unverified") from None
 
 
 def require_key(role: str = "any") -> Callable[[F], F]:

@@ -12,6 +12,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from replicate_generation.errors import (
+    AccountStoreFull,
     ExpandedRequestTooLarge,
     GenerationError,
     InvalidName,
@@ -27,6 +28,8 @@ from replicate_generation.errors import (
 
 STATUS_BY_KIND = {"deadline_exceeded": 504, "shutting_down": 503, "storage_error": 507,
                   "internal_error": 500}
+# The longest error message answered.
+MAX_ERROR_CHARS = 2000
 
 log = logging.getLogger(__name__)
 Answer = tuple[Response, int, dict[str, str]]
@@ -44,6 +47,8 @@ class ApiError(Exception):
 
 
 def error_body(message: str, **extra: object) -> dict[str, object]:
+    if len(message) > MAX_ERROR_CHARS:  # a message may quote what a schema or upstream wrote
+        message = f"{message[:MAX_ERROR_CHARS]}... ({len(message):,} characters in all)"
     return {"error": message, **extra}
 
 
@@ -62,6 +67,7 @@ def register(app: Flask) -> None:
     app.register_error_handler(StoreUnavailable, _store_unavailable)
     app.register_error_handler(ExpandedRequestTooLarge, _expanded_too_large)
     app.register_error_handler(SchemaUnavailable, _schema_unavailable)
+    app.register_error_handler(AccountStoreFull, _account_store_full)
 
 
 def _api_error(exc: ApiError) -> Answer:
@@ -101,6 +107,13 @@ def _schema_unavailable(exc: SchemaUnavailable) -> Answer:
     """A non-curated model's schema could not be fetched: nothing was created."""
     headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))} if exc.retry_after else {}
     return jsonify(error_body(str(exc), error_type="schema_unavailable")), exc.status, headers
+
+
+def _account_store_full(exc: AccountStoreFull) -> Answer:
+    """The account keeps all it may: 429 until its old jobs leave, 413 for a job too big ever."""
+    headers = {"Retry-After": str(math.ceil(exc.retry_after))} if exc.retry_after else {}
+    return (jsonify(error_body(str(exc), error_type="account_store_full")), exc.status,
+            headers)
 
 
 def _expanded_too_large(exc: ExpandedRequestTooLarge) -> Answer:

@@ -1,28 +1,32 @@
 """The bodies the JSON routes answer with: /health and /status, the results of /generate and
-/generate-batch, job pages, /configure's view of the limits, and a job's files as one zip."""
+/generate-batch, job pages, /configure's view of the limits, and a job's files as one zip,
+streamed as it is written (stored, ZIP64 where needed), never built whole first."""
 
 from __future__ import annotations
 
-import tempfile
+import os
+import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any
 
 from replicate_generation.concurrency_manager import ConcurrencyManager
 from replicate_generation.http.auth import Caller
 from replicate_generation.http.errors import STATUS_BY_KIND
 from replicate_generation.http.limit_fields import effective, limits_view, sources_view
 from replicate_generation.jobs.bodies import job_body, job_with_items
-from replicate_generation.jobs.rows import ItemRow, JobRow
+from replicate_generation.jobs.rows import JobRow
 from replicate_generation.jobs.runner import JobRunner, output_path
+from replicate_generation.models import schema_fetch
 from replicate_generation.models.catalogue import MODELS
 from replicate_generation.observability import current_request_id
 from replicate_generation.settings import Settings
 
 SERVICE = "replicate-concurrent-generation"
 VERSION = "3.1.0"
-# Zips larger than this spill from memory to a temporary file on disk.
-SPOOL_BYTES = 8 * 1024 * 1024
+# A job's zip is read from its files and sent in pieces of this size.
+ZIP_CHUNK_BYTES = 1024 * 1024
 
 
 def health(settings: Settings, runner: JobRunner) -> dict[str, Any]:
@@ -45,8 +49,10 @@ def status(caller: Caller | None, settings: Settings, runner: JobRunner) -> dict
     accounts = [a for a in totals if caller is not None and (caller.admin or
                                                               a.account == caller.account)]
     sources = generator.manager.limit_sources()
-    # Admin only: what this process keeps per account (bounded by the accounts with work here).
-    held = {"process": runner.accounts.held()} if caller is not None and caller.admin else {}
+    # Admin only: what this process keeps per account (bounded by the accounts with work here)
+    # and of non-curated models' schemas (bounded by SCHEMA_CACHE_MAX_BYTES).
+    held = {"process": runner.accounts.held(), "schema_cache": schema_fetch.CACHE.usage()
+            } if caller is not None and caller.admin else {}
     return {
         **held,
         "service": SERVICE, "version": VERSION, "backends": runner.backends(),
@@ -119,19 +125,65 @@ def job_page(jobs: list[JobRow], limit: int) -> dict[str, Any]:
             "next": f"/jobs?limit={limit}&after={page[-1].id}" if has_more else None}
 
 
-def job_zip(runner: JobRunner, job: JobRow) -> tempfile.SpooledTemporaryFile[bytes]:
-    """Every file the job wrote, in input order, each under its own name (unique in the job)."""
-    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # send_file closes it
-    _write_zip(spool, runner.store.items(job.id), runner.generator.runtime.output_root)
-    spool.seek(0)
-    return spool
+def job_zip(runner: JobRunner, job: JobRow) -> Iterator[bytes]:
+    """Every file the job wrote, in input order, each under its own name (unique in the job),
+    as zip bytes made while they are sent: memory holds one piece, the disk nothing more."""
+    root = runner.generator.runtime.output_root
+    files = [(PurePosixPath(relative).name, path) for item in runner.store.items(job.id)
+             for relative in item.files
+             if (path := output_path(root, relative)) is not None and path.is_file()]
+    return stream_zip(files)
 
 
-def _write_zip(target: tempfile.SpooledTemporaryFile[bytes], items: list[ItemRow],
-               root: Path) -> None:
-    with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as archive:
-        for item in items:
-            for relative in item.files:
-                path = output_path(root, relative)
-                if path is not None and path.is_file():
-                    archive.write(path, arcname=PurePosixPath(relative).name)
+class _Pieces:
+    """A write-only file that keeps what zipfile writes until it is taken to be sent."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self._parts.append(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+    def take(self) -> bytes:
+        data = b"".join(self._parts)
+        self._parts.clear()
+        return data
+
+
+def stream_zip(files: list[tuple[str, Path]]) -> Iterator[bytes]:
+    """A stored zip of `(name, path)` files, yielded piece by piece; with no seekable target,
+    zipfile writes each entry's sizes after its data, and ZIP64 records where sizes need them."""
+    pieces = _Pieces()
+    with zipfile.ZipFile(pieces, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, path in files:
+            try:
+                source = path.open("rb")
+            except OSError:
+                continue  # removed since it was listed: the rest still go out
+            with source:
+                yield from _stored_entry(archive, pieces, name, source)
+        yield pieces.take()
+    yield pieces.take()  # the central directory
+
+
+def _stored_entry(archive: zipfile.ZipFile, pieces: _Pieces, name: str,
+                  source: IO[bytes]) -> Iterator[bytes]:
+    stat = os.fstat(source.fileno())
+    # zip has no time before 1980: an older (or unset) mtime is shown as 1980.
+    info = zipfile.ZipInfo(name, max(time.localtime(stat.st_mtime)[:6], (1980, 1, 1, 0, 0, 0)))
+    info.compress_type = zipfile.ZIP_STORED
+    info.external_attr = 0o644 << 16
+    info.file_size = stat.st_size  # read no more than this: zipfile chose ZIP64 by it
+    left = stat.st_size
+    with archive.open(info, "w") as entry:
+        while left > 0 and (block := source.read(min(ZIP_CHUNK_BYTES, left))):
+            entry.write(block)
+            left -= len(block)
+            yield pieces.take()

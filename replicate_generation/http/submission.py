@@ -1,5 +1,6 @@
 """Turning a request into a job: /generate and /generate-batch (idempotency key, webhook policy,
-answer at once or wait for the results) and /jobs/<id>/retry (the failed items as a new job)."""
+answer at once or wait for the results) and /jobs/<id>/retry (the failed items as a new job,
+checked again against the model policy and schemas in force)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ from flask import g, jsonify, request
 from replicate_generation.errors import IdempotencyConflict, InvalidRequest
 from replicate_generation.generation import Task
 from replicate_generation.http import context
-from replicate_generation.http.auth import paying_token
+from replicate_generation.http.auth import other_models, paying_token
 from replicate_generation.http.errors import Answer, ApiError
 from replicate_generation.jobs import webhooks
 from replicate_generation.jobs.bodies import item_body, job_body
 from replicate_generation.jobs.rows import ItemRow, JobRow
 from replicate_generation.jobs.runner import JobRunner, Submission
+from replicate_generation.models import schemas
+from replicate_generation.models.validation import resolve_model
 from replicate_generation.request_parsing import Parsed, estimate, request_hash
 
 IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
@@ -60,20 +63,32 @@ def _when_done(runner: JobRunner, job: JobRow, shape: Shape, headers: dict[str, 
 
 
 def retry(job: JobRow) -> Answer:
-    """A new job with the job's failed items, same models and parameters: 202 with it."""
+    """A new job with the job's failed items, same models and parameters: 202 with it. Each is
+    checked again against MODEL_POLICY and its model's schema as they are now."""
     runner = context.runner()
-    tasks = _failed_tasks(runner.store.items(job.id))
-    if not tasks:
+    failed = [item for item in runner.store.items(job.id) if item.state == "failed"]
+    if not failed:
         raise ApiError(409, "This job has no failed item to retry")
+    with other_models():
+        tasks = [_revalidated(index, item) for index, item in enumerate(failed)]
     new_job, _ = runner.submit(paying_token(g.caller), Submission(kind=job.kind, tasks=tasks))
     body = job_body(new_job)
     body["retry_of"] = job.id
     return jsonify(body), 202, {"Location": f"/jobs/{new_job.id}"}
 
 
-def _failed_tasks(items: list[ItemRow]) -> list[Task]:
-    failed = [item for item in items if item.state == "failed"]
-    return [Task.from_record(index, item.spec) for index, item in enumerate(failed)]
+def _revalidated(index: int, item: ItemRow) -> Task:
+    """The failed item as a task again; InvalidRequest naming `items[<i>]...` when the policy
+    in force refuses its model now, or the model's schema its input."""
+    task = Task.from_record(index, item.spec)
+    if not task.spec.curated:  # a chain holds curated models only: the policy always allows them
+        where = f"items[{item.index}]."
+        spec = resolve_model(task.spec.id, f"{where}model_name")
+        if not isinstance(spec, schemas.SchemaModel) or spec.schema is None:
+            raise InvalidRequest(f"{where}model_name", f"Model '{task.spec.id}' is no longer "
+                                 "accepted here (MODEL_POLICY)")
+        schemas.check_input(spec.schema, task.input, where, spec.id)
+    return task
 
 
 def _prefers_async() -> bool:
@@ -98,4 +113,5 @@ def _webhook_target(url: str | None) -> str | None:
     if not context.settings().webhook_signing_key:
         raise InvalidRequest("webhook", "Webhooks are not enabled on this server "
                              "(WEBHOOK_SIGNING_KEY is not set)")
-    return webhooks.check_target(url, allow_private=g.caller.admin)
+    return webhooks.check_target(url, allow_private=g.caller.admin,
+                                 allowed=context.settings().egress_allow_private)

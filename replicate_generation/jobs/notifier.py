@@ -53,7 +53,7 @@ class WebhookNotifier:
         result = webhooks.deliver(
             job.webhook_url, payload, secret=webhook_secret(key, job.account),
             msg_id=f"msg_{job.id}", allow_private=job.webhook_private,
-            timeout=settings.webhook_timeout_seconds)
+            allowed=settings.egress_allow_private, timeout=settings.webhook_timeout_seconds)
         if result.ok:
             outbox.webhook_done(job.id, "delivered", attempt, None, None)
             log.info("webhook for job %s delivered (attempt %d)", job.id, attempt)

@@ -33,6 +33,7 @@ from replicate_generation.generation import Generator, Resume, Task, TaskResult,
 from replicate_generation.jobs.accounts import AccountMemory
 from replicate_generation.jobs.maintenance import Maintenance
 from replicate_generation.jobs.notifier import WebhookNotifier
+from replicate_generation.jobs.retention import bounds_for
 from replicate_generation.jobs.rows import (
     CANCEL_UNCONFIRMED,
     ItemOutcome,
@@ -53,6 +54,7 @@ from replicate_generation.reconcile import INPUT_RETENTION_SECONDS
 from replicate_generation.request_parsing import check_expanded_size
 from replicate_generation.settings import Settings
 from replicate_generation.sqlite_db import patient_writes
+from replicate_generation.token_checks import open_token_checks
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,7 @@ class JobRunner:
             output_root=self.generator.runtime.output_root, clock=clock, resume=self._resume,
             stopping=lambda: self._stopping, wake=self._wake, stop=self._stop)
         notifier = WebhookNotifier(self.store, settings, clock=clock, stop=self._stop)
+        self.token_checks = open_token_checks(settings)
         self._watch_accounts()
         if settings.replicate_api_token:
             self.accounts.remember(settings.replicate_api_token)
@@ -116,6 +119,8 @@ class JobRunner:
         """The hooks that free an account's memory or its queue."""
         self.generator.dispatcher.on_idle(self.accounts.idle)
         self.generator.runtime.clients.on_rejected(self._fail_rejected_account)
+        # Every process and replica refuses the token from now on, not only this one.
+        self.generator.runtime.clients.on_rejected(self.token_checks.refuse)
 
     def _fail_rejected_account(self, account: str) -> None:
         """Replicate answered 401 for this account: its queued items fail now, unsent."""
@@ -148,7 +153,8 @@ class JobRunner:
                      idempotency_key=submission.idempotency_key,
                      request_hash=submission.request_hash, webhook_url=submission.webhook_url,
                      webhook_private=submission.webhook_private, origin=self.origin)
-        job, created = self.store.create(new, self.worker_id, self._clock())
+        job, created = self.store.create(new, self.worker_id, self._clock(),
+                                         bounds=bounds_for(self.settings, token))
         if created:
             try:
                 self._queue(job, token)
@@ -382,6 +388,7 @@ class JobRunner:
         # Limiter first: it wakes items waiting for a slot, so joining the dispatcher cannot hang.
         self.generator.manager.shutdown()
         self.generator.close()
+        self.token_checks.close()
         self.store.close()
 
 

@@ -11,6 +11,7 @@ from typing import Literal
 
 from sqlalchemy import (
     URL,
+    BigInteger,
     Column,
     Double,
     Engine,
@@ -35,6 +36,9 @@ Backend = Literal["sqlite", "postgresql"]
 # Per process: 4 gunicorn workers stay well under PostgreSQL's default 100 connections.
 PG_POOL_SIZE = 16
 PG_POOL_OVERFLOW = 4
+# No server-side prepared statements: behind PgBouncer in transaction mode each transaction may
+# reach another server session, where psycopg's "_pg3_N" would be missing or already there.
+PG_CONNECT_ARGS = {"connect_timeout": 5, "prepare_threshold": None}
 
 metadata = MetaData()
 
@@ -62,12 +66,18 @@ jobs = Table(
     Column("webhook_error", Text),
     # Bumped by every claim: a write carrying an older number comes from a stale owner.
     Column("fence", Integer, nullable=False, server_default=text("0")),
+    # The bytes its items and shared values took when stored: what the account's bound counts.
+    Column("record_bytes", BigInteger, nullable=False, server_default=text("0")),
 )
 _OPEN = jobs.c.state.in_(["queued", "running"])
 Index("jobs_idempotency", jobs.c.account, jobs.c.idempotency_key, unique=True,
       sqlite_where=jobs.c.idempotency_key.is_not(None),
       postgresql_where=jobs.c.idempotency_key.is_not(None))
 Index("jobs_by_account", jobs.c.account, jobs.c.created_at.desc(), jobs.c.id.desc())
+# An account's jobs and bytes are summed from the index alone.
+Index("jobs_usage", jobs.c.account, jobs.c.record_bytes)
+# Retention finds the jobs past it without reading every job.
+Index("jobs_finished", jobs.c.finished_at)
 Index("jobs_open", jobs.c.state, sqlite_where=_OPEN, postgresql_where=_OPEN)
 Index("jobs_webhooks", jobs.c.webhook_next_at,
       sqlite_where=jobs.c.webhook_state == "pending",
@@ -151,7 +161,7 @@ def open_engine(target: str) -> Engine:
         engine = create_engine(
             url, pool_pre_ping=True, isolation_level="READ COMMITTED", pool_size=PG_POOL_SIZE,
             max_overflow=PG_POOL_OVERFLOW, pool_timeout=WRITE_PATIENCE_S,
-            connect_args={"connect_timeout": 5})
+            connect_args=PG_CONNECT_ARGS)
     _ENGINES.add(engine)
     return engine
 

@@ -1,7 +1,7 @@
 """Durable jobs: every job, item, prediction id and attempt, in the SQLite state file or PostgreSQL
 (one code path, SQLAlchemy Core). `JobStore` creates, reads, runs and cancels jobs and their items;
-its parts keep who owns each job (`owners`), the webhook outbox (`outbox`) and old jobs'
-removal (`retention`)."""
+its parts keep who owns each job (`owners`), the webhook outbox (`outbox`), and what an account
+may keep and old jobs' removal (`retention`)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from replicate_generation.errors import IdempotencyConflict
 from replicate_generation.jobs.database import JobDatabase
 from replicate_generation.jobs.outbox import WebhookOutbox
 from replicate_generation.jobs.owners import Owners
-from replicate_generation.jobs.retention import Retention
+from replicate_generation.jobs.retention import AccountBounds, Retention, check_room, record_size
 from replicate_generation.jobs.rows import (
     CANCEL_UNCONFIRMED,
     ITEM_COLUMNS,
@@ -73,17 +73,22 @@ class JobStore:
 
     # -- submitting ------------------------------------------------------------------------
 
-    def create(self, job: NewJob, owner: str, now: float) -> tuple[JobRow, bool]:
+    def create(self, job: NewJob, owner: str, now: float, *,
+               bounds: AccountBounds | None = None) -> tuple[JobRow, bool]:
         """Insert a job and its items; return (job, created), or a known Idempotency-Key's job.
 
-        IdempotencyConflict for another body; rows are built before the lock to keep it short.
+        IdempotencyConflict for another body; AccountStoreFull past the account's `bounds`
+        (nothing stored); rows are built before the lock to keep it short.
         """
         items, values = pack_items(job.id, (item.spec for item in job.items))
+        size = record_size(items, values)
         with self.db.write() as conn:
             existing = _keyed_job(conn, job)
             if existing is not None:
                 return existing, False
-            if conn.execute(self._new_job(job, owner, now)).first() is None:
+            if bounds is not None:
+                check_room(conn, job.account, size, bounds, now)
+            if conn.execute(self._new_job(job, owner, now, size)).first() is None:
                 # Another process created the key's job meanwhile (PostgreSQL only).
                 raced = _keyed_job(conn, job)
                 assert raced is not None  # noqa: S101 - the conflict was on that key
@@ -97,12 +102,13 @@ class JobStore:
         assert created is not None  # noqa: S101 - inserted in this transaction
         return created, True
 
-    def _new_job(self, job: NewJob, owner: str, now: float) -> Executable:
+    def _new_job(self, job: NewJob, owner: str, now: float, size: int) -> Executable:
         return self.db.insert(jobs).values(
             id=job.id, account=job.account, kind=job.kind, origin=job.origin, state="queued",
             request_id=job.request_id, item_count=len(job.items), owner=owner, created_at=now,
             idempotency_key=job.idempotency_key, request_hash=job.request_hash,
             webhook_url=job.webhook_url, webhook_private=int(job.webhook_private), fence=1,
+            record_bytes=size,
         ).on_conflict_do_nothing(index_elements=[jobs.c.account, jobs.c.idempotency_key],
                                  index_where=jobs.c.idempotency_key.is_not(None),
                                  ).returning(jobs.c.id)

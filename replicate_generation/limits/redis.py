@@ -1,39 +1,20 @@
 """LimitStore on Redis: the SQLite store's leases, FIFO tickets, GCRA and limits, across hosts.
 
 Each operation is one Lua script (lua/) on Redis's own clock, safe to run twice (a resent command
-spends nothing more). An unreachable, loading or read-only Redis raises StoreUnavailable.
+spends nothing more), on one server or a Redis Cluster (every script's keys share one hash slot).
+An unreachable, loading or read-only Redis raises StoreUnavailable.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 import os
 import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
-import redis
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import (
-    AuthenticationError,
-    BusyLoadingError,
-    ClusterDownError,
-    MasterDownError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    RedisError,
-    ResponseError,
-    TryAgainError,
-)
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
-
-from replicate_generation.errors import StoreUnavailable
 from replicate_generation.limits.base import (
     EPISODE_S,
     LIMIT_RANGES,
@@ -51,6 +32,8 @@ from replicate_generation.limits.base import (
     resolve_limit_sources,
     validate_limit,
 )
+from replicate_generation.limits.redis_client import RedisConnection, ReleaseListener
+from replicate_generation.limits.redis_client import fail_closed as _fail_closed
 
 __all__ = ["RedisLimitStore"]
 
@@ -58,29 +41,6 @@ __all__ = ["RedisLimitStore"]
 _TOMBSTONE_TTLS = 10
 # How long a reserve/create_accepted result is kept for a resent command.
 _OP_TTL_MS = 30_000
-# The releases listener: how long one wait for a message lasts, and the pause after an error.
-_LISTEN_TIMEOUT_S = 1.0
-_LISTEN_RETRY_S = 0.5
-# redis-py resends after a dropped connection only briefly: the manager, above, retries longer.
-_RETRY = Retry(ExponentialWithJitterBackoff(cap=0.25, base=0.02), retries=2)
-# Errors that mean "not now" rather than a bug, and the reason given; subclasses first.
-_UNAVAILABLE: tuple[tuple[type[RedisError], str], ...] = (
-    (AuthenticationError, "authentication failed"),
-    (BusyLoadingError, "loading its data"),
-    (RedisTimeoutError, "timed out"),
-    (RedisConnectionError, "connection failed"),
-    (ReadOnlyError, "read-only replica"),
-    (OutOfMemoryError, "out of memory"),
-    (MasterDownError, "the replica lost its primary"),
-    (ClusterDownError, "the cluster is down"),
-    (TryAgainError, "the cluster is resharding"),
-)
-# Plain ResponseErrors (redis-py has no class for them) that mean the same.
-_TRANSIENT_PREFIXES = {"BUSY": "busy running a script", "NOREPLICAS": "not enough replicas"}
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
 
 _SCRIPT_NAMES = ("limits", "declare", "override", "acquire", "renew", "release", "leave", "reserve",
                  "backoff", "accepted", "backoff_left", "stats", "mark", "prune")
@@ -92,42 +52,6 @@ def _lua(name: str) -> str:
 
 # Every script starts with the shared prelude: the clock and full-precision numbers.
 _SCRIPTS = {name: _lua("prelude") + _lua(name) for name in _SCRIPT_NAMES}
-
-
-def _unavailable_reason(exc: RedisError) -> str | None:
-    """A short reason if ``exc`` means Redis cannot serve us now; None for a real error."""
-    for kind, reason in _UNAVAILABLE:
-        if isinstance(exc, kind):
-            return reason
-    if isinstance(exc, ResponseError):
-        return _TRANSIENT_PREFIXES.get(str(exc).split(" ", 1)[0])
-    return None
-
-
-def _fail_closed(method: Callable[P, R]) -> Callable[P, R]:
-    """Turn Redis being unreachable into StoreUnavailable, naming the operation, never the URL."""
-
-    @functools.wraps(method)
-    def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return method(*args, **kwargs)
-        except RedisError as exc:
-            reason = _unavailable_reason(exc)
-            if reason is None:
-                raise
-            raise StoreUnavailable("redis", f"{method.__name__}: {reason}") from exc
-
-    return guarded
-
-
-def _connect(url: str, socket_timeout: float) -> redis.Redis:
-    try:
-        return redis.Redis.from_url(
-            url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
-            health_check_interval=30, retry=_RETRY, decode_responses=True)
-    except ValueError:
-        # Its message may quote parts of the URL.
-        raise ValueError("the Redis URL is not a valid redis:// or rediss:// URL") from None
 
 
 def _check_account(account: str) -> None:
@@ -185,7 +109,7 @@ class KeyNames:
 
 
 class RedisLimitStore:
-    """LimitStore on one Redis (or Cluster-compatible key layout) shared by every host.
+    """LimitStore on one Redis, or a Redis Cluster (``cluster``), shared by every host.
 
     ``default_limits`` bind others only once declared; ``clock`` is for tests (None: Redis's).
     """
@@ -199,13 +123,15 @@ class RedisLimitStore:
         clock: Callable[[], float] | None = None,
         key_prefix: str = "rg",
         socket_timeout: float = 5.0,
+        cluster: bool = False,
     ) -> None:
         default_limits.validate()
         if not (math.isfinite(lease_ttl) and lease_ttl > 0):
             raise ValueError(f"lease_ttl must be a positive number of seconds, got {lease_ttl!r}")
         if not key_prefix or "{" in key_prefix or "}" in key_prefix:
             raise ValueError("key_prefix must be non-empty and contain no '{' or '}'")
-        self._redis = _connect(url, socket_timeout)
+        self._connection = RedisConnection(url, cluster=cluster, socket_timeout=socket_timeout,
+                                           scripts=_SCRIPTS)
         self._defaults = default_limits
         self._ttl = float(lease_ttl)
         self._clock = clock
@@ -214,8 +140,6 @@ class RedisLimitStore:
         # Tickets this process enqueued: renew and leave_queue get only the ticket.
         self._tickets: dict[str, str] = {}
         self._tickets_lock = threading.Lock()
-        self._scripts = {name: self._redis.register_script(source)
-                         for name, source in _SCRIPTS.items()}
         self._listener: ReleaseListener | None = None
 
     @property
@@ -230,7 +154,7 @@ class RedisLimitStore:
 
     def _run(self, script: str, *, keys: list[str], args: list[Any]) -> Any:
         """One Lua script: EVALSHA, loading it again if the server lost it (a restart)."""
-        return self._scripts[script](keys=keys, args=args)
+        return self._connection.script(script)(keys=keys, args=args)
 
     def _keep(self) -> float:
         return _TOMBSTONE_TTLS * self._ttl
@@ -239,20 +163,20 @@ class RedisLimitStore:
 
     @_fail_closed
     def check(self) -> None:
-        """Raise StoreUnavailable unless Redis answers."""
-        self._redis.ping()
+        """Raise StoreUnavailable unless Redis answers (a cluster: with every slot served)."""
+        self._connection.check()
 
     def close(self) -> None:
         """Stop listening for releases; release the connection pool."""
         if self._listener is not None:
             self._listener.close()
-        self._redis.close()
+        self._connection.close()
 
     def on_release(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` whenever any process releases a slot or leaves a queue."""
         if self._listener is None or not self._listener.alive_here():
             # Threads do not survive fork: a child listens on its own.
-            self._listener = ReleaseListener(self._redis, self._names.releases)
+            self._listener = ReleaseListener(self._connection, self._names.releases)
         self._listener.add(callback)
 
     # -- limits: overrides and declarations ------------------------------------------
@@ -302,7 +226,7 @@ class RedisLimitStore:
 
     @_fail_closed
     def clear_overrides(self) -> None:
-        self._redis.delete(self._names.shared("overrides"))
+        self._connection.client().delete(self._names.shared("overrides"))
 
     @_fail_closed
     def declare(self, instance: str) -> None:
@@ -314,7 +238,7 @@ class RedisLimitStore:
     def withdraw(self, instance: str) -> None:
         if self._own is not None and self._own[0] == instance:
             self._own = None
-        self._redis.hdel(self._names.shared("declarations"), instance)
+        self._connection.client().hdel(self._names.shared("declarations"), instance)
 
     # -- leases and tickets ------------------------------------------------------
 
@@ -408,7 +332,7 @@ class RedisLimitStore:
 
     @_fail_closed
     def last_cut(self, account: str) -> float:
-        cut_at = self._redis.hget(self._names.one(account, "rate"), "cut_at")
+        cut_at = self._connection.client().hget(self._names.one(account, "rate"), "cut_at")
         return float(cut_at) if cut_at is not None else 0.0
 
     @_fail_closed
@@ -422,7 +346,7 @@ class RedisLimitStore:
     def stats(self, account: str | None = None) -> list[AccountStats]:
         if account is not None:
             return [self._account_stats(account)[0]]
-        listed = self._redis.zrange(self._names.shared("accounts"), 0, -1)
+        listed = self._connection.client().zrange(self._names.shared("accounts"), 0, -1)
         accounts = sorted(str(name) for name in listed)
         found = [self._account_stats(name) for name in accounts]
         idle = [stats.account for stats, active in found if not active]
@@ -438,45 +362,3 @@ class RedisLimitStore:
         stats = AccountStats(account, int(in_flight), int(waiting), int(creates), float(backoff))
         return stats, bool(int(active))
 
-
-class ReleaseListener:
-    """One thread per process on the releases channel, so the next waiter in line, whatever
-    process it is in, tries at once instead of at its next poll (polls stay the fallback)."""
-
-    def __init__(self, client: redis.Redis, channel: str) -> None:
-        self._client = client
-        self._channel = channel
-        self._callbacks: list[Callable[[], None]] = []
-        self._pid = os.getpid()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._listen, name="redis-releases", daemon=True)
-        self._thread.start()
-
-    def add(self, callback: Callable[[], None]) -> None:
-        self._callbacks.append(callback)
-
-    def alive_here(self) -> bool:
-        return self._pid == os.getpid() and self._thread.is_alive()
-
-    def close(self) -> None:
-        self._stop.set()
-
-    def _listen(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._relay()
-            except (RedisError, OSError, ValueError):
-                # Down, or the pool closed under us: waiters poll meanwhile; the store says why.
-                self._stop.wait(_LISTEN_RETRY_S)
-
-    def _relay(self) -> None:
-        pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-        try:
-            pubsub.subscribe(self._channel)
-            while not self._stop.is_set():
-                if pubsub.get_message(timeout=_LISTEN_TIMEOUT_S) is not None:
-                    for callback in list(self._callbacks):
-                        callback()
-        finally:
-            with contextlib.suppress(RedisError, OSError, ValueError):
-                pubsub.close()

@@ -1,16 +1,19 @@
 """Any Replicate model beside the curated nine: MODEL_POLICY, its cog schema, input checks.
 
 The input is checked against the model's own schema (schema_fetch.py gets it) before anything is
-created. Pure: problems are InvalidRequest (400) or SchemaUnavailable.
+created. A schema that nests too deeply or has malformed keywords is refused (502), and errors
+quote only an excerpt of what a schema lists. Pure: problems are InvalidRequest (400) or
+SchemaUnavailable.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from replicate_generation import json_depth
 from replicate_generation.errors import InvalidRequest, SchemaUnavailable
 from replicate_generation.models.catalogue import MODELS, ModelSpec, Param
 from replicate_generation.models.validation import check_value as check_uri
@@ -23,6 +26,13 @@ _ALLOWED_ITEM = re.compile(r"[a-z0-9][a-z0-9_.-]*(/[a-z0-9][a-z0-9_.-]*)?")
 _JSON_TYPES: Mapping[str, tuple[type, ...]] = {
     "string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,),
     "array": (list,), "object": (dict,)}
+# A parameter nesting deeper is refused: cog's are a few levels (an array of objects at most).
+MAX_PROPERTY_DEPTH = 32
+# Keywords whose value must be a list where present.
+_LIST_KEYWORDS = ("enum", "allOf", "required")
+# How much of a list (choices, parameters) an error message quotes.
+EXCERPT_ITEMS = 20
+EXCERPT_CHARS = 300
 
 
 # --------------------------------------------------------------------------- policy
@@ -82,9 +92,12 @@ class InputSchema:
         spec = components.get("Input") if isinstance(components, dict) else None
         if not isinstance(spec, dict) or not isinstance(spec.get("properties", {}), dict):
             raise SchemaUnavailable(502, "the model's schema has no Input object")
+        _check_keywords("Input", spec)
         given = spec.get("properties", {})
-        props = {name: _resolve(prop, components) for name, prop in given.items()
-                 if isinstance(prop, dict)}
+        props = {name: _resolve(_check_property(str(name), prop), components)
+                 for name, prop in given.items() if isinstance(prop, dict)}
+        for name, prop in props.items():
+            _check_property(str(name), prop)  # and as merged with what it refers to
         ordered = dict(sorted(props.items(), key=lambda kv: _order(kv[1])))
         required = tuple(str(r) for r in spec.get("required", []) if isinstance(r, str))
         return cls(version=version, properties=ordered, required=required)
@@ -110,10 +123,52 @@ def _dig(value: object, *keys: str) -> Any:
     return value
 
 
+def _check_property(name: str, prop: dict[str, Any]) -> dict[str, Any]:
+    """The property, unless validation could not apply it safely (SchemaUnavailable): deep
+    nesting, keywords of the wrong kind."""
+    if json_depth.too_deep(prop, MAX_PROPERTY_DEPTH):
+        raise SchemaUnavailable(502, f"parameter '{_short(name)}' nests deeper than "
+                                f"{MAX_PROPERTY_DEPTH} levels")
+    _check_keywords(f"parameter '{_short(name)}'", prop)
+    items = prop.get("items")
+    while isinstance(items, dict):
+        _check_keywords(f"parameter '{_short(name)}' (its items)", items)
+        items = items.get("items")
+    return prop
+
+
+def _check_keywords(where: str, schema: Mapping[str, Any]) -> None:
+    for keyword in _LIST_KEYWORDS:
+        if keyword in schema and not isinstance(schema[keyword], list):
+            raise SchemaUnavailable(502, f"{where} has an `{keyword}` that is not a list "
+                                    f"({type(schema[keyword]).__name__})")
+
+
+def _short(text: object, limit: int = 100) -> str:
+    value = str(text)
+    return value if len(value) <= limit else f"{value[:limit]}..."
+
+
+def excerpt(values: Sequence[object], *, quote: bool = True) -> str:
+    """The first of `values`, comma-separated, within EXCERPT_ITEMS and EXCERPT_CHARS; then how
+    many there are in all."""
+    shown: list[str] = []
+    used = 0
+    for value in values[:EXCERPT_ITEMS]:
+        text = _short(repr(value) if quote else value, 80)
+        if shown and used + len(text) > EXCERPT_CHARS:
+            break
+        shown.append(text)
+        used += len(text) + 2
+    rest = len(values) - len(shown)
+    return ", ".join(shown) + (f", ... ({len(values):,} in all)" if rest > 0 else "")
+
+
 def _resolve(prop: dict[str, Any], components: dict[str, Any]) -> dict[str, Any]:
     """Merge cog's `allOf: [{"$ref": "#/components/schemas/X"}]` into the property."""
     merged = {k: v for k, v in prop.items() if k != "allOf"}
-    for part in prop.get("allOf", []):
+    parts = prop.get("allOf", [])
+    for part in parts if isinstance(parts, list) else []:
         target = str(part.get("$ref", "")).rsplit("/", 1)[-1] if isinstance(part, dict) else ""
         referenced = components.get(target)
         if isinstance(referenced, dict):
@@ -142,12 +197,12 @@ def check_input(schema: InputSchema, values: Mapping[str, object], prefix: str =
     """The input as sent; InvalidRequest naming the field for anything the schema refuses."""
     for name in values:
         if name not in schema.properties:
-            allowed = ", ".join(schema.properties)
-            raise InvalidRequest(f"{prefix}{name}", f"Unknown parameter '{name[:100]}' for model "
-                                 f"{model}; allowed: {allowed}")
+            allowed = excerpt(list(schema.properties), quote=False)
+            raise InvalidRequest(f"{prefix}{_short(name)}", f"Unknown parameter "
+                                 f"'{_short(name)}' for model {model}; allowed: {allowed}")
     for name in schema.required:
         if values.get(name) is None:
-            raise InvalidRequest(f"{prefix}{name}", f"{prefix}{name} is required")
+            raise InvalidRequest(f"{prefix}{_short(name)}", f"{prefix}{_short(name)} is required")
     for name, value in values.items():
         check_value(schema.properties[name], value, f"{prefix}{name}")
     return dict(values)
@@ -161,8 +216,7 @@ def check_value(prop: Mapping[str, Any], value: object, field: str) -> None:
         return
     _check_type(prop, value, field)
     if "enum" in prop and value not in prop["enum"]:
-        options = ", ".join(repr(c) for c in prop["enum"])
-        raise InvalidRequest(field, f"{field} must be one of {options}")
+        raise InvalidRequest(field, f"{field} must be one of {excerpt(prop['enum'])}")
     if isinstance(value, int | float) and not isinstance(value, bool):
         if isinstance(prop.get("minimum"), int | float) and value < prop["minimum"]:
             raise InvalidRequest(field, f"{field} must be >= {prop['minimum']}")
@@ -181,7 +235,7 @@ def _check_type(prop: Mapping[str, Any], value: object, field: str) -> None:
     wanted = _JSON_TYPES.get(str(kind))
     if wanted is not None and (not isinstance(value, wanted)
                                or (isinstance(value, bool) and bool not in wanted)):
-        raise InvalidRequest(field, f"{field} must be of type {kind}")
+        raise InvalidRequest(field, f"{field} must be of type {_short(kind)}")
     if prop.get("format") == "uri":
         check_uri(Param(field, "uri", "a file input"), value, field)
 

@@ -23,11 +23,16 @@ class DownloadError(Exception):
     """An output could not be fetched or written; the message is safe to show a caller.
 
     ``saved`` lists the call's outputs written anyway: they are paid for, so report them.
+    ``refused``: the egress policy or a bound refused it (not a transport failure);
+    ``exhausted``: a per-prediction or per-job bound is used up, so the outputs after it are too.
     """
 
-    def __init__(self, message: str, *, saved: Sequence[SavedFile] = ()) -> None:
+    def __init__(self, message: str, *, saved: Sequence[SavedFile] = (), refused: bool = False,
+                 exhausted: bool = False) -> None:
         super().__init__(message)
         self.saved: tuple[SavedFile, ...] = tuple(saved)
+        self.refused = refused
+        self.exhausted = exhausted
 
 
 @contextmanager

@@ -1,4 +1,6 @@
-"""Fetch an output over HTTP(S) into a bounded sink: size cap, deadline, retries, token scope.
+"""Fetch an output over HTTP(S) into a bounded sink, under the egress policy: address checked and
+pinned, redirects checked, a minimum rate, a deadline per file, bounded inflation, and the
+prediction's and job's bounds on files and bytes; retries, token scope.
 
 Transient failures (connection errors, timeouts, 429, 5xx) are retried with backoff while the
 deadline allows; the Bearer token goes only to the one origin it was given for.
@@ -6,7 +8,6 @@ deadline allows; the Bearer token goes only to the one origin it was given for.
 
 from __future__ import annotations
 
-import http.cookiejar
 import threading
 import time
 import weakref
@@ -17,12 +18,19 @@ from urllib.parse import urlsplit
 import requests
 import urllib3.exceptions
 
+from replicate_generation.egress import (
+    Budget,
+    EgressPolicy,
+    EgressRefused,
+    OutputBounds,
+    Target,
+    new_session,
+    open_get,
+    read_body,
+)
 from replicate_generation.outputs.base import DownloadError, file_errors
 from replicate_generation.outputs.formats import HEAD_BYTES
 
-_CHUNK_BYTES = 64 * 1024
-_CONNECT_TIMEOUT = 5.0
-_MAX_READ_TIMEOUT = 30.0
 _BACKOFF_BASE = 0.2
 HTTP_PORTS: Mapping[str, int] = {"http": 80, "https": 443}
 _local = threading.local()
@@ -40,6 +48,8 @@ class Fetch(NamedTuple):
     attempts: int
     auth_token: str | None
     auth_origin: Origin | None
+    policy: EgressPolicy
+    budget: Budget
 
 
 class Hints(NamedTuple):
@@ -59,12 +69,13 @@ class _Retryable(Exception):
 
 
 class Sink:
-    """Write one output to its temp file, enforcing max_bytes and keeping the head."""
+    """Write one output to its temp file, enforcing max_bytes and the budget, keeping the head."""
 
-    def __init__(self, fh: IO[bytes], number: int, max_bytes: int) -> None:
+    def __init__(self, fh: IO[bytes], number: int, max_bytes: int, budget: Budget) -> None:
         self._fh = fh
         self._number = number
         self._max_bytes = max_bytes
+        self._budget = budget
         self.head = b""
         self.size = 0
 
@@ -73,15 +84,26 @@ class Sink:
         with file_errors(f"output {self._number}"):
             self._fh.seek(0)
             self._fh.truncate()
+        self._budget.give_back(0, self.size)
         self.head = b""
         self.size = 0
 
+    def uncount(self) -> None:
+        """Give this file's bytes back to the budget: it is not kept."""
+        self._budget.give_back(0, self.size)
+        self.size = 0
+
     def write(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.size > self._max_bytes:
+        if self.size + len(data) > self._max_bytes:
             raise DownloadError(
-                f"output {self._number} is larger than the {self._max_bytes}-byte limit"
-            )
+                f"output {self._number} is larger than the {self._max_bytes}-byte limit",
+                refused=True)
+        try:
+            self._budget.take(0, len(data))
+        except EgressRefused as exc:
+            raise DownloadError(f"output {self._number} was not saved: {exc.message}",
+                                refused=True, exhausted=True) from None
+        self.size += len(data)
         if len(self.head) < HEAD_BYTES:
             self.head += data[: HEAD_BYTES - len(self.head)]
         with file_errors(f"output {self._number}"):
@@ -97,8 +119,13 @@ def new_fetch(
     attempts: int,
     auth_token: str | None,
     auth_origin: str | None,
+    policy: EgressPolicy | None = None,
+    budget: Budget | None = None,
 ) -> Fetch:
-    """Bundle one call's fetch settings; this thread's Session unless one is given."""
+    """Bundle one call's fetch settings; this thread's Session unless one is given.
+
+    Without a policy only public addresses are reached; without a budget, the default bounds.
+    """
     return Fetch(
         session=session if session is not None else _thread_session(),
         deadline=deadline,
@@ -107,6 +134,8 @@ def new_fetch(
         attempts=attempts,
         auth_token=auth_token,
         auth_origin=_parse_auth_origin(auth_token, auth_origin),
+        policy=policy if policy is not None else EgressPolicy(),
+        budget=budget if budget is not None else Budget(OutputBounds()),
     )
 
 
@@ -114,9 +143,8 @@ def _thread_session() -> requests.Session:
     """Return this thread's Session: requests Sessions are not promised thread-safe."""
     session: requests.Session | None = getattr(_local, "session", None)
     if session is None:
-        session = requests.Session()
-        # Stateless: one tenant's cookie must not ride along on another's download.
-        session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+        # Pinned and stateless: no proxy, and no tenant's cookie rides along on another's download.
+        session = new_session()
         # Close the pooled sockets with the thread, not whenever the garbage collector runs.
         weakref.finalize(threading.current_thread(), session.close)
         _local.session = session
@@ -170,8 +198,10 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def download(sink: Sink, url: str, number: int, fetch: Fetch) -> Hints:
-    """GET url into the sink, retrying transient failures while allowed."""
+    """GET url into the sink, retrying transient failures while this file's deadline allows."""
     label = f"output {number} ({_redact(url)})"
+    fetch = fetch._replace(deadline=min(fetch.deadline,
+                                        fetch.clock() + fetch.policy.download_seconds))
     attempt = 1
     while True:
         try:
@@ -181,6 +211,8 @@ def download(sink: Sink, url: str, number: int, fetch: Fetch) -> Hints:
                 raise DownloadError(
                     f"{label} failed after {attempt} attempt(s): {exc.reason}"
                 ) from None
+        except EgressRefused as exc:
+            raise DownloadError(exc.message, refused=True, exhausted=exc.exhausted) from None
         attempt += 1
 
 
@@ -201,31 +233,28 @@ def _download_once(sink: Sink, url: str, label: str, fetch: Fetch) -> Hints:
         raise DownloadError(f"{label} was not downloaded: the deadline passed")
     sink.reset()
     try:
-        response = fetch.session.get(
-            url,
-            headers=_auth_headers(url, fetch),
-            stream=True,
-            timeout=(
-                min(_CONNECT_TIMEOUT, remaining),
-                min(_MAX_READ_TIMEOUT, remaining),
-            ),
-        )
+        opened = open_get(fetch.session, url, fetch.policy, timeout=remaining,
+                          headers_for=lambda target: _auth_headers(target, fetch), label=label)
+    except EgressRefused as exc:
+        if not exc.retryable:
+            raise
+        raise _Retryable("its host could not be resolved") from None
     except requests.Timeout:
         raise _Retryable("timed out") from None
     except requests.ConnectionError:
         raise _Retryable("connection failed") from None
-    # Bad URL, redirect to a non-http scheme, too many redirects: retrying cannot help.
+    # A malformed request: retrying cannot help.
     except requests.RequestException as exc:
         raise DownloadError(f"{label} could not be requested ({type(exc).__name__})") from None
-    with response:
+    with opened.response as response:
         _check_response(response, label, fetch.max_bytes)
         _copy_body(response, sink, label, fetch)
-        return Hints(content_type=response.headers.get("Content-Type"), url=response.url)
+        return Hints(content_type=response.headers.get("Content-Type"), url=opened.url)
 
 
-def _auth_headers(url: str, fetch: Fetch) -> dict[str, str | None]:
+def _auth_headers(target: Target, fetch: Fetch) -> dict[str, str | None]:
     """Bearer token for auth_origin only; None drops any header the session carries."""
-    if fetch.auth_token and fetch.auth_origin is not None and _origin(url) == fetch.auth_origin:
+    if fetch.auth_token and fetch.auth_origin is not None and target.origin == fetch.auth_origin:
         return {"Authorization": f"Bearer {fetch.auth_token}"}
     return {"Authorization": None}
 
@@ -238,19 +267,15 @@ def _check_response(response: requests.Response, label: str, max_bytes: int) -> 
         raise DownloadError(f"{label} failed: HTTP {status}")
     length = response.headers.get("Content-Length", "")
     if length.isdigit() and int(length) > max_bytes:
-        raise DownloadError(f"{label} is larger than the {max_bytes}-byte limit")
+        raise DownloadError(f"{label} is larger than the {max_bytes}-byte limit", refused=True)
 
 
 def _copy_body(response: requests.Response, sink: Sink, label: str, fetch: Fetch) -> None:
-    """Stream the body into the sink, checking the deadline after every read.
-
-    read1(), not iter_content(), which waits for whole chunks: a trickle could beat the deadline.
-    """
+    """Stream the decoded body into the sink within the policy's rate, deadline and ratio."""
     try:
-        while chunk := response.raw.read1(_CHUNK_BYTES, decode_content=True):
+        for chunk in read_body(response, fetch.policy, deadline=fetch.deadline,
+                               clock=fetch.clock, label=label):
             sink.write(chunk)
-            if fetch.clock() > fetch.deadline:
-                raise DownloadError(f"{label} did not finish before the deadline")
     except urllib3.exceptions.DecodeError:
         raise DownloadError(f"{label} has a corrupt content encoding") from None
     except urllib3.exceptions.ReadTimeoutError:

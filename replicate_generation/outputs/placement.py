@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from replicate_generation.errors import OutputExists
+from replicate_generation.outputs.names import name_key
 
 IfExists = Literal["refuse", "rename", "overwrite"]
 IF_EXISTS_CHOICES: tuple[IfExists, ...] = ("refuse", "rename", "overwrite")
@@ -32,11 +33,11 @@ def check_if_exists(value: object, name: str = "if_exists") -> IfExists:
 def _stem_keys(name: str) -> set[str]:
     """The stems a file's name blocks: the name, without its extension, and without `_<n>`."""
     base = _EXTENSION.sub("", name)
-    return {key.casefold() for key in (name, base, _NUMBERED.sub("", base))}
+    return {name_key(key) for key in (name, base, _NUMBERED.sub("", base))}
 
 
 def taken_stems(directory: Path) -> dict[str, Path]:
-    """Every blocked stem (casefolded) of `directory`, with a file that blocks it."""
+    """Every blocked stem (as name_key folds it) of `directory`, with a file that blocks it."""
     taken: dict[str, Path] = {}
     try:
         with os.scandir(directory) as entries:
@@ -62,13 +63,13 @@ class OutputNames:
         key = directory.absolute()
         if key not in self._existing:
             self._existing[key] = taken_stems(directory)
-        return self._existing[key].get(stem.casefold())
+        return self._existing[key].get(name_key(stem))
 
     def claim(self, directory: Path, stem: str, owner: int) -> int | None:
         """Record that item `owner` writes `stem` in `directory`; return an earlier item whose
         names may clash with it, else None."""
         where = directory.resolve()
-        folded = stem.casefold()
+        folded = name_key(stem)
         base = _NUMBERED.sub("", folded)
         for kind, name in (("exact", folded), ("base", folded), ("exact", base)):
             other = self._claimed.get((kind, where, name))
@@ -113,7 +114,7 @@ def _candidate_stems(stem: str, if_exists: IfExists) -> Iterator[str]:
 def _claim_all(files: Sequence[tuple[Path, str]], directory: Path, stem: str) -> Path | None:
     """Link every file under `stem`; None when all are in place, else the path in the way
     (and none left linked)."""
-    in_the_way = taken_stems(directory).get(stem.casefold())
+    in_the_way = taken_stems(directory).get(name_key(stem))
     if in_the_way is not None:
         return in_the_way
     linked: list[Path] = []
@@ -147,6 +148,26 @@ def _link_exclusive(source: Path, target: Path) -> None:
     except BaseException:
         target.unlink(missing_ok=True)
         raise
+
+
+def publish(tmp: Path, final: Path) -> Path:
+    """Give a finished temp file its name, never over a file there (another item's, or one a
+    stopped process left): a taken name makes it `<name>-<n><ext>`, so two never share one."""
+    stem, ext = _split_extension(final.name)
+    for number in range(1, _MAX_RENAMES):
+        candidate = final if number == 1 else final.with_name(f"{stem}-{number}{ext}")
+        try:
+            _link_exclusive(tmp, candidate)
+        except FileExistsError:
+            continue
+        tmp.unlink(missing_ok=True)
+        return candidate
+    raise OutputExists(final, f"no free name for {final} after {_MAX_RENAMES} tries")
+
+
+def _split_extension(name: str) -> tuple[str, str]:
+    match = _EXTENSION.search(name)
+    return (name[:match.start()], match.group()) if match else (name, "")
 
 
 def replace_into(source: Path, target: Path) -> None:

@@ -1,7 +1,8 @@
 """save_outputs: fetch a prediction's outputs at once and write them safely under the root.
 
 At once, as Replicate deletes them after an hour; each is written atomically (hidden temp file,
-fsync, rename) inside the root, under the extension of its real content.
+fsync, rename) inside the root, under the extension of its real content; fetched under the egress
+policy, and counted against the prediction's and job's bounds (`Budget`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import IO
 
 import requests
 
+from replicate_generation.egress import Budget, EgressPolicy, EgressRefused
 from replicate_generation.outputs.base import DownloadError, SavedFile, file_errors
 from replicate_generation.outputs.downloads import Fetch, Sink, new_fetch
 from replicate_generation.outputs.formats import (
@@ -24,6 +26,7 @@ from replicate_generation.outputs.formats import (
     sniff_extension,
 )
 from replicate_generation.outputs.names import check_stem, numbered_name
+from replicate_generation.outputs.placement import publish
 from replicate_generation.outputs.sources import fill
 
 
@@ -41,27 +44,59 @@ def save_outputs(
     clock: Callable[[], float] = time.time,
     fallback_ext: str | None = None,
     attempts: int = 3,
+    policy: EgressPolicy | None = None,
+    budget: Budget | None = None,
 ) -> list[SavedFile]:
     """Download every source now and write it atomically under dest_dir, in order.
 
-    All are tried despite a failure (Replicate deletes outputs after an hour); see DownloadError.
+    All are tried despite a failure (Replicate deletes outputs after an hour), until a bound of
+    the budget is used up; see DownloadError. `policy`: public addresses only unless given.
     """
     fallback = _check_arguments(stem, fallback_ext, max_bytes, attempts)
     fetch = new_fetch(session=session, deadline=deadline, clock=clock, max_bytes=max_bytes,
-                      attempts=attempts, auth_token=auth_token, auth_origin=auth_origin)
+                      attempts=attempts, auth_token=auth_token, auth_origin=auth_origin,
+                      policy=policy, budget=budget)
     root_dir, dest = _prepare_dest(dest_dir, root)
     saved: list[SavedFile] = []
     failures: list[DownloadError] = []
     for number, source in enumerate(sources, start=1):
         name = numbered_name(stem, number, len(sources))
         try:
-            saved.append(_save_one(source, number, dest / name, root_dir, fetch, fallback))
+            saved.append(_save_counted(source, number, dest / name, root_dir, fetch, fallback))
         except DownloadError as exc:
             failures.append(exc)
+            if exc.exhausted:
+                break
     if failures:
-        more = f" (and {len(failures) - 1} more output(s) failed)" if len(failures) > 1 else ""
-        raise DownloadError(f"{failures[0]}{more}", saved=saved)
+        raise _summary(failures, saved, untried=len(sources) - len(saved) - len(failures))
     return saved
+
+
+def _summary(failures: list[DownloadError], saved: list[SavedFile],
+             untried: int) -> DownloadError:
+    """One error for the call: the first refusal (else failure), how many more, what was saved."""
+    first = next((f for f in failures if f.refused), failures[0])
+    more = f" (and {len(failures) - 1} more output(s) failed)" if len(failures) > 1 else ""
+    if untried:
+        more += f"; {untried} later output(s) were not fetched"
+    return DownloadError(f"{first}{more}", saved=saved,
+                         refused=any(f.refused for f in failures),
+                         exhausted=any(f.exhausted for f in failures))
+
+
+def _save_counted(source: object, number: int, base: Path, root_dir: Path, fetch: Fetch,
+                  fallback: str | None) -> SavedFile:
+    """_save_one, counted as one more file of the budget (given back if it is not kept)."""
+    try:
+        fetch.budget.take(1, 0)
+    except EgressRefused as exc:
+        raise DownloadError(f"output {number} was not saved: {exc.message}", refused=True,
+                            exhausted=True) from None
+    try:
+        return _save_one(source, number, base, root_dir, fetch, fallback)
+    except BaseException:
+        fetch.budget.give_back(1, 0)
+        raise
 
 
 def _check_arguments(
@@ -100,9 +135,10 @@ def _save_one(
     with file_errors(f"output {number}"):
         fd, tmp_name = tempfile.mkstemp(prefix=".", suffix=".part", dir=base.parent)
     tmp = Path(tmp_name)
+    sink: Sink | None = None
     try:
         with os.fdopen(fd, "wb") as fh:
-            sink = Sink(fh, number, fetch.max_bytes)
+            sink = Sink(fh, number, fetch.max_bytes, fetch.budget)
             hints = fill(sink, source, number, fetch)
             _make_durable(fh, number)
         if sink.size == 0:
@@ -110,10 +146,12 @@ def _save_one(
         ext = sniff_extension(sink.head, hints.content_type, hints.url, fallback)
         final = base.with_name(base.name + ext)
         with file_errors(f"output {number}"):
-            # Atomic: a reader sees the old file or the whole new one, never half.
-            os.replace(tmp, final)
+            # Atomic, and never over another item's file (a name it shares numbers past it).
+            final = publish(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        if sink is not None:
+            sink.uncount()  # not kept: its bytes go back to the budget
         raise
     _fsync_dir(final.parent)
     return SavedFile(

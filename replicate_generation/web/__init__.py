@@ -27,7 +27,7 @@ def register(app: Flask, settings: Settings) -> None:
                       SESSION_COOKIE_SECURE=os.environ.get("SESSION_COOKIE_SECURE") == "1")
     app.extensions["console_sessions"] = SessionStore(
         settings.state_file, hmac.new(secret, b"seal", hashlib.sha256).digest(),
-        SESSION_TTL_SECONDS)
+        SESSION_TTL_SECONDS, admin_key=settings.admin_api_key)
     app.register_blueprint(bp)
 
 

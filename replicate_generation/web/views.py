@@ -24,9 +24,10 @@ from werkzeug.exceptions import NotFound
 from werkzeug.test import run_wsgi_app
 from werkzeug.wrappers import Response as WerkzeugResponse
 
+from replicate_generation.errors import TokenRejected
 from replicate_generation.http import context
-from replicate_generation.http.auth import same_secret, token_shaped
-from replicate_generation.http.errors import error_response
+from replicate_generation.http.auth import same_secret, token_shaped, verify_user_token
+from replicate_generation.http.errors import ApiError, error_response
 from replicate_generation.web.sessions import ConsoleSession, SessionStore
 
 HERE = Path(__file__).resolve().parent
@@ -39,6 +40,7 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
 FORWARDED = re.compile(r"^(models|status|generate-batch|jobs(/[A-Za-z0-9_-]+"
                        r"(/(cancel|retry|archive))?)?|files/.+)$")
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
+NOT_ACCEPTED = "That key was not accepted."
 
 
 def _store() -> SessionStore:
@@ -89,18 +91,19 @@ def job_page(job_id: str) -> WerkzeugResponse | str:
 
 @bp.post("/console/sign-in")
 def sign_in() -> WerkzeugResponse:
-    """Check the key and open a session; the key stays on the server."""
+    """Check the key (a token with Replicate) and open a session; the key stays on the server."""
     if not _csrf_ok(session.get("pre_csrf"), request.form.get("csrf_token")):
         return _plain(403, "Missing or wrong CSRF token")
     kind, key = request.form.get("kind", "admin"), request.form.get("key", "")
     admin = kind == "admin"
-    if not _key_ok(admin, key):
-        return _sign_in_page("That key was not accepted.", 401)
+    refused = _refusal(admin, key)
+    if refused is not None:
+        return _sign_in_page(*refused)
     previous = session.get("sid")
     if isinstance(previous, str):
         _store().delete(previous)
     session.clear()
-    session["sid"], _ = _store().create(admin, None if admin else key)
+    session["sid"], _ = _store().create(admin, key)
     return redirect("/", 303)
 
 
@@ -172,10 +175,20 @@ def _drain(body: Iterable[bytes]) -> bytes:
             close()
 
 
-def _key_ok(admin: bool, key: str) -> bool:
+def _refusal(admin: bool, key: str) -> tuple[str, int] | None:
+    """Why the key opens no session (the page's message and status), or None: a token only
+    once Replicate accepts it, so an invented one leaves nothing behind."""
     if admin:
-        return same_secret(key, context.settings().admin_api_key)
-    return token_shaped(key)
+        return None if same_secret(key, context.settings().admin_api_key) else (NOT_ACCEPTED, 401)
+    if not token_shaped(key):
+        return NOT_ACCEPTED, 401
+    try:
+        verify_user_token(key)
+    except TokenRejected:
+        return NOT_ACCEPTED, 401
+    except ApiError as exc:
+        return "Replicate could not be reached to check that token; try again shortly.", exc.status
+    return None
 
 
 def _csrf_ok(expected: object, given: str | None) -> bool:

@@ -10,7 +10,12 @@ from typing import Any
 
 from flask import Flask, Response
 
-from replicate_generation.devtools.simulator.schema_models import FORMATS, KINDS, has_version
+from replicate_generation.devtools.simulator.schema_models import (
+    FILE_COUNTS,
+    FORMATS,
+    KINDS,
+    has_version,
+)
 from replicate_generation.devtools.simulator.schema_models import version_json as schema_version
 from replicate_generation.devtools.simulator.web import (
     INVALID_VERSION,
@@ -72,8 +77,8 @@ def lookup(ref: str) -> ModelSpec | None:
 
 
 def output_count(spec: ModelSpec, inp: dict[str, Any]) -> int:
-    if spec.kind == "dict":
-        return 2
+    if spec.kind in FILE_COUNTS:
+        return FILE_COUNTS[spec.kind]
     return int(inp.get("num_outputs", 1) or 1) if spec.kind == "image" else 1
 
 

@@ -13,7 +13,9 @@ from typing import Any
 # Clocks that run in real time: a held create may sleep until a known finish time on them.
 _REAL_CLOCKS: tuple[Callable[[], float], ...] = (time.monotonic, time.perf_counter, time.time)
 # Config fields holding raw tokens: set from any iterable, shown only as hashes.
-TOKEN_SET_FIELDS = ("invalid_tokens", "no_credit_tokens")
+TOKEN_SET_FIELDS = ("invalid_tokens", "no_credit_tokens", "unknown_tokens")
+# A token starting so was never issued: 401 on every call (GET /v1/account included).
+UNKNOWN_TOKEN_PREFIX = "r8_unknown_"  # noqa: S105 - a marker, not a secret
 
 
 @dataclass
@@ -28,7 +30,10 @@ class SimConfig:
     other_burst: int = 3000
     retry_after_header: bool = True  # send Retry-After header on 429
     retry_after_body: bool = True  # include "retry_after": N in 429 body
-    invalid_tokens: set[str] = field(default_factory=set)  # 401
+    # 401 on every call but GET /v1/account: a token revoked after the service checked it.
+    invalid_tokens: set[str] = field(default_factory=set)
+    # 401 on every call: tokens Replicate never issued (as UNKNOWN_TOKEN_PREFIX ones are).
+    unknown_tokens: set[str] = field(default_factory=set)
     no_credit_tokens: set[str] = field(default_factory=set)  # 402 on create
     prefer_wait_timeout_status: str = "starting"  # or "current" (reproduces issue #385)
     output_ttl_seconds: float = 3600.0

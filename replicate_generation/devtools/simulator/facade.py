@@ -18,10 +18,14 @@ from replicate_generation.devtools.simulator.creates import Creates
 from replicate_generation.devtools.simulator.faults import DEFAULT_HOLD_S, Faults
 from replicate_generation.devtools.simulator.files import FileRoutes
 from replicate_generation.devtools.simulator.gate import Gate
+from replicate_generation.devtools.simulator.hostile import add_routes as add_hostile_routes
 from replicate_generation.devtools.simulator.ledger import Ledger, max_in_window, token_hash
 from replicate_generation.devtools.simulator.predictions import PredictionRoutes
 from replicate_generation.devtools.simulator.rendering import Renderer
-from replicate_generation.devtools.simulator.schema_models import clear_overrides
+from replicate_generation.devtools.simulator.schema_models import (
+    clear_overrides,
+    set_input_schema,
+)
 from replicate_generation.devtools.simulator.server import Serving
 
 
@@ -49,6 +53,7 @@ class Simulator:
         add_catalogue_routes(app)
         self._files.add_routes(app)
         Control(self._shared, self._ledger, self._faults, self._gate, self.reset).add_routes(app)
+        add_hostile_routes(app, set_input_schema, clear_overrides)
         return app
 
     @property

@@ -1,11 +1,13 @@
 """File routes: the output files of predictions (``/_sim/outputs/``, until the TTL ends, with
-the download delay and failure knobs) and the ``/v1/files`` upload API."""
+the download delay and failure knobs, and the hostile outputs of prompt markers: redirects, drips,
+sizes, gzip bombs) and the ``/v1/files`` upload API."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +16,12 @@ from flask import Flask, Response, g, request
 from replicate_generation.devtools.simulator.config import Shared
 from replicate_generation.devtools.simulator.ledger import Ledger, new_id
 from replicate_generation.devtools.simulator.lifecycle import Prediction
-from replicate_generation.devtools.simulator.output_files import CONTENT_TYPES, output_bytes
+from replicate_generation.devtools.simulator.markers import OutputTricks, output_tricks
+from replicate_generation.devtools.simulator.output_files import (
+    CONTENT_TYPES,
+    gzip_bomb,
+    output_bytes,
+)
 from replicate_generation.devtools.simulator.web import (
     FILE_NOT_FOUND,
     FILE_TOO_BIG,
@@ -31,6 +38,7 @@ from replicate_generation.devtools.simulator.web import (
 )
 
 _MAX_FILE_BYTES = 100 * 1024 * 1024
+_DRIP_TICK_S = 0.05  # a drip sends a piece at most this often
 
 
 @dataclass
@@ -81,9 +89,40 @@ class FileRoutes:
             time.sleep(delay)
         if fail:
             return problem_response(500, INTERNAL_ERROR)
-        data = output_bytes(ext, f"{pid}/{filename.split('.')[0]}", cfg.output_bytes,
-                            **pred.picture())
-        return Response(data, 200, mimetype=CONTENT_TYPES[ext])
+        tricks = output_tricks(pred.picture()["prompt"])
+        if tricks.redirect_to is not None:
+            return Response(b"", 302, headers={"Location": tricks.redirect_to})
+        data = output_bytes(ext, f"{pid}/{filename.split('.')[0]}",
+                            tricks.size or cfg.output_bytes, **pred.picture())
+        return self._output_response(data, ext, tricks)
+
+    def _output_response(self, data: bytes, ext: str, tricks: OutputTricks) -> Response:
+        """The file as the markers serve it: gzip-bombed, dripped, or plainly."""
+        headers = {"Content-Length": ""}
+        if tricks.gzip_bomb is not None:
+            data = gzip_bomb(data, tricks.gzip_bomb)
+            headers["Content-Encoding"] = "gzip"
+        headers["Content-Length"] = str(len(data))
+        body: bytes | Iterator[bytes] = data
+        if tricks.drip is not None:
+            body = self._drip(data, tricks.drip)
+        return Response(body, 200, mimetype=CONTENT_TYPES[ext], headers=headers)
+
+    def _drip(self, data: bytes, rate: float) -> Iterator[bytes]:
+        """Send `data` at `rate` bytes a second; reset and stop end it (the socket closes)."""
+        tick = max(_DRIP_TICK_S, 1.0 / max(rate, 1e-6))
+        step = max(1, round(rate * tick))
+        shared = self._shared
+        with shared.changed:
+            generation = shared.generation
+        for start in range(0, len(data), step):
+            yield data[start:start + step]
+            until = time.monotonic() + tick
+            with shared.changed:
+                while shared.generation == generation and time.monotonic() < until:
+                    shared.changed.wait(until - time.monotonic())
+                if shared.generation != generation:
+                    return
 
     def _output_lookup_locked(self, pid: str, filename: str) -> tuple[Prediction, str]:
         """Return the prediction and extension behind an output URL, or raise 404."""

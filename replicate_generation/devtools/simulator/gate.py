@@ -15,7 +15,7 @@ from typing import Any
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from replicate_generation.devtools.simulator.config import Shared
+from replicate_generation.devtools.simulator.config import UNKNOWN_TOKEN_PREFIX, Shared
 from replicate_generation.devtools.simulator.faults import Faults, fault_response
 from replicate_generation.devtools.simulator.ledger import Ledger, token_hash
 from replicate_generation.devtools.simulator.web import (
@@ -85,15 +85,21 @@ class Gate:
             return fault
         if not request.path.startswith("/v1/"):
             return None  # output files: auth is optional and checked by the view
-        if token is None or self._token_invalid(token):
+        if token is None or self._token_invalid(token, request.path):
             return problem_response(401, UNAUTHENTICATED)
         return self._throttle(
             g.token_hash, _CREATE_PATH.match(request.path) is not None and request.method == "POST"
         )
 
-    def _token_invalid(self, token: str) -> bool:
+    def _token_invalid(self, token: str, path: str) -> bool:
+        """Unknown tokens are refused everywhere; revoked ones everywhere but the account check."""
+        if token.startswith(UNKNOWN_TOKEN_PREFIX):
+            return True
         with self._shared.lock:
-            return token in self._shared.config.invalid_tokens
+            config = self._shared.config
+            if token in config.unknown_tokens:
+                return True
+            return token in config.invalid_tokens and path != "/v1/account"
 
     def _throttle(self, key: str, create: bool) -> Response | None:
         """Take a token from the create or the other bucket; answer 429 when it is empty."""

@@ -15,7 +15,11 @@ from typing import Any
 from replicate_generation.devtools.simulator.catalogue import ModelSpec, output_count, output_ext
 from replicate_generation.devtools.simulator.config import Shared, SimConfig
 from replicate_generation.devtools.simulator.lifecycle import Prediction
-from replicate_generation.devtools.simulator.markers import behaviour, run_seconds_for
+from replicate_generation.devtools.simulator.markers import (
+    behaviour,
+    output_tricks,
+    run_seconds_for,
+)
 
 # Counters kept per account, on top of the derived figures in _STATS_KEYS.
 _COUNTERS = (
@@ -195,7 +199,7 @@ class Ledger:
             run_s=None if math.isinf(run_s) else run_s,
             error=marked.error,
             empty=marked.empty,
-            n_outputs=output_count(spec, inp),
+            n_outputs=output_tricks(prompt).outputs or output_count(spec, inp),
             ext=output_ext(spec, inp),
             seq=self._seq,
         )

@@ -2,6 +2,9 @@
 
 ``#fail``/``#nsfw``/``#oom`` fail (real error strings), ``#empty`` gives ``[]``, ``#hang`` never
 ends, ``#slow=<s>`` sets the time; ``#fail@flux-dev`` scopes any marker to one model of a chain.
+Hostile outputs, what a community model's author can serve (`OutputTricks`): ``#output_url=<url>``,
+``#redirect_to=<url>``, ``#drip=<bytes/s>``, ``#outputs=<n>``, ``#size=<bytes>``,
+``#gzip_bomb=<bytes>``.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from replicate_generation.devtools.simulator.config import SimConfig
@@ -72,3 +76,32 @@ def run_seconds_for(prompt: str, config: SimConfig, *, seed: Any = None, model: 
     if config.run_seconds_spread <= 0:
         return config.run_seconds
     return config.run_seconds + config.run_seconds_spread * _spread_fraction(prompt, seed)
+
+
+_TRICK = re.compile(r"#(output_url|redirect_to|drip|outputs|size|gzip_bomb)=(\S+)")
+_NUMBERS = {"drip": float, "outputs": int, "size": int, "gzip_bomb": int}
+
+
+@dataclass(frozen=True)
+class OutputTricks:
+    """How a prediction's outputs turn hostile (all None: an honest model)."""
+
+    output_url: str | None = None  # every output is this URL (an internal page, say)
+    redirect_to: str | None = None  # each output's URL answers 302 to this one
+    drip: float | None = None  # output bytes served at this many per second
+    outputs: int | None = None  # this many outputs, whatever the input asked
+    size: int | None = None  # each output padded to about this many bytes
+    gzip_bomb: int | None = None  # served gzip-encoded, inflating to this many bytes
+
+
+@lru_cache(maxsize=256)
+def output_tricks(prompt: str) -> OutputTricks:
+    """Read the hostile-output markers of a prompt; a malformed number is ignored."""
+    found: dict[str, Any] = {}
+    for name, value in _TRICK.findall(prompt):
+        kind = _NUMBERS.get(name)
+        try:
+            found[name] = value if kind is None else kind(value)
+        except ValueError:
+            continue
+    return OutputTricks(**found)

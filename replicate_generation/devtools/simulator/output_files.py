@@ -1,6 +1,6 @@
 """The bytes of a prediction's output file: real, valid, distinct per (prediction, index), so a
 test can tell which output landed in which file; optionally a demo picture or clip of the prompt,
-and padded to a size the benchmarks ask for."""
+padded to a size the benchmarks ask for, or gzip-encoded into a bomb for the hostile tests."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import struct
 import wave
 import zlib
 from collections.abc import Callable
+from functools import lru_cache
 
 from replicate_generation.devtools.simulator.pictures import picture
 from replicate_generation.devtools.simulator.video import mp4 as playable_mp4
@@ -186,3 +187,34 @@ def output_bytes(ext: str, tag: str, size: int = 0, *, prompt: str | None = None
     data = drawn if drawn is not None else _BUILDERS[ext](tag.encode())
     extra = size - len(data)
     return _PADDERS[ext](data, extra) if extra > 0 else data
+
+
+_MIB = 1024 * 1024
+
+
+@lru_cache(maxsize=1)
+def _zero_mib_deflated() -> bytes:
+    """1 MiB of zeros as raw deflate, fully flushed: a piece any deflate stream may repeat."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return packer.compress(bytes(_MIB)) + packer.flush(zlib.Z_FULL_FLUSH)
+
+
+@lru_cache(maxsize=8)
+def gzip_bomb(head: bytes, size: int) -> bytes:
+    """`head` then zeros up to `size` bytes, gzip-encoded: about a thousandth of it on the wire.
+
+    Built from one deflated MiB repeated, so even a GiB bomb costs a moment.
+    """
+    whole, rest = divmod(max(0, size - len(head)), _MIB)
+    first = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    last = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    crc = zlib.crc32(head)
+    zeros = bytes(_MIB)
+    for _ in range(whole):
+        crc = zlib.crc32(zeros, crc)
+    crc = zlib.crc32(bytes(rest), crc)
+    body = b"".join((first.compress(head), first.flush(zlib.Z_FULL_FLUSH),
+                     _zero_mib_deflated() * whole, last.compress(bytes(rest)), last.flush()))
+    total = len(head) + whole * _MIB + rest
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # gzip, deflate, no name or time
+    return header + body + struct.pack("<II", crc & 0xFFFFFFFF, total & 0xFFFFFFFF)

@@ -8,6 +8,7 @@ from typing import Any
 
 from replicate_generation.devtools.simulator.config import Shared
 from replicate_generation.devtools.simulator.lifecycle import TERMINAL_STATUSES, Prediction
+from replicate_generation.devtools.simulator.markers import output_tricks
 from replicate_generation.devtools.simulator.output_files import CONTENT_TYPES, output_bytes
 from replicate_generation.devtools.simulator.schema_models import output as shaped_output
 
@@ -86,11 +87,14 @@ class Renderer:
         if pred.spec.kind == "text":
             return shaped_output("text", [])
         refs = [self._output_ref(pred, index, base) for index in range(pred.n_outputs)]
-        if pred.spec.kind == "dict":
-            return shaped_output("dict", refs)
+        if pred.spec.kind not in ("image", "video", "audio"):
+            return shaped_output(pred.spec.kind, refs)  # dict and the hostile shapes
         return refs if pred.spec.kind == "image" else refs[0]
 
     def _output_ref(self, pred: Prediction, index: int, base: str) -> str:
+        planted = output_tricks(pred.picture()["prompt"]).output_url
+        if planted is not None:
+            return planted  # a hostile model's output: any URL its author likes
         config = self._shared.config
         if config.output_as_data_uri:
             raw = output_bytes(pred.ext, f"{pred.id}/{index}", config.output_bytes,

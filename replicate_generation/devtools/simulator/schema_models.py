@@ -10,6 +10,11 @@ import copy
 import hashlib
 from typing import Any
 
+from replicate_generation.devtools.simulator.hostile import FILE_COUNTS as HOSTILE_COUNTS
+from replicate_generation.devtools.simulator.hostile import KINDS as HOSTILE_KINDS
+from replicate_generation.devtools.simulator.hostile import output as hostile_output
+from replicate_generation.devtools.simulator.hostile import schemas as hostile_schemas
+
 FLUX_SCHNELL = "black-forest-labs/flux-schnell"
 CUTOUT = "acme/cutout"
 LLAMA = "meta/meta-llama-3-8b-instruct"
@@ -19,7 +24,10 @@ KINDS: dict[str, tuple[str, str]] = {
     FLUX_SCHNELL: ("image", "webp"),
     CUTOUT: ("dict", "png"),
     LLAMA: ("text", "txt"),
+    **HOSTILE_KINDS,
 }
+# Files a prediction of a kind makes whatever its input says (image kinds: num_outputs).
+FILE_COUNTS: dict[str, int] = {"dict": 2, **HOSTILE_COUNTS}
 
 # output_format values a model honours (the file it writes).
 FORMATS: dict[str, tuple[str, ...]] = {FLUX_SCHNELL: ("webp", "jpg", "png")}
@@ -88,6 +96,7 @@ _VERSIONS: dict[str, dict[str, dict[str, Any]]] = {
                    version_id(FLUX_SCHNELL, "v1"): _flux_schnell(False)},
     CUTOUT: {version_id(CUTOUT): _cutout()},
     LLAMA: {version_id(LLAMA): _llama()},
+    **{ref: {version_id(ref): comps} for ref, comps in hostile_schemas().items()},
 }
 _overrides: dict[str, dict[str, Any]] = {}
 
@@ -166,4 +175,6 @@ def output(kind: str, refs: list[str]) -> Any:
         return {"image": refs[0], "mask": refs[1]}
     if kind == "text":
         return list(TEXT_TOKENS)
+    if kind in HOSTILE_COUNTS:
+        return hostile_output(kind, refs)
     return refs

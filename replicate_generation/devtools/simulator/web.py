@@ -10,6 +10,8 @@ from typing import Any
 from flask import Response, request
 from werkzeug.http import HTTP_STATUS_CODES
 
+from replicate_generation.devtools.simulator.hostile import expand
+
 UNAUTHENTICATED: dict[str, Any] = {
     "title": "Unauthenticated",
     "detail": "You did not pass a valid authentication token",
@@ -76,7 +78,8 @@ def json_response(
     status: int, body: Any, headers: Mapping[str, str] | None = None, *, problem: bool = False
 ) -> Response:
     mimetype = "application/problem+json" if problem else "application/json"
-    response = Response(json.dumps(body, separators=(",", ":")), status, mimetype=mimetype)
+    text = expand(json.dumps(body, separators=(",", ":")))
+    response = Response(text, status, mimetype=mimetype)
     response.headers.update(headers or {})
     return response
 

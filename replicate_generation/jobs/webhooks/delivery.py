@@ -6,20 +6,23 @@ Of a receiver's answer only the status line and headers are read (http.client ca
 
 from __future__ import annotations
 
-import http.cookiejar
-import ipaddress
 import json
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
 
 import requests
-import urllib3.exceptions
-from requests.adapters import HTTPAdapter
 
 from replicate_generation import metrics
+from replicate_generation.egress import (
+    Network,
+    Resolver,
+    Try,
+    never_connected,
+    new_session,
+    pinned_tries,
+)
 from replicate_generation.errors import InvalidWebhook
 from replicate_generation.jobs.webhooks.signing import (
     SECRET_PREFIX,
@@ -27,23 +30,10 @@ from replicate_generation.jobs.webhooks.signing import (
     secret_bytes,
     sign,
 )
-from replicate_generation.jobs.webhooks.targets import (
-    IP,
-    Resolver,
-    Target,
-    parse_target,
-    public_addresses,
-)
-
-if TYPE_CHECKING:
-    from requests.adapters import _HostParams, _PoolKwargs
+from replicate_generation.jobs.webhooks.targets import parse_target, public_addresses
 
 USER_AGENT = "replicate-concurrent-generation-webhooks/1"
-_MAX_ADDRESSES = 3  # addresses of one host tried in turn when a connection cannot be made
 _MAX_RETRY_AFTER = 86400.0
-
-# (url, extra headers) of one try: the name itself, or one checked address.
-_Try = tuple[str, dict[str, str]]
 
 
 @dataclass(frozen=True)
@@ -65,47 +55,6 @@ class DeliveryResult:
         return self.status == 410
 
 
-class _PinnedHostAdapter(HTTPAdapter):
-    """For a request sent to an IP address with a ``Host`` header naming a host, do TLS as that
-    host: SNI and the certificate's name check use the Host header's name, not the IP."""
-
-    def build_connection_pool_key_attributes(
-        self, request: requests.PreparedRequest, verify: bool | str,
-        cert: str | tuple[str, str] | None = None,
-    ) -> tuple[_HostParams, _PoolKwargs]:
-        host_params, pool_kwargs = super().build_connection_pool_key_attributes(
-            request, verify, cert)
-        host_header = request.headers.get("Host")
-        if (host_params["scheme"] == "https" and _is_ip(str(host_params["host"]))
-                and host_header and "]" not in host_header):
-            name = host_header.rsplit(":", 1)[0]
-            if not _is_ip(name):
-                # A pool-key field: pools for different names never share connections.
-                cast("dict[str, object]", pool_kwargs)["server_hostname"] = name
-        return host_params, pool_kwargs
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def new_session() -> requests.Session:
-    """A Session fit for deliveries: no proxies, .netrc or cookies from the environment, and
-    TLS to a pinned address checked against the host's name. Pass one to ``deliver`` to reuse
-    connections; a plain Session fails every pinned https delivery (the name check fails)."""
-    session = requests.Session()
-    session.trust_env = False
-    session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-    adapter = _PinnedHostAdapter(max_retries=0)
-    session.mount("https://", adapter)
-    session.mount("http://", adapter)
-    return session
-
-
 def deliver(
     url: str,
     payload: Mapping[str, object],
@@ -117,21 +66,23 @@ def deliver(
     session: requests.Session | None = None,
     clock: Callable[[], float] = time.time,
     resolve: Resolver | None = None,
+    allowed: Sequence[Network] = (),
 ) -> DeliveryResult:
     """Make one delivery attempt and report how it went; never raises for a network problem.
 
-    The target is checked again (DNS may change); only a bad msg_id, payload or secret raises.
+    The target is checked again (DNS may change) and its checked address pinned (`allowed`:
+    private ranges let through); only a bad msg_id, payload or secret raises.
     """
     check_header_value("msg_id", msg_id)
     secret_bytes(secret)  # a malformed secret is a configuration error: raise, do not report
     try:
-        target = parse_target(url, allow_private=allow_private)
-        addresses = None if allow_private else public_addresses(target, resolve)
+        target = parse_target(url, allow_private=allow_private, allowed=allowed)
+        addresses = None if allow_private else public_addresses(target, resolve, allowed)
     except InvalidWebhook as exc:
         return DeliveryResult(ok=False, status=None, error=exc.message, retry_after=None,
                               retryable=exc.retryable)
     body, headers = _signed(payload, secret=secret, msg_id=msg_id, clock=clock)
-    tries = _tries(target, addresses)
+    tries = pinned_tries(target, addresses)
     http = new_session() if session is None else session
     try:
         result = _post(http, tries, body, headers, timeout)
@@ -156,19 +107,7 @@ def _signed(payload: Mapping[str, object], *, secret: str, msg_id: str,
     }
 
 
-def _tries(target: Target, addresses: list[IP] | None) -> list[_Try]:
-    """The URL by name (private targets, literal addresses), or each checked address in turn."""
-    if addresses is None or target.ip is not None:
-        return [(target.url, {})]
-    tries: list[_Try] = []
-    for address in addresses[:_MAX_ADDRESSES]:
-        shown = f"[{address.compressed}]" if address.version == 6 else address.compressed
-        tries.append((f"{target.scheme}://{shown}:{target.port}{target.request_target}",
-                      {"Host": target.host_header}))
-    return tries
-
-
-def _post(http: requests.Session, tries: list[_Try], body: bytes, headers: dict[str, str],
+def _post(http: requests.Session, tries: list[Try], body: bytes, headers: dict[str, str],
           timeout: float) -> DeliveryResult:
     """POST to the first try that accepts a connection; no redirects, the body never read."""
     result = DeliveryResult(ok=False, status=None, error="not attempted", retry_after=None)
@@ -179,7 +118,7 @@ def _post(http: requests.Session, tries: list[_Try], body: bytes, headers: dict[
                                  stream=True)
         except requests.RequestException as exc:
             result = _failure(exc, timeout)
-            if _never_connected(exc):
+            if never_connected(exc):
                 continue  # nothing was sent: the next address may answer
             break
         try:
@@ -201,14 +140,6 @@ def _parse_retry_after(value: str | None) -> float | None:
     return min(seconds, _MAX_RETRY_AFTER)
 
 
-def _never_connected(exc: requests.RequestException) -> bool:
-    """True when no connection was made, so the request was certainly not sent."""
-    if isinstance(exc, requests.ConnectTimeout):
-        return True
-    reason = getattr(exc.args[0] if exc.args else None, "reason", None)
-    return isinstance(reason, urllib3.exceptions.NewConnectionError)
-
-
 def _failure(exc: requests.RequestException, timeout: float) -> DeliveryResult:
     """A transport error as a result; the text comes from the error's type only."""
     if isinstance(exc, requests.exceptions.SSLError):
@@ -218,7 +149,7 @@ def _failure(exc: requests.RequestException, timeout: float) -> DeliveryResult:
     elif isinstance(exc, requests.ReadTimeout):
         reason = f"the receiver did not answer within {timeout:g} s"
     elif isinstance(exc, requests.ConnectionError):
-        reason = ("could not connect to the receiver" if _never_connected(exc)
+        reason = ("could not connect to the receiver" if never_connected(exc)
                   else "the connection to the receiver failed")
     else:
         return DeliveryResult(ok=False, status=None, retry_after=None, retryable=False,
