@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +27,37 @@ OTHER_TOKEN = "r8_user_two_test_tok"
 ADMIN = {"X-Admin-API-Key": ADMIN_KEY}
 USER = {"X-Replicate-API-Key": USER_TOKEN}
 OTHER = {"X-Replicate-API-Key": OTHER_TOKEN}
+
+
+# Session fixtures that build something slow (a wheel in a venv, the image's venv): the tests on
+# one of them share an xdist worker (`--dist loadgroup`), so it is built once, not once per worker.
+_BUILT_ONCE = ("installed", "image")
+# The slowest tests (20-60 s) start first, so no worker is left running one alone at the end.
+_SLOWEST = (
+    "test_admission.py::test_orphans_resume_with_more_accounts_than_sqlite_has_variables",
+    "test_openapi.py::test_schemathesis_finds_nothing",
+    "test_storage.py::test_a_shared_input_is_stored_once_and_every_item_still_gets_it",
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    grouping = config.pluginmanager.hasplugin("xdist")  # the marker exists only with xdist
+    for item in items:
+        for fixture in _BUILT_ONCE:
+            if grouping and fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(fixture))
+    items.sort(key=lambda item: not any(slow in item.nodeid for slow in _SLOWEST))
+
+
+def pytest_runtest_teardown() -> None:
+    """A failed test's garbage (say, a pipe its error path left open) is collected now, so it is
+    reported against that test, not in whichever later test the collector happens to run."""
+    if hasattr(sys, "last_value"):  # pytest keeps the failure's traceback here until next call
+        for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+            if hasattr(sys, name):
+                delattr(sys, name)
+        gc.collect()
 
 
 @pytest.fixture(autouse=True)
@@ -115,6 +148,8 @@ def start_gunicorn(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
         server = Gunicorn(env, tmp_path / f"gunicorn{len(started)}.log")
         started.append(server)
         server.wait_ready()
+        if workers > 1:  # a worker still loading the app would meet the test's first step
+            server.wait_workers(workers)
         return server
 
     yield start

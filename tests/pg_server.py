@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
+
+from servers import free_port
 
 BIN = Path("/usr/lib/postgresql/15/bin")
 # Who runs it when the tests run as root.
@@ -21,12 +22,6 @@ RUN_AS = "nobody"
 
 def available() -> bool:
     return (BIN / "initdb").exists() and (BIN / "pg_ctl").exists()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class PrivateServer:

@@ -18,11 +18,7 @@ from types import TracebackType
 
 import redis
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from servers import free_port
 
 
 def wait_for_ping(port: int, password: str | None = None, timeout: float = 10.0) -> None:

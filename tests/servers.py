@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import socket
@@ -23,10 +24,28 @@ ROOT = Path(__file__).resolve().parent.parent
 _HEALTH_ANSWERED_BY = re.compile(r'"GET /health HTTP/1\.1" 200 \d+ \d+ms <(\d+)>')
 
 
+# Each xdist worker draws ports from its own residue class below the kernel's ephemeral range, so
+# no other worker and no outgoing connection takes one between this check and the server's bind.
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_GIVEN: set[int] = set()
+_RANDOM = random.Random()  # unmoved by a test that seeds the module's generator
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port free on 127.0.0.1 now, never given out before in this process."""
+    for _ in range(1000):
+        port = _RANDOM.randrange(20000 + _WORKER, 32768, _WORKERS)
+        if port in _GIVEN:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    raise RuntimeError("no free port found for this test worker")
 
 
 class Gunicorn:

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from conftest import ADMIN, ADMIN_KEY, SERVER_TOKEN
-from replicate_generation.devtools.simulator import Simulator
+from replicate_generation.devtools.simulator import SimConfig, Simulator
 from replicate_generation.jobs.store import JobStore
 from replicate_generation.settings import Settings
 from servers import ROOT, Gunicorn, free_port, service_env, wait_for
@@ -107,9 +107,41 @@ def assert_done_once(manifest: Path, prompts: list[str], sim: Simulator,
     return found
 
 
+class HeldClock:
+    """A simulator clock that stands still until released, then follows real time from there."""
+
+    def __init__(self) -> None:
+        self._held_at: float | None = time.monotonic()
+        self._offset = 0.0
+
+    def __call__(self) -> float:
+        return self._held_at if self._held_at is not None else time.monotonic() - self._offset
+
+    def advance(self, seconds: float) -> None:
+        assert self._held_at is not None
+        self._held_at += seconds
+
+    def release(self) -> None:
+        assert self._held_at is not None
+        self._offset, self._held_at = time.monotonic() - self._held_at, None
+
+
+@pytest.fixture
+def held_sim() -> Iterator[tuple[Simulator, HeldClock]]:
+    """A simulator of its own whose predictions end only when the test moves its clock."""
+    clock = HeldClock()
+    own = Simulator(SimConfig(run_seconds=0.05, queue_seconds=0.01), clock=clock)
+    own.start()
+    yield own, clock
+    own.stop()
+
+
 def test_in_process_run_stopped_by_sigint_resumes_without_creating_twice(
-        make_settings: Callable[..., Settings], sim: Simulator, tmp_path: Path, cli: Cli) -> None:
-    settings = make_settings(concurrent_limit=3, lease_ttl_seconds=1.5, task_timeout_seconds=30)
+        make_settings: Callable[..., Settings], held_sim: tuple[Simulator, HeldClock],
+        tmp_path: Path, cli: Cli) -> None:
+    sim, clock = held_sim
+    settings = make_settings(concurrent_limit=3, lease_ttl_seconds=1.5, task_timeout_seconds=30,
+                             replicate_base_url=sim.base_url)
     prompts = [f"quick {i} #slow=0.1" for i in range(3)] + \
         [f"slow {i} #slow=1.5" for i in range(6)]
     source = write_jsonl(tmp_path / "requests.jsonl",
@@ -119,6 +151,9 @@ def test_in_process_run_stopped_by_sigint_resumes_without_creating_twice(
     args = ["run", str(source), "--in-process", "--poll-interval", "0.05",
             "--output-dir", str(files)]
     first = cli.start(args, cli_env(settings))
+    wait_for(lambda: len(sim.predictions(SERVER_TOKEN)) == 3, what="the quick items created")
+    clock.advance(0.2)  # the quick items end; the slow ones cannot until the clock is released
+    sim.wake_waiters()
     # The quick items are done and recorded; three slow ones hold every slot, three wait.
     wait_for(lambda: len(records(manifest)) == 3 and len(running_on_sim(sim)) == 3
              and len(sim.predictions(SERVER_TOKEN)) == 6, what="3 done and 3 in flight")
@@ -131,6 +166,7 @@ def test_in_process_run_stopped_by_sigint_resumes_without_creating_twice(
     assert len(left_running) == 3 and sim.stats(SERVER_TOKEN)["cancels"] == 0
     assert len(sim.predictions(SERVER_TOKEN)) == 6
 
+    clock.release()
     assert cli.run(args, cli_env(settings)) == 0, cli.log()
     found = assert_done_once(manifest, prompts, sim, files)
     # The predictions left running were picked up by their ids, not created again.
