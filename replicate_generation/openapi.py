@@ -346,11 +346,15 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("api.generate", "POST"): {
         "summary": "Generate one prompt's outputs (or submit it as a job)", "security": ANY_KEY,
         "body": ref("GenerateRequest"), "params": ASYNC_PARAMS, "job": True,
+        "example": {"model_name": "flux-dev", "prompt": "A serene mountain landscape at sunset",
+                    "aspect_ratio": "16:9", "output_format": "jpg"},
         "responses": {200: ["GenerateResult", "Estimate"], 202: "Job",
                       **dict.fromkeys(GENERATE_ERRORS, "Error")}},
     ("api.generate_batch", "POST"): {
         "summary": "Generate many prompts in parallel, results in input order",
         "security": ANY_KEY, "body": ref("GenerateBatchRequest"), "params": ASYNC_PARAMS,
+        "example": {"model_name": "flux-dev", "prompts": ["A red sports car", "A blue ocean wave"],
+                    "custom_filenames": ["car", "wave"], "aspect_ratio": "16:9"},
         "job": True, "responses": {200: ["BatchResult", "Estimate"], 202: "Job",
                                    **dict.fromkeys(GENERATE_ERRORS, "Error")}},
     ("api.list_jobs", "GET"): {
@@ -492,8 +496,10 @@ def _operation(endpoint: str, method: str, path_params: list[str], operation: Op
         "security": _security(operation["security"], settings), "parameters": params,
         "responses": {str(s): _response(s, k, operation) for s, k in sorted(statuses.items())}}
     if "body" in operation:
-        out["requestBody"] = {"required": True,
-                              "content": {"application/json": {"schema": operation["body"]}}}
+        media: Schema = {"schema": operation["body"]}
+        if "example" in operation:  # else /docs builds one from the oneOf, mixing every model
+            media["example"] = operation["example"]
+        out["requestBody"] = {"required": True, "content": {"application/json": media}}
     return out
 
 

@@ -22,7 +22,7 @@ def job_body(job: JobRow, items: list[dict[str, Any]] | None = None) -> dict[str
         "created_at": _iso(job.created_at), "started_at": _iso(job.started_at),
         "finished_at": _iso(job.finished_at),
         "cancel_requested_at": _iso(job.cancel_requested_at),
-        "cost_usd": None,
+        "cost_usd": job.cost_usd,
     }
     if job.webhook_url:
         body["webhook"] = {"url": job.webhook_url, "state": job.webhook_state,
@@ -56,13 +56,21 @@ def item_body(item: ItemRow, output_dir: Path) -> dict[str, Any]:
         "routed": spec.get("routed"),
         "notes": [*spec.get("notes", []), *item.notes],
         "prediction_id": item.prediction_id or _last_prediction(item.attempts),
-        "attempts": item.attempts,
+        "attempts": [_public_attempt(a) for a in item.attempts],
         "cost_usd": item.cost_usd,
         "placeholder": item.placeholder,
         "error": item.error, "error_type": item.error_type,
         "queued_at": _iso(item.queued_at), "started_at": _iso(item.started_at),
         "finished_at": _iso(item.finished_at),
     }
+
+
+# What a caller sees of an attempt; the create's intent (time, input digest) is for reconciling.
+_ATTEMPT_FIELDS = ("model", "prediction_id", "status", "error")
+
+
+def _public_attempt(attempt: dict[str, Any]) -> dict[str, Any]:
+    return {key: attempt.get(key) for key in _ATTEMPT_FIELDS}
 
 
 def _last_prediction(attempts: list[dict[str, Any]]) -> str | None:

@@ -93,6 +93,8 @@ class JobRow:
     counts: dict[str, int] = field(default_factory=dict)
     # The fencing number an owner's writes carry (see Owners.fence_of).
     fence: int = 0
+    # The items' total cost, set where a job is shown without its items (GET /jobs).
+    cost_usd: float | None = None
 
     @property
     def terminal(self) -> bool:
@@ -171,3 +173,11 @@ def count_items(conn: Connection, job_id: str) -> dict[str, int]:
                                      .group_by(job_items.c.state)):
         counts[str(state)] = int(count)
     return counts
+
+
+def job_cost(conn: Connection, job_id: str) -> float:
+    """The items' summed cost, in input order, as GET /jobs/<id> adds it up."""
+    costs = [float(c) for (c,) in conn.execute(
+        select(job_items.c.cost_usd).where(job_items.c.job_id == job_id)
+        .order_by(job_items.c.idx)) if c is not None]
+    return round(sum(costs), 6) if costs else 0.0

@@ -39,6 +39,7 @@ from replicate_generation.jobs.rows import (
     NewJob,
     count_items,
     item_row,
+    job_cost,
     job_row,
     load_job,
 )
@@ -156,6 +157,7 @@ class JobStore:
             found = [job_row(r) for r in conn.execute(query)]
             for job in found:
                 job.counts = count_items(conn, job.id)
+                job.cost_usd = job_cost(conn, job.id)
         return found
 
     def cancel_requested(self, job_id: str) -> bool:
