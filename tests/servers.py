@@ -102,10 +102,15 @@ class Gunicorn:
     def post(self, path: str, body: Any, headers: dict[str, str], timeout: float = 120) -> Any:
         return requests.post(self.url + path, json=body, headers=headers, timeout=timeout)
 
-    def kill(self) -> None:
-        """SIGKILL the master and every worker at once: nothing gets to clean up."""
+    def kill(self, *, settle: bool = False) -> None:
+        """SIGKILL the master and every worker at once: nothing gets to clean up. With `settle`,
+        return once the servers they were calling have handled what was already sent."""
+        os.killpg(self.proc.pid, signal.SIGSTOP)  # frozen: no new connection from here on
+        calls = _calls_out(_group(self.proc.pid), self.port) if settle else set()
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
+        if calls:
+            wait_for(lambda: not calls & _open_server_sides(), 10, "the dead calls answered")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -120,6 +125,53 @@ class Gunicorn:
         if not self._log.closed:
             self._log.flush()
         return self.log_path.read_text(errors="replace")
+
+
+# /proc/net/tcp states whose socket a server still holds open: ESTABLISHED, CLOSE_WAIT, CLOSE.
+_SERVER_OPEN = {"01", "08", "07"}
+
+
+def _group(pgid: int) -> list[int]:
+    """The pids of a process group."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # it ended while we looked
+            continue
+        if int(fields[2]) == pgid:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _tcp_table() -> list[tuple[int, int, str, str]]:
+    """(local port, remote port, state, inode) of every TCP socket on this machine."""
+    rows = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            rows.append((int(fields[1].rsplit(":", 1)[1], 16),
+                         int(fields[2].rsplit(":", 1)[1], 16), fields[3], fields[9]))
+    return rows
+
+
+def _calls_out(pids: list[int], own_port: int) -> set[tuple[int, int]]:
+    """(server port, client port) of the connections these processes opened to other servers."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    return {(remote, local) for local, remote, state, inode in _tcp_table()
+            if inode in inodes and state == "01" and local != own_port}
+
+
+def _open_server_sides() -> set[tuple[int, int]]:
+    return {(local, remote) for local, remote, state, _ in _tcp_table() if state in _SERVER_OPEN}
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:

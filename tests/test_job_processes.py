@@ -159,7 +159,7 @@ def test_a_user_job_orphaned_by_sigkill_resumes_once_its_owner_calls_again(
     admin_job = submit(first, admin_prompts, ADMIN)
     user_before = all_slots_held(first, sim, user_job, USER_TOKEN, USER)
     admin_before = all_slots_held(first, sim, admin_job, SERVER_TOKEN, ADMIN)
-    first.kill()
+    first.kill(settle=True)  # a poll already sent is handled before killed_at
     killed_at = sim.now()
 
     second = start(settings)
