@@ -10,7 +10,7 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev
 VENV := .venv
 PY := $(VENV)/bin/python
 REQUIREMENTS := requirements.txt requirements-dev.txt pyproject.toml
-# The suite mostly waits on subprocesses and sockets: on 2 cores 6 workers took 3m46s, 4 took 6m45s.
+# The suite mostly waits on subprocesses and sockets: on 2 quiet cores 6 workers take 3.2-3.8 min.
 TEST_WORKERS ?= 6
 
 # The stamp is named after the requirements' checksum: a changed pin reinstalls, a touched file does not.
