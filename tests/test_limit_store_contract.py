@@ -677,7 +677,9 @@ def test_threads_contending_never_exceed_the_limit(make_store: StoreFactory) -> 
     occupancy, gate = Occupancy(), threading.Event()
     with pool_opening(n, gate) as pool:
         futures = [pool.submit(hold_slot, manager, occupancy, f"w{i}", gate) for i in range(n)]
-        wait_until(lambda: stats_of(store).waiting == n - k, "all others to queue")
+        # A holder counts itself inside just after the store granted its lease: wait for both.
+        wait_until(lambda: stats_of(store).waiting == n - k and occupancy.inside == k,
+                   "k holders inside and all others queued")
         assert occupancy.inside == k
         assert stats_of(store).in_flight == k
         gate.set()
