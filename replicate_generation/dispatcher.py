@@ -1,6 +1,7 @@
 """Runs tasks on a thread pool, per account in FIFO order, with at most the account's concurrency
-limit of threads each, so one account's batch never holds every thread; admission keeps a
-reserve for accounts within their fair share of the queue."""
+limit of threads each, so one account's batch never holds every thread; accounts take turns for
+threads task by task and split them evenly while several have work; admission keeps a reserve for
+accounts within their fair share of the queue."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
 from replicate_generation.errors import QueueFull, ShuttingDown
 
@@ -17,6 +18,8 @@ log = logging.getLogger(__name__)
 
 # Queued tasks drain within seconds at the usual limits; a client retrying sooner only spins.
 _RETRY_AFTER = 5.0
+
+_Task = tuple[Callable[[], Any], Future[Any]]
 
 
 class Dispatcher:
@@ -26,12 +29,17 @@ class Dispatcher:
                  runners_for: Callable[[str], int], *,
                  max_queued_per_account: int | None = None) -> None:
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="dispatch")
+        self._threads = max_workers
         self._max_queued = max_queued
         self._per_account = max_queued_per_account or max(1, max_queued // 5)
         self._runners_for = runners_for
         self._on_idle: Callable[[str], None] | None = None
-        self._queues: dict[str, deque[tuple[Callable[[], Any], Future[Any]]]] = {}
+        self._queues: dict[str, deque[_Task]] = {}
         self._runners: dict[str, int] = {}
+        # Runners submitted to the pool that have no thread yet, per account.
+        self._waiting: dict[str, int] = {}
+        # Each account's runner limit as read at its latest submit.
+        self._limits: dict[str, int] = {}
         self._queued = 0
         self._closed = False
         self._lock = threading.Lock()
@@ -43,6 +51,7 @@ class Dispatcher:
     def submit_many(self, account: str, fns: list[Callable[[], Any]]) -> list[Future[Any]]:
         """Queue several tasks at once, all or none, preserving their order."""
         futures: list[Future[Any]] = [Future() for _ in fns]
+        limit = self._runners_for(account)  # may read a shared store: never under the lock
         with self._lock:
             if self._closed:
                 raise ShuttingDown
@@ -50,11 +59,39 @@ class Dispatcher:
             queue = self._queues.setdefault(account, deque())
             queue.extend(zip(fns, futures, strict=True))
             self._queued += len(fns)
-            wanted = min(len(queue), self._runners_for(account)) - self._runners.get(account, 0)
-            self._runners[account] = self._runners.get(account, 0) + max(wanted, 0)
-        for _ in range(max(wanted, 0)):
-            self._pool.submit(self._run, account)
+            self._limits[account] = limit
+            starts = self._runners_to_start()
+        self._start(starts)
         return futures
+
+    def _runners_to_start(self) -> list[str]:
+        """One entry per runner to start so each account with work has its cap; caller holds
+        the lock and starts them after releasing it."""
+        starts: list[str] = []
+        for account, queue in self._queues.items():
+            wanted = min(len(queue), self._cap(account)) - self._runners.get(account, 0)
+            if wanted > 0:
+                self._runners[account] = self._runners.get(account, 0) + wanted
+                self._waiting[account] = self._waiting.get(account, 0) + wanted
+                starts += [account] * wanted
+        return starts
+
+    def _start(self, accounts: list[str]) -> None:
+        for account in accounts:
+            try:
+                self._pool.submit(self._run, account)
+            except RuntimeError:  # shut down meanwhile: the queued tasks were cancelled with it
+                return
+
+    def _cap(self, account: str) -> int:
+        """Runners the account may have: its limit, and an even split of the threads among the
+        accounts with work here; caller holds the lock."""
+        busy = set(self._runners) | {name for name, queue in self._queues.items() if queue}
+        share = -(-self._threads // len(busy | {account}))
+        return max(1, min(self._limits.get(account, 1), share))
+
+    def _others_waiting(self, account: str) -> bool:
+        return any(count for name, count in self._waiting.items() if name != account)
 
     def on_idle(self, callback: Callable[[str], None]) -> None:
         """Call back (outside the lock) when an account has nothing queued or running here."""
@@ -109,20 +146,40 @@ class Dispatcher:
                 return self._queued
             return len(self._queues.get(account, ()))
 
-    def _next(self, account: str) -> tuple[Callable[[], Any], Future[Any]] | None:
+    def _next(self, account: str) -> _Task | Literal["yield"] | None:
+        """The account's next task; "yield" when another account waits for a thread (this runner
+        goes to the back of the pool's line); None when this runner should end."""
         with self._lock:
             queue = self._queues.get(account)
-            if not queue:
-                self._runners[account] -= 1
-                if not self._runners[account]:
-                    del self._runners[account]
-                    self._queues.pop(account, None)
+            if not queue or self._runners[account] > self._cap(account):
+                self._end_runner(account)
                 return None
+            if self._others_waiting(account):
+                self._waiting[account] = self._waiting.get(account, 0) + 1
+                return "yield"
             self._queued -= 1
             return queue.popleft()
 
+    def _end_runner(self, account: str) -> None:
+        """One runner fewer; the account is forgotten with its last one; caller holds the lock."""
+        self._runners[account] -= 1
+        if not self._runners[account]:
+            del self._runners[account]
+            if not self._queues.get(account):
+                self._queues.pop(account, None)
+                self._limits.pop(account, None)
+
     def _run(self, account: str) -> None:
-        self._run_all(account)
+        with self._lock:
+            self._waiting[account] -= 1
+            if not self._waiting[account]:
+                del self._waiting[account]
+        if self._run_all(account):
+            self._take_turn_later(account)
+            return
+        with self._lock:  # a share freed by this runner goes to the accounts still waiting
+            starts = [] if self._closed else self._runners_to_start()
+        self._start(starts)
         callback = self._on_idle
         if callback is not None and not self.busy(account):
             try:
@@ -130,8 +187,22 @@ class Dispatcher:
             except Exception:  # noqa: BLE001 - bookkeeping must never kill a pool thread
                 log.exception("idle callback failed for account=%s", account)
 
-    def _run_all(self, account: str) -> None:
+    def _take_turn_later(self, account: str) -> None:
+        """Queue this runner behind the others waiting for a thread."""
+        try:
+            self._pool.submit(self._run, account)
+        except RuntimeError:  # the pool shut down meanwhile: its queue was dropped too
+            with self._lock:
+                self._waiting[account] -= 1
+                if not self._waiting[account]:
+                    del self._waiting[account]
+                self._end_runner(account)
+
+    def _run_all(self, account: str) -> bool:
+        """Run the account's tasks until none is left (False) or its turn is over (True)."""
         while (item := self._next(account)) is not None:
+            if isinstance(item, str):
+                return True
             fn, future = item
             if not future.set_running_or_notify_cancel():
                 continue
@@ -139,6 +210,7 @@ class Dispatcher:
                 future.set_result(fn())
             except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
                 future.set_exception(exc)
+        return False
 
     def shutdown(self, wait: bool = True) -> None:
         """Refuse new work, drop what is queued (its futures are cancelled), finish the rest."""

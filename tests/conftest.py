@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -159,3 +160,32 @@ def start_gunicorn(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
         text = server.log()
         for secret in (SERVER_TOKEN, USER_TOKEN, ADMIN_KEY):
             assert secret not in text
+
+
+class HeldClock:
+    """A simulator clock that stands still until released, then follows real time from there."""
+
+    def __init__(self) -> None:
+        self._held_at: float | None = time.monotonic()
+        self._offset = 0.0
+
+    def __call__(self) -> float:
+        return self._held_at if self._held_at is not None else time.monotonic() - self._offset
+
+    def advance(self, seconds: float) -> None:
+        assert self._held_at is not None
+        self._held_at += seconds
+
+    def release(self) -> None:
+        assert self._held_at is not None
+        self._offset, self._held_at = time.monotonic() - self._held_at, None
+
+
+@pytest.fixture
+def held_sim() -> Iterator[tuple[Simulator, HeldClock]]:
+    """A simulator of its own whose predictions end only when the test moves its clock."""
+    clock = HeldClock()
+    own = Simulator(SimConfig(run_seconds=0.05, queue_seconds=0.01), clock=clock)
+    own.start()
+    yield own, clock
+    own.stop()

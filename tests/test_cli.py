@@ -17,8 +17,8 @@ import psycopg
 import pytest
 import requests
 
-from conftest import ADMIN, ADMIN_KEY, SERVER_TOKEN
-from replicate_generation.devtools.simulator import SimConfig, Simulator
+from conftest import ADMIN, ADMIN_KEY, SERVER_TOKEN, HeldClock
+from replicate_generation.devtools.simulator import Simulator
 from replicate_generation.jobs.store import JobStore
 from replicate_generation.settings import Settings
 from servers import ROOT, Gunicorn, free_port, service_env, wait_for
@@ -105,35 +105,6 @@ def assert_done_once(manifest: Path, prompts: list[str], sim: Simulator,
         assert Path(path).parent == files and Path(path).suffix == ".webp"
         assert Path(path).read_bytes().startswith(WEBP)
     return found
-
-
-class HeldClock:
-    """A simulator clock that stands still until released, then follows real time from there."""
-
-    def __init__(self) -> None:
-        self._held_at: float | None = time.monotonic()
-        self._offset = 0.0
-
-    def __call__(self) -> float:
-        return self._held_at if self._held_at is not None else time.monotonic() - self._offset
-
-    def advance(self, seconds: float) -> None:
-        assert self._held_at is not None
-        self._held_at += seconds
-
-    def release(self) -> None:
-        assert self._held_at is not None
-        self._offset, self._held_at = time.monotonic() - self._held_at, None
-
-
-@pytest.fixture
-def held_sim() -> Iterator[tuple[Simulator, HeldClock]]:
-    """A simulator of its own whose predictions end only when the test moves its clock."""
-    clock = HeldClock()
-    own = Simulator(SimConfig(run_seconds=0.05, queue_seconds=0.01), clock=clock)
-    own.start()
-    yield own, clock
-    own.stop()
 
 
 def test_in_process_run_stopped_by_sigint_resumes_without_creating_twice(

@@ -19,7 +19,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.serving import WSGIRequestHandler, make_server
 
-from conftest import OTHER, OTHER_TOKEN, USER, USER_TOKEN
+from conftest import OTHER, OTHER_TOKEN, USER, USER_TOKEN, HeldClock
 from replicate_generation.devtools.simulator import Simulator, schema_models
 from replicate_generation.egress import EgressPolicy
 from replicate_generation.errors import SettingsError
@@ -235,6 +235,29 @@ def test_a_dripping_account_gives_the_runner_threads_back(
     assert [p["status"] for p in sim.predictions(OTHER_TOKEN)] == ["succeeded"]
     hostile = wait_terminal(client, dripping["id"], USER, timeout=15)
     assert [i["error_type"] for i in hostile["items"]] == ["output_refused"] * 2
+
+
+def test_accounts_take_turns_for_runner_threads(
+        held_sim: tuple[Simulator, HeldClock], make_app: Callable[..., Flask]) -> None:
+    # Two threads held by one account's 4-item batch; the simulator's clock decides who ends.
+    sim, clock = held_sim
+    client = make_app(**FAST, dispatch_threads=2, replicate_base_url=sim.base_url,
+                      sync_wait_seconds=0, poll_interval_seconds=0.05).test_client()
+    prompts = ["u1 #slow=1", "u2 #slow=1000", "u3 #slow=1", "u4 #slow=1"]
+    batch = submit_async(client, {"model_name": SCHNELL, "prompts": prompts}, USER)
+    wait_for(lambda: len(sim.predictions(USER_TOKEN)) == 2, 10, "u1 and u2 to be created")
+    other = submit_async(client, {"model_name": SCHNELL, "prompts": ["o1 #slow=1"]}, OTHER)
+    clock.advance(2)  # u1 ends; u2 holds its thread for the rest of the test
+    sim.wake_waiters()
+    wait_for(lambda: len(sim.predictions(USER_TOKEN) + sim.predictions(OTHER_TOKEN)) == 3, 10,
+             "a third create")
+    # The thread u1 gave back goes to the other account, not to u3 behind it in the same batch.
+    assert len(sim.predictions(OTHER_TOKEN)) == 1
+    clock.release()
+    sim.wake_waiters()
+    assert wait_terminal(client, other["id"], OTHER, timeout=15)["state"] == "succeeded"
+    assert client.post(f"/jobs/{batch['id']}/cancel", headers=USER).status_code == 200
+    assert wait_terminal(client, batch["id"], USER, timeout=15)["state"] == "canceled"
 
 
 # --------------------------------------------------------------------------- finding 3: bounds
