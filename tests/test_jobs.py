@@ -332,6 +332,7 @@ def test_idempotency_key_replays_the_same_job_and_refuses_another_body(
     keyed = {**USER, "Idempotency-Key": "order-42", "Prefer": "respond-async"}
     first = client.post("/generate-batch", json=body, headers=keyed)
     assert first.status_code == 202 and "Idempotent-Replayed" not in first.headers
+    assert first.get_json()["cost_usd"] == 0.0  # nothing has run yet
     job_id = first.get_json()["id"]
     # Same key, same body (key order aside), while it runs: the same job, nothing new.
     reordered = dict(reversed(list(body.items())))
@@ -342,7 +343,10 @@ def test_idempotency_key_replays_the_same_job_and_refuses_another_body(
     assert second.headers["Location"] == f"/jobs/{job_id}"
     assert sum(second.get_json()["counts"].values()) == 2
     done = wait_terminal(client, job_id, USER)
-    assert done["state"] == "succeeded"
+    assert done["state"] == "succeeded" and done["cost_usd"] > 0
+    # An asynchronous replay after the end shows what the job cost, as GET /jobs/<id> does.
+    replayed = client.post("/generate-batch", json=body, headers=keyed)
+    assert replayed.status_code == 202 and replayed.get_json()["cost_usd"] == done["cost_usd"]
     # A synchronous replay after the end answers the finished job at once.
     third = client.post("/generate-batch", json=body,
                         headers={**USER, "Idempotency-Key": "order-42"})

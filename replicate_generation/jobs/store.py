@@ -101,6 +101,7 @@ class JobStore:
                 conn.execute(insert(job_items).values(state="queued", queued_at=now), items)
             created = load_job(conn, job.id)
         assert created is not None  # noqa: S101 - inserted in this transaction
+        created.cost_usd = 0.0  # nothing has run yet
         return created, True
 
     def _new_job(self, job: NewJob, owner: str, now: float, size: int) -> Executable:
@@ -364,6 +365,7 @@ def _keyed_job(conn: Connection, job: NewJob) -> JobRow | None:
     if existing.request_hash != job.request_hash:
         raise IdempotencyConflict(job.idempotency_key)
     existing.counts = count_items(conn, existing.id)
+    existing.cost_usd = job_cost(conn, existing.id)
     return existing
 
 
