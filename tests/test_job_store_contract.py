@@ -22,6 +22,7 @@ from sqlalchemy import create_engine, exc, text
 
 import pg_server
 from replicate_generation.errors import IdempotencyConflict, StoreUnavailable
+from replicate_generation.jobs.keys import KeyNameTaken
 from replicate_generation.jobs.migrations import migrate
 from replicate_generation.jobs.rows import CANCEL_UNCONFIRMED, ItemOutcome, NewItem, NewJob
 from replicate_generation.jobs.schema import database_url, open_engine
@@ -30,8 +31,9 @@ from replicate_generation.sqlite_db import patient_writes
 from shared_backends import missing
 
 SHARED_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-HEAD = "0003_record_bytes"
-TABLES = ("job_files", "job_values", "job_items", "jobs", "job_workers")
+HEAD = "0004_issued_keys"
+TABLES = ("job_files", "job_values", "job_items", "jobs", "job_workers", "api_keys",
+          "audit_log")
 OK = ItemOutcome(state="succeeded", model_used="flux-dev")
 
 # The schema as the store made it before migrations (CREATE TABLE IF NOT EXISTS, no
@@ -704,3 +706,89 @@ def test_a_forked_child_opens_its_own_connections_and_leaves_the_parents_alone(
     store.owners.heartbeat("w", 2.0)
     assert store.owners.claim_orphans("x", ["acct_a"], 2.0, 30.0) == []
     assert store.state_counts()[0] == {"queued": 1}
+
+
+# --------------------------------------------------------------------------- issued keys
+
+
+def test_a_minted_key_opens_with_its_secret_only_and_keeps_no_copy_of_it(
+        open_store: Callable[[], JobStore], target: str) -> None:
+    store = open_store()
+    key, secret = store.keys.mint({"name": "renderer", "models": ["flux-dev"]}, now=100.0)
+    assert secret.startswith("rgk_") and len(secret) > 40
+    assert key.prefix == secret[:10] and key.models == ("flux-dev",) and key.weight == 1.0
+    other = open_store()  # another process's view
+    assert other.keys.authenticate(secret, now=101.0) == key
+    assert other.keys.authenticate(secret[:-1] + "x", now=101.0) is None
+    engine = open_engine(target)
+    with engine.connect() as conn:
+        stored = repr(conn.execute(text("SELECT * FROM api_keys")).all())
+    engine.dispose()
+    assert secret not in stored and secret[10:] not in stored
+
+
+def test_a_live_name_belongs_to_one_key(store: JobStore) -> None:
+    first, _ = store.keys.mint({"name": "svc"}, now=1.0)
+    with pytest.raises(KeyNameTaken):
+        store.keys.mint({"name": "svc"}, now=2.0)
+    second, _ = store.keys.mint({"name": "svc-2"}, now=2.0)
+    with pytest.raises(KeyNameTaken):
+        store.keys.update(second.id, {"name": "svc"}, now=3.0)
+    assert store.keys.revoke(first.id, now=4.0) is not None
+    assert store.keys.mint({"name": "svc"}, now=5.0)[0].name == "svc"  # a revoked name is free
+
+
+def test_revoked_and_expired_keys_open_nothing(open_store: Callable[[], JobStore]) -> None:
+    store, other = open_store(), open_store()
+    key, secret = store.keys.mint({"name": "a", "expires_at": 50.0}, now=1.0)
+    assert other.keys.authenticate(secret, now=49.0) is not None
+    assert other.keys.authenticate(secret, now=50.0) is None
+    live, live_secret = store.keys.mint({"name": "b"}, now=1.0)
+    assert store.keys.revoke(live.id, now=2.0) is not None
+    assert other.keys.authenticate(live_secret, now=2.0) is None
+    assert store.keys.revoke(live.id, now=3.0) is None  # already revoked
+    assert store.keys.update(live.id, {"weight": 2.0}, now=3.0) is None
+
+
+def test_a_rotated_key_accepts_its_old_secret_for_the_grace_only(store: JobStore) -> None:
+    key, old = store.keys.mint({"name": "a"}, now=1.0)
+    rotated = store.keys.rotate(key.id, grace_seconds=60.0, now=10.0)
+    assert rotated is not None
+    after, new = rotated
+    assert new != old and after.prefix == new[:10] and after.previous_until == 70.0
+    assert store.keys.authenticate(new, now=11.0) == after
+    assert store.keys.authenticate(old, now=69.0) == after
+    assert store.keys.authenticate(old, now=70.0) is None
+    again = store.keys.rotate(key.id, grace_seconds=0, now=80.0)
+    assert again is not None and store.keys.authenticate(new, now=80.0) is None
+    assert store.keys.revoke(key.id, now=90.0) is not None
+    assert store.keys.rotate(key.id, grace_seconds=5, now=91.0) is None
+
+
+def test_an_issued_keys_jobs_and_idempotency_keys_are_its_own(store: JobStore) -> None:
+    mine = NewJob(id="j1", account="acct", kind="batch", request_id="r1",
+                  items=[NewItem(spec={"n": 0})], idempotency_key="k1/same", request_hash="h",
+                  key_id="k1")
+    theirs = NewJob(id="j2", account="acct", kind="batch", request_id="r2",
+                    items=[NewItem(spec={"n": 0})], idempotency_key="k2/same",
+                    request_hash="h", key_id="k2")
+    assert store.create(mine, "w", 1.0)[1] and store.create(theirs, "w", 2.0)[1]
+    assert [j.id for j in store.list_jobs("acct", 10, key_id="k1")] == ["j1"]
+    assert [j.id for j in store.list_jobs("acct", 10)] == ["j2", "j1"]
+    job = store.get("j1")
+    assert job is not None and job.key_id == "k1"
+    forged = NewJob(id="j3", account="acct", kind="batch", request_id="r3",
+                    items=[NewItem(spec={"n": 0})], idempotency_key="k1/same",
+                    request_hash="h", key_id="k2")
+    with pytest.raises(IdempotencyConflict):
+        store.create(forged, "w", 3.0)
+
+
+def test_the_audit_log_reads_newest_first_in_pages(store: JobStore) -> None:
+    for i in range(5):
+        store.audit.append("admin", "key.minted", f"key_{i}", {"name": f"n{i}"}, now=float(i))
+    first = store.audit.newest(2)
+    assert [r["target"] for r in first] == ["key_4", "key_3"]
+    assert first[0]["details"] == {"name": "n4"} and first[0]["actor"] == "admin"
+    assert [r["target"] for r in store.audit.newest(10, before=first[-1]["id"])] == [
+        "key_2", "key_1", "key_0"]

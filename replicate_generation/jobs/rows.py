@@ -42,6 +42,8 @@ class NewJob:
     webhook_url: str | None = None
     webhook_private: bool = False
     origin: str = "service"
+    # The issued key that submits it (None for the admin key and a user's own token).
+    key_id: str | None = None
 
 
 @dataclass
@@ -95,6 +97,7 @@ class JobRow:
     fence: int = 0
     # The items' total cost, set where a job is shown without its items (GET /jobs).
     cost_usd: float | None = None
+    key_id: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -120,7 +123,7 @@ JOB_COLUMNS = [jobs.c[name] for name in (
     "id", "account", "kind", "state", "request_id", "item_count", "owner", "created_at",
     "started_at", "finished_at", "cancel_requested_at", "idempotency_key", "request_hash",
     "webhook_url", "webhook_private", "webhook_state", "webhook_attempts", "webhook_next_at",
-    "webhook_error", "fence")]
+    "webhook_error", "fence", "key_id")]
 ITEM_COLUMNS = [job_items.c[name] for name in (
     "job_id", "idx", "spec", "state", "prediction_id", "prediction_model", "model_used",
     "attempts", "files", "error", "error_type", "cost_usd", "placeholder", "notes", "queued_at",
@@ -140,7 +143,7 @@ def job_row(row: Row[Any]) -> JobRow:
         request_hash=r["request_hash"], webhook_url=r["webhook_url"],
         webhook_private=bool(r["webhook_private"]), webhook_state=r["webhook_state"],
         webhook_attempts=int(r["webhook_attempts"]), webhook_next_at=r["webhook_next_at"],
-        webhook_error=r["webhook_error"], fence=int(r["fence"]))
+        webhook_error=r["webhook_error"], fence=int(r["fence"]), key_id=r["key_id"])
 
 
 def item_row(row: Row[Any], values: dict[str, str]) -> ItemRow:

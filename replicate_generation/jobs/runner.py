@@ -72,6 +72,8 @@ class Submission:
     request_hash: str | None = None
     webhook_url: str | None = None
     webhook_private: bool = False
+    # The issued key submitting it: its jobs and Idempotency-Keys are its own.
+    key_id: str | None = None
 
 
 class JobRunner:
@@ -150,9 +152,10 @@ class JobRunner:
                      kind=submission.kind, request_id=request_id,
                      items=[NewItem(spec={**t.to_record(), "http_request_id": current_request_id()})
                             for t in submission.tasks],
-                     idempotency_key=submission.idempotency_key,
+                     idempotency_key=_scoped(submission.idempotency_key, submission.key_id),
                      request_hash=submission.request_hash, webhook_url=submission.webhook_url,
-                     webhook_private=submission.webhook_private, origin=self.origin)
+                     webhook_private=submission.webhook_private, origin=self.origin,
+                     key_id=submission.key_id)
         job, created = self.store.create(new, self.worker_id, self._clock(),
                                          bounds=bounds_for(self.settings, token))
         if created:
@@ -435,3 +438,10 @@ def _status_of(check: Callable[[], None]) -> str:
     except StoreUnavailable as exc:
         return f"unavailable: {exc}"
     return "ok"
+
+
+def _scoped(idempotency_key: str | None, key_id: str | None) -> str | None:
+    """An issued key's Idempotency-Keys never meet another caller's on the same account."""
+    if idempotency_key is None or key_id is None:
+        return idempotency_key
+    return f"{key_id}/{idempotency_key}"

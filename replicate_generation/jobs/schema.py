@@ -68,6 +68,8 @@ jobs = Table(
     Column("fence", Integer, nullable=False, server_default=text("0")),
     # The bytes its items and shared values took when stored: what the account's bound counts.
     Column("record_bytes", BigInteger, nullable=False, server_default=text("0")),
+    # The issued key that submitted it: such a job is that key's alone to see.
+    Column("key_id", Text),
 )
 _OPEN = jobs.c.state.in_(["queued", "running"])
 Index("jobs_idempotency", jobs.c.account, jobs.c.idempotency_key, unique=True,
@@ -78,6 +80,8 @@ Index("jobs_by_account", jobs.c.account, jobs.c.created_at.desc(), jobs.c.id.des
 Index("jobs_usage", jobs.c.account, jobs.c.record_bytes)
 # Retention finds the jobs past it without reading every job.
 Index("jobs_finished", jobs.c.finished_at)
+Index("jobs_by_key", jobs.c.key_id, jobs.c.created_at.desc(), jobs.c.id.desc(),
+      sqlite_where=jobs.c.key_id.is_not(None), postgresql_where=jobs.c.key_id.is_not(None))
 Index("jobs_open", jobs.c.state, sqlite_where=_OPEN, postgresql_where=_OPEN)
 Index("jobs_webhooks", jobs.c.webhook_next_at,
       sqlite_where=jobs.c.webhook_state == "pending",
@@ -123,6 +127,43 @@ job_workers = Table(
     "job_workers", metadata,
     Column("id", Text, primary_key=True),
     Column("heartbeat_at", Double, nullable=False),
+)
+
+# Keys the admin issues to internal services; the secret is kept only as its SHA-256.
+api_keys = Table(
+    "api_keys", metadata,
+    Column("id", Text, primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("secret_hash", Text, nullable=False, unique=True),
+    Column("prefix", Text, nullable=False),
+    # The secret before the last rotation, accepted until previous_until.
+    Column("previous_hash", Text, unique=True),
+    Column("previous_until", Double),
+    Column("budget_usd", Double),
+    Column("budget_period", Text),
+    Column("max_concurrent", Integer),
+    Column("weight", Double, nullable=False, server_default=text("1")),
+    Column("models", Text),
+    Column("expires_at", Double),
+    Column("created_at", Double, nullable=False),
+    Column("updated_at", Double, nullable=False),
+    Column("rotated_at", Double),
+    Column("revoked_at", Double),
+)
+_LIVE_KEY = api_keys.c.revoked_at.is_(None)
+# A name belongs to one live key: the ledger and the audit log name keys by it.
+Index("api_keys_live_name", api_keys.c.name, unique=True,
+      sqlite_where=_LIVE_KEY, postgresql_where=_LIVE_KEY)
+
+# Who changed what, appended only: keys, limits, admin cancels.
+audit_log = Table(
+    "audit_log", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Double, nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("action", Text, nullable=False),
+    Column("target", Text),
+    Column("details", Text, nullable=False, server_default="{}"),
 )
 
 # What readiness writes (on SQLite the probe makes it itself, as the limit store's does).

@@ -22,7 +22,9 @@ from sqlalchemy import (
 )
 
 from replicate_generation.errors import IdempotencyConflict
+from replicate_generation.jobs.audit import AuditLog
 from replicate_generation.jobs.database import JobDatabase
+from replicate_generation.jobs.keys import IssuedKeys
 from replicate_generation.jobs.outbox import WebhookOutbox
 from replicate_generation.jobs.owners import Owners
 from replicate_generation.jobs.retention import AccountBounds, Retention, check_room, record_size
@@ -59,7 +61,7 @@ IntentOutcome = Literal["stored", "canceled", "ended", "not_ours"]
 class JobStore:
     """Jobs and their items, on SQLite or PostgreSQL; times are wall-clock seconds from the caller.
 
-    `owners`, `outbox` and `retention` share its connections (`JobDatabase`).
+    `owners`, `outbox`, `retention`, `keys` and `audit` share its connections (`JobDatabase`).
     """
 
     def __init__(self, target: str) -> None:
@@ -67,6 +69,8 @@ class JobStore:
         self.owners = Owners(self.db)
         self.outbox = WebhookOutbox(self.db)
         self.retention = Retention(self.db)
+        self.keys = IssuedKeys(self.db)
+        self.audit = AuditLog(self.db)
 
     def close(self) -> None:
         """Close the pooled connections (the store opens new ones if used again)."""
@@ -110,7 +114,7 @@ class JobStore:
             request_id=job.request_id, item_count=len(job.items), owner=owner, created_at=now,
             idempotency_key=job.idempotency_key, request_hash=job.request_hash,
             webhook_url=job.webhook_url, webhook_private=int(job.webhook_private), fence=1,
-            record_bytes=size,
+            record_bytes=size, key_id=job.key_id,
         ).on_conflict_do_nothing(index_elements=[jobs.c.account, jobs.c.idempotency_key],
                                  index_where=jobs.c.idempotency_key.is_not(None),
                                  ).returning(jobs.c.id)
@@ -145,12 +149,16 @@ class JobStore:
             return item_row(row, values_of(conn, job_id, row)) if row is not None else None
 
     def list_jobs(self, account: str | None, limit: int,
-                  after: tuple[float, str] | None = None) -> list[JobRow]:
-        """Newest first; `after` is the (created_at, id) of the last job of the previous page."""
+                  after: tuple[float, str] | None = None, *,
+                  key_id: str | None = None) -> list[JobRow]:
+        """Newest first; `after` is the (created_at, id) of the last job of the previous page;
+        with `key_id`, only that issued key's jobs."""
         query = (select(*JOB_COLUMNS).order_by(jobs.c.created_at.desc(), jobs.c.id.desc())
                  .limit(limit))
         if account is not None:
             query = query.where(jobs.c.account == account)
+        if key_id is not None:
+            query = query.where(jobs.c.key_id == key_id)
         if after is not None:
             query = query.where(or_(jobs.c.created_at < after[0], and_(
                 jobs.c.created_at == after[0], jobs.c.id < after[1])))
@@ -362,7 +370,7 @@ def _keyed_job(conn: Connection, job: NewJob) -> JobRow | None:
     if row is None:
         return None
     existing = job_row(row)
-    if existing.request_hash != job.request_hash:
+    if existing.request_hash != job.request_hash or existing.key_id != job.key_id:
         raise IdempotencyConflict(job.idempotency_key)
     existing.counts = count_items(conn, existing.id)
     existing.cost_usd = job_cost(conn, existing.id)
