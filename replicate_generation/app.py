@@ -23,9 +23,10 @@ from replicate_generation.http.auth import (
 )
 from replicate_generation.http.errors import Answer, ApiError
 from replicate_generation.http.inputs import int_arg, json_object
+from replicate_generation.http.keys import audit, keys_bp
 from replicate_generation.http.limit_fields import overrides_from
 from replicate_generation.http.logs import configure_logging
-from replicate_generation.jobs.notifier import webhook_secret
+from replicate_generation.jobs.notifier import webhook_scope, webhook_secret
 from replicate_generation.jobs.runner import JobRunner, output_path
 from replicate_generation.models import schema_fetch
 from replicate_generation.models.catalogue import MODELS
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(bp)
     ops.register(app, responses.VERSION)
     app.register_blueprint(extras)
+    app.register_blueprint(keys_bp)
     web.register(app, settings)
     observability.init_app(app)
     errors.register(app)
@@ -112,6 +114,7 @@ def configure() -> Response:
     manager = context.generator().manager
     manager.configure_fields(changes)
     log.info("limit overrides changed: %s", changes)
+    audit("limits.configured", None, dict(changes))
     return jsonify(responses.configuration(manager, "Concurrency settings updated"))
 
 
@@ -122,6 +125,7 @@ def clear_configuration() -> Response:
     manager = context.generator().manager
     manager.clear_configuration()
     log.info("limit overrides cleared")
+    audit("limits.cleared", None, {})
     return jsonify(responses.configuration(
         manager, "Overrides cleared; the environment's limits apply"))
 
@@ -163,7 +167,8 @@ def list_jobs() -> Response:
         last = owned_job(after)
         cursor = (last.created_at, last.id)
     account = None if g.caller.admin else g.caller.account
-    jobs = context.runner().store.list_jobs(account, limit + 1, cursor)
+    key_id = g.caller.key.id if g.caller.key is not None else None
+    jobs = context.runner().store.list_jobs(account, limit + 1, cursor, key_id=key_id)
     return jsonify(responses.job_page(jobs, limit))
 
 
@@ -181,6 +186,8 @@ def cancel_job(job_id: str) -> Response:
     job = owned_job(job_id)
     runner = context.runner()
     updated = runner.cancel(job.id) or job
+    if g.caller.admin:
+        audit("job.canceled", job.id, {"account": job.account[:12]})
     return jsonify(responses.full_job(runner, updated))
 
 
@@ -206,7 +213,8 @@ def webhook_signing_secret() -> Response:
     key = context.settings().webhook_signing_key
     if not key:
         raise ApiError(404, "Webhooks are not enabled on this server")
-    return jsonify(secret=webhook_secret(key, account_of(g.caller)),
+    scope = webhook_scope(account_of(g.caller), g.caller.key.id if g.caller.key else None)
+    return jsonify(secret=webhook_secret(key, scope),
                    scheme="Standard Webhooks (HMAC-SHA256)")
 
 

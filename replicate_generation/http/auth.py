@@ -1,12 +1,14 @@
-"""Who is calling: the admin key (checked in constant time) or a user's Replicate token (checked
-with Replicate before anything is stored for it), the role a route needs, the token that pays for
-the work, and which jobs the caller may see."""
+"""Who is calling: the admin key (checked in constant time), a key the admin issued (looked up by
+its hash on every request, so a revoke holds at once), or a user's Replicate token (checked with
+Replicate before anything is stored for it); the role a route needs, the token that pays for the
+work, and which jobs the caller may see."""
 
 from __future__ import annotations
 
 import hmac
 import math
 import re
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from replicate_generation.clients import account_key
 from replicate_generation.errors import TokenUnverified
 from replicate_generation.http import context
 from replicate_generation.http.errors import ApiError
+from replicate_generation.jobs.keys import IssuedKey, looks_issued
 from replicate_generation.jobs.rows import JobRow
 from replicate_generation.models.schema_fetch import Resolver, resolving
 from replicate_generation.settings import Settings
@@ -31,14 +34,24 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is calling and whose Replicate account pays."""
+    """Who is calling and whose Replicate account pays (the server's for an issued key)."""
 
     admin: bool
     token: str | None
+    key: IssuedKey | None = None
 
     @property
     def account(self) -> str | None:
         return account_key(self.token) if self.token else None
+
+    @property
+    def name(self) -> str:
+        """Who this is in the audit log and the ledger: never a secret."""
+        if self.admin:
+            return "admin"
+        if self.key is not None:
+            return self.key.name
+        return f"token:{self.account[:12]}" if self.account else "token"
 
 
 def same_secret(given: str, expected: str | None) -> bool:
@@ -54,7 +67,15 @@ def token_shaped(token: str) -> bool:
 
 
 def has_key() -> bool:
-    return "X-Admin-API-Key" in request.headers or "X-Replicate-API-Key" in request.headers
+    return any(name in request.headers for name in (
+        "X-Admin-API-Key", "X-Replicate-API-Key", "X-API-Key")) or _bearer_key() is not None
+
+
+def _bearer_key() -> str | None:
+    """An issued key sent as `Authorization: Bearer rgk_...` (other schemes are not ours)."""
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    value = value.strip()
+    return value if scheme.lower() == "bearer" and looks_issued(value) else None
 
 
 def resolve_caller(settings: Settings) -> Caller:
@@ -64,11 +85,25 @@ def resolve_caller(settings: Settings) -> Caller:
         if not same_secret(admin_key, settings.admin_api_key):
             raise ApiError(401, AUTH_MESSAGE)
         return Caller(admin=True, token=settings.replicate_api_token)
+    issued = request.headers.get("X-API-Key", _bearer_key())
+    if issued is not None:
+        return Caller(admin=False, token=settings.replicate_api_token, key=_issued_key(issued))
     user_token = request.headers.get("X-Replicate-API-Key")
     if user_token is not None and token_shaped(user_token):
         verify_user_token(user_token)
         return Caller(admin=False, token=user_token)
     raise ApiError(401, AUTH_MESSAGE)
+
+
+def _issued_key(secret: str) -> IssuedKey:
+    """The live issued key this secret opens, else 401 (revoked, expired, rotated out, unknown)."""
+    key = None
+    if token_shaped(secret) and looks_issued(secret):
+        key = context.runner().store.keys.authenticate(secret, time.time())
+    if key is None:
+        raise ApiError(401, "This API key is not valid (unknown, revoked, expired or rotated "
+                       "out)")
+    return key
 
 
 def verify_user_token(token: str) -> None:
@@ -91,7 +126,7 @@ def require_key(role: str = "any") -> Callable[[F], F]:
             if role == "admin" and not caller.admin:
                 raise ApiError(403, "This route needs the admin key (X-Admin-API-Key)")
             g.caller = caller
-            if caller.token is not None and not caller.admin:
+            if caller.token is not None and not caller.admin and caller.key is None:
                 # A user's orphaned jobs can resume once their token is known again.
                 context.runner().accounts.remember(caller.token)
             return view(*args, **kwargs)
@@ -134,6 +169,10 @@ def owned_job(job_id: str) -> JobRow:
 
 
 def may_see(job: JobRow) -> bool:
+    """The admin sees every job, an issued key its own, a user token its account's."""
     caller: Caller = g.caller
-    return caller.admin or (caller.account is not None and hmac.compare_digest(
-        caller.account, job.account))
+    if caller.admin:
+        return True
+    if caller.key is not None:
+        return job.key_id == caller.key.id
+    return caller.account is not None and hmac.compare_digest(caller.account, job.account)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from flask import g, jsonify, request
@@ -34,10 +35,10 @@ def submit(kind: str, body: dict[str, Any], parsed: Parsed, shape: Shape) -> Ans
         return jsonify(estimate(parsed.tasks)), 200, {}
     token = paying_token(g.caller)
     submission = Submission(
-        kind=kind, tasks=parsed.tasks, idempotency_key=_idempotency_key(),
+        kind=kind, tasks=key_tasks(parsed.tasks), idempotency_key=_idempotency_key(),
         request_hash=request_hash(request.path, body),
         webhook_url=_webhook_target(parsed.options.webhook),
-        webhook_private=g.caller.admin)
+        webhook_private=g.caller.admin, key_id=_key_id())
     runner = context.runner()
     try:
         job, created = runner.submit(token, submission)
@@ -71,10 +72,37 @@ def retry(job: JobRow) -> Answer:
         raise ApiError(409, "This job has no failed item to retry")
     with other_models():
         tasks = [_revalidated(index, item) for index, item in enumerate(failed)]
-    new_job, _ = runner.submit(paying_token(g.caller), Submission(kind=job.kind, tasks=tasks))
+    new_job, _ = runner.submit(paying_token(g.caller),
+                               Submission(kind=job.kind, tasks=key_tasks(tasks), key_id=_key_id()))
     body = job_body(new_job)
     body["retry_of"] = job.id
     return jsonify(body), 202, {"Location": f"/jobs/{new_job.id}"}
+
+
+def key_tasks(tasks: list[Task]) -> list[Task]:
+    """The tasks as the caller's issued key may run them: 403 for a model it may not run,
+    fallbacks to such models left out."""
+    key = g.caller.key
+    if key is None or key.models is None:
+        return tasks
+    allowed = key.models
+    for task in tasks:
+        if not _key_allows(allowed, task.spec.id, task.spec.ref):
+            raise ApiError(403, f"This API key may not run {task.spec.id}; it may run: "
+                           f"{', '.join(allowed)}", field="model_name",
+                           error_type="model_not_allowed")
+    return [replace(task, chain=tuple(m for m in task.chain if _key_allows(allowed, m.id, m.ref)))
+            for task in tasks]
+
+
+def _key_allows(allowed: tuple[str, ...], model_id: str, ref: str) -> bool:
+    """By curated name, owner/name, or a pinned owner/name:version."""
+    unpinned = model_id.split(":", 1)[0]
+    return any(name in allowed for name in (model_id, ref, unpinned))
+
+
+def _key_id() -> str | None:
+    return g.caller.key.id if g.caller.key is not None else None
 
 
 def _revalidated(index: int, item: ItemRow) -> Task:

@@ -50,8 +50,9 @@ class WebhookNotifier:
             return False
         payload = job_with_items(job, self._store.items(job.id), settings.output_dir)
         attempt = job.webhook_attempts + 1
+        secret = webhook_secret(key, webhook_scope(job.account, job.key_id))
         result = webhooks.deliver(
-            job.webhook_url, payload, secret=webhook_secret(key, job.account),
+            job.webhook_url, payload, secret=secret,
             msg_id=f"msg_{job.id}", allow_private=job.webhook_private,
             allowed=settings.egress_allow_private, timeout=settings.webhook_timeout_seconds)
         if result.ok:
@@ -69,6 +70,11 @@ class WebhookNotifier:
         log.info("webhook for job %s failed (attempt %d, %s); next in %.1fs", job.id, attempt,
                  result.error, pause)
         return True
+
+
+def webhook_scope(account: str, key_id: str | None) -> str:
+    """Whose secret signs a job's webhooks: its issued key's own, else its account's."""
+    return account if key_id is None else f"{account}/key:{key_id}"
 
 
 def webhook_secret(signing_key: str, account: str) -> str:
