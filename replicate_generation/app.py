@@ -26,6 +26,7 @@ from replicate_generation.http.inputs import int_arg, json_object
 from replicate_generation.http.keys import audit, keys_bp
 from replicate_generation.http.limit_fields import overrides_from
 from replicate_generation.http.logs import configure_logging
+from replicate_generation.http.usage import usage_bp
 from replicate_generation.jobs.notifier import webhook_scope, webhook_secret
 from replicate_generation.jobs.runner import JobRunner, output_path
 from replicate_generation.models import schema_fetch
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     ops.register(app, responses.VERSION)
     app.register_blueprint(extras)
     app.register_blueprint(keys_bp)
+    app.register_blueprint(usage_bp)
     web.register(app, settings)
     observability.init_app(app)
     errors.register(app)

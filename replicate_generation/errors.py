@@ -186,3 +186,18 @@ class AccountStoreFull(Exception):
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
+
+
+class BudgetExceeded(Exception):
+    """A request whose most possible cost does not fit what is left of the caller's budget
+    (402); nothing was stored or created."""
+
+    def __init__(self, *, budget_usd: float, period: str, remaining_usd: float,
+                 required_usd: float | None) -> None:
+        needed = "an unknown cost" if required_usd is None else f"up to ${required_usd:g}"
+        super().__init__(f"This request may cost {needed}, and ${remaining_usd:g} of this key's "
+                         f"${budget_usd:g} {period} budget is left")
+        self.budget_usd = budget_usd
+        self.period = period
+        self.remaining_usd = remaining_usd
+        self.required_usd = required_usd

@@ -63,6 +63,18 @@ class Task:
     def model_requested(self) -> ModelSpec:
         return self.requested or self.spec
 
+    def max_cost_usd(self) -> float | None:
+        """The most it may cost: its model and every fallback, as if each were billed; None for
+        a non-curated model (no price is known)."""
+        if not all(spec.curated for spec in (self.spec, *self.chain)):
+            return None
+        total = estimate_cost(self.spec, self.input)
+        for spec in self.chain:
+            mapped = fallback_input(self.spec, self.input, spec)
+            if mapped is not None:
+                total += estimate_cost(spec, mapped[0])
+        return round(total, 6)
+
     def to_record(self) -> dict[str, object]:
         """What the job store keeps of the task (plain JSON; models by id, a non-curated
         model by its `owner/name(:version)`)."""
@@ -105,6 +117,7 @@ class TaskResult:
     cost_usd: float | None = None
     placeholder: bool = False
     notes: list[str] = field(default_factory=list)
+    billed_seconds: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -139,6 +152,7 @@ def execute(task: Task, token: str, rt: Runtime, dest_dir: Path, result: TaskRes
             continue
         result.error, result.model_used = None, spec
         result.files = [f.relative for f in generated.files]
+        result.billed_seconds = generated.billed_seconds
         if spec.curated:  # a non-curated model's cost is unknown: None, not a guess
             result.cost_usd = estimate_cost(spec, mapped)
             metrics.cost(spec.id, result.cost_usd)

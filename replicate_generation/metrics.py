@@ -63,6 +63,13 @@ WEBHOOK_DELIVERIES = Counter(
     "Webhook delivery attempts by outcome (delivered, retrying, failed).", ["outcome"])
 COST_USD = Counter(
     "replicate_generation_cost_usd", "Estimated cost of finished predictions in USD.", ["model"])
+# By caller: "admin", an issued key's name, or "user" (users' own tokens, never one label each).
+SPEND_USD = Counter(
+    "replicate_generation_spend_usd", "Settled cost of finished items in USD, by caller.",
+    ["caller", "model"])
+SPEND_PREDICTIONS = Counter(
+    "replicate_generation_spend_predictions",
+    "Finished items that made a prediction, by caller.", ["caller", "model"])
 
 # Replicate's API paths, as endpoint names; anything else counts as "other".
 _ENDPOINTS = (
@@ -129,6 +136,13 @@ def webhook_delivery(outcome: str) -> None:
 def cost(model: str, usd: float | None) -> None:
     if usd:
         COST_USD.labels(model).inc(usd)
+
+
+def spend(caller: str, model: str, usd: float | None) -> None:
+    """An item that made a prediction settled; `caller` is a name, never a secret."""
+    SPEND_PREDICTIONS.labels(caller, model).inc()
+    if usd:
+        SPEND_USD.labels(caller, model).inc(usd)
 
 
 # --------------------------------------------------------------------------- state

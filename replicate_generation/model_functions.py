@@ -108,6 +108,7 @@ class Generated:
     prediction_id: str
     files: list[SavedFile]
     attempts: list[Attempt] = field(default_factory=list)
+    billed_seconds: float | None = None  # Replicate's metrics.predict_time
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,8 @@ def generate(job: Job, rt: Runtime, attempts: list[Attempt] | None = None, *,
     if attempts:
         attempts[-1].status = "succeeded"
     files = _download(final, job, rt, deadline)
-    return Generated(prediction_id=final.id, files=files, attempts=attempts)
+    return Generated(prediction_id=final.id, files=files, attempts=attempts,
+                     billed_seconds=_billed_seconds(final))
 
 
 def _create(client: replicate.Client, job: Job, rt: Runtime, deadline: float,
@@ -435,6 +437,14 @@ def _past_deadline(client: replicate.Client, job: Job, rt: Runtime, prediction_i
         "deadline_exceeded",
         f"prediction {prediction_id} did not finish within {rt.task_timeout:g} s "
         "and was canceled", prediction_id=prediction_id)
+
+
+def _billed_seconds(prediction: Any) -> float | None:
+    """What Replicate bills the prediction for, when it says (metrics.predict_time)."""
+    seconds = (getattr(prediction, "metrics", None) or {}).get("predict_time")
+    if isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds >= 0:
+        return float(seconds)
+    return None
 
 
 def _poll_pause(rt: Runtime, since: float) -> float:

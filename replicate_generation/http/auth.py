@@ -23,6 +23,7 @@ from replicate_generation.http import context
 from replicate_generation.http.errors import ApiError
 from replicate_generation.jobs.keys import IssuedKey, looks_issued
 from replicate_generation.jobs.rows import JobRow
+from replicate_generation.jobs.spend import Budget
 from replicate_generation.models.schema_fetch import Resolver, resolving
 from replicate_generation.settings import Settings
 
@@ -143,6 +144,14 @@ def paying_token(caller: Caller) -> str:
                        "configured; call with X-Replicate-API-Key instead",
                        headers={"Retry-After": "60"})
     return caller.token
+
+
+def budget_of(caller: Caller) -> Budget | None:
+    """The issued key's budget, if it has one (the admin key and user tokens have none)."""
+    key = caller.key
+    if key is None or key.budget_usd is None:
+        return None
+    return Budget(key.id, key.budget_usd, key.budget_period or "month")
 
 
 def account_of(caller: Caller) -> str:

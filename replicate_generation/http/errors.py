@@ -13,6 +13,7 @@ from werkzeug.wrappers import Response as WerkzeugResponse
 
 from replicate_generation.errors import (
     AccountStoreFull,
+    BudgetExceeded,
     ExpandedRequestTooLarge,
     GenerationError,
     InvalidName,
@@ -68,6 +69,7 @@ def register(app: Flask) -> None:
     app.register_error_handler(ExpandedRequestTooLarge, _expanded_too_large)
     app.register_error_handler(SchemaUnavailable, _schema_unavailable)
     app.register_error_handler(AccountStoreFull, _account_store_full)
+    app.register_error_handler(BudgetExceeded, _budget_exceeded)
 
 
 def _api_error(exc: ApiError) -> Answer:
@@ -114,6 +116,14 @@ def _account_store_full(exc: AccountStoreFull) -> Answer:
     headers = {"Retry-After": str(math.ceil(exc.retry_after))} if exc.retry_after else {}
     return (jsonify(error_body(str(exc), error_type="account_store_full")), exc.status,
             headers)
+
+
+def _budget_exceeded(exc: BudgetExceeded) -> Answer:
+    """402: the request's most possible cost does not fit the key's budget; nothing stored."""
+    return (jsonify(error_body(str(exc), error_type="budget_exceeded",
+                               budget_usd=exc.budget_usd, budget_period=exc.period,
+                               remaining_usd=exc.remaining_usd,
+                               required_usd=exc.required_usd)), 402, {})
 
 
 def _expanded_too_large(exc: ExpandedRequestTooLarge) -> Answer:

@@ -9,7 +9,7 @@ from typing import Any
 from flask import Blueprint, Response, g, jsonify, request
 
 from replicate_generation.http import context
-from replicate_generation.http.auth import require_key
+from replicate_generation.http.auth import Caller, budget_of, require_key
 from replicate_generation.http.errors import Answer, ApiError
 from replicate_generation.http.inputs import int_arg, json_object
 from replicate_generation.http.key_fields import grace_seconds, iso, key_body, key_fields
@@ -35,7 +35,7 @@ def mint_key() -> Answer:
         raise ApiError(409, f"A live key is already named {fields['name']!r}",
                        field="name") from None
     audit("key.minted", key.id, _shown(fields))
-    return jsonify(key_body(key, now, secret)), 201, {"Location": f"/keys/{key.id}"}
+    return jsonify(_body(key, now, secret)), 201, {"Location": f"/keys/{key.id}"}
 
 
 @keys_bp.get("/keys")
@@ -44,13 +44,13 @@ def list_keys() -> Response:
     """Every issued key, revoked ones included, oldest first (never their secrets)."""
     now = time.time()
     keys = context.runner().store.keys.list()
-    return jsonify(object="list", data=[key_body(key, now) for key in keys])
+    return jsonify(object="list", data=[_body(key, now) for key in keys])
 
 
 @keys_bp.get("/keys/<key_id>")
 @require_key("admin")
 def get_key(key_id: str) -> Response:
-    return jsonify(key_body(_existing(key_id), time.time()))
+    return jsonify(_body(_existing(key_id), time.time()))
 
 
 @keys_bp.patch("/keys/<key_id>")
@@ -68,7 +68,7 @@ def change_key(key_id: str) -> Response:
     if key is None:
         raise ApiError(409, "This key is revoked; mint a new one")
     audit("key.changed", key.id, _shown(fields))
-    return jsonify(key_body(key, now))
+    return jsonify(_body(key, now))
 
 
 @keys_bp.post("/keys/<key_id>/rotate")
@@ -83,7 +83,7 @@ def rotate_key(key_id: str) -> Response:
         raise ApiError(409, "This key is revoked; mint a new one")
     key, secret = rotated
     audit("key.rotated", key.id, {"grace_seconds": grace})
-    return jsonify(key_body(key, now, secret))
+    return jsonify(_body(key, now, secret))
 
 
 @keys_bp.delete("/keys/<key_id>")
@@ -95,7 +95,7 @@ def revoke_key(key_id: str) -> Response:
     key = context.runner().store.keys.revoke(key_id, now)
     if key is not None:
         audit("key.revoked", key.id, {"name": key.name})
-    return jsonify(key_body(key or existing, now))
+    return jsonify(_body(key or existing, now))
 
 
 @keys_bp.get("/audit")
@@ -110,6 +110,17 @@ def audit_log() -> Response:
     for record in page:
         record["at"] = iso(record["at"])
     return jsonify(object="list", data=page, has_more=len(records) > limit)
+
+
+def _body(key: IssuedKey, now: float, secret: str | None = None) -> dict[str, Any]:
+    """The key's JSON with what it spent this period and has left, when it has a budget."""
+    body = key_body(key, now, secret)
+    budget = budget_of(Caller(admin=False, token=None, key=key))
+    if budget is not None:
+        spent = context.runner().store.spend.used(budget, now)
+        body["spent_usd"] = spent
+        body["remaining_usd"] = round(max(0.0, budget.limit_usd - spent), 6)
+    return body
 
 
 def _existing(key_id: str) -> IssuedKey:

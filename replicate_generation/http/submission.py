@@ -14,7 +14,7 @@ from flask import g, jsonify, request
 from replicate_generation.errors import IdempotencyConflict, InvalidRequest
 from replicate_generation.generation import Task
 from replicate_generation.http import context
-from replicate_generation.http.auth import other_models, paying_token
+from replicate_generation.http.auth import budget_of, other_models, paying_token
 from replicate_generation.http.errors import Answer, ApiError
 from replicate_generation.jobs import webhooks
 from replicate_generation.jobs.bodies import item_body, job_body
@@ -38,7 +38,8 @@ def submit(kind: str, body: dict[str, Any], parsed: Parsed, shape: Shape) -> Ans
         kind=kind, tasks=key_tasks(parsed.tasks), idempotency_key=_idempotency_key(),
         request_hash=request_hash(request.path, body),
         webhook_url=_webhook_target(parsed.options.webhook),
-        webhook_private=g.caller.admin, key_id=_key_id())
+        webhook_private=g.caller.admin, key_id=_key_id(), caller=g.caller.name,
+        budget=budget_of(g.caller))
     runner = context.runner()
     try:
         job, created = runner.submit(token, submission)
@@ -72,8 +73,9 @@ def retry(job: JobRow) -> Answer:
         raise ApiError(409, "This job has no failed item to retry")
     with other_models():
         tasks = [_revalidated(index, item) for index, item in enumerate(failed)]
-    new_job, _ = runner.submit(paying_token(g.caller),
-                               Submission(kind=job.kind, tasks=key_tasks(tasks), key_id=_key_id()))
+    new_job, _ = runner.submit(paying_token(g.caller), Submission(
+        kind=job.kind, tasks=key_tasks(tasks), key_id=_key_id(), caller=g.caller.name,
+        budget=budget_of(g.caller)))
     body = job_body(new_job)
     body["retry_of"] = job.id
     return jsonify(body), 202, {"Location": f"/jobs/{new_job.id}"}

@@ -28,6 +28,8 @@ class NewItem:
     """What an item will run: the serialised plan (models, input, names); opaque to the store."""
 
     spec: dict[str, Any]
+    # The most it may cost with its fallbacks (None: unknown), held against a budget while open.
+    reserved_usd: float | None = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class NewJob:
     origin: str = "service"
     # The issued key that submits it (None for the admin key and a user's own token).
     key_id: str | None = None
+    # Who submits it, as the ledger names callers.
+    caller: str | None = None
 
 
 @dataclass
@@ -98,6 +102,7 @@ class JobRow:
     # The items' total cost, set where a job is shown without its items (GET /jobs).
     cost_usd: float | None = None
     key_id: str | None = None
+    caller: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -117,13 +122,15 @@ class ItemOutcome:
     cost_usd: float | None = None
     placeholder: bool = False
     notes: list[str] = field(default_factory=list)
+    # What Replicate billed the last prediction for (its metrics.predict_time).
+    billed_seconds: float | None = None
 
 
 JOB_COLUMNS = [jobs.c[name] for name in (
     "id", "account", "kind", "state", "request_id", "item_count", "owner", "created_at",
     "started_at", "finished_at", "cancel_requested_at", "idempotency_key", "request_hash",
     "webhook_url", "webhook_private", "webhook_state", "webhook_attempts", "webhook_next_at",
-    "webhook_error", "fence", "key_id")]
+    "webhook_error", "fence", "key_id", "caller")]
 ITEM_COLUMNS = [job_items.c[name] for name in (
     "job_id", "idx", "spec", "state", "prediction_id", "prediction_model", "model_used",
     "attempts", "files", "error", "error_type", "cost_usd", "placeholder", "notes", "queued_at",
@@ -143,7 +150,8 @@ def job_row(row: Row[Any]) -> JobRow:
         request_hash=r["request_hash"], webhook_url=r["webhook_url"],
         webhook_private=bool(r["webhook_private"]), webhook_state=r["webhook_state"],
         webhook_attempts=int(r["webhook_attempts"]), webhook_next_at=r["webhook_next_at"],
-        webhook_error=r["webhook_error"], fence=int(r["fence"]), key_id=r["key_id"])
+        webhook_error=r["webhook_error"], fence=int(r["fence"]), key_id=r["key_id"],
+        caller=r["caller"])
 
 
 def item_row(row: Row[Any], values: dict[str, str]) -> ItemRow:

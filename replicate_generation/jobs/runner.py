@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from replicate_generation import metrics
 from replicate_generation.backends import job_store_target, jobs_backend, limits_backend
 from replicate_generation.clients import account_key
 from replicate_generation.errors import (
@@ -42,6 +43,7 @@ from replicate_generation.jobs.rows import (
     NewItem,
     NewJob,
 )
+from replicate_generation.jobs.spend import Budget
 from replicate_generation.jobs.store import JobStore
 from replicate_generation.model_functions import TERMINAL, Attempt, Hooks
 from replicate_generation.models.validation import resolve_model
@@ -74,6 +76,9 @@ class Submission:
     webhook_private: bool = False
     # The issued key submitting it: its jobs and Idempotency-Keys are its own.
     key_id: str | None = None
+    # Who submits it, as the ledger names callers; the key's budget, if it has one.
+    caller: str | None = None
+    budget: Budget | None = None
 
 
 class JobRunner:
@@ -150,14 +155,16 @@ class JobRunner:
         request_id, _ = self.generator.new_request_dir()
         new = NewJob(id="job_" + secrets.token_urlsafe(16), account=account_key(token),
                      kind=submission.kind, request_id=request_id,
-                     items=[NewItem(spec={**t.to_record(), "http_request_id": current_request_id()})
+                     items=[NewItem(spec={**t.to_record(), "http_request_id": current_request_id()},
+                                    reserved_usd=t.max_cost_usd())
                             for t in submission.tasks],
                      idempotency_key=_scoped(submission.idempotency_key, submission.key_id),
                      request_hash=submission.request_hash, webhook_url=submission.webhook_url,
                      webhook_private=submission.webhook_private, origin=self.origin,
-                     key_id=submission.key_id)
+                     key_id=submission.key_id, caller=submission.caller)
         job, created = self.store.create(new, self.worker_id, self._clock(),
-                                         bounds=bounds_for(self.settings, token))
+                                         bounds=bounds_for(self.settings, token),
+                                         budget=submission.budget)
         if created:
             try:
                 self._queue(job, token)
@@ -248,6 +255,7 @@ class JobRunner:
         self._confirm_cancel(job, token, result)
         if self.store.finish_item(job.id, index, _outcome(result), self._clock(),
                                   fence=job.fence):
+            _count_spend(job, result)
             self._close_if_done(job.id, fence=job.fence)
 
     def _open_item(self, job: JobRow, index: int) -> ItemRow | None:
@@ -413,6 +421,15 @@ def _model_id(ref: str) -> str:
         return ref
 
 
+def _count_spend(job: JobRow, result: TaskResult) -> None:
+    """/metrics by caller and model, for an item that made a prediction."""
+    made = [a for a in result.attempts if a.prediction_id]
+    if made:
+        caller = job.caller if job.key_id is not None or job.caller == "admin" else "user"
+        model = result.model_used.id if result.model_used else made[-1].model
+        metrics.spend(caller or "unknown", model, result.cost_usd)
+
+
 def _outcome(result: TaskResult) -> ItemOutcome:
     error = result.error
     state = "succeeded" if error is None else ("canceled" if error.kind == "canceled"
@@ -421,7 +438,8 @@ def _outcome(result: TaskResult) -> ItemOutcome:
         state=state, model_used=result.model_used.id if result.model_used else None,
         attempts=[a.as_dict() for a in result.attempts], files=result.files,
         error=str(error) if error else None, error_type=error.kind if error else None,
-        cost_usd=result.cost_usd, placeholder=result.placeholder, notes=result.notes)
+        cost_usd=result.cost_usd, placeholder=result.placeholder, notes=result.notes,
+        billed_seconds=result.billed_seconds)
 
 
 def output_path(root: Path, relative: str) -> Path | None:

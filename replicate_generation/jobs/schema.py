@@ -70,6 +70,8 @@ jobs = Table(
     Column("record_bytes", BigInteger, nullable=False, server_default=text("0")),
     # The issued key that submitted it: such a job is that key's alone to see.
     Column("key_id", Text),
+    # Who submitted it, as the ledger names callers: "admin", a key's name, or "user".
+    Column("caller", Text),
 )
 _OPEN = jobs.c.state.in_(["queued", "running"])
 Index("jobs_idempotency", jobs.c.account, jobs.c.idempotency_key, unique=True,
@@ -106,6 +108,8 @@ job_items = Table(
     Column("queued_at", Double, nullable=False),
     Column("started_at", Double),
     Column("finished_at", Double),
+    # The most the item may cost (its fallbacks included), held against a budget while open.
+    Column("reserved_usd", Double),
 )
 
 job_files = Table(
@@ -154,6 +158,25 @@ _LIVE_KEY = api_keys.c.revoked_at.is_(None)
 # A name belongs to one live key: the ledger and the audit log name keys by it.
 Index("api_keys_live_name", api_keys.c.name, unique=True,
       sqlite_where=_LIVE_KEY, postgresql_where=_LIVE_KEY)
+
+# What each finished item spent, kept after its job is removed: budgets and /usage read it.
+spend_ledger = Table(
+    "spend_ledger", metadata,
+    Column("job_id", Text, primary_key=True),
+    Column("item_idx", Integer, primary_key=True),
+    Column("at", Double, nullable=False),
+    Column("caller", Text, nullable=False),
+    Column("key_id", Text),
+    Column("account", Text, nullable=False),
+    Column("model", Text),
+    Column("prediction_id", Text),
+    Column("billed_seconds", Double),
+    Column("cost_usd", Double),
+)
+Index("spend_by_time", spend_ledger.c.at)
+Index("spend_by_key", spend_ledger.c.key_id, spend_ledger.c.at,
+      sqlite_where=spend_ledger.c.key_id.is_not(None),
+      postgresql_where=spend_ledger.c.key_id.is_not(None))
 
 # Who changed what, appended only: keys, limits, admin cancels.
 audit_log = Table(

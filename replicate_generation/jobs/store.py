@@ -47,6 +47,7 @@ from replicate_generation.jobs.rows import (
 )
 from replicate_generation.jobs.schema import job_files, job_items, job_values, jobs
 from replicate_generation.jobs.shared_values import all_values, pack_items, values_of
+from replicate_generation.jobs.spend import Budget, SpendLedger, check_budget
 
 # The fence of the job an item belongs to, correlated with the item a statement touches.
 _ITEM_FENCE = select(jobs.c.fence).where(jobs.c.id == job_items.c.job_id).scalar_subquery()
@@ -61,7 +62,8 @@ IntentOutcome = Literal["stored", "canceled", "ended", "not_ours"]
 class JobStore:
     """Jobs and their items, on SQLite or PostgreSQL; times are wall-clock seconds from the caller.
 
-    `owners`, `outbox`, `retention`, `keys` and `audit` share its connections (`JobDatabase`).
+    `owners`, `outbox`, `retention`, `keys`, `spend` and `audit` share its connections
+    (`JobDatabase`).
     """
 
     def __init__(self, target: str) -> None:
@@ -70,6 +72,7 @@ class JobStore:
         self.outbox = WebhookOutbox(self.db)
         self.retention = Retention(self.db)
         self.keys = IssuedKeys(self.db)
+        self.spend = SpendLedger(self.db)
         self.audit = AuditLog(self.db)
 
     def close(self) -> None:
@@ -79,13 +82,17 @@ class JobStore:
     # -- submitting ------------------------------------------------------------------------
 
     def create(self, job: NewJob, owner: str, now: float, *,
-               bounds: AccountBounds | None = None) -> tuple[JobRow, bool]:
+               bounds: AccountBounds | None = None,
+               budget: Budget | None = None) -> tuple[JobRow, bool]:
         """Insert a job and its items; return (job, created), or a known Idempotency-Key's job.
 
-        IdempotencyConflict for another body; AccountStoreFull past the account's `bounds`
-        (nothing stored); rows are built before the lock to keep it short.
+        IdempotencyConflict for another body; AccountStoreFull past the account's `bounds` and
+        BudgetExceeded past the key's `budget` (nothing stored); rows are built before the lock
+        to keep it short.
         """
         items, values = pack_items(job.id, (item.spec for item in job.items))
+        for row, item in zip(items, job.items, strict=True):
+            row["reserved_usd"] = item.reserved_usd
         size = record_size(items, values)
         with self.db.write() as conn:
             existing = _keyed_job(conn, job)
@@ -93,6 +100,8 @@ class JobStore:
                 return existing, False
             if bounds is not None:
                 check_room(conn, job.account, size, bounds, now)
+            if budget is not None:
+                check_budget(conn, budget, _required(job), now)
             if conn.execute(self._new_job(job, owner, now, size)).first() is None:
                 # Another process created the key's job meanwhile (PostgreSQL only).
                 raced = _keyed_job(conn, job)
@@ -114,7 +123,7 @@ class JobStore:
             request_id=job.request_id, item_count=len(job.items), owner=owner, created_at=now,
             idempotency_key=job.idempotency_key, request_hash=job.request_hash,
             webhook_url=job.webhook_url, webhook_private=int(job.webhook_private), fence=1,
-            record_bytes=size, key_id=job.key_id,
+            record_bytes=size, key_id=job.key_id, caller=job.caller,
         ).on_conflict_do_nothing(index_elements=[jobs.c.account, jobs.c.idempotency_key],
                                  index_where=jobs.c.idempotency_key.is_not(None),
                                  ).returning(jobs.c.id)
@@ -286,6 +295,7 @@ class JobStore:
         with self.db.write() as conn:
             if not conn.execute(stmt).rowcount:
                 return False
+            self.spend.record(conn, job_id, index, outcome.billed_seconds, now)
             if outcome.files:
                 files = self.db.insert(job_files)
                 conn.execute(files.on_conflict_do_update(
@@ -359,6 +369,12 @@ def _fence_holds(conn: Connection, job_id: str, fence: int | None) -> bool:
     current = conn.execute(select(jobs.c.fence).where(jobs.c.id == job_id)
                            .with_for_update(read=True, key_share=True)).scalar()
     return current is not None and (fence is None or current == fence)
+
+
+def _required(job: NewJob) -> float | None:
+    """The most the job's items may cost together; None when any item's cost is unknown."""
+    costs = [item.reserved_usd for item in job.items]
+    return None if any(c is None for c in costs) else round(sum(c or 0.0 for c in costs), 6)
 
 
 def _keyed_job(conn: Connection, job: NewJob) -> JobRow | None:

@@ -74,6 +74,8 @@ class Prediction:
     def summary(self, now: float) -> dict[str, Any]:
         """Return what ``Simulator.predictions`` and ``/_sim/predictions`` show of it."""
         end = self.terminal_time()
+        start = self.start_time()
+        ended = end is not None and now >= end
         return {
             "id": self.id,
             "model": self.spec.ref,
@@ -88,4 +90,7 @@ class Prediction:
             "error": self.error,
             "source": self.source,
             "num_outputs": 0 if self.empty else self.n_outputs,
+            # What Replicate bills: the prediction's metrics.predict_time once it ended.
+            "billed_seconds": (round(end - start, 6) if start is not None else 0.0)
+            if ended and end is not None else None,
         }
