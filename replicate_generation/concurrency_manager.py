@@ -19,7 +19,15 @@ from typing import TypeVar
 
 from replicate_generation import metrics
 from replicate_generation.errors import DeadlineExceeded, StoreUnavailable
-from replicate_generation.limits.base import AccountStats, Kind, Limits, LimitSource, LimitStore
+from replicate_generation.limits.base import (
+    ANYONE,
+    AccountStats,
+    Kind,
+    Limits,
+    LimitSource,
+    LimitStore,
+    Turn,
+)
 from replicate_generation.limits.heartbeat import OUTAGE_PAUSE_MAX_S, Heartbeat
 from replicate_generation.limits.release_count import Heard, ReleaseCount
 
@@ -76,17 +84,18 @@ class ConcurrencyManager:
     # -- concurrency ------------------------------------------------------------
 
     @contextmanager
-    def slot(self, account: str, deadline: float) -> Iterator[None]:
-        """Hold one of the account's in-flight slots for the body of the block."""
+    def slot(self, account: str, deadline: float, turn: Turn = ANYONE) -> Iterator[None]:
+        """Hold one of the account's in-flight slots for the body of the block; `turn` places
+        the wait among the account's others (interactive first, then fair shares)."""
         started = time.monotonic()
-        lease_id = self._acquire(account, deadline)
+        lease_id = self._acquire(account, deadline, turn)
         metrics.limiter_waited("slot", started)
         try:
             yield
         finally:
             self._release(lease_id)
 
-    def _acquire(self, account: str, deadline: float) -> str:
+    def _acquire(self, account: str, deadline: float, turn: Turn) -> str:
         self._check_open()
         if self._clock() >= deadline:
             raise DeadlineExceeded(f"deadline passed before waiting for a slot ({account})")
@@ -95,7 +104,7 @@ class ConcurrencyManager:
         self._heartbeat.hold(ticket=ticket)
         lease_id: str | None = None
         try:
-            lease_id = self._wait_for_lease(account, ticket, deadline)
+            lease_id = self._wait_for_lease(account, ticket, deadline, turn)
             self._heartbeat.hold(lease=lease_id)
             return lease_id
         finally:
@@ -105,13 +114,13 @@ class ConcurrencyManager:
                 self._best_effort(self._store.leave_queue, ticket)
                 self._notify()
 
-    def _wait_for_lease(self, account: str, ticket: str, deadline: float) -> str:
+    def _wait_for_lease(self, account: str, ticket: str, deadline: float, turn: Turn) -> str:
         while True:
             heard = self._releases.heard()
             if self._closed:
                 raise RuntimeError("ConcurrencyManager has been shut down")
             lease_id, rank = self._patiently(
-                partial(self._store.try_acquire_ranked, account, ticket), deadline,
+                partial(self._store.try_acquire_ranked, account, ticket, turn), deadline,
                 self._pause_for_change)
             if lease_id is not None:
                 return lease_id

@@ -1070,9 +1070,9 @@ def test_a_call_resent_after_its_reply_was_lost_counts_once(
         exercise_every_operation(store)  # every script loaded: no NOSCRIPT round trip below
 
         assert store.try_acquire(THIRD, "t0") is not None
-        proxy.drop_reply_to(script_on(b"}:leases", 5))
+        proxy.drop_reply_to(script_on(b"}:leases", 6))
         lease = store.try_acquire(THIRD, "t1")  # the last slot: a rerun that re-granted would fail
-        sent = [c for c in proxy.commands if script_on(b"}:leases", 5)(c) and b"t1" in c]
+        sent = [c for c in proxy.commands if script_on(b"}:leases", 6)(c) and b"t1" in c]
         assert len(sent) == 2  # the script really ran twice
         assert lease is not None
         assert (stats_of(store, THIRD).in_flight, stats_of(store, THIRD).waiting) == (2, 0)

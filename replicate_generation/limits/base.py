@@ -130,6 +130,28 @@ class AccountStats(NamedTuple):
     backoff_remaining: float  # seconds of shared 429 back-off left
 
 
+@dataclass(frozen=True)
+class Turn:
+    """Where a waiter stands among its account's others: interactive work first, then callers
+    by start-time fair queueing (each served in proportion to its weight), then arrival."""
+
+    interactive: bool = True
+    caller: str = ""
+    weight: float = 1.0
+
+    @property
+    def band(self) -> int:
+        return 0 if self.interactive else 1
+
+    @property
+    def step(self) -> float:
+        """How far one slot moves this caller's virtual time: less for a heavier caller."""
+        return 1.0 / self.weight if self.weight > 0 else 1.0
+
+
+ANYONE = Turn()
+
+
 class LimitStore(Protocol):
     """Shared state behind ConcurrencyManager. Every method is one short atomic step."""
 
@@ -166,11 +188,13 @@ class LimitStore(Protocol):
         """Remove ``instance``'s declaration (a clean shutdown)."""
         ...
 
-    def try_acquire(self, account: str, ticket: str) -> str | None:
-        """Enqueue or refresh ``ticket``; return a lease id if it may enter now."""
+    def try_acquire(self, account: str, ticket: str, turn: Turn = ANYONE) -> str | None:
+        """Enqueue or refresh ``ticket`` (placed by ``turn`` when new); return a lease id if it
+        may enter now."""
         ...
 
-    def try_acquire_ranked(self, account: str, ticket: str) -> tuple[str | None, int]:
+    def try_acquire_ranked(self, account: str, ticket: str,
+                           turn: Turn = ANYONE) -> tuple[str | None, int]:
         """As try_acquire, and when refused how many waiters enter before this one (1: next)."""
         ...
 

@@ -16,6 +16,7 @@ from importlib import resources
 from typing import Any
 
 from replicate_generation.limits.base import (
+    ANYONE,
     EPISODE_S,
     LIMIT_RANGES,
     MAX_BACKOFF_S,
@@ -27,6 +28,7 @@ from replicate_generation.limits.base import (
     Kind,
     Limits,
     LimitSource,
+    Turn,
     check_known_limit,
     fold_own_defaults,
     resolve_limit_sources,
@@ -41,6 +43,8 @@ __all__ = ["RedisLimitStore"]
 _TOMBSTONE_TTLS = 10
 # How long a reserve/create_accepted result is kept for a resent command.
 _OP_TTL_MS = 30_000
+# An idle account's fair-queueing state (virtual time, callers' finishes) is dropped after a day.
+FAIR_KEEP_S = 86_400
 
 _SCRIPT_NAMES = ("limits", "declare", "override", "acquire", "renew", "release", "leave", "reserve",
                  "backoff", "accepted", "backoff_left", "stats", "mark", "prune")
@@ -242,19 +246,22 @@ class RedisLimitStore:
 
     # -- leases and tickets ------------------------------------------------------
 
-    def try_acquire(self, account: str, ticket: str) -> str | None:
-        return self.try_acquire_ranked(account, ticket)[0]
+    def try_acquire(self, account: str, ticket: str, turn: Turn = ANYONE) -> str | None:
+        return self.try_acquire_ranked(account, ticket, turn)[0]
 
     @_fail_closed
-    def try_acquire_ranked(self, account: str, ticket: str) -> tuple[str | None, int]:
+    def try_acquire_ranked(self, account: str, ticket: str,
+                           turn: Turn = ANYONE) -> tuple[str | None, int]:
         _check_account(account)
         with self._tickets_lock:  # before the call: a lost answer must still be left
             self._tickets[ticket] = account
         limit = self._limits(mark=account).max_concurrent
         lease = self._run(
             "acquire",
-            keys=self._names.of(account, "leases", "released", "queue", "tickets", "seq"),
-            args=[self._now(), self._ttl, limit, ticket, f"{account}|{ticket}", self._keep()])
+            keys=self._names.of(account, "leases", "released", "queue", "tickets", "vtime",
+                                "fair"),
+            args=[self._now(), self._ttl, limit, ticket, f"{account}|{ticket}", self._keep(),
+                  turn.band, turn.caller, turn.step, FAIR_KEEP_S])
         if isinstance(lease, int):
             return None, lease
         with self._tickets_lock:

@@ -15,7 +15,9 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 
 from replicate_generation.errors import StoreBusy, StoreUnavailable
+from replicate_generation.limits import sqlite_turns as turns
 from replicate_generation.limits.base import (
+    ANYONE,
     EPISODE_S,
     LIMIT_RANGES,
     MAX_BACKOFF_S,
@@ -27,6 +29,7 @@ from replicate_generation.limits.base import (
     Kind,
     Limits,
     LimitSource,
+    Turn,
     check_known_limit,
     fold_own_defaults,
     resolve_limit_sources,
@@ -138,6 +141,7 @@ class SQLiteLimitStore:
         with self._db.write() as conn:
             for statement in _SCHEMA:
                 conn.execute(statement)
+            turns.create(conn)
             self._migrate_legacy_limits(conn)
 
     def _migrate_legacy_limits(self, conn: sqlite3.Connection) -> None:
@@ -243,28 +247,26 @@ class SQLiteLimitStore:
 
     # -- leases and tickets -----------------------------------------------
 
-    def try_acquire(self, account: str, ticket: str) -> str | None:
-        return self.try_acquire_ranked(account, ticket)[0]
+    def try_acquire(self, account: str, ticket: str, turn: Turn = ANYONE) -> str | None:
+        return self.try_acquire_ranked(account, ticket, turn)[0]
 
-    def try_acquire_ranked(self, account: str, ticket: str) -> tuple[str | None, int]:
+    def try_acquire_ranked(self, account: str, ticket: str,
+                           turn: Turn = ANYONE) -> tuple[str | None, int]:
         with self._db.write() as conn:
             now = self._clock()
             # Purged inside the granting transaction: dead holders' slots free with no reaper.
             conn.execute("DELETE FROM cm_leases WHERE expires <= ?", (now,))
             conn.execute("DELETE FROM cm_tickets WHERE expires <= ?", (now,))
-            seq = _upsert_ticket(conn, account, ticket, now, self._ttl)
+            mine = turns.place(conn, account, ticket, turn, now + self._ttl)
             free = self._limits(conn).max_concurrent - _count(
                 conn, "SELECT COUNT(*) FROM cm_leases WHERE account = ?", (account,)
             )
-            ahead = _count(
-                conn,
-                "SELECT COUNT(*) FROM cm_tickets WHERE account = ? AND seq < ?",
-                (account, seq),
-            )
-            # FIFO: only the first `free` may enter (free <= 0: a lowered limit drains first).
+            ahead = turns.ahead(conn, account, mine)
+            # In turn: only the first `free` may enter (free <= 0: a lowered limit drains first).
             if ahead >= free:
                 return None, ahead - free + 1
-            conn.execute("DELETE FROM cm_tickets WHERE seq = ?", (seq,))
+            conn.execute("DELETE FROM cm_tickets WHERE seq = ?", (mine.seq,))
+            turns.served(conn, account, mine)
             lease_id = uuid.uuid4().hex
             conn.execute(
                 "INSERT INTO cm_leases (id, account, expires) VALUES (?, ?, ?)",
@@ -471,21 +473,3 @@ def _log_create(conn: sqlite3.Connection, account: str, use_at: float, now: floa
     # Logged at use time, so creates_last_minute approximates what Replicate sees, not the queue.
     conn.execute("DELETE FROM cm_create_log WHERE at <= ?", (now - WINDOW_S,))
     conn.execute("INSERT INTO cm_create_log (account, at) VALUES (?, ?)", (account, use_at))
-
-
-def _upsert_ticket(conn: sqlite3.Connection, account: str, ticket: str, now: float,
-                   ttl: float) -> int:
-    """Refresh the ticket, or enqueue it at the back (if new, or expired
-    and purged)."""
-    expires = now + ttl
-    row = conn.execute("SELECT seq FROM cm_tickets WHERE ticket = ?", (ticket,)).fetchone()
-    if row is not None:
-        conn.execute("UPDATE cm_tickets SET expires = ? WHERE seq = ?", (expires, row[0]))
-        return int(row[0])
-    cursor = conn.execute(
-        "INSERT INTO cm_tickets (ticket, account, expires) VALUES (?, ?, ?)",
-        (ticket, account, expires),
-    )
-    if cursor.lastrowid is None:  # pragma: no cover - sqlite always sets it
-        raise RuntimeError("SQLite returned no rowid for a new ticket")
-    return cursor.lastrowid
