@@ -1,25 +1,27 @@
-"""Runs tasks on a thread pool, per account in FIFO order, with at most the account's concurrency
-limit of threads each, so one account's batch never holds every thread; accounts take turns for
-threads task by task and split them evenly while several have work; admission keeps a reserve for
-accounts within their fair share of the queue."""
+"""Runs tasks on a thread pool, per account in the order its shared limit store serves them
+(interactive first, then callers by weight), with at most the account's concurrency limit of
+threads each (plus one per interactive task waiting, so no one waits behind a batch for a
+thread), so one account's batch never holds every thread; accounts take turns for threads task by
+task and split them evenly while several have work; admission keeps a reserve for accounts within
+their fair share of the queue."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
 
+from replicate_generation.dispatch_lanes import Lanes
+from replicate_generation.dispatch_lanes import Task as _Task
 from replicate_generation.errors import QueueFull, ShuttingDown
+from replicate_generation.limits.base import ANYONE, Turn
 
 log = logging.getLogger(__name__)
 
 # Queued tasks drain within seconds at the usual limits; a client retrying sooner only spins.
 _RETRY_AFTER = 5.0
-
-_Task = tuple[Callable[[], Any], Future[Any]]
 
 
 class Dispatcher:
@@ -34,7 +36,7 @@ class Dispatcher:
         self._per_account = max_queued_per_account or max(1, max_queued // 5)
         self._runners_for = runners_for
         self._on_idle: Callable[[str], None] | None = None
-        self._queues: dict[str, deque[_Task]] = {}
+        self._queues: dict[str, Lanes] = {}
         self._runners: dict[str, int] = {}
         # Runners submitted to the pool that have no thread yet, per account.
         self._waiting: dict[str, int] = {}
@@ -44,20 +46,20 @@ class Dispatcher:
         self._closed = False
         self._lock = threading.Lock()
 
-    def submit(self, account: str, fn: Callable[[], Any]) -> Future[Any]:
+    def submit(self, account: str, fn: Callable[[], Any], turn: Turn = ANYONE) -> Future[Any]:
         """Queue fn for the account; raise QueueFull or ShuttingDown instead of queueing."""
-        return self.submit_many(account, [fn])[0]
+        return self.submit_many(account, [fn], turn)[0]
 
-    def submit_many(self, account: str, fns: list[Callable[[], Any]]) -> list[Future[Any]]:
-        """Queue several tasks at once, all or none, preserving their order."""
+    def submit_many(self, account: str, fns: list[Callable[[], Any]],
+                    turn: Turn = ANYONE) -> list[Future[Any]]:
+        """Queue several tasks at once, all or none, in their order among the caller's own."""
         futures: list[Future[Any]] = [Future() for _ in fns]
         limit = self._runners_for(account)  # may read a shared store: never under the lock
         with self._lock:
             if self._closed:
                 raise ShuttingDown
             self._admit(account, len(fns))
-            queue = self._queues.setdefault(account, deque())
-            queue.extend(zip(fns, futures, strict=True))
+            self._queues.setdefault(account, Lanes()).push(turn, zip(fns, futures, strict=True))
             self._queued += len(fns)
             self._limits[account] = limit
             starts = self._runners_to_start()
@@ -88,7 +90,15 @@ class Dispatcher:
         accounts with work here; caller holds the lock."""
         busy = set(self._runners) | {name for name, queue in self._queues.items() if queue}
         share = -(-self._threads // len(busy | {account}))
-        return max(1, min(self._limits.get(account, 1), share))
+        limit = self._limits.get(account, 1)
+        return max(1, min(limit, share)) + self._overtaking(account, limit)
+
+    def _overtaking(self, account: str, limit: int) -> int:
+        """Runners beyond the cap for interactive tasks while batch work keeps the others busy."""
+        queue = self._queues.get(account)
+        if queue is None or not queue.batch():
+            return 0
+        return min(queue.interactive(), limit)
 
     def _others_waiting(self, account: str) -> bool:
         return any(count for name, count in self._waiting.items() if name != account)
@@ -126,9 +136,7 @@ class Dispatcher:
         """Drop the account's queued tasks (their futures are cancelled); return how many."""
         with self._lock:
             queue = self._queues.get(account)
-            dropped = list(queue or ())
-            if queue:
-                queue.clear()
+            dropped = queue.clear() if queue is not None else []
             self._queued -= len(dropped)
         for _, future in dropped:
             future.cancel()
@@ -158,7 +166,7 @@ class Dispatcher:
                 self._waiting[account] = self._waiting.get(account, 0) + 1
                 return "yield"
             self._queued -= 1
-            return queue.popleft()
+            return queue.pop()
 
     def _end_runner(self, account: str) -> None:
         """One runner fewer; the account is forgotten with its last one; caller holds the lock."""
@@ -216,9 +224,7 @@ class Dispatcher:
         """Refuse new work, drop what is queued (its futures are cancelled), finish the rest."""
         with self._lock:
             self._closed = True
-            dropped = [future for queue in self._queues.values() for _, future in queue]
-            for queue in self._queues.values():
-                queue.clear()
+            dropped = [future for queue in self._queues.values() for _, future in queue.clear()]
             self._queued = 0
         for future in dropped:
             future.cancel()

@@ -20,6 +20,7 @@ from replicate_generation.concurrency_manager import ConcurrencyManager
 from replicate_generation.dispatcher import Dispatcher
 from replicate_generation.egress import Egress, EgressPolicy, OutputBounds
 from replicate_generation.errors import GenerationError, OutputsNotSaved
+from replicate_generation.limits.base import ANYONE, Turn
 from replicate_generation.model_functions import (
     NO_HOOKS,
     Attempt,
@@ -125,7 +126,7 @@ class TaskResult:
 
 
 def execute(task: Task, token: str, rt: Runtime, dest_dir: Path, result: TaskResult, *,
-            hooks: Hooks = NO_HOOKS, resume: Resume | None = None) -> None:
+            hooks: Hooks = NO_HOOKS, resume: Resume | None = None, turn: Turn = ANYONE) -> None:
     """Run the task on its model, then down its fallback chain while the model itself fails.
 
     `resume` (after a restart) polls or looks up a lost create; Suspended when the process stops.
@@ -136,7 +137,8 @@ def execute(task: Task, token: str, rt: Runtime, dest_dir: Path, result: TaskRes
         mapped = _input_for(task, spec, result)
         if mapped is None:
             continue
-        job = Job(spec=spec, input=mapped, token=token, dest_dir=dest_dir, stem=task.stem)
+        job = Job(spec=spec, input=mapped, token=token, dest_dir=dest_dir, stem=task.stem,
+                  turn=turn)
         here = resume if resume is not None and _is_at(resume, spec) else None
         try:
             generated = generate(job, rt, result.attempts, hooks=hooks,

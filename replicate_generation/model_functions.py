@@ -36,6 +36,7 @@ from replicate_generation.errors import (
     OutputsNotSaved,
     Suspended,
 )
+from replicate_generation.limits.base import ANYONE, Turn
 from replicate_generation.models.catalogue import ModelSpec
 from replicate_generation.outputs import (
     DownloadError,
@@ -137,6 +138,7 @@ class Job:
     token: str = field(repr=False)
     dest_dir: Path
     stem: str
+    turn: Turn = ANYONE  # its place among the account's waiters
 
     @property
     def account(self) -> str:
@@ -185,7 +187,7 @@ def generate(job: Job, rt: Runtime, attempts: list[Attempt] | None = None, *,
     deadline = rt.clock() + rt.task_timeout
     client = rt.clients.get(job.token)
     try:
-        with rt.manager.slot(job.account, deadline):
+        with rt.manager.slot(job.account, deadline, job.turn):
             if resume is None:
                 prediction = _create(client, job, rt, deadline, attempts, hooks, pending)
             else:

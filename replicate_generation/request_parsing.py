@@ -26,7 +26,8 @@ from replicate_generation.outputs import default_stem, safe_filename
 from replicate_generation.outputs.names import shared_name
 
 OPTION_KEYS = ("async", "webhook", "dry_run", "fallback", "fallback_on_content_policy",
-               "placeholder")
+               "placeholder", "priority")
+PRIORITIES = ("interactive", "batch")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class Options:
     fallback: bool = True
     fallback_on_content_policy: bool = False
     placeholder: bool = False
+    # None: interactive when the caller waits for the answer, batch when it runs async.
+    priority: str | None = None
 
 
 @dataclass(frozen=True)
@@ -65,11 +68,14 @@ def parse_options(body: dict[str, Any]) -> tuple[Options, dict[str, Any]]:
     webhook = body.get("webhook")
     if webhook is not None and not isinstance(webhook, str):
         raise InvalidRequest("webhook", "webhook must be a URL string")
+    priority = body.get("priority")
+    if priority is not None and priority not in PRIORITIES:
+        raise InvalidRequest("priority", "priority must be interactive or batch")
     options = Options(
         run_async=bool(flags["async"]), webhook=webhook, dry_run=bool(flags["dry_run"]),
         fallback=flags["fallback"] is not False,
         fallback_on_content_policy=bool(flags["fallback_on_content_policy"]),
-        placeholder=bool(flags["placeholder"]))
+        placeholder=bool(flags["placeholder"]), priority=priority)
     return options, rest
 
 

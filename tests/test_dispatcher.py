@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from replicate_generation.dispatcher import Dispatcher
+from replicate_generation.limits.base import Turn
 
 WAIT = 10.0
 
@@ -108,3 +109,31 @@ def test_shutdown_cancels_what_waits_for_a_turn(gate: Gate) -> None:
     assert mine[0].result(WAIT) == "a0"
     assert mine[1].cancelled() and theirs.cancelled()
     assert gate.started == ["a0"]
+
+
+def test_an_interactive_task_does_not_wait_behind_a_batch_for_a_thread(gate: Gate) -> None:
+    pool = dispatcher(threads=4, limit=2)
+    batch = Turn(interactive=False, caller="nightly")
+    pool.submit_many("a", [gate.task(f"b{i}") for i in range(6)], batch)
+    assert gate.wait_started(2) == ["b0", "b1"]  # the account's limit: 2 runners
+    urgent = pool.submit("a", gate.task("i0"), Turn(interactive=True, caller="web"))
+    assert gate.wait_started(3)[2] == "i0"  # started while both batch tasks still run
+    gate.open("i0")
+    assert urgent.result(WAIT) == "i0"
+    gate.open_all()
+    pool.shutdown(wait=True)
+
+
+def test_callers_of_one_account_share_its_runners_by_weight(gate: Gate) -> None:
+    pool = dispatcher(threads=1, limit=1)
+    pool.submit("a", gate.task("x0"), Turn(False, "first"))
+    gate.wait_started(1)
+    light = pool.submit_many("a", [gate.task(f"l{i}") for i in range(3)], Turn(False, "light"))
+    heavy = pool.submit_many("a", [gate.task(f"h{i}") for i in range(9)],
+                             Turn(False, "heavy", 3.0))
+    gate.open_all()
+    assert [f.result(WAIT) for f in light + heavy]
+    order = gate.started[1:]
+    assert [sum(n[0] == "l" for n in order[:end]) for end in (4, 8, 12)] == [1, 2, 3]
+    assert [n for n in order if n[0] == "h"] == [f"h{i}" for i in range(9)]
+    pool.shutdown(wait=True)

@@ -34,12 +34,15 @@ def submit(kind: str, body: dict[str, Any], parsed: Parsed, shape: Shape) -> Ans
     if parsed.options.dry_run:
         return jsonify(estimate(parsed.tasks)), 200, {}
     token = paying_token(g.caller)
+    asynchronous = parsed.options.run_async or _prefers_async()
     submission = Submission(
         kind=kind, tasks=key_tasks(parsed.tasks), idempotency_key=_idempotency_key(),
         request_hash=request_hash(request.path, body),
         webhook_url=_webhook_target(parsed.options.webhook),
         webhook_private=g.caller.admin, key_id=_key_id(), caller=g.caller.name,
-        budget=budget_of(g.caller))
+        budget=budget_of(g.caller),
+        interactive=(parsed.options.priority or ("batch" if asynchronous else "interactive"))
+        == "interactive")
     runner = context.runner()
     try:
         job, created = runner.submit(token, submission)
@@ -49,7 +52,7 @@ def submit(kind: str, body: dict[str, Any], parsed: Parsed, shape: Shape) -> Ans
     headers = {"Location": f"/jobs/{job.id}"}
     if not created:
         headers["Idempotent-Replayed"] = "true"
-    if parsed.options.run_async or _prefers_async():
+    if asynchronous:
         headers["Preference-Applied"] = "respond-async"
         return jsonify(job_body(job)), 202, headers
     return _when_done(runner, job, shape, headers)

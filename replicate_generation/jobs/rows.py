@@ -48,6 +48,7 @@ class NewJob:
     key_id: str | None = None
     # Who submits it, as the ledger names callers.
     caller: str | None = None
+    priority: str = "batch"
 
 
 @dataclass
@@ -103,6 +104,7 @@ class JobRow:
     cost_usd: float | None = None
     key_id: str | None = None
     caller: str | None = None
+    priority: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -130,7 +132,7 @@ JOB_COLUMNS = [jobs.c[name] for name in (
     "id", "account", "kind", "state", "request_id", "item_count", "owner", "created_at",
     "started_at", "finished_at", "cancel_requested_at", "idempotency_key", "request_hash",
     "webhook_url", "webhook_private", "webhook_state", "webhook_attempts", "webhook_next_at",
-    "webhook_error", "fence", "key_id", "caller")]
+    "webhook_error", "fence", "key_id", "caller", "priority")]
 ITEM_COLUMNS = [job_items.c[name] for name in (
     "job_id", "idx", "spec", "state", "prediction_id", "prediction_model", "model_used",
     "attempts", "files", "error", "error_type", "cost_usd", "placeholder", "notes", "queued_at",
@@ -151,7 +153,7 @@ def job_row(row: Row[Any]) -> JobRow:
         webhook_private=bool(r["webhook_private"]), webhook_state=r["webhook_state"],
         webhook_attempts=int(r["webhook_attempts"]), webhook_next_at=r["webhook_next_at"],
         webhook_error=r["webhook_error"], fence=int(r["fence"]), key_id=r["key_id"],
-        caller=r["caller"])
+        caller=r["caller"], priority=r["priority"])
 
 
 def item_row(row: Row[Any], values: dict[str, str]) -> ItemRow:

@@ -45,6 +45,7 @@ from replicate_generation.jobs.rows import (
 )
 from replicate_generation.jobs.spend import Budget
 from replicate_generation.jobs.store import JobStore
+from replicate_generation.limits.base import Turn
 from replicate_generation.model_functions import TERMINAL, Attempt, Hooks
 from replicate_generation.models.validation import resolve_model
 from replicate_generation.observability import (
@@ -79,6 +80,8 @@ class Submission:
     # Who submits it, as the ledger names callers; the key's budget, if it has one.
     caller: str | None = None
     budget: Budget | None = None
+    # Interactive work enters before batch work of the same account, in every process.
+    interactive: bool = False
 
 
 class JobRunner:
@@ -161,7 +164,8 @@ class JobRunner:
                      idempotency_key=_scoped(submission.idempotency_key, submission.key_id),
                      request_hash=submission.request_hash, webhook_url=submission.webhook_url,
                      webhook_private=submission.webhook_private, origin=self.origin,
-                     key_id=submission.key_id, caller=submission.caller)
+                     key_id=submission.key_id, caller=submission.caller,
+                     priority="interactive" if submission.interactive else "batch")
         job, created = self.store.create(new, self.worker_id, self._clock(),
                                          bounds=bounds_for(self.settings, token),
                                          budget=submission.budget)
@@ -192,8 +196,15 @@ class JobRunner:
         if not indexes:
             self._close_if_done(job.id)
             return
+        turn = self._turn_of(job)
         self.generator.dispatcher.submit_many(job.account, [
-            partial(self._run_item, job, index, token) for index in indexes])
+            partial(self._run_item, job, index, token, turn) for index in indexes], turn)
+
+    def _turn_of(self, job: JobRow) -> Turn:
+        """The job's place among its account's work: its priority, its caller and weight."""
+        key = self.store.keys.get(job.key_id) if job.key_id is not None else None
+        return Turn(interactive=job.priority == "interactive",
+                    caller=job.key_id or job.caller or "", weight=key.weight if key else 1.0)
 
     def _resume(self, job: JobRow, token: str) -> None:
         try:
@@ -205,20 +216,20 @@ class JobRunner:
 
     # -- running -----------------------------------------------------------------------------
 
-    def _run_item(self, job: JobRow, index: int, token: str) -> None:
+    def _run_item(self, job: JobRow, index: int, token: str, turn: Turn) -> None:
         with self._lock:
             self._running += 1
         try:
             # No caller waits on an item: its writes wait out a busy file, never fail it.
             with patient_writes():
-                self._run_item_inner(job, index, token)
+                self._run_item_inner(job, index, token, turn)
         finally:
             unbind_request_id()  # pool threads are reused by other jobs
             with self._lock:
                 self._running -= 1
                 self._idle.notify_all()
 
-    def _run_item_inner(self, job: JobRow, index: int, token: str) -> None:
+    def _run_item_inner(self, job: JobRow, index: int, token: str, turn: Turn) -> None:
         if self._stopping:
             return
         item = self._open_item(job, index)
@@ -238,7 +249,7 @@ class JobRunner:
         dest = self.generator.runtime.output_root / job.request_id
         try:
             execute(task, token, self.generator.runtime, dest, result, hooks=hooks,
-                    resume=resume)
+                    resume=resume, turn=turn)
         except Suspended:
             log.info("job %s item %d left for the next start", job.id, index)
             return

@@ -72,6 +72,8 @@ jobs = Table(
     Column("key_id", Text),
     # Who submitted it, as the ledger names callers: "admin", a key's name, or "user".
     Column("caller", Text),
+    # "interactive" (someone waits for it) enters before "batch" work of the same account.
+    Column("priority", Text),
 )
 _OPEN = jobs.c.state.in_(["queued", "running"])
 Index("jobs_idempotency", jobs.c.account, jobs.c.idempotency_key, unique=True,

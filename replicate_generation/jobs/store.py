@@ -123,7 +123,7 @@ class JobStore:
             request_id=job.request_id, item_count=len(job.items), owner=owner, created_at=now,
             idempotency_key=job.idempotency_key, request_hash=job.request_hash,
             webhook_url=job.webhook_url, webhook_private=int(job.webhook_private), fence=1,
-            record_bytes=size, key_id=job.key_id, caller=job.caller,
+            record_bytes=size, key_id=job.key_id, caller=job.caller, priority=job.priority,
         ).on_conflict_do_nothing(index_elements=[jobs.c.account, jobs.c.idempotency_key],
                                  index_where=jobs.c.idempotency_key.is_not(None),
                                  ).returning(jobs.c.id)

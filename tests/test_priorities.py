@@ -1,0 +1,70 @@
+"""Interactive work first, over HTTP (issue #21, part 2): while one key's long async batch holds
+the account's slots and queue, another key's synchronous call is created in the very next wave,
+in the process that holds the batch and in another one sharing its limits. The simulator's clock
+stands still, so "next wave" is decided by events, not by timing."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import requests
+
+from conftest import ADMIN, SERVER_TOKEN, HeldClock
+from replicate_generation.devtools.simulator import Simulator
+from replicate_generation.settings import Settings
+from servers import Gunicorn, wait_for
+
+FLUX = "flux-dev"
+
+
+def created(sim: Simulator) -> list[str]:
+    """Prompts of every prediction created on the server's account, in creation order."""
+    return [str(p["input"].get("prompt")) for p in sim.predictions(SERVER_TOKEN)]
+
+
+def waiting(server: Gunicorn) -> int:
+    """Tickets waiting for one of the account's slots, in every process sharing its limits."""
+    status = requests.get(f"{server.url}/status", headers=ADMIN, timeout=10).json()
+    return int(status["totals"]["waiting"])
+
+
+def test_a_waiting_caller_is_created_in_the_next_wave_in_either_process(
+        held_sim: tuple[Simulator, HeldClock], make_settings: Callable[..., Settings],
+        start_gunicorn: Callable[..., Gunicorn]) -> None:
+    sim, clock = held_sim
+    settings = make_settings(replicate_base_url=sim.base_url, concurrent_limit=2,
+                             sync_wait_seconds=0, poll_interval_seconds=0.05,
+                             task_timeout_seconds=60)
+    holder, other = (start_gunicorn(settings, workers=1) for _ in range(2))  # one state file
+    keys = [requests.post(f"{holder.url}/keys", json={"name": name}, headers=ADMIN,
+                          timeout=10).json()["key"] for name in ("nightly", "web")]
+    batch = {"model_name": FLUX, "prompts": [f"batch {i} #slow=1" for i in range(12)],
+             "async": True}
+    accepted = requests.post(f"{holder.url}/generate-batch", json=batch,
+                             headers={"X-API-Key": keys[0]}, timeout=10)
+    assert accepted.status_code == 202, accepted.text
+    wait_for(lambda: len(created(sim)) == 2, 20, "the batch to fill the limit")
+    for wave, server in enumerate((holder, other), start=1):
+        wait_for(lambda: waiting(holder) == 0, 20, "the batch to hold both slots")
+        answer: dict[str, Any] = {}
+        call = threading.Thread(target=lambda url=server.url, wave=wave, answer=answer:
+                                answer.update(requests.post(f"{url}/generate", json={
+                                    "model_name": FLUX, "prompt": f"urgent {wave} #slow=1"},
+                                    headers={"X-API-Key": keys[1]}, timeout=60).json()))
+        call.start()
+        # Its ticket waits in the shared line: in the holder only if it did not queue behind
+        # the batch for a runner.
+        wait_for(lambda server=server: waiting(server) == 1, 20, "the call to wait for a slot")
+        before = len(created(sim))
+        clock.advance(1.5)  # the two running predictions end: two slots free
+        sim.wake_waiters()
+        wait_for(lambda before=before: len(created(sim)) == before + 2, 20, "the next wave")
+        assert f"urgent {wave} #slow=1" in created(sim)[-2:], created(sim)
+        clock.advance(1.5)
+        sim.wake_waiters()
+        call.join(30)
+        assert answer.get("success") is True, answer
+    clock.release()
+    sim.wake_waiters()
