@@ -8,7 +8,7 @@ the service does today and prints it (nothing is asserted):
 * memory: worker RSS after T distinct tokens (default 10,000) each made one quick /generate;
 * fairness: a bystander's 20 sequential /generate while another account, whose token the
   simulator rejects, floods the queue with async batches;
-* slow clients: /health latency (p50/p95/max) through deploy/nginx.conf while 200 clients hold
+* slow clients: /health latency (p50/p95/max) through edge/nginx.conf while 200 clients hold
   half-sent request lines, and how many of them reached gunicorn.
 
     .venv/bin/python bench/hostile.py                   # the figures above
@@ -261,7 +261,7 @@ def measure_slow_clients(server: Gunicorn, work: Path, count: int) -> None:
             reached = established_to(server.port)
     finally:
         nginx.stop()
-    print(f"slow clients: {count} half request lines held through deploy/nginx.conf; "
+    print(f"slow clients: {count} half request lines held through edge/nginx.conf; "
           f"{reached} connections reached gunicorn")
     p50, p95 = (1000 * percentile(latencies, q) for q in (0.5, 0.95))
     print(f"  /health x{len(latencies)} through the proxy: p50 {p50:.1f} ms  p95 {p95:.1f} ms  "

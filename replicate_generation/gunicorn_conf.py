@@ -51,7 +51,7 @@ bind = [_bind_address(_host, _port)]
 # Requests mostly wait on Replicate, so threads (not processes) give the concurrency.
 worker_class = "gthread"
 threads = _read("GUNICORN_THREADS", 16)
-# One connection per thread: slow clients are held off by deploy/nginx.conf, not by gunicorn.
+# One connection per thread: slow clients are held off by the edge proxy (edge/nginx.conf).
 worker_connections = threads
 # Limits live in the shared state file, so several processes are safe; two keep it up in restarts.
 workers = _read("WEB_CONCURRENCY", 2)
@@ -66,7 +66,7 @@ graceful_timeout = 30
 # With one connection per thread an idle kept-alive connection would block accept.
 keepalive = 0
 
-# At gunicorn's maximum, above deploy/nginx.conf's limits, so the proxy refuses first (in JSON).
+# At gunicorn's maximum, above edge/nginx.conf's limits, so the proxy refuses first (in JSON).
 limit_request_line = 8190
 limit_request_field_size = 8190
 limit_request_fields = 100

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import random
 import re
@@ -9,8 +11,9 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -216,3 +219,139 @@ def backend_env(settings: Settings) -> dict[str, str]:
            "REDIS_KEY_PREFIX": settings.redis_key_prefix if settings.redis_url else None,
            "SINGLE_HOST": "true" if settings.single_host else None}
     return {name: value for name, value in env.items() if value}
+
+
+# --------------------------------------------------------------------------- raw HTTP clients
+
+# A request line cut in half: the client never sends the rest.
+HALF_REQUEST_LINE = b"GET /health HT"
+
+
+@contextmanager
+def slow_clients(port: int, count: int, head: bytes = HALF_REQUEST_LINE) -> Iterator[
+        list[socket.socket]]:
+    """`count` connections that send `head` and then nothing; closed when the block ends."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(head)
+            socks.append(sock)
+        yield socks
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def health_latencies(url: str, count: int, timeout: float = 5.0) -> list[float]:
+    """Seconds per sequential GET /health; a failure or timeout counts as infinity."""
+    latencies = []
+    for _ in range(count):
+        start = time.monotonic()
+        try:
+            ok = requests.get(url + "/health", timeout=timeout).status_code == 200
+        except requests.RequestException:
+            ok = False
+        latencies.append(time.monotonic() - start if ok else math.inf)
+    return latencies
+
+
+def raw_exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes as they are; return the status, headers (lower-cased names) and body."""
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        try:
+            sock.sendall(request)
+        except (ConnectionResetError, BrokenPipeError):
+            pass  # nginx may answer and stop reading before the whole request is sent
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except ConnectionResetError:
+            pass  # nginx resets after refusing a body it did not read; the answer is in
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split(" ", 2)[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+def assert_json_error(status: int, headers: dict[str, str], body: bytes, expected: int) -> None:
+    """The service's one error shape, written by nginx: {"error": "..."} as JSON."""
+    assert status == expected, (status, body[:200])
+    assert headers["content-type"] == "application/json", headers
+    parsed = json.loads(body)
+    assert set(parsed) == {"error"} and isinstance(parsed["error"], str), parsed
+
+
+def get_request(target: bytes, headers: bytes = b"", method: bytes = b"GET") -> bytes:
+    return (method + b" " + target + b" HTTP/1.1\r\nHost: localhost\r\n" + headers
+            + b"Connection: close\r\n\r\n")
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process, from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # it ended while we looked
+            continue
+        # The command name (field 2) may hold spaces and ")": the parent pid follows the last ")".
+        parents[int(stat.parent.name)] = int(text.rpartition(")")[2].split()[1])
+    return parents
+
+
+def children_of(pid: int) -> list[int]:
+    return sorted(child for child, parent in _parents().items() if parent == pid)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, children before grandchildren."""
+    parents = _parents()
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = sorted(child for child, parent in parents.items() if parent in frontier)
+        found += frontier
+    return found
+
+
+def process_name(pid: int) -> str:
+    """The kernel's name of the process (`nginx` for nginx's master and workers)."""
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def socket_owners(inodes: set[str]) -> set[int]:
+    """The pids holding any of these socket inodes open."""
+    owners = set()
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            owners.add(int(fd.parent.parent.name))
+    return owners
+
+
+def tcp_listeners(port: int | None = None) -> dict[str, int]:
+    """Listening TCP sockets: inode -> port, only those on `port` when given."""
+    found = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local = int(fields[1].rsplit(":", 1)[1], 16)
+            if fields[3] == "0A" and port in (None, local):  # 0A: LISTEN
+                found[fields[9]] = local
+    return found

@@ -1,69 +1,98 @@
-"""docker-compose.yml's shape (no Docker engine here): gunicorn sits behind the nginx proxy."""
+"""docker-compose.yml's shape (no Docker engine here): the app container is the image as built,
+nginx inside facing clients; with the scale profile, one balancer (the same image and template)
+fronts plain gunicorn replicas."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml  # type: ignore[import-untyped]  # (no types-PyYAML in requirements-dev)
 
+from replicate_generation.edge import STOP_SECONDS
 from servers import ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
 APP = "replicate-generation"
-PROXY = "proxy"
+REPLICAS = "replicas"
+BALANCER = "balancer"
+SERVICE_PORT = "5003"
 
 
 @pytest.fixture(scope="module")
 def services() -> dict[str, Any]:
-    parsed = yaml.safe_load(COMPOSE.read_text())
+    parsed = yaml.safe_load(COMPOSE.read_text())  # anchors and `<<` merged, as Compose does
     return dict(parsed["services"])
 
 
-def _mount(service: dict[str, Any], target: str) -> tuple[Path, str]:
-    """The host path and options of the bind mount onto `target`."""
-    for volume in service.get("volumes", []):
-        source, _, rest = str(volume).partition(":")
-        destination, _, options = rest.partition(":")
-        if destination == target:
-            return ROOT / source, options
-    raise AssertionError(f"nothing is mounted on {target}")
+def _dockerfile_healthcheck() -> str:
+    text = (ROOT / "Dockerfile").read_text()
+    match = re.search(r'HEALTHCHECK .*?CMD \["python", "-c", "(.*?)"\]\n', text, re.S)
+    assert match, "the Dockerfile's HEALTHCHECK is not the python probe this test expects"
+    return match[1]
 
 
-def test_gunicorn_is_not_published_on_the_host(services: dict[str, Any]) -> None:
+def _seconds(duration: str) -> float:
+    match = re.fullmatch(r"(\d+)s", duration)
+    assert match, duration
+    return float(match[1])
+
+
+def test_the_app_publishes_the_service_port_and_runs_the_images_command(
+        services: dict[str, Any]) -> None:
     app = services[APP]
-    assert "ports" not in app
-    assert [str(port) for port in app["expose"]] == ["5003"]
+    assert [str(port) for port in app["ports"]] == [f"{SERVICE_PORT}:{SERVICE_PORT}"]
+    # No command: the Dockerfile's CMD (nginx in front, gunicorn on a private socket).
+    assert "command" not in app and "profiles" not in app
 
 
-def test_the_proxy_publishes_the_service_port(services: dict[str, Any]) -> None:
-    proxy = services[PROXY]
-    (published,) = [str(port) for port in proxy["ports"]]
-    host, _, container = published.rpartition(":")
-    config = (ROOT / "deploy" / "nginx.conf").read_text()
-    assert host == "5003" and re.search(rf"^\s*listen {container};", config, re.M)
-    # The upstream nginx proxies to is the app's service name and exposed port.
-    assert f"set $service {APP}:5003;" in config
+def test_no_separate_proxy_and_no_config_mounted_from_the_checkout(
+        services: dict[str, Any]) -> None:
+    assert set(services) == {APP, REPLICAS, BALANCER, "redis", "postgres"}
+    for name in (APP, REPLICAS, BALANCER):
+        mounted = [str(volume).split(":")[1] for volume in services[name].get("volumes", [])]
+        assert set(mounted) <= {"/app/output", "/app/data"}, (name, mounted)
+    assert not (ROOT / "deploy").exists(), "the proxy's config lives in the package now"
 
 
-def test_the_proxy_runs_the_repository_config_read_only(services: dict[str, Any]) -> None:
-    source, options = _mount(services[PROXY], "/etc/nginx/nginx.conf")
-    assert source == ROOT / "deploy" / "nginx.conf" and source.is_file()
-    assert options == "ro"
+def test_every_container_of_the_image_is_health_checked_and_stopped_gracefully(
+        services: dict[str, Any]) -> None:
+    for name in (APP, REPLICAS, BALANCER):
+        service = services[name]
+        assert service["image"] == services[APP]["image"] and service["build"] == "."
+        assert service["healthcheck"]["test"] == ["CMD", "python", "-c", _dockerfile_healthcheck()]
+        # Past the supervisor's own limit (gunicorn's 30 s grace, then 2 s) before SIGKILL.
+        assert _seconds(service["stop_grace_period"]) > STOP_SECONDS
+        assert service["restart"] == "unless-stopped"
 
 
-def test_the_proxy_image_is_pinned_and_health_checked(services: dict[str, Any]) -> None:
-    proxy = services[PROXY]
-    assert re.fullmatch(r"nginx:\d+\.\d+\.\d+(-[a-z0-9.]+)?", proxy["image"]), proxy["image"]
-    assert proxy["healthcheck"]["test"][0] == "CMD"
-    assert proxy["depends_on"] == {APP: {"condition": "service_healthy"}}
-    assert "healthcheck" in services[APP]
+def test_the_scale_profile_puts_one_balancer_before_plain_gunicorn_replicas(
+        services: dict[str, Any]) -> None:
+    replicas, balancer = services[REPLICAS], services[BALANCER]
+    assert replicas["profiles"] == balancer["profiles"] == ["scale"]
+    # Replicas: gunicorn alone, reachable on the compose network only.
+    assert replicas["command"] == ["replicate-generation", "serve"]
+    assert "ports" not in replicas and [str(p) for p in replicas["expose"]] == [SERVICE_PORT]
+    # The balancer: the same template in front of every replica, looked up by the service name.
+    assert balancer["command"] == [
+        "replicate-generation", "edge", "--upstream", f"{REPLICAS}:{SERVICE_PORT}"]
+    assert [str(port) for port in balancer["ports"]] == [f"{SERVICE_PORT}:{SERVICE_PORT}"]
+    assert balancer["depends_on"] == {REPLICAS: {"condition": "service_healthy"}}
+    assert balancer["volumes"] == []
+
+
+def test_the_scale_command_scales_the_single_app_to_zero() -> None:
+    # The balancer publishes the app's host port, so the documented command leaves the app out.
+    lines = [line for line in (ROOT / "README.md").read_text().splitlines()
+             if line.startswith("docker compose --profile scale")]
+    assert lines
+    for line in lines:
+        assert f"--scale {APP}=0" in line and f"--scale {REPLICAS}=" in line, line
 
 
 def test_the_scale_profile_adds_persistent_redis_and_postgresql(services: dict[str, Any]) -> None:
-    redis, postgres, app = services["redis"], services["postgres"], services[APP]
+    redis, postgres = services["redis"], services["postgres"]
     assert redis["profiles"] == ["scale"] and postgres["profiles"] == ["scale"]
     command = redis["command"]
     assert command[command.index("--appendonly") + 1] == "yes"  # leases survive a restart
@@ -72,8 +101,9 @@ def test_the_scale_profile_adds_persistent_redis_and_postgresql(services: dict[s
         assert backend["healthcheck"]["test"][0] == "CMD"
         assert re.fullmatch(r"[a-z]+:\d+\.\d+(\.\d+)?-alpine", backend["image"]), backend["image"]
     # The replicas start once both answer, and without the profile they are not needed at all.
-    for name in ("redis", "postgres"):
-        assert app["depends_on"][name] == {"condition": "service_healthy", "required": False}
+    for app in (services[APP], services[REPLICAS]):
+        for name in ("redis", "postgres"):
+            assert app["depends_on"][name] == {"condition": "service_healthy", "required": False}
 
 
 def test_the_scale_profile_keeps_its_data_in_named_volumes() -> None:

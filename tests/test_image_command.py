@@ -1,29 +1,40 @@
 """The Docker image's own CMD and HEALTHCHECK, run without Docker against the simulator.
 
+The CMD is the edge supervisor (nginx in front of gunicorn, replicate_generation/edge/): these
+tests hold it to #20 finding 12 (slow clients, JSON errors) and to how it stops and fails.
+
 There is no Docker engine where the tests run, so this rebuilds the image as closely as a plain
 machine allows and runs its exact commands. The Dockerfile is parsed, not restated: a fresh venv
 gets only what its `RUN pip install` installs, the app dir gets only what its COPY lines bring in
 past .dockerignore (so a module they leave out fails start-up here as it would in production), the
-chowned runtime directories belong to the image's user, and CMD and HEALTHCHECK run from WORKDIR
-with the ENV values and nothing of the developer's environment, as the USER uid:gid when the test
-runs as root (as CI does). What stays out of reach: the base image's OS and exact patch release.
+chowned runtime directories belong to the image's user, what RUN apt-get installs must be
+installed here, and CMD and HEALTHCHECK run from WORKDIR with the ENV values and nothing of the
+developer's environment, as the USER uid:gid when the test runs as root (as CI does), the CMD then
+as PID 1 of its own PID namespace (unshare). What stays out of reach: the base image's OS and
+exact patch release (Debian's nginx here is this machine's release, not the image's).
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
+import functools
 import json
+import math
 import os
 import posixpath
 import re
 import shlex
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
@@ -34,7 +45,23 @@ import requests
 
 from conftest import ADMIN, ADMIN_KEY
 from replicate_generation.devtools.simulator import Simulator
-from servers import ROOT, Gunicorn
+from replicate_generation.launch import GUNICORN_CONFIG
+from servers import (
+    ROOT,
+    Gunicorn,
+    alive,
+    assert_json_error,
+    children_of,
+    descendants,
+    get_request,
+    health_latencies,
+    process_name,
+    raw_exchange,
+    slow_clients,
+    socket_owners,
+    tcp_listeners,
+    wait_for,
+)
 
 # The server's Replicate token, for the simulator only (short, so it cannot pass for a real one).
 TOKEN = "r8_image_test_token"
@@ -76,6 +103,7 @@ class Dockerfile:
     user: tuple[int, int]
     home: str  # what Docker sets HOME to: the USER's home in the image's passwd, else /
     steps: tuple[Copy | Pip, ...]  # in build order
+    system_packages: tuple[str, ...]  # what RUN apt-get install adds from Debian (nginx)
     writable: tuple[tuple[PurePosixPath, tuple[int, int]], ...]  # what RUN chowns, to whom
     cmd: list[str]
     healthcheck: list[str]
@@ -151,7 +179,8 @@ class _Parser:
 
     def __init__(self) -> None:
         self.facts: dict[str, Any] = {
-            "env": {}, "workdir": PurePosixPath("/"), "stop_signal": signal.SIGTERM}
+            "env": {}, "workdir": PurePosixPath("/"), "stop_signal": signal.SIGTERM,
+            "system_packages": ()}
         self.steps: list[Copy | Pip] = []
         self.writable: list[tuple[PurePosixPath, tuple[int, int]]] = []
         self.accounts = _Accounts()
@@ -201,6 +230,12 @@ class _Parser:
             opts, operands = _options(words)
             if words[:2] == ["pip", "install"]:
                 self.steps.append(Pip(tuple(words[2:])))
+            elif words[:2] == ["apt-get", "install"]:
+                # Not installed here: this machine must have them already (.ci/run installs them).
+                self.facts["system_packages"] += tuple(operands[1:])
+            elif words[:2] == ["apt-get", "update"] or (words[:2] == ["rm", "-rf"] and all(
+                    path.startswith("/var/lib/apt/lists/") for path in operands)):
+                continue  # the package lists, fetched for the install and kept out of the layer
             elif words[0] in ("groupadd", "useradd"):
                 self.accounts.add(words[0], opts, operands)
             elif words[0] == "chown":
@@ -435,7 +470,26 @@ def _assert_no_dotenv(app_dir: Path) -> None:
     assert not found, f"{found} would be loaded into the service; the image has no .env"
 
 
+def _require_system_packages(packages: tuple[str, ...]) -> None:
+    """What the image installs from Debian must be installed here too: the CMD runs it."""
+    missing = []
+    for package in (p.partition("=")[0] for p in packages):
+        try:
+            done = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package],
+                                  capture_output=True, text=True, timeout=30, check=False)
+        except FileNotFoundError:  # not Debian: nothing says it is there
+            done = subprocess.CompletedProcess([], 1, "", "")
+        if "install ok installed" not in done.stdout:
+            missing.append(package)
+    if missing:
+        message = f"the image's Debian packages are not installed here: {' '.join(missing)}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message} (.ci/run installs them)", pytrace=False)
+        pytest.skip(f"{message} (apt-get install -y {' '.join(missing)}; CI does)")
+
+
 def build_image(root: Path, dockerfile: Dockerfile) -> Image:
+    _require_system_packages(dockerfile.system_packages)
     as_root = os.geteuid() == 0
     run_as = dockerfile.user if as_root else None
     root.chmod(0o755)
@@ -481,31 +535,102 @@ def image() -> Iterator[Image]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture
-def container(image: Image, sim: Simulator, tmp_path: Path) -> Iterator[Gunicorn]:
-    """The image's CMD, running against the simulator on a free port on 127.0.0.1."""
-    env = {**image.env(), "REPLICATE_BASE_URL": sim.base_url, "REPLICATE_API_TOKEN": TOKEN,
-           "CONCURRENT_DOCKER_ADMIN_API_KEY": ADMIN_KEY}
-    server = Gunicorn(env, tmp_path / "container.log", cwd=image.app_dir,
-                      command=image.dockerfile.cmd, run_as=image.run_as)
+@functools.cache
+def _pid_namespace() -> list[str] | None:
+    """unshare's argv when this machine lets root give the CMD a PID namespace, as Docker does."""
+    unshare = shutil.which("unshare")
+    if os.geteuid() != 0 or unshare is None:
+        return None
+    probe = subprocess.run([unshare, "--pid", "--fork", "true"], capture_output=True, timeout=30,
+                           check=False)
+    return [unshare, "--pid", "--fork", "--kill-child"] if probe.returncode == 0 else None
+
+
+@dataclass
+class Container:
+    """The image's CMD running: `server` is the process started (unshare, when it stands in for
+    Docker's PID namespace and user switch) and `pid1` the CMD itself, PID 1 in that namespace."""
+
+    server: Gunicorn
+    pid1: int
+    groups: set[int] = field(default_factory=set)  # the children's process groups
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def children(self) -> dict[str, int]:
+        """The supervisor's children by name: nginx's master and gunicorn's."""
+        return {"nginx" if process_name(pid) == "nginx" else "gunicorn": pid
+                for pid in children_of(self.pid1)}
+
+    def private_dir(self) -> Path:
+        """The run's directory: nginx's prefix (`-p DIR/`) on its command line."""
+        # nginx rewrites it as one line: `nginx: master process /usr/sbin/nginx -p DIR/ ...`.
+        argv = Path(f"/proc/{self.children()['nginx']}/cmdline").read_text().replace("\0", " ")
+        words = argv.split()
+        return Path(words[words.index("-p") + 1])
+
+    def remove(self) -> None:
+        """Stop it (with the namespace's PID 1, the kernel kills everything in it)."""
+        self.server.stop()
+        for group in self.groups:  # without a namespace, a child's orphans outlive PID 1
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+
+
+def start_container(image: Image, sim_url: str, log: Path, **env: str) -> Container:
+    """The image's CMD against the simulator on a free port on 127.0.0.1, ready to serve."""
+    env = {**image.env(), "REPLICATE_BASE_URL": sim_url, "REPLICATE_API_TOKEN": TOKEN,
+           "CONCURRENT_DOCKER_ADMIN_API_KEY": ADMIN_KEY, **env}
+    namespace = _pid_namespace()
+    if namespace and image.run_as:
+        uid, gid = image.run_as
+        command = [*namespace, f"--setuid={uid}", f"--setgid={gid}", "--", *image.dockerfile.cmd]
+        server = Gunicorn(env, log, cwd=image.app_dir, command=command)
+        pid1 = wait_for(lambda: children_of(server.proc.pid), 10, "unshare to start the CMD")[0]
+    else:
+        server = Gunicorn(env, log, cwd=image.app_dir, command=image.dockerfile.cmd,
+                          run_as=image.run_as)
+        pid1 = server.proc.pid
+    container = Container(server, pid1)
     try:
         server.wait_ready()
-        yield server
+        container.groups = set(container.children().values())
+    except BaseException:
+        container.remove()
+        raise
+    return container
+
+
+@pytest.fixture
+def container(image: Image, sim: Simulator, tmp_path: Path) -> Iterator[Container]:
+    running = start_container(image, sim.base_url, tmp_path / "container.log")
+    try:
+        yield running
     finally:
-        server.stop()
-        try:  # a worker orphaned by a master that died would otherwise outlive the test
-            os.killpg(server.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        running.remove()
+
+
+@pytest.fixture(scope="module")
+def shared_container(image: Image, sim_server: Simulator,
+                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+    """One container for the tests that only read from it."""
+    running = start_container(image, sim_server.base_url,
+                              tmp_path_factory.mktemp("shared") / "container.log")
+    try:
+        yield running
+    finally:
+        running.remove()
 
 
 # --------------------------------------------------------------------------- checks
 
 
-def _healthcheck(image: Image, server: Gunicorn) -> subprocess.CompletedProcess[str]:
+def _healthcheck(image: Image, container: Container) -> subprocess.CompletedProcess[str]:
     """The HEALTHCHECK command as Docker runs it: the container's env, user and WORKDIR."""
-    return subprocess.run(image.dockerfile.healthcheck, cwd=image.app_dir, env=server.env,
-                          capture_output=True, text=True, check=False,
+    return subprocess.run(image.dockerfile.healthcheck, cwd=image.app_dir,
+                          env=container.server.env, capture_output=True, text=True, check=False,
                           timeout=image.dockerfile.healthcheck_timeout, **_as_user(image.run_as))
 
 
@@ -515,27 +640,16 @@ def _process_ids(pid: int) -> dict[str, list[str]]:
     return {name: fields[name].split() for name in ("Uid", "Gid", "Groups")}
 
 
-def _children(pid: int) -> list[int]:
-    children = []
-    for stat_file in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat_file.read_text()
-        except OSError:  # the process ended while we looked
-            continue
-        # The command name (field 2) may hold spaces and ")": the parent pid follows the last ")".
-        if int(text.rpartition(")")[2].split()[1]) == pid:
-            children.append(int(stat_file.parent.name))
-    return children
-
-
-def _assert_runs_as_image_user(image: Image, server: Gunicorn) -> None:
+def _assert_runs_as_image_user(image: Image, container: Container) -> None:
     uid, gid = image.identity
     note = "" if image.run_as else (
         f" (the test is not root, so the service ran as the current user {uid}, not the image's "
         f"USER {image.dockerfile.user[0]}; CI runs as root and checks that)")
-    workers = _children(server.proc.pid)
-    assert workers, f"gunicorn has no workers{note}\n{server.log()}"
-    for pid in [server.proc.pid, *workers]:
+    children = container.children()
+    assert set(children) == {"nginx", "gunicorn"}, f"{children}{note}\n{container.server.log()}"
+    for name, pid in children.items():
+        assert children_of(pid), f"{name} has no workers{note}\n{container.server.log()}"
+    for pid in [container.pid1, *descendants(container.pid1)]:
         ids = _process_ids(pid)
         # real, effective, saved and filesystem ids alike: nothing can switch back to root.
         assert ids["Uid"] == [str(uid)] * 4, f"pid {pid}: {ids}{note}"
@@ -544,17 +658,30 @@ def _assert_runs_as_image_user(image: Image, server: Gunicorn) -> None:
             assert ids["Groups"] == [], f"pid {pid} kept supplementary groups: {ids}"
 
 
-def _assert_commands_come_from_the_venv(image: Image, server: Gunicorn) -> None:
+def _assert_private_dir(image: Image, container: Container) -> Path:
+    """gunicorn's socket and nginx's files are in a directory only the service's user can enter."""
+    private = container.private_dir()
+    info = private.stat()
+    assert stat.S_IMODE(info.st_mode) == 0o700, oct(info.st_mode)
+    assert (info.st_uid, info.st_gid) == image.identity
+    assert stat.S_ISSOCK((private / "gunicorn.sock").stat().st_mode)
+    return private
+
+
+def _assert_commands_come_from_the_venv(image: Image, container: Container) -> None:
     # Otherwise a gunicorn or python elsewhere on the host could stand in for a missing dependency.
+    path = container.server.env["PATH"]
     for argv in (image.dockerfile.cmd, image.dockerfile.healthcheck):
-        found = shutil.which(argv[0], path=server.env["PATH"])
+        found = shutil.which(argv[0], path=path)
         assert found and Path(found).parent == image.venv / "bin", f"{argv[0]} -> {found}"
+    nginx = shutil.which("nginx", path=path)  # the image's Debian nginx: this machine's
+    assert nginx and Path(nginx).parent in {Path(p) for p in SYSTEM_PATH.split(":")}, nginx
 
 
-def _assert_generates_into_output(image: Image, server: Gunicorn, sim: Simulator) -> None:
-    answer = server.post("/generate", {"model_name": "flux-dev", "prompt": "a lighthouse"},
-                         ADMIN, timeout=60)
-    assert answer.status_code == 200, f"{answer.text}\n{server.log()}"
+def _assert_generates_into_output(image: Image, container: Container, sim: Simulator) -> None:
+    answer = container.server.post("/generate", {"model_name": "flux-dev",
+                                                 "prompt": "a lighthouse"}, ADMIN, timeout=60)
+    assert answer.status_code == 200, f"{answer.text}\n{container.server.log()}"
     [name] = answer.json()["files"]
     written = image.app_dir / name
     assert written.is_file() and written.resolve().is_relative_to(image.app_dir / "output"), name
@@ -584,45 +711,47 @@ def _installed_module(image: Image, module: str) -> Path:
     return Path(done.stdout.strip())
 
 
-def _config_file(image: Image) -> Path:
-    """The gunicorn config the CMD names: a file under WORKDIR, or `python:<module>`."""
-    cmd = image.dockerfile.cmd
-    config = cmd[cmd.index("-c") + 1]
-    if config.startswith("python:"):
-        return _installed_module(image, config.removeprefix("python:"))
-    return image.app_dir / config
-
-
 def _graceful_timeout(image: Image) -> float:
-    """gunicorn's graceful_timeout, read from the config file the CMD names (default 30 s)."""
-    for node in ast.parse(_config_file(image).read_text()).body:
+    """gunicorn's graceful_timeout, from the config the CMD's gunicorn runs (default 30 s)."""
+    config = _installed_module(image, GUNICORN_CONFIG.removeprefix("python:"))
+    for node in ast.parse(config.read_text()).body:
         if isinstance(node, ast.Assign) and any(
                 isinstance(t, ast.Name) and t.id == "graceful_timeout" for t in node.targets):
             return float(ast.literal_eval(node.value))
     return 30.0
 
 
-def _stop_like_docker(image: Image, server: Gunicorn) -> None:
+def _stop_like_docker(image: Image, container: Container) -> None:
     """Send STOPSIGNAL to the CMD's process only, as `docker stop` does to PID 1."""
     grace = _graceful_timeout(image)
-    server.proc.send_signal(image.dockerfile.stop_signal)
+    tree, private = descendants(container.pid1), container.private_dir()
+    os.kill(container.pid1, image.dockerfile.stop_signal)
     try:
-        code = server.proc.wait(timeout=grace)
+        code = container.server.proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         pytest.fail(f"still running {grace:.0f} s after {image.dockerfile.stop_signal.name}: "
-                    f"Docker would SIGKILL it\n{server.log()}", pytrace=False)
-    assert code == 0, f"exit code {code}\n{server.log()}"
-    with pytest.raises(ProcessLookupError):  # and no worker outlived the master
-        os.killpg(server.proc.pid, 0)
+                    f"Docker would SIGKILL it\n{container.server.log()}", pytrace=False)
+    assert code == 0, f"exit code {code}\n{container.server.log()}"
+    # No child or worker outlived it, and its private directory went with it.
+    wait_for(lambda: not any(map(alive, tree)), 5, "every child and worker to end")
+    assert not private.exists(), private
+
+
+def _exit_code_after(container: Container, grace: float) -> int:
+    try:
+        return container.server.proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running {grace:.0f} s later\n{container.server.log()}", pytrace=False)
 
 
 # --------------------------------------------------------------------------- tests
 
 
 def test_image_cmd_serves_as_its_user_and_stops_cleanly(
-        image: Image, container: Gunicorn, sim: Simulator) -> None:
+        image: Image, container: Container, sim: Simulator) -> None:
     _assert_commands_come_from_the_venv(image, container)
     _assert_runs_as_image_user(image, container)
+    _assert_private_dir(image, container)
     assert requests.get(container.url + "/health", timeout=5).status_code == 200
     healthy = _healthcheck(image, container)
     assert healthy.returncode == 0, f"HEALTHCHECK failed while up: {healthy.stderr}"
@@ -631,6 +760,120 @@ def test_image_cmd_serves_as_its_user_and_stops_cleanly(
     _stop_like_docker(image, container)
     unhealthy = _healthcheck(image, container)
     assert unhealthy.returncode != 0, "HEALTHCHECK passed with the service stopped"
+    for secret in (TOKEN, ADMIN_KEY):  # neither nginx's log nor gunicorn's has a credential
+        assert secret not in container.server.log()
+
+
+NGINX_HEALTH_LINE = re.compile(r'"GET /health HTTP/1\.1" 200 \d+ [\d.]+s upstream=200 ')
+
+
+def test_image_healthcheck_goes_through_nginx(image: Image, shared_container: Container) -> None:
+    # FLASK_PORT is nginx's; gunicorn and its workers hold no TCP listener at all.
+    port_owners = socket_owners(set(tcp_listeners(shared_container.server.port)))
+    assert port_owners and {process_name(pid) for pid in port_owners} == {"nginx"}
+    master = shared_container.children()["gunicorn"]
+    assert not socket_owners(set(tcp_listeners())) & {master, *descendants(master)}
+
+    def health_lines() -> int:
+        return len(NGINX_HEALTH_LINE.findall(shared_container.server.log()))
+
+    before = health_lines()
+    healthy = _healthcheck(image, shared_container)
+    assert healthy.returncode == 0, f"HEALTHCHECK failed: {healthy.stderr}"
+    wait_for(lambda: health_lines() > before, 5, "nginx to log the HEALTHCHECK's request")
+
+
+def _still_open(sock: socket.socket) -> bool:
+    """Neither answered nor closed by the server: the connection is held, waiting for the rest."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) != b""  # data would be an answer; b"" the server's close
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+def test_image_keeps_answering_while_128_requests_are_half_sent(
+        shared_container: Container) -> None:
+    """#20 finding 12: gunicorn facing clients answered 0 of 5 /health in 5 s with 128 held."""
+    head = b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Half-Sent: "  # and nothing more
+    with slow_clients(shared_container.server.port, 128, head) as socks:
+        started = time.monotonic()
+        latencies = health_latencies(shared_container.url, 5, timeout=5)
+        elapsed = time.monotonic() - started
+        held = sum(map(_still_open, socks))
+    answered = sum(latency < math.inf for latency in latencies)
+    print(f"\n128 half-sent requests held ({held} still open after): /health answered "
+          f"{answered}/5 in {elapsed:.3f} s, slowest {max(latencies):.3f} s")
+    assert answered == 5 and elapsed < 5, latencies
+    assert held == 128  # nginx holds them, waiting (its header timeout is 10 s)
+
+
+@pytest.mark.parametrize(("request_bytes", "expected"), [
+    # Over gunicorn's own 8190-byte limits too: gunicorn alone answers these in HTML.
+    (get_request(b"/health", b"X-Request-ID: " + b"a" * 9000 + b"\r\n"), 431),
+    (get_request(b"/health?" + b"a" * 9000), 414),
+    (b"GET /health HTTP/1.1 extra\r\nHost: localhost\r\n\r\n", 400),
+], ids=["header-line-too-long", "uri-too-long", "malformed-request-line"])
+def test_image_answers_server_level_errors_as_json(
+        shared_container: Container, request_bytes: bytes, expected: int) -> None:
+    assert_json_error(*raw_exchange(shared_container.server.port, request_bytes), expected)
+
+
+def test_image_stop_lets_an_in_flight_request_finish(
+        image: Image, container: Container, sim: Simulator) -> None:
+    body = {"model_name": "flux-dev", "prompt": "a slow lighthouse #slow=2"}
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(container.server.post, "/generate", body, ADMIN, 60)
+        # In flight: the service has created the prediction, which runs 2 s on the simulator.
+        wait_for(lambda: sim.predictions(TOKEN), 30, "the request to reach the simulator")
+        stopped_at = time.monotonic()
+        _stop_like_docker(image, container)
+        response = answer.result(timeout=5)
+    assert response.status_code == 200, response.text
+    assert response.json()["success"] is True
+    assert time.monotonic() - stopped_at >= 1  # it waited for the request, not cut it
+    assert "SIGTERM received: stopping gunicorn, nginx" in container.server.log()
+
+
+def test_image_ctrl_c_stops_it_as_sigterm_does(image: Image, container: Container) -> None:
+    """`docker run -it` turns Ctrl-C into SIGINT for PID 1 alone: both children still stop
+    gracefully (gunicorn's SIGINT would be a quick exit, so the supervisor sends SIGTERM)."""
+    tree = descendants(container.pid1)
+    os.kill(container.pid1, signal.SIGINT)
+    code = _exit_code_after(container, _graceful_timeout(image))
+    assert code == 0, f"exit code {code}\n{container.server.log()}"
+    assert "SIGINT received: stopping gunicorn, nginx" in container.server.log()
+    assert "Handling signal: term" in container.server.log()  # gunicorn's graceful stop
+    wait_for(lambda: not any(map(alive, tree)), 5, "every child and worker to end")
+
+
+@pytest.mark.parametrize("victim", ["nginx", "gunicorn"])
+def test_image_stops_the_other_and_fails_when_a_child_dies(
+        image: Image, container: Container, victim: str) -> None:
+    tree = descendants(container.pid1)
+    # SIGKILL: its workers are orphaned and handed to PID 1, which must end and reap them too.
+    os.kill(container.children()[victim], signal.SIGKILL)
+    code = _exit_code_after(container, _graceful_timeout(image))
+    assert code == 1, f"exit code {code}\n{container.server.log()}"
+    assert f"{victim} ended unexpectedly (killed by SIGKILL)" in container.server.log()
+    wait_for(lambda: not any(map(alive, tree)), 5, "every child and worker to end")
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"PATH": "{venv}:/usr/bin:/bin"}, "edge: nginx is not on PATH"),
+    ({"FLASK_HOST": "::g"}, 'edge: nginx config test failed: invalid IPv6 address in "[::g]:'),
+], ids=["nginx-missing", "config-refused"])
+def test_image_cmd_fails_fast_with_one_line(
+        image: Image, env: dict[str, str], message: str) -> None:
+    environ = {**image.env(), **{k: v.format(venv=image.venv / "bin") for k, v in env.items()}}
+    done = subprocess.run(image.dockerfile.cmd, cwd=image.app_dir, env=environ,
+                          capture_output=True, text=True, timeout=30, check=False,
+                          **_as_user(image.run_as))
+    output = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 2 and len(output) == 1, (done.returncode, output)
+    assert output[0].startswith(message), output
 
 
 @pytest.mark.skipif(os.geteuid() != 0,

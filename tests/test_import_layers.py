@@ -31,6 +31,9 @@ FORBIDDEN = [
     ("jobs", ("app", "http", "web", "library", "cli")),
     ("http", ("app", "web", "cli")),
     ("devtools.simulator", ("app", "http", "jobs", "model_functions", "generation", "library")),
+    # The image's PID 1 sits beside launch: it starts the service, never imports it.
+    ("edge", ("app", "http", "web", "ops", "jobs", "library", "cli", "model_functions",
+              "generation", "dispatcher", "limits", "concurrency_manager", "outputs", "devtools")),
 ]
 # Third-party packages a layer must not load (the spine's promises: no Flask below the HTTP layer).
 FORBIDDEN_EXTERNAL = [
@@ -38,6 +41,7 @@ FORBIDDEN_EXTERNAL = [
     ("limits", ("flask", "replicate", "werkzeug")),
     ("model_functions", ("flask", "werkzeug")),
     ("models", ("flask", "werkzeug")),
+    ("edge", ("flask", "replicate", "werkzeug")),
 ]
 
 

@@ -1,8 +1,9 @@
-"""The shipped reverse proxy (deploy/nginx.conf, issue #10 findings 4 and 13) and what gunicorn
-alone still withstands.
+"""The reverse proxy the image runs in front of gunicorn (replicate_generation/edge/nginx.conf;
+issue #10 findings 4 and 13, #20 finding 12) and what gunicorn alone still withstands.
 
-nginx runs the very file docker-compose.yml mounts, with only its listen port, upstream address and
-pid/log/temp paths changed, in front of a real gunicorn against the simulator on 127.0.0.1.
+nginx runs the package's one template as `replicate-generation edge` renders it (edge.config),
+with only its listen port, upstream and private directory the test's, in front of a real gunicorn
+against the simulator on 127.0.0.1. tests/test_image_command.py runs the image's own command.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +29,33 @@ import pytest
 import requests
 
 from conftest import ADMIN, ADMIN_KEY, SERVER_TOKEN, USER_TOKEN
+from replicate_generation.edge import STOP_SECONDS
+from replicate_generation.edge.config import (
+    EdgeError,
+    ProxyConfig,
+    host_port,
+    nameserver,
+    needs_resolver,
+    render,
+    template_text,
+    upstream_address,
+)
+from replicate_generation.edge.nginx import nginx_argv
 from replicate_generation.settings import Settings
-from servers import ROOT, Gunicorn, free_port, wait_for
+from servers import (
+    ROOT,
+    Gunicorn,
+    assert_json_error,
+    free_port,
+    get_request,
+    health_latencies,
+    raw_exchange,
+    slow_clients,
+    wait_for,
+)
 
-NGINX_CONF = ROOT / "deploy" / "nginx.conf"
-# What compose gives nginx; the test rendering swaps these for 127.0.0.1 values and tmp paths.
-COMPOSE_UPSTREAM = "replicate-generation:5003"
-COMPOSE_LISTEN = "listen 8080;"
-# A request line cut in half: the client never sends the rest.
-HALF_REQUEST_LINE = b"GET /health HT"
+TEMPLATE = ROOT / "replicate_generation" / "edge" / "nginx.conf"
+GUNICORN_CONF = ROOT / "replicate_generation" / "gunicorn_conf.py"
 NGINX_CANDIDATES = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
 
 
@@ -57,48 +78,44 @@ def require_nginx() -> str:
     pytest.skip("nginx is not installed (apt-get install -y nginx); CI installs it and runs this")
 
 
-def shipped_seconds(directive: str) -> int:
-    """A `directive Ns;` value from the shipped config."""
-    match = re.search(rf"^\s*{directive} (\d+)s;", NGINX_CONF.read_text(), re.M)
-    assert match, f"{directive} not found in deploy/nginx.conf"
+def template_seconds(directive: str) -> int:
+    """A `directive Ns;` value written in the template itself."""
+    match = re.search(rf"^\s*{directive} (\d+)s;", TEMPLATE.read_text(), re.M)
+    assert match, f"{directive} not found in {TEMPLATE.name}"
     return int(match[1])
 
 
-def render_config(work: Path, listen_port: int, upstream_port: int) -> Path:
-    """The shipped file with only the host, port and path values a test needs changed."""
-    text = NGINX_CONF.read_text()
-    substitutions = {
-        COMPOSE_UPSTREAM: f"127.0.0.1:{upstream_port}",
-        COMPOSE_LISTEN: f"listen 127.0.0.1:{listen_port};",
-        "/var/run/nginx.pid": str(work / "nginx.pid"),
-        "/var/log/nginx/": f"{work / 'logs'}/",
-        "/var/cache/nginx/": f"{work / 'cache'}/",
-    }
-    for old, new in substitutions.items():
-        assert old in text, f"deploy/nginx.conf lost {old!r}: update render_config"
-        text = text.replace(old, new)
-    rendered = work / "nginx.conf"
-    rendered.write_text(text)
-    return rendered
+def rendered_seconds(text: str, directive: str) -> int:
+    match = re.search(rf"^\s*{directive} (\d+)s;", text, re.M)
+    assert match, f"{directive} not found in the rendered config"
+    return int(match[1])
+
+
+def proxy_config(work: Path, listen_port: int, upstream: str,
+                settings: Settings | None = None) -> ProxyConfig:
+    """What `edge` would render, with the test's addresses and directory."""
+    settings = settings or Settings()
+    return ProxyConfig(listen=f"127.0.0.1:{listen_port}", upstream=upstream, work=work,
+                       max_body_bytes=settings.max_request_bytes,
+                       task_timeout_seconds=settings.task_timeout_seconds)
 
 
 class Nginx:
-    """nginx in the foreground (as the image runs it) with the rendered shipped config."""
+    """nginx in the foreground with the rendered template, as `edge` runs it."""
 
     def __init__(self, binary: str, work: Path, upstream_port: int) -> None:
-        for directory in (work, work / "logs", work / "cache"):
+        for directory in (work, work / "logs"):
             directory.mkdir(parents=True, exist_ok=True)
         self.work = work
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        conf = render_config(work, self.port, upstream_port)
-        # The image's CMD adds `daemon off;`; as root, workers keep root to reach tmp_path.
-        directives = "daemon off;" + (" user root;" if os.geteuid() == 0 else "")
-        self._out = (work / "logs" / "stdout.log").open("wb")
+        conf = work / "nginx.conf"
+        conf.write_text(render(proxy_config(work, self.port, f"127.0.0.1:{upstream_port}")))
+        # Append: nginx reopens /dev/stdout (the access log), and would write over this offset.
+        self._out = (work / "logs" / "stdout.log").open("ab")
         self.proc = subprocess.Popen(
-            [binary, "-c", str(conf), "-p", f"{work}/", "-e", str(work / "logs" / "error.log"),
-             "-g", directives],
-            stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True)
+            nginx_argv(binary, work, conf), stdout=self._out, stderr=subprocess.STDOUT,
+            start_new_session=True)
 
     def wait_ready(self, timeout: float = 15.0) -> None:
         def answers() -> bool:
@@ -151,35 +168,6 @@ def proxied(start_gunicorn: Callable[..., Gunicorn], make_settings: Callable[...
 # --------------------------------------------------------------------------- clients
 
 
-@contextmanager
-def slow_clients(port: int, count: int, head: bytes = HALF_REQUEST_LINE) -> Iterator[
-        list[socket.socket]]:
-    """`count` connections that send `head` and then nothing; closed when the block ends."""
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-            sock.sendall(head)
-            socks.append(sock)
-        yield socks
-    finally:
-        for sock in socks:
-            sock.close()
-
-
-def health_latencies(url: str, count: int, timeout: float = 5.0) -> list[float]:
-    """Seconds per sequential GET /health; a failure or timeout counts as infinity."""
-    latencies = []
-    for _ in range(count):
-        start = time.monotonic()
-        try:
-            ok = requests.get(url + "/health", timeout=timeout).status_code == 200
-        except requests.RequestException:
-            ok = False
-        latencies.append(time.monotonic() - start if ok else math.inf)
-    return latencies
-
-
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
@@ -207,25 +195,6 @@ def closed_by_peer(sock: socket.socket, deadline: float) -> bool:
     except TimeoutError:
         return False
     return True
-
-
-def raw_exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Send bytes as they are; return the status, headers (lower-cased names) and body."""
-    answer = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        try:
-            sock.sendall(request)
-        except (ConnectionResetError, BrokenPipeError):
-            pass  # nginx may answer and stop reading before the whole request is sent
-        try:
-            while chunk := sock.recv(65536):
-                answer += chunk
-        except ConnectionResetError:
-            pass  # nginx resets after refusing a body it did not read; the answer is in
-    head, _, body = answer.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
-    return int(lines[0].split(" ", 2)[1]), {k.lower(): v for k, v in headers.items()}, body
 
 
 ACCESS_LINE = re.compile(r'"[A-Z]+ \S* HTTP/[\d.]+" \d{3} \S+ \d+ms <(\d+)>')
@@ -256,19 +225,6 @@ def wait_for_workers(server: Gunicorn, workers: int) -> None:
     wait_for(pids, 30, f"{workers} gunicorn workers to serve")
 
 
-def assert_json_error(status: int, headers: dict[str, str], body: bytes, expected: int) -> None:
-    """The service's one error shape, written by nginx: {"error": "..."} as JSON."""
-    assert status == expected, (status, body[:200])
-    assert headers["content-type"] == "application/json", headers
-    parsed = json.loads(body)
-    assert set(parsed) == {"error"} and isinstance(parsed["error"], str), parsed
-
-
-def get_request(target: bytes, headers: bytes = b"", method: bytes = b"GET") -> bytes:
-    return (method + b" " + target + b" HTTP/1.1\r\nHost: localhost\r\n" + headers
-            + b"Connection: close\r\n\r\n")
-
-
 def chunked(body: bytes, size: int = 1 << 20) -> bytes:
     pieces = [body[i:i + size] for i in range(0, len(body), size)]
     return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
@@ -285,7 +241,7 @@ def test_slow_request_heads_never_reach_gunicorn_and_are_cut_by_the_proxy(
         assert max(latencies) < math.inf and percentile(latencies, 0.95) < 0.5, latencies
         # No connection reached gunicorn for the 40: nginx holds them (health's are closed by now).
         assert established_to(server.port) == 0
-        deadline = time.monotonic() + shipped_seconds("client_header_timeout") + 3
+        deadline = time.monotonic() + template_seconds("client_header_timeout") + 3
         assert all(closed_by_peer(sock, deadline) for sock in socks)
 
 
@@ -300,7 +256,7 @@ def test_a_stalled_body_holds_no_gunicorn_thread_and_is_cut_by_the_proxy(
         latencies = health_latencies(nginx.url, 10)
         assert percentile(latencies, 0.95) < 0.5, latencies
         assert established_to(server.port) == 0  # the 7 bytes wait in nginx, not in gunicorn
-        timeout = shipped_seconds("client_body_timeout")
+        timeout = template_seconds("client_body_timeout")
         assert closed_by_peer(sock, started + timeout + 3)
         assert time.monotonic() - started >= timeout - 1  # cut by that timeout, not before
     assert not [line for line in settled_access_lines(server)[len(before):] if "POST" in line]
@@ -323,6 +279,8 @@ REFUSED = [
     pytest.param(get_request(b"/he\x01alth"), 400, id="control-byte-in-uri"),
     pytest.param(get_request(b"/files/\xc3\xa9.png"), 400, id="raw-non-ascii-in-uri"),
     pytest.param(get_request(b"/health", method=b"A"), 405, id="method-gunicorn-refuses"),
+    pytest.param(b"GET /health HTTP/1.1 extra\r\nHost: localhost\r\n\r\n", 400,
+                 id="malformed-request-line"),
     pytest.param(get_request(b"/generate", b"Transfer-Encoding: gzip\r\n", b"POST"), 501,
                  id="unknown-transfer-coding"),
     pytest.param(get_request(b"/generate", b"X-Admin-API-Key: " + ADMIN_KEY.encode()
@@ -387,11 +345,36 @@ def test_generate_and_ranged_downloads_work_through_the_proxy(
     assert cached.status_code == 304
 
 
+def test_edge_with_an_upstream_is_a_balancer_for_a_gunicorn_elsewhere(
+        start_gunicorn: Callable[..., Gunicorn], make_settings: Callable[..., Settings],
+        tmp_path: Path) -> None:
+    """compose's balancer: `edge --upstream` runs nginx alone (an address here: no DNS lookup)."""
+    binary = require_nginx()
+    server = start_gunicorn(make_settings(), 1)
+    path = f"{Path(binary).parent}:{os.environ.get('PATH', '')}"
+    balancer = Gunicorn({"PATH": path, "PYTHONPATH": str(ROOT)}, tmp_path / "balancer.log",
+                        cwd=tmp_path, command=[sys.executable, "-m", "replicate_generation",
+                                               "edge", "--upstream", f"127.0.0.1:{server.port}"])
+    try:
+        balancer.wait_ready()
+        assert requests.get(balancer.url + "/health", timeout=5).json()["status"] == "healthy"
+        assert_json_error(*raw_exchange(balancer.port, get_request(b"/health?" + LONG)), 414)
+        balancer.proc.send_signal(signal.SIGTERM)
+        assert balancer.proc.wait(timeout=30) == 0, balancer.log()
+        assert "SIGTERM received: stopping nginx\n" in balancer.log()  # and no gunicorn of its own
+    finally:
+        balancer.stop()
+
+
 # --------------------------------------------------------------------------- the config itself
 
 
-def test_every_proxy_error_page_is_json_with_its_status() -> None:
-    text = NGINX_CONF.read_text()
+def rendered(tmp_path: Path, settings: Settings | None = None) -> str:
+    return render(proxy_config(tmp_path, 5003, "unix:/run/gunicorn.sock", settings))
+
+
+def test_every_proxy_error_page_is_json_with_its_status(tmp_path: Path) -> None:
+    text = rendered(tmp_path)
     pages = re.findall(r"error_page ((?:\d{3} )+)(?:=(\d{3}) )?(/_proxy_error/\d{3});", text)
     bodies = dict(re.findall(r"location = (/_proxy_error/\d{3}) \{[^}]*?return (\d{3} '.*?')",
                              text, re.S))
@@ -404,12 +387,73 @@ def test_every_proxy_error_page_is_json_with_its_status() -> None:
         assert set(body) == {"error"} and body["error"], uri
 
 
-def test_the_proxy_limits_match_the_service_settings() -> None:
-    text = NGINX_CONF.read_text()
-    defaults = Settings()
-    size = re.search(r"client_max_body_size (\d+)m;", text)
-    assert size and int(size[1]) * 2**20 == defaults.max_request_bytes
-    assert shipped_seconds("proxy_read_timeout") > defaults.task_timeout_seconds
+@pytest.mark.parametrize(("environ", "body_limit", "message", "read_timeout"), [
+    ({}, 16 * 2**20, "over 16 MiB", 330),  # the service's defaults
+    ({"MAX_REQUEST_BYTES": "1536", "TASK_TIMEOUT_SECONDS": "59.5"}, 1536, "over 1536 bytes", 90),
+    ({"MAX_REQUEST_BYTES": "3145728"}, 3 * 2**20, "over 3 MiB", 330),
+], ids=["defaults", "odd-values", "lowered"])
+def test_the_proxy_limits_follow_the_service_settings(
+        tmp_path: Path, environ: dict[str, str], body_limit: int, message: str,
+        read_timeout: int) -> None:
+    settings = Settings.from_env(environ)
+    text = rendered(tmp_path, settings)
+    size = re.search(r"^\s*client_max_body_size (\d+);", text, re.M)
+    assert size and int(size[1]) == body_limit == settings.max_request_bytes
+    # A synchronous batch runs up to TASK_TIMEOUT_SECONDS: nginx waits that and a margin longer.
+    assert rendered_seconds(text, "proxy_read_timeout") == read_timeout
+    assert read_timeout > settings.task_timeout_seconds
+    assert f"Request body too large ({message})" in text
+
+
+def test_nginx_drains_within_gunicorns_graceful_timeout(tmp_path: Path) -> None:
+    graceful = next(ast.literal_eval(node.value)
+                    for node in ast.parse(GUNICORN_CONF.read_text()).body
+                    if isinstance(node, ast.Assign)
+                    and ast.unparse(node.targets[0]) == "graceful_timeout")
+    # By then gunicorn has answered or dropped every request; the supervisor's own limit follows.
+    assert rendered_seconds(rendered(tmp_path), "worker_shutdown_timeout") == graceful
+    assert graceful < STOP_SECONDS <= graceful + 5
+
+
+def test_every_placeholder_is_filled_and_nothing_else_changes(tmp_path: Path) -> None:
+    template, text = template_text(), rendered(tmp_path)
+    assert template == TEMPLATE.read_text()  # the installed template is the checkout's
+    assert "{{" not in text and "}}" not in text
+    assert len(text.splitlines()) == len(template.splitlines())
+    assert f"pid {tmp_path}/nginx.pid;" in text and "set $service unix:/run/gunicorn.sock;" in text
+    # Every path nginx writes is in the run's private directory, never its compiled-in ones.
+    for directive in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        assert re.search(rf"^\s*{directive}_temp_path {re.escape(str(tmp_path))}/\w+;", text, re.M)
+    assert "resolver " not in text.replace("# (none", "")
+
+
+@pytest.mark.parametrize("field", ["listen", "upstream", "work"])
+@pytest.mark.parametrize("value", ["127.0.0.1:80; include /etc/passwd", "a b", "x{", "$host"])
+def test_a_value_that_would_change_the_config_is_refused(
+        tmp_path: Path, field: str, value: str) -> None:
+    config = proxy_config(tmp_path, 5003, "127.0.0.1:5004")
+    with pytest.raises(EdgeError, match=field):
+        render(replace(config, **{field: Path(value) if field == "work" else value}))
+
+
+def test_addresses_are_written_as_nginx_reads_them() -> None:
+    assert host_port("0.0.0.0", 5003) == "0.0.0.0:5003"  # noqa: S104 - the image's default
+    assert host_port("::", 5003) == "[::]:5003"
+    assert upstream_address("replicas:5003") == ("replicas", 5003)
+    assert upstream_address("[fd00::1]:80") == ("fd00::1", 80)
+    for bad in ("replicas", "replicas:", ":5003", "replicas:99999", "replicas:http"):
+        with pytest.raises(EdgeError, match="HOST:PORT"):
+            upstream_address(bad)
+
+
+def test_only_a_named_upstream_gets_a_resolver(tmp_path: Path) -> None:
+    assert needs_resolver("replicas") and not needs_resolver("10.0.0.7")
+    assert not needs_resolver("fd00::1")
+    assert nameserver("# docker\nsearch local\nnameserver 127.0.0.11\nnameserver 8.8.8.8\n") \
+        == "127.0.0.11"
+    assert nameserver("search local\n") is None
+    named = replace(proxy_config(tmp_path, 5003, "replicas:5003"), resolver="fd00::53")
+    assert "    resolver [fd00::53] valid=10s ipv6=off;" in render(named)
 
 
 def _headers_read(tree: ast.AST) -> set[str]:
@@ -439,7 +483,7 @@ def _headers_read(tree: ast.AST) -> set[str]:
 
 
 def test_every_header_the_service_reads_is_forwarded_by_the_proxy() -> None:
-    text = NGINX_CONF.read_text()
+    text = TEMPLATE.read_text()
     forwarded = {name.lower() for name in re.findall(r"proxy_set_header (\S+) \$", text)}
     checked = re.search(r'map "([^"]+)" \$control_bytes_in_headers', text)
     assert checked
@@ -451,7 +495,7 @@ def test_every_header_the_service_reads_is_forwarded_by_the_proxy() -> None:
             if re.search(r"\bsession\[|request\.cookies", source):  # Flask reads Cookie
                 read.add("cookie")
     assert {"x-admin-api-key", "x-replicate-api-key", "prefer", "idempotency-key"} <= read
-    assert read <= forwarded, f"add to deploy/nginx.conf: {sorted(read - forwarded)}"
+    assert read <= forwarded, f"add to {TEMPLATE.name}: {sorted(read - forwarded)}"
     for name in read - {"host"}:  # nginx validates Host itself
         assert f"$http_{name.replace('-', '_')}" in checked[1], name
 

@@ -1,4 +1,5 @@
-"""The `serve`, `simulator` and `demo` commands: run the service as the image does, or a demo."""
+"""The `serve`, `simulator` and `demo` commands: run the service under gunicorn alone (the image
+runs `edge`, cli/serve_edge.py, instead), or a demo."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from replicate_generation.launch import serve
 def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `serve`, `simulator` and `demo`."""
     command = commands.add_parser(
-        "serve", help="run the HTTP service under gunicorn (settings from the environment/.env)")
+        "serve", help="run the HTTP service under gunicorn alone, for a deployment with its own "
+        "proxy in front (settings from the environment/.env)")
     command.set_defaults(func=lambda _args: serve())
     sim = commands.add_parser("simulator", add_help=False,
                               help="run the local Replicate simulator (dev tool; --help for its "
