@@ -27,6 +27,7 @@ from replicate_generation.limits.base import (
     LimitSource,
     LimitStore,
     Turn,
+    caller_account,
 )
 from replicate_generation.limits.heartbeat import OUTAGE_PAUSE_MAX_S, Heartbeat
 from replicate_generation.limits.release_count import Heard, ReleaseCount
@@ -88,14 +89,29 @@ class ConcurrencyManager:
         """Hold one of the account's in-flight slots for the body of the block; `turn` places
         the wait among the account's others (interactive first, then fair shares)."""
         started = time.monotonic()
-        lease_id = self._acquire(account, deadline, turn)
-        metrics.limiter_waited("slot", started)
+        with self._caller_slot(account, deadline, turn):
+            lease_id = self._acquire(account, deadline, turn)
+            metrics.limiter_waited("slot", started)
+            try:
+                yield
+            finally:
+                self._release(lease_id)
+
+    @contextmanager
+    def _caller_slot(self, account: str, deadline: float, turn: Turn) -> Iterator[None]:
+        """A capped caller first takes one of its own slots, counted beside the account's, so
+        its waiters never stand in the account's line while it is at its bound."""
+        if turn.cap is None:
+            yield
+            return
+        own = self._acquire(caller_account(account, turn.caller), deadline, ANYONE, turn.cap)
         try:
             yield
         finally:
-            self._release(lease_id)
+            self._release(own)
 
-    def _acquire(self, account: str, deadline: float, turn: Turn) -> str:
+    def _acquire(self, account: str, deadline: float, turn: Turn,
+                 limit: int | None = None) -> str:
         self._check_open()
         if self._clock() >= deadline:
             raise DeadlineExceeded(f"deadline passed before waiting for a slot ({account})")
@@ -104,7 +120,7 @@ class ConcurrencyManager:
         self._heartbeat.hold(ticket=ticket)
         lease_id: str | None = None
         try:
-            lease_id = self._wait_for_lease(account, ticket, deadline, turn)
+            lease_id = self._wait_for_lease(account, ticket, deadline, turn, limit)
             self._heartbeat.hold(lease=lease_id)
             return lease_id
         finally:
@@ -114,13 +130,14 @@ class ConcurrencyManager:
                 self._best_effort(self._store.leave_queue, ticket)
                 self._notify()
 
-    def _wait_for_lease(self, account: str, ticket: str, deadline: float, turn: Turn) -> str:
+    def _wait_for_lease(self, account: str, ticket: str, deadline: float, turn: Turn,
+                        limit: int | None) -> str:
         while True:
             heard = self._releases.heard()
             if self._closed:
                 raise RuntimeError("ConcurrencyManager has been shut down")
             lease_id, rank = self._patiently(
-                partial(self._store.try_acquire_ranked, account, ticket, turn), deadline,
+                partial(self._store.try_acquire_ranked, account, ticket, turn, limit), deadline,
                 self._pause_for_change)
             if lease_id is not None:
                 return lease_id

@@ -71,7 +71,7 @@ class Dispatcher:
         the lock and starts them after releasing it."""
         starts: list[str] = []
         for account, queue in self._queues.items():
-            wanted = min(len(queue), self._cap(account)) - self._runners.get(account, 0)
+            wanted = min(queue.runnable(), self._cap(account) - self._runners.get(account, 0))
             if wanted > 0:
                 self._runners[account] = self._runners.get(account, 0) + wanted
                 self._waiting[account] = self._waiting.get(account, 0) + wanted
@@ -154,19 +154,22 @@ class Dispatcher:
                 return self._queued
             return len(self._queues.get(account, ()))
 
-    def _next(self, account: str) -> _Task | Literal["yield"] | None:
-        """The account's next task; "yield" when another account waits for a thread (this runner
-        goes to the back of the pool's line); None when this runner should end."""
+    def _next(self, account: str) -> tuple[str, _Task] | Literal["yield"] | None:
+        """The account's next task and its caller; "yield" when another account waits for a
+        thread (this runner goes to the back of the pool's line); None when this runner should
+        end (nothing may start: none left, or every caller left is at its bound)."""
         with self._lock:
             queue = self._queues.get(account)
-            if not queue or self._runners[account] > self._cap(account):
+            if not queue or not queue.runnable() or self._runners[account] > self._cap(account):
                 self._end_runner(account)
                 return None
             if self._others_waiting(account):
                 self._waiting[account] = self._waiting.get(account, 0) + 1
                 return "yield"
-            self._queued -= 1
-            return queue.pop()
+            picked = queue.pop()
+            if picked is not None:
+                self._queued -= 1
+            return picked
 
     def _end_runner(self, account: str) -> None:
         """One runner fewer; the account is forgotten with its last one; caller holds the lock."""
@@ -211,14 +214,21 @@ class Dispatcher:
         while (item := self._next(account)) is not None:
             if isinstance(item, str):
                 return True
-            fn, future = item
-            if not future.set_running_or_notify_cancel():
-                continue
+            caller, (fn, future) = item
             try:
-                future.set_result(fn())
+                if future.set_running_or_notify_cancel():
+                    future.set_result(fn())
             except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
                 future.set_exception(exc)
+            finally:
+                self._task_done(account, caller)
         return False
+
+    def _task_done(self, account: str, caller: str) -> None:
+        with self._lock:
+            queue = self._queues.get(account)
+            if queue is not None:
+                queue.done(caller)
 
     def shutdown(self, wait: bool = True) -> None:
         """Refuse new work, drop what is queued (its futures are cancelled), finish the rest."""

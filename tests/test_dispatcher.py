@@ -137,3 +137,16 @@ def test_callers_of_one_account_share_its_runners_by_weight(gate: Gate) -> None:
     assert [sum(n[0] == "l" for n in order[:end]) for end in (4, 8, 12)] == [1, 2, 3]
     assert [n for n in order if n[0] == "h"] == [f"h{i}" for i in range(9)]
     pool.shutdown(wait=True)
+
+
+def test_a_caller_at_its_bound_leaves_the_runners_to_the_others(gate: Gate) -> None:
+    pool = dispatcher(threads=4, limit=4)
+    capped = pool.submit_many("a", [gate.task(f"c{i}") for i in range(3)],
+                              Turn(False, "capped", cap=1))
+    free = pool.submit_many("a", [gate.task(f"f{i}") for i in range(3)], Turn(False, "free"))
+    assert sorted(gate.wait_started(4)) == ["c0", "f0", "f1", "f2"]  # not c1 beside c0
+    gate.open("c0")
+    assert gate.wait_started(5)[4] == "c1"
+    gate.open_all()
+    assert [f.result(WAIT) for f in capped + free] == ["c0", "c1", "c2", "f0", "f1", "f2"]
+    pool.shutdown(wait=True)

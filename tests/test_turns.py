@@ -4,11 +4,14 @@ arrival; an idle caller gets no credit for the time it did not ask."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from replicate_generation.concurrency_manager import ConcurrencyManager
 from replicate_generation.limits.base import Limits, LimitStore, Turn
 from test_limit_store_contract import ACCOUNT, FakeClock, StoreFactory, shared_redis_or_skip
 
@@ -79,3 +82,46 @@ def test_an_idle_caller_gets_no_credit_for_the_time_it_did_not_ask(store: LimitS
         assert store.try_acquire(ACCOUNT, ticket, turn) is None
     # The newcomer alternates with busy from now on; it is not owed the turns it did not ask.
     assert entry_order(store, lease, early[4:] + newcomers)[0] == ["n0", "e4", "n1", "e5", "n2"]
+
+
+def test_a_capped_caller_stays_under_its_bound_across_processes_and_others_fill_the_rest(
+        tmp_path: Path) -> None:
+    factory = StoreFactory("sqlite", tmp_path)
+    stores = [factory(Limits(4, 6000)) for _ in range(2)]  # two processes, one state file
+    managers = [ConcurrencyManager(store, poll_interval=0.01) for store in stores]
+    capped, free = Turn(False, "key_capped", cap=2), Turn(False, "key_free")
+    inside: dict[str, int] = {"key_capped": 0, "key_free": 0}
+    peak: dict[str, int] = {"key_capped": 0, "key_free": 0}
+    lock, full = threading.Lock(), threading.Event()
+
+    def hold(manager: ConcurrencyManager, turn: Turn) -> None:
+        with manager.slot(ACCOUNT, time.time() + 20, turn):
+            with lock:
+                inside[turn.caller] += 1
+                peak[turn.caller] = max(peak[turn.caller], inside[turn.caller])
+                if sum(inside.values()) == 4:
+                    full.set()
+            assert full.wait(20)
+            with lock:
+                inside[turn.caller] -= 1
+
+    threads = [threading.Thread(target=hold, args=(managers[i % 2], capped)) for i in range(6)]
+    threads += [threading.Thread(target=hold, args=(managers[i % 2], free)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads)
+    # Four slots: never more than two for the capped key, the free key got the other two.
+    assert peak == {"key_capped": 2, "key_free": 2}
+    for manager in managers:
+        manager.shutdown()
+    factory.close()
+
+
+def test_a_lower_limit_for_one_account_bounds_it_alone(store: LimitStore) -> None:
+    # The fixture's shared limit is 1; "wide" gets 1, "narrow~key" at most 1 of its own too.
+    assert store.try_acquire("narrow~key", "n1", limit=1) is not None
+    assert store.try_acquire("narrow~key", "n2", limit=1) is None
+    assert store.try_acquire("narrow~key", "n2", limit=5) is None  # never above the shared one
+    assert store.try_acquire(ACCOUNT, "w1", limit=None) is not None

@@ -204,7 +204,8 @@ class JobRunner:
         """The job's place among its account's work: its priority, its caller and weight."""
         key = self.store.keys.get(job.key_id) if job.key_id is not None else None
         return Turn(interactive=job.priority == "interactive",
-                    caller=job.key_id or job.caller or "", weight=key.weight if key else 1.0)
+                    caller=job.key_id or job.caller or "", weight=key.weight if key else 1.0,
+                    cap=key.max_concurrent if key else None)
 
     def _resume(self, job: JobRow, token: str) -> None:
         try:

@@ -138,6 +138,8 @@ class Turn:
     interactive: bool = True
     caller: str = ""
     weight: float = 1.0
+    # The caller's own in-flight bound under the account's (an issued key's max_concurrent).
+    cap: int | None = None
 
     @property
     def band(self) -> int:
@@ -150,6 +152,11 @@ class Turn:
 
 
 ANYONE = Turn()
+
+
+def caller_account(account: str, caller: str) -> str:
+    """The account a capped caller's own slots are counted under, beside the real one's."""
+    return f"{account}~{caller}"
 
 
 class LimitStore(Protocol):
@@ -188,13 +195,14 @@ class LimitStore(Protocol):
         """Remove ``instance``'s declaration (a clean shutdown)."""
         ...
 
-    def try_acquire(self, account: str, ticket: str, turn: Turn = ANYONE) -> str | None:
+    def try_acquire(self, account: str, ticket: str, turn: Turn = ANYONE,
+                    limit: int | None = None) -> str | None:
         """Enqueue or refresh ``ticket`` (placed by ``turn`` when new); return a lease id if it
-        may enter now."""
+        may enter now. ``limit`` lowers the shared max_concurrent for this account only."""
         ...
 
-    def try_acquire_ranked(self, account: str, ticket: str,
-                           turn: Turn = ANYONE) -> tuple[str | None, int]:
+    def try_acquire_ranked(self, account: str, ticket: str, turn: Turn = ANYONE,
+                           limit: int | None = None) -> tuple[str | None, int]:
         """As try_acquire, and when refused how many waiters enter before this one (1: next)."""
         ...
 

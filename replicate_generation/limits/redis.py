@@ -246,21 +246,23 @@ class RedisLimitStore:
 
     # -- leases and tickets ------------------------------------------------------
 
-    def try_acquire(self, account: str, ticket: str, turn: Turn = ANYONE) -> str | None:
-        return self.try_acquire_ranked(account, ticket, turn)[0]
+    def try_acquire(self, account: str, ticket: str, turn: Turn = ANYONE,
+                    limit: int | None = None) -> str | None:
+        return self.try_acquire_ranked(account, ticket, turn, limit)[0]
 
     @_fail_closed
-    def try_acquire_ranked(self, account: str, ticket: str,
-                           turn: Turn = ANYONE) -> tuple[str | None, int]:
+    def try_acquire_ranked(self, account: str, ticket: str, turn: Turn = ANYONE,
+                           limit: int | None = None) -> tuple[str | None, int]:
         _check_account(account)
         with self._tickets_lock:  # before the call: a lost answer must still be left
             self._tickets[ticket] = account
-        limit = self._limits(mark=account).max_concurrent
+        shared = self._limits(mark=account).max_concurrent
         lease = self._run(
             "acquire",
             keys=self._names.of(account, "leases", "released", "queue", "tickets", "vtime",
                                 "fair"),
-            args=[self._now(), self._ttl, limit, ticket, f"{account}|{ticket}", self._keep(),
+            args=[self._now(), self._ttl, shared if limit is None else min(shared, limit), ticket,
+                  f"{account}|{ticket}", self._keep(),
                   turn.band, turn.caller, turn.step, FAIR_KEEP_S])
         if isinstance(lease, int):
             return None, lease

@@ -247,18 +247,20 @@ class SQLiteLimitStore:
 
     # -- leases and tickets -----------------------------------------------
 
-    def try_acquire(self, account: str, ticket: str, turn: Turn = ANYONE) -> str | None:
-        return self.try_acquire_ranked(account, ticket, turn)[0]
+    def try_acquire(self, account: str, ticket: str, turn: Turn = ANYONE,
+                    limit: int | None = None) -> str | None:
+        return self.try_acquire_ranked(account, ticket, turn, limit)[0]
 
-    def try_acquire_ranked(self, account: str, ticket: str,
-                           turn: Turn = ANYONE) -> tuple[str | None, int]:
+    def try_acquire_ranked(self, account: str, ticket: str, turn: Turn = ANYONE,
+                           limit: int | None = None) -> tuple[str | None, int]:
         with self._db.write() as conn:
             now = self._clock()
             # Purged inside the granting transaction: dead holders' slots free with no reaper.
             conn.execute("DELETE FROM cm_leases WHERE expires <= ?", (now,))
             conn.execute("DELETE FROM cm_tickets WHERE expires <= ?", (now,))
             mine = turns.place(conn, account, ticket, turn, now + self._ttl)
-            free = self._limits(conn).max_concurrent - _count(
+            shared = self._limits(conn).max_concurrent
+            free = (shared if limit is None else min(shared, limit)) - _count(
                 conn, "SELECT COUNT(*) FROM cm_leases WHERE account = ?", (account,)
             )
             ahead = turns.ahead(conn, account, mine)
