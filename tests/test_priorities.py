@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from contextlib import ExitStack
 from typing import Any
 
+import pytest
 import requests
 
 from conftest import ADMIN, SERVER_TOKEN, HeldClock
 from replicate_generation.devtools.simulator import Simulator
 from replicate_generation.settings import Settings
 from servers import Gunicorn, wait_for
+from shared_backends import REDIS_URL, postgres_database, redis_prefix
 
 FLUX = "flux-dev"
 
@@ -30,14 +33,25 @@ def waiting(server: Gunicorn) -> int:
     return int(status["totals"]["waiting"])
 
 
+@pytest.mark.parametrize("backends", ["sqlite", "redis+postgresql"])
 def test_a_waiting_caller_is_created_in_the_next_wave_in_either_process(
-        held_sim: tuple[Simulator, HeldClock], make_settings: Callable[..., Settings],
-        start_gunicorn: Callable[..., Gunicorn]) -> None:
+        backends: str, held_sim: tuple[Simulator, HeldClock],
+        make_settings: Callable[..., Settings], start_gunicorn: Callable[..., Gunicorn]) -> None:
+    with ExitStack() as stack:
+        shared = {} if backends == "sqlite" else {
+            "redis_url": REDIS_URL, "redis_key_prefix": stack.enter_context(redis_prefix()),
+            "database_url": stack.enter_context(postgres_database())}
+        settings = make_settings(replicate_base_url=held_sim[0].base_url, concurrent_limit=2,
+                                 sync_wait_seconds=0, poll_interval_seconds=0.05,
+                                 task_timeout_seconds=60, **shared)
+        _next_wave(held_sim, settings, start_gunicorn)
+
+
+def _next_wave(held_sim: tuple[Simulator, HeldClock], settings: Settings,
+               start_gunicorn: Callable[..., Gunicorn]) -> None:
     sim, clock = held_sim
-    settings = make_settings(replicate_base_url=sim.base_url, concurrent_limit=2,
-                             sync_wait_seconds=0, poll_interval_seconds=0.05,
-                             task_timeout_seconds=60)
-    holder, other = (start_gunicorn(settings, workers=1) for _ in range(2))  # one state file
+    # Two instances sharing their limits (one state file, or Redis and PostgreSQL).
+    holder, other = (start_gunicorn(settings, workers=1) for _ in range(2))
     keys = [requests.post(f"{holder.url}/keys", json={"name": name}, headers=ADMIN,
                           timeout=10).json()["key"] for name in ("nightly", "web")]
     batch = {"model_name": FLUX, "prompts": [f"batch {i} #slow=1" for i in range(12)],
