@@ -14,7 +14,9 @@ import ssl
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote
 
@@ -74,6 +76,44 @@ def take_throttle_hint() -> float | None:
     return hint
 
 
+class _CreateHeaders(threading.local):
+    """Headers this thread's prediction creates carry (replicate 1.0.7 takes none per call)."""
+
+    headers: Mapping[str, str] = {}
+
+
+_create_headers = _CreateHeaders()
+
+
+@contextmanager
+def create_headers(headers: Mapping[str, str]) -> Iterator[None]:
+    """Send `headers` (Cancel-After) with the prediction creates this thread makes in the block;
+    forgotten when it ends, however it ends."""
+    previous = _create_headers.headers
+    _create_headers.headers = dict(headers)
+    try:
+        yield
+    finally:
+        _create_headers.headers = previous
+
+
+def _is_create(request: httpx.Request) -> bool:
+    """POST /v1/predictions, /v1/models/o/n/predictions or /v1/deployments/o/n/predictions."""
+    return request.method == "POST" and request.url.path.rstrip("/").endswith("/predictions")
+
+
+def read_prediction(client: replicate.Client, prediction_id: str) -> Any:
+    """GET the prediction; an `aborted` one (a status replicate 1.0.7 cannot parse) is read raw."""
+    try:
+        return client.predictions.get(prediction_id)
+    except ValueError:  # pydantic's ValidationError: a status or shape the client does not know
+        body = client._request("GET", f"/v1/predictions/{prediction_id}").json()  # noqa: SLF001
+        if not isinstance(body, dict) or body.get("status") != "aborted":
+            raise
+        return SimpleNamespace(id=prediction_id, status="aborted", error=body.get("error"),
+                               output=None, metrics=body.get("metrics"))
+
+
 @functools.cache
 def _tls_context() -> ssl.SSLContext:
     """One TLS context per process: building one loads the CA bundle (tens of ms), which every
@@ -82,9 +122,11 @@ def _tls_context() -> ssl.SSLContext:
 
 
 class GuardedTransport(httpx.BaseTransport):
-    """Give every request a timeout and remember 429 hints for the calling thread.
+    """Give every request a timeout, creates the calling thread's `create_headers`, and remember
+    429 hints for the calling thread.
 
-    replicate 1.0.7 sends creates with no timeout, and its ReplicateError drops Retry-After.
+    replicate 1.0.7 sends creates with no timeout and no per-call headers, and its ReplicateError
+    drops Retry-After.
     """
 
     def __init__(self, timeout: httpx.Timeout, max_connections: int) -> None:
@@ -99,6 +141,8 @@ class GuardedTransport(httpx.BaseTransport):
             key: given.get(key) if given.get(key) is not None else default
             for key, default in self._timeout.items()
         }
+        if _create_headers.headers and _is_create(request):
+            request.headers.update(_create_headers.headers)
         inner = metrics.observe_replicate_call(self._inner.handle_request, request)
         response = DepthTolerantResponse(inner.status_code, headers=inner.headers,
                                          stream=inner.stream, extensions=inner.extensions,

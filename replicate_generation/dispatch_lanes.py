@@ -24,6 +24,7 @@ class Lanes:
         self._finish: dict[str, float] = {}
         self._caps: dict[str, int | None] = {}
         self._running: dict[str, int] = {}
+        self._running_bands = [0, 0]
         self._vtime = 0.0
         self._arrival = itertools.count()
 
@@ -40,8 +41,9 @@ class Lanes:
         self._finish[turn.caller] = finish
         self._caps[turn.caller] = turn.cap
 
-    def pop(self) -> tuple[str, Task] | None:
-        """The next task and its caller, skipping callers at their bound; None if none may go."""
+    def pop(self) -> tuple[tuple[int, str], Task] | None:
+        """The next task and its (band, caller), skipping callers at their bound; None if none
+        may go."""
         ready = [(band, line[0][:2], key) for key, line in self._lines.items() if line
                  for band in (key[0],) if not self._at_cap(key[1])]
         if not ready:
@@ -52,10 +54,13 @@ class Lanes:
             del self._lines[key]
         self._vtime = max(self._vtime, start)
         self._running[key[1]] = self._running.get(key[1], 0) + 1
-        return key[1], task
+        self._running_bands[key[0]] += 1
+        return key, task
 
-    def done(self, caller: str) -> None:
-        """A task of this caller ended: it may be picked again under its bound."""
+    def done(self, key: tuple[int, str]) -> None:
+        """A task popped under this (band, caller) ended: the caller may go again."""
+        band, caller = key
+        self._running_bands[band] -= 1
         self._running[caller] -= 1
         if not self._running[caller]:
             del self._running[caller]
@@ -77,7 +82,9 @@ class Lanes:
         return sum(len(line) for (band, _), line in self._lines.items() if band == 0)
 
     def batch(self) -> int:
-        return sum(len(line) for (band, _), line in self._lines.items() if band == 1)
+        """Batch tasks waiting or running here."""
+        waiting = sum(len(line) for (band, _), line in self._lines.items() if band == 1)
+        return waiting + self._running_bands[1]
 
     def clear(self) -> list[Task]:
         dropped = [task for line in self._lines.values() for _, _, task in line]

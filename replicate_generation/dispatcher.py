@@ -94,7 +94,8 @@ class Dispatcher:
         return max(1, min(limit, share)) + self._overtaking(account, limit)
 
     def _overtaking(self, account: str, limit: int) -> int:
-        """Runners beyond the cap for interactive tasks while batch work keeps the others busy."""
+        """Runners beyond the cap for interactive tasks while batch work (waiting or running)
+        may keep the others busy."""
         queue = self._queues.get(account)
         if queue is None or not queue.batch():
             return 0
@@ -154,7 +155,7 @@ class Dispatcher:
                 return self._queued
             return len(self._queues.get(account, ()))
 
-    def _next(self, account: str) -> tuple[str, _Task] | Literal["yield"] | None:
+    def _next(self, account: str) -> tuple[tuple[int, str], _Task] | Literal["yield"] | None:
         """The account's next task and its caller; "yield" when another account waits for a
         thread (this runner goes to the back of the pool's line); None when this runner should
         end (nothing may start: none left, or every caller left is at its bound)."""
@@ -214,21 +215,21 @@ class Dispatcher:
         while (item := self._next(account)) is not None:
             if isinstance(item, str):
                 return True
-            caller, (fn, future) = item
+            lane, (fn, future) = item
             try:
                 if future.set_running_or_notify_cancel():
                     future.set_result(fn())
             except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
                 future.set_exception(exc)
             finally:
-                self._task_done(account, caller)
+                self._task_done(account, lane)
         return False
 
-    def _task_done(self, account: str, caller: str) -> None:
+    def _task_done(self, account: str, lane: tuple[int, str]) -> None:
         with self._lock:
             queue = self._queues.get(account)
             if queue is not None:
-                queue.done(caller)
+                queue.done(lane)
 
     def shutdown(self, wait: bool = True) -> None:
         """Refuse new work, drop what is queued (its futures are cancelled), finish the rest."""

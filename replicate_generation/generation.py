@@ -126,10 +126,12 @@ class TaskResult:
 
 
 def execute(task: Task, token: str, rt: Runtime, dest_dir: Path, result: TaskResult, *,
-            hooks: Hooks = NO_HOOKS, resume: Resume | None = None, turn: Turn = ANYONE) -> None:
+            hooks: Hooks = NO_HOOKS, resume: Resume | None = None, turn: Turn = ANYONE,
+            start_by: float | None = None) -> None:
     """Run the task on its model, then down its fallback chain while the model itself fails.
 
-    `resume` (after a restart) polls or looks up a lost create; Suspended when the process stops.
+    `resume` (after a restart) polls or looks up a lost create; Suspended when the process stops;
+    `start_by` (wall clock): no create is sent after it, on any model of the chain ("expired").
     """
     models = [task.spec, *task.chain]
     position = _resume_position(models, resume)
@@ -138,7 +140,7 @@ def execute(task: Task, token: str, rt: Runtime, dest_dir: Path, result: TaskRes
         if mapped is None:
             continue
         job = Job(spec=spec, input=mapped, token=token, dest_dir=dest_dir, stem=task.stem,
-                  turn=turn)
+                  turn=turn, start_by=start_by)
         here = resume if resume is not None and _is_at(resume, spec) else None
         try:
             generated = generate(job, rt, result.attempts, hooks=hooks,
@@ -168,7 +170,8 @@ def execute(task: Task, token: str, rt: Runtime, dest_dir: Path, result: TaskRes
         result.files, result.placeholder = [saved.relative], True
 
 
-NO_PLACEHOLDER = frozenset({"canceled", "shutting_down"})
+# "expired": the caller's deadline_seconds passed; a black file after it helps no one.
+NO_PLACEHOLDER = frozenset({"canceled", "shutting_down", "expired"})
 
 
 def _after_refusal(exc: GenerationError, spec: ModelSpec, model_input: dict[str, object],
@@ -217,7 +220,9 @@ def _input_for(task: Task, spec: ModelSpec, result: TaskResult) -> dict[str, obj
 def _note_failure(result: TaskResult, exc: GenerationError) -> None:
     result.error = exc
     if result.attempts and result.attempts[-1].error is None:
-        result.attempts[-1].status = "failed"
+        # Replicate aborted it (its Cancel-After passed before it started): it never ran.
+        aborted = exc.kind == "expired" and exc.prediction_id is not None
+        result.attempts[-1].status = "aborted" if aborted else "failed"
         result.attempts[-1].error = str(exc)
 
 

@@ -29,7 +29,7 @@ __all__ = ["CONTENT_TYPE_LATEST", "StateCollector", "render"]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 JOB_STATES = ("queued", "running", "succeeded", "partially_failed", "failed", "canceled")
-ITEM_STATES = ("queued", "running", "succeeded", "failed", "canceled")
+ITEM_STATES = ("queued", "running", "succeeded", "failed", "canceled", "expired")
 RUN_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
 

@@ -24,6 +24,8 @@ from replicate_generation import json_depth, metrics
 from replicate_generation.clients import (
     ClientPool,
     account_key,
+    create_headers,
+    read_prediction,
     redact_upstream,
     resets_in,
     take_throttle_hint,
@@ -74,6 +76,8 @@ MIN_POLL_SECONDS = 0.2
 MAX_OUTPUT_DEPTH = 32
 # The longest prediction error kept and shown: a model's author writes it.
 MAX_UPSTREAM_ERROR_CHARS = 2000
+# Replicate refuses a Cancel-After shorter than this.
+MIN_CANCEL_AFTER_SECONDS = 5
 
 
 # --------------------------------------------------------------------------- running
@@ -139,6 +143,7 @@ class Job:
     dest_dir: Path
     stem: str
     turn: Turn = ANYONE  # its place among the account's waiters
+    start_by: float | None = None  # wall clock: no create is sent after it (deadline_seconds)
 
     @property
     def account(self) -> str:
@@ -185,16 +190,24 @@ def generate(job: Job, rt: Runtime, attempts: list[Attempt] | None = None, *,
     """
     attempts = attempts if attempts is not None else []
     deadline = rt.clock() + rt.task_timeout
+    start_by = _start_by(job, rt)
+    # A prediction made (or maybe made, `pending`) waits for its slot whatever the start deadline.
+    slot_by = deadline if resume or pending else _earliest(deadline, start_by)
     client = rt.clients.get(job.token)
+    in_slot = False
     try:
-        with rt.manager.slot(job.account, deadline, job.turn):
+        with rt.manager.slot(job.account, slot_by, job.turn):
+            in_slot = True
             if resume is None:
-                prediction = _create(client, job, rt, deadline, attempts, hooks, pending)
+                prediction = _create(client, job, rt, deadline, attempts, hooks, pending,
+                                     start_by)
             else:
                 prediction = SimpleNamespace(id=resume, status="starting")
             final = _await_terminal(client, job, rt, prediction, deadline, hooks,
                                     since=attempts[-1].intent_at if attempts else None)
     except DeadlineExceeded:
+        if not in_slot and slot_by < deadline:
+            raise _expired("the start deadline passed before it got a slot") from None
         raise GenerationError(
             "deadline_exceeded",
             f"no slot or create budget within the {rt.task_timeout:g} s task deadline",
@@ -206,17 +219,34 @@ def generate(job: Job, rt: Runtime, attempts: list[Attempt] | None = None, *,
                      billed_seconds=_billed_seconds(final))
 
 
+def _start_by(job: Job, rt: Runtime) -> float | None:
+    """The job's start deadline on rt.clock() (it is kept in wall-clock seconds)."""
+    return None if job.start_by is None else job.start_by - time.time() + rt.clock()
+
+
+def _earliest(deadline: float, start_by: float | None) -> float:
+    return deadline if start_by is None else min(deadline, start_by)
+
+
+def _expired(why: str) -> GenerationError:
+    return GenerationError("expired", f"not created within deadline_seconds ({why})")
+
+
 def _create(client: replicate.Client, job: Job, rt: Runtime, deadline: float,
-            attempts: list[Attempt], hooks: Hooks, pending: Attempt | None = None) -> Any:
+            attempts: list[Attempt], hooks: Hooks, pending: Attempt | None = None,
+            start_by: float | None = None) -> Any:
     """Create the prediction exactly once: 429s back off the whole account and retry; a create
-    whose answer is lost or ambiguous is looked up before it is ever sent again."""
+    whose answer is lost or ambiguous is looked up before it is ever sent again. None is sent
+    after `start_by` (rt.clock()): GenerationError("expired") instead."""
     if pending is not None:
         adopted = _settle(client, job, rt, deadline, pending, hooks)
         if adopted is not None:
             return adopted
     server_errors = 0
     while True:
-        rt.manager.wait_for_create(job.account, deadline)
+        _wait_for_create(job, rt, deadline, start_by)
+        if start_by is not None and rt.clock() >= start_by:
+            raise _expired("the start deadline passed before its create was sent")
         attempt = Attempt(model=job.spec.ref, status="creating", intent_at=rt.clock(),
                           input_sha256=input_digest(job.input))
         attempts.append(attempt)
@@ -225,7 +255,7 @@ def _create(client: replicate.Client, job: Job, rt: Runtime, deadline: float,
         except BaseException:
             attempts.pop()  # refused (Suspended, canceled): never sent, so never an attempt
             raise
-        prediction, definite = _send_create(client, job, rt, deadline, attempt)
+        prediction, definite = _send_create(client, job, rt, deadline, attempt, start_by)
         if prediction is not None:
             return _created(job, rt, attempt, prediction, hooks)
         if not definite:
@@ -240,16 +270,39 @@ def _create(client: replicate.Client, job: Job, rt: Runtime, deadline: float,
         rt.sleep(min(_retry_pause(server_errors), max(0.0, deadline - rt.clock())))
 
 
-def _send_create(client: replicate.Client, job: Job, rt: Runtime, deadline: float,
-                 attempt: Attempt) -> tuple[Any, bool]:
-    """POST the create. Returns (prediction, True) on success, (None, True) when it surely made
-    nothing, (None, False) when it may have made a prediction whose answer was lost."""
+def _wait_for_create(job: Job, rt: Runtime, deadline: float, start_by: float | None) -> None:
+    """A create token by the task deadline, or by the start deadline when that comes first."""
     try:
-        if job.spec.version:  # a pinned version is created by version id
-            return client.predictions.create(
-                version=job.spec.version, input=job.input, wait=_sync_wait(rt, deadline)), True
-        return client.models.predictions.create(
-            model=job.spec.ref, input=job.input, wait=_sync_wait(rt, deadline)), True
+        rt.manager.wait_for_create(job.account, _earliest(deadline, start_by))
+    except DeadlineExceeded:
+        if start_by is not None and start_by < deadline:
+            raise _expired("the start deadline passed before its turn to create") from None
+        raise
+
+
+def _cancel_after(rt: Runtime, start_by: float | None) -> int | None:
+    """Whole seconds left until the start deadline, for Replicate's Cancel-After (at least 5)."""
+    if start_by is None:
+        return None
+    return max(MIN_CANCEL_AFTER_SECONDS, int(start_by - rt.clock()))
+
+
+def _send_create(client: replicate.Client, job: Job, rt: Runtime, deadline: float,
+                 attempt: Attempt, start_by: float | None = None) -> tuple[Any, bool]:
+    """POST the create (with Cancel-After when there is a start deadline: Replicate aborts it
+    unbilled if it has not started by then). Returns (prediction, True) on success, (None, True)
+    when it surely made nothing, (None, False) when it may have made a prediction whose answer
+    was lost."""
+    cancel_after = _cancel_after(rt, start_by)
+    wait = _sync_wait(rt, deadline, cancel_after)
+    headers = {} if cancel_after is None else {"Cancel-After": f"{cancel_after}s"}
+    try:
+        with create_headers(headers):
+            if job.spec.version:  # a pinned version is created by version id
+                return client.predictions.create(
+                    version=job.spec.version, input=job.input, wait=wait), True
+            return client.models.predictions.create(
+                model=job.spec.ref, input=job.input, wait=wait), True
     except ReplicateError as exc:
         attempt.error = _describe(exc, job.token)
         if (exc.status or 0) >= 500:
@@ -280,9 +333,14 @@ def _created(job: Job, rt: Runtime, attempt: Attempt, prediction: Any, hooks: Ho
     return prediction
 
 
-def _sync_wait(rt: Runtime, deadline: float) -> int | bool:
-    """Seconds Replicate may hold the create until the prediction ends (False: do not hold)."""
-    seconds = int(min(rt.sync_wait, MAX_SYNC_WAIT_SECONDS, deadline - rt.clock() - 1.0))
+def _sync_wait(rt: Runtime, deadline: float, cancel_after: int | None = None) -> int | bool:
+    """Seconds Replicate may hold the create until the prediction ends (False: do not hold);
+    shorter than its Cancel-After, so the answer is never `aborted` (replicate 1.0.7 cannot
+    read that status)."""
+    longest = min(rt.sync_wait, MAX_SYNC_WAIT_SECONDS, deadline - rt.clock() - 1.0)
+    if cancel_after is not None:
+        longest = min(longest, cancel_after - 1)
+    seconds = int(longest)
     return seconds if seconds >= 1 else False
 
 
@@ -407,7 +465,7 @@ def _await_terminal(client: replicate.Client, job: Job, rt: Runtime, prediction:
         rt.sleep(pause)
         try:
             rt.manager.wait_for_poll(job.account, deadline)
-            prediction = client.predictions.get(prediction.id)
+            prediction = read_prediction(client, prediction.id)
             errors = 0
         except DeadlineExceeded:
             continue
@@ -469,6 +527,10 @@ def _check_terminal(prediction: Any, token: str | None, *, curated: bool = True)
             raise GenerationError("empty_output", f"prediction {pid} succeeded with no output "
                                   "(often a safety filter)", prediction_id=pid)
         return prediction
+    if prediction.status == "aborted":  # its Cancel-After passed before it started: unbilled
+        raise GenerationError("expired", f"prediction {pid} did not start within "
+                              "deadline_seconds; Replicate aborted it unbilled",
+                              prediction_id=pid)
     error = _bounded(redact_upstream(str(prediction.error or prediction.status), token))
     if prediction.status == "failed":
         kind = "content_policy" if any(m in error for m in CONTENT_POLICY_MARKERS) else \

@@ -1,7 +1,8 @@
 """Turn a request body (the service's JSON, or a library/CLI call) into validated tasks.
 
 Flask-free; problems are `InvalidRequest`s naming the field. Request options (async, webhook,
-dry_run, fallback, placeholder) are taken out first, so they never reach a model's parameters.
+dry_run, fallback, placeholder, priority, deadline_seconds) are taken out first, so they never
+reach a model's parameters.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from replicate_generation.outputs import default_stem, safe_filename
 from replicate_generation.outputs.names import shared_name
 
 OPTION_KEYS = ("async", "webhook", "dry_run", "fallback", "fallback_on_content_policy",
-               "placeholder", "priority")
+               "placeholder", "priority", "deadline_seconds")
 PRIORITIES = ("interactive", "batch")
+# The longest start deadline a request may ask for: a day.
+MAX_DEADLINE_SECONDS = 86_400
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ class Options:
     placeholder: bool = False
     # None: interactive when the caller waits for the answer, batch when it runs async.
     priority: str | None = None
+    # Seconds from acceptance by which each item's prediction must be created (None: no limit).
+    deadline_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -75,8 +80,20 @@ def parse_options(body: dict[str, Any]) -> tuple[Options, dict[str, Any]]:
         run_async=bool(flags["async"]), webhook=webhook, dry_run=bool(flags["dry_run"]),
         fallback=flags["fallback"] is not False,
         fallback_on_content_policy=bool(flags["fallback_on_content_policy"]),
-        placeholder=bool(flags["placeholder"]), priority=priority)
+        placeholder=bool(flags["placeholder"]), priority=priority,
+        deadline_seconds=_deadline_seconds(body.get("deadline_seconds")))
     return options, rest
+
+
+def _deadline_seconds(value: object) -> float | None:
+    """A JSON number in (0, MAX_DEADLINE_SECONDS]; booleans (ints to Python) are refused."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            0 < value <= MAX_DEADLINE_SECONDS):
+        raise InvalidRequest("deadline_seconds", "deadline_seconds must be a number of seconds "
+                             f"greater than 0 and at most {MAX_DEADLINE_SECONDS}")
+    return float(value)
 
 
 def parse_single(body: dict[str, Any], chains: FallbackChains) -> Parsed:

@@ -122,7 +122,7 @@ def test_async_submit_by_header_or_body_flag_then_poll_list_and_download(
         done = wait_terminal(client, job["id"], ADMIN)
         assert done["state"] == "succeeded"
         assert done["counts"] == {"queued": 0, "running": 0, "succeeded": 3, "failed": 0,
-                                  "canceled": 0}
+                                  "canceled": 0, "expired": 0}
         assert done["created_at"] and done["started_at"] and done["finished_at"]
         items = done["items"]
         assert [i["index"] for i in items] == [0, 1, 2]
@@ -252,7 +252,7 @@ def test_cancel_mid_run_cancels_running_predictions_and_never_creates_queued_one
     done = wait_terminal(client, job_id, ADMIN)
     assert done["state"] == "canceled"
     assert done["counts"] == {"queued": 0, "running": 0, "succeeded": 1, "failed": 0,
-                              "canceled": 5}
+                              "canceled": 5, "expired": 0}
     assert [i["state"] for i in done["items"]] == ["succeeded"] + ["canceled"] * 5
     for item in done["items"][3:]:
         assert item["prediction_id"] is None and item["attempts"] == []

@@ -36,6 +36,7 @@ from replicate_generation.devtools.simulator import (
     build_arg_parser,
     config_from_args,
     output_bytes,
+    parse_cancel_after,
     parse_iso8601,
     parse_prefer_wait,
     pictures,
@@ -43,6 +44,7 @@ from replicate_generation.devtools.simulator import (
     token_hash,
     video,
 )
+from replicate_generation.devtools.simulator.web import ApiError
 
 TOKEN = "r8_sim_test_token_one"
 OTHER = "r8_sim_test_token_two"
@@ -588,6 +590,79 @@ def test_prefer_wait_window_ends_as_starting_or_as_current(
     # Issue #385 reproduced: a "processing" reply makes run() return the empty list at once.
     assert client.run(FLUX, input={"prompt": "#hang"}, wait=1) == []
     assert [e["prefer"] for e in live.requests_log()] == ["wait=1", "wait=1"]
+
+
+@pytest.mark.parametrize(("header", "seconds"), [
+    ("30s", 30.0), ("5m", 300.0), ("1h30m", 5400.0), ("2h", 7200.0), ("1m5s", 65.0),
+    ("12", 12.0), ("5", 5.0), (" 7.5s ", 7.5), (None, None),
+])
+def test_cancel_after_takes_durations_and_bare_seconds(header: str | None,
+                                                       seconds: float | None) -> None:
+    assert parse_cancel_after(header) == seconds
+
+
+@pytest.mark.parametrize("header", ["4s", "4", "0", "4.9s", "", "s", "abc", "5x", "-10s",
+                                    "1m 5s", "30S", "m5"])
+def test_cancel_after_under_5s_or_malformed_is_refused(header: str) -> None:
+    with pytest.raises(ApiError) as caught:
+        parse_cancel_after(header)
+    assert caught.value.status == 422
+    assert caught.value.body["invalid_fields"][0]["field"] == "Cancel-After"
+
+
+def _raw(http: httpx.Client, prediction_id: str) -> dict[str, Any]:
+    """GET a prediction as JSON (replicate 1.0.7 cannot parse `aborted`)."""
+    return dict(http.get(f"/v1/predictions/{prediction_id}").json())
+
+
+def test_cancel_after_aborts_a_queued_prediction_and_cancels_a_running_one(
+    clocked: Simulator, clock: FakeClock, make_http: Callable[..., httpx.Client]
+) -> None:
+    http = make_http(clocked)
+    clocked.configure(queue_seconds=10.0)
+    queued = post_create(http, {"input": {"prompt": "queued"}}, **{"Cancel-After": "5s"})
+    assert queued.status_code == 201 and queued.json()["status"] == "starting"
+    assert queued.json()["deadline"] == clocked._shared.iso(1005.0)
+    clocked.configure(queue_seconds=1.0)
+    running = http.post("/v1/deployments/acme/flux-dev/predictions",
+                        json={"input": {"prompt": "running #slow=100"}},
+                        headers={"Cancel-After": "1m"})
+    by_version = http.post("/v1/predictions", headers={"Cancel-After": "6"},
+                           json={"version": FLUX_VERSION, "input": {"prompt": "quick"}})
+    plain = post_create(http, {"input": {"prompt": "no deadline"}})
+    assert "deadline" not in plain.json()
+
+    clock.advance(61.0)
+    aborted = _raw(http, queued.json()["id"])
+    assert aborted["status"] == "aborted" and "started_at" not in aborted
+    assert aborted["metrics"]["predict_time"] == 0.0  # never started: nothing billed
+    canceled = _raw(http, running.json()["id"])
+    assert canceled["status"] == "canceled" and canceled["metrics"]["predict_time"] == 59.0
+    assert _raw(http, by_version.json()["id"])["status"] == "succeeded"  # ended before 6 s
+    assert _raw(http, plain.json()["id"])["status"] == "succeeded"
+    summaries = {p["input"]["prompt"]: p for p in clocked.predictions(TOKEN)}
+    assert [summaries[p]["cancel_after"] for p in ("queued", "running #slow=100", "quick",
+                                                  "no deadline")] == [5.0, 60.0, 6.0, None]
+    assert summaries["queued"]["billed_seconds"] == 0.0
+    assert summaries["queued"]["started_at_clock"] is None
+    logged = [e["cancel_after"] for e in clocked.requests_log() if e["method"] == "POST"]
+    assert logged == ["5s", "1m", "6", None]
+
+
+def test_a_bad_cancel_after_is_422_on_every_create_route_and_creates_nothing(
+    live: Simulator, make_http: Callable[..., httpx.Client]
+) -> None:
+    http = make_http(live)
+    routes = [(CREATE_PATH, {"input": {"prompt": "x"}}),
+              ("/v1/deployments/acme/flux-dev/predictions", {"input": {"prompt": "x"}}),
+              ("/v1/predictions", {"version": FLUX_VERSION, "input": {"prompt": "x"}})]
+    for path, body in routes:
+        for header in ("4s", "soon"):
+            answer = http.post(path, json=body, headers={"Cancel-After": header})
+            assert answer.status_code == 422, (path, header)
+            assert answer.json()["invalid_fields"][0]["field"] == "Cancel-After"
+    assert live.predictions() == []
+    assert live.stats(TOKEN)["creates_rejected"] == 6
 
 
 def test_outputs_expire_after_the_ttl(

@@ -27,8 +27,8 @@ from replicate_generation.errors import (
     TokenRejected,
 )
 
-STATUS_BY_KIND = {"deadline_exceeded": 504, "shutting_down": 503, "storage_error": 507,
-                  "internal_error": 500}
+STATUS_BY_KIND = {"deadline_exceeded": 504, "expired": 504, "shutting_down": 503,
+                  "storage_error": 507, "internal_error": 500}
 # The longest error message answered.
 MAX_ERROR_CHARS = 2000
 

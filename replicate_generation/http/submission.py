@@ -5,6 +5,7 @@ checked again against the model policy and schemas in force)."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -31,18 +32,20 @@ Shape = Callable[[JobRow, list[dict[str, Any]]], tuple[dict[str, Any], int]]
 
 def submit(kind: str, body: dict[str, Any], parsed: Parsed, shape: Shape) -> Answer:
     """Run a parsed request as a job: 202 with the job when async, else wait and answer."""
+    # A malformed Idempotency-Key or webhook is a 400 for a dry run too.
+    idempotency_key, webhook_url = _idempotency_key(), _webhook_target(parsed.options.webhook)
     if parsed.options.dry_run:
         return jsonify(estimate(parsed.tasks)), 200, {}
+    accepted_at = time.time()  # deadline_seconds counts from here, for every item
     token = paying_token(g.caller)
     asynchronous = parsed.options.run_async or _prefers_async()
     submission = Submission(
-        kind=kind, tasks=key_tasks(parsed.tasks), idempotency_key=_idempotency_key(),
-        request_hash=request_hash(request.path, body),
-        webhook_url=_webhook_target(parsed.options.webhook),
+        kind=kind, tasks=key_tasks(parsed.tasks), idempotency_key=idempotency_key,
+        request_hash=request_hash(request.path, body), webhook_url=webhook_url,
         webhook_private=g.caller.admin, key_id=_key_id(), caller=g.caller.name,
         budget=budget_of(g.caller),
         interactive=(parsed.options.priority or ("batch" if asynchronous else "interactive"))
-        == "interactive")
+        == "interactive", start_deadline=_start_deadline(parsed, accepted_at))
     runner = context.runner()
     try:
         job, created = runner.submit(token, submission)
@@ -58,6 +61,12 @@ def submit(kind: str, body: dict[str, Any], parsed: Parsed, shape: Shape) -> Ans
     return _when_done(runner, job, shape, headers)
 
 
+def _start_deadline(parsed: Parsed, accepted_at: float) -> float | None:
+    """When, in wall-clock seconds, the request's items may no longer be created."""
+    seconds = parsed.options.deadline_seconds
+    return None if seconds is None else accepted_at + seconds
+
+
 def _when_done(runner: JobRunner, job: JobRow, shape: Shape, headers: dict[str, str]) -> Answer:
     finished = runner.wait(job.id)
     if finished is None:  # removed by retention while we waited: cannot happen in practice
@@ -71,9 +80,10 @@ def retry(job: JobRow) -> Answer:
     """A new job with the job's failed items, same models and parameters: 202 with it. Each is
     checked again against MODEL_POLICY and its model's schema as they are now."""
     runner = context.runner()
-    failed = [item for item in runner.store.items(job.id) if item.state == "failed"]
+    # Expired items too: the retry is asked for now, and runs without a start deadline.
+    failed = [item for item in runner.store.items(job.id) if item.state in ("failed", "expired")]
     if not failed:
-        raise ApiError(409, "This job has no failed item to retry")
+        raise ApiError(409, "This job has no failed or expired item to retry")
     with other_models():
         tasks = [_revalidated(index, item) for index, item in enumerate(failed)]
     new_job, _ = runner.submit(paying_token(g.caller), Submission(

@@ -13,8 +13,9 @@ from sqlalchemy import Connection, Row, func, select
 from replicate_generation.jobs.schema import job_items, jobs
 from replicate_generation.jobs.shared_values import unpack
 
-ITEM_STATES = ("queued", "running", "succeeded", "failed", "canceled")
-ITEM_TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+# "expired": nothing was created for it before its job's start deadline (deadline_seconds).
+ITEM_STATES = ("queued", "running", "succeeded", "failed", "canceled", "expired")
+ITEM_TERMINAL = frozenset({"succeeded", "failed", "canceled", "expired"})
 JOB_TERMINAL = frozenset({"succeeded", "partially_failed", "failed", "canceled"})
 OPEN_STATES = ("queued", "running")
 # A job asked to cancel whose items have not all ended (a prediction may still run).
@@ -49,6 +50,8 @@ class NewJob:
     # Who submits it, as the ledger names callers.
     caller: str | None = None
     priority: str = "batch"
+    # Wall-clock seconds after which none of its items is created (None: no limit).
+    start_deadline: float | None = None
 
 
 @dataclass
@@ -105,6 +108,7 @@ class JobRow:
     key_id: str | None = None
     caller: str | None = None
     priority: str | None = None
+    start_deadline: float | None = None
 
     @property
     def terminal(self) -> bool:
@@ -132,7 +136,7 @@ JOB_COLUMNS = [jobs.c[name] for name in (
     "id", "account", "kind", "state", "request_id", "item_count", "owner", "created_at",
     "started_at", "finished_at", "cancel_requested_at", "idempotency_key", "request_hash",
     "webhook_url", "webhook_private", "webhook_state", "webhook_attempts", "webhook_next_at",
-    "webhook_error", "fence", "key_id", "caller", "priority")]
+    "webhook_error", "fence", "key_id", "caller", "priority", "start_deadline")]
 ITEM_COLUMNS = [job_items.c[name] for name in (
     "job_id", "idx", "spec", "state", "prediction_id", "prediction_model", "model_used",
     "attempts", "files", "error", "error_type", "cost_usd", "placeholder", "notes", "queued_at",
@@ -153,7 +157,7 @@ def job_row(row: Row[Any]) -> JobRow:
         webhook_private=bool(r["webhook_private"]), webhook_state=r["webhook_state"],
         webhook_attempts=int(r["webhook_attempts"]), webhook_next_at=r["webhook_next_at"],
         webhook_error=r["webhook_error"], fence=int(r["fence"]), key_id=r["key_id"],
-        caller=r["caller"], priority=r["priority"])
+        caller=r["caller"], priority=r["priority"], start_deadline=r["start_deadline"])
 
 
 def item_row(row: Row[Any], values: dict[str, str]) -> ItemRow:

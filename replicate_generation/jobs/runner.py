@@ -19,7 +19,7 @@ from pathlib import Path
 
 from replicate_generation import metrics
 from replicate_generation.backends import job_store_target, jobs_backend, limits_backend
-from replicate_generation.clients import account_key
+from replicate_generation.clients import account_key, read_prediction
 from replicate_generation.errors import (
     GenerationError,
     InvalidRequest,
@@ -82,6 +82,8 @@ class Submission:
     budget: Budget | None = None
     # Interactive work enters before batch work of the same account, in every process.
     interactive: bool = False
+    # Wall-clock seconds after which none of its items is created (deadline_seconds).
+    start_deadline: float | None = None
 
 
 class JobRunner:
@@ -165,7 +167,8 @@ class JobRunner:
                      request_hash=submission.request_hash, webhook_url=submission.webhook_url,
                      webhook_private=submission.webhook_private, origin=self.origin,
                      key_id=submission.key_id, caller=submission.caller,
-                     priority="interactive" if submission.interactive else "batch")
+                     priority="interactive" if submission.interactive else "batch",
+                     start_deadline=submission.start_deadline)
         job, created = self.store.create(new, self.worker_id, self._clock(),
                                          bounds=bounds_for(self.settings, token),
                                          budget=submission.budget)
@@ -250,7 +253,7 @@ class JobRunner:
         dest = self.generator.runtime.output_root / job.request_id
         try:
             execute(task, token, self.generator.runtime, dest, result, hooks=hooks,
-                    resume=resume, turn=turn)
+                    resume=resume, turn=turn, start_by=job.start_deadline)
         except Suspended:
             log.info("job %s item %d left for the next start", job.id, index)
             return
@@ -306,7 +309,7 @@ class JobRunner:
         while True:
             try:
                 self.generator.manager.wait_for_poll(account, self._clock() + pause + 5.0)
-                if client.predictions.get(prediction_id).status in TERMINAL:
+                if read_prediction(client, prediction_id).status in TERMINAL:
                     return True
                 client.predictions.cancel(prediction_id)
             except Exception as exc:  # noqa: BLE001 - asked again until the deadline
@@ -442,10 +445,13 @@ def _count_spend(job: JobRow, result: TaskResult) -> None:
         metrics.spend(caller or "unknown", model, result.cost_usd)
 
 
+# Error kinds that end an item in a state of their own; every other error is "failed".
+_STATE_OF_KIND = {"canceled": "canceled", "expired": "expired"}
+
+
 def _outcome(result: TaskResult) -> ItemOutcome:
     error = result.error
-    state = "succeeded" if error is None else ("canceled" if error.kind == "canceled"
-                                               else "failed")
+    state = "succeeded" if error is None else _STATE_OF_KIND.get(error.kind, "failed")
     return ItemOutcome(
         state=state, model_used=result.model_used.id if result.model_used else None,
         attempts=[a.as_dict() for a in result.attempts], files=result.files,

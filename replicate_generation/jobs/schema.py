@@ -74,6 +74,8 @@ jobs = Table(
     Column("caller", Text),
     # "interactive" (someone waits for it) enters before "batch" work of the same account.
     Column("priority", Text),
+    # Wall-clock seconds after which no item of it is created (deadline_seconds); None: no limit.
+    Column("start_deadline", Double),
 )
 _OPEN = jobs.c.state.in_(["queued", "running"])
 Index("jobs_idempotency", jobs.c.account, jobs.c.idempotency_key, unique=True,

@@ -124,6 +124,7 @@ class JobStore:
             idempotency_key=job.idempotency_key, request_hash=job.request_hash,
             webhook_url=job.webhook_url, webhook_private=int(job.webhook_private), fence=1,
             record_bytes=size, key_id=job.key_id, caller=job.caller, priority=job.priority,
+            start_deadline=job.start_deadline,
         ).on_conflict_do_nothing(index_elements=[jobs.c.account, jobs.c.idempotency_key],
                                  index_where=jobs.c.idempotency_key.is_not(None),
                                  ).returning(jobs.c.id)
@@ -399,6 +400,7 @@ def _by_state(conn: Connection, state: Column[Any]) -> dict[str, int]:
 
 
 def _final_state(job: JobRow, counts: dict[str, int], unconfirmed: int = 0) -> str:
+    """Expired items count as failed ones: none succeeded is "failed", some "partially_failed"."""
     # "canceled" only when no prediction of the job may still be running on Replicate.
     if job.cancel_requested_at is not None and not unconfirmed:
         return "canceled"

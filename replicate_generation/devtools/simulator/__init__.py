@@ -7,7 +7,7 @@ The real ``replicate`` client runs against it unchanged; other processes drive i
 from replicate_generation.devtools.simulator.catalogue import MODELS, ModelSpec
 from replicate_generation.devtools.simulator.cli import build_arg_parser, config_from_args, main
 from replicate_generation.devtools.simulator.config import SimConfig
-from replicate_generation.devtools.simulator.creates import parse_prefer_wait
+from replicate_generation.devtools.simulator.creates import parse_cancel_after, parse_prefer_wait
 from replicate_generation.devtools.simulator.facade import Simulator
 from replicate_generation.devtools.simulator.faults import CLOUDFLARE_502_HTML, CREATE_FAULT_KINDS
 from replicate_generation.devtools.simulator.ledger import token_hash
@@ -34,6 +34,7 @@ __all__ = [
     "config_from_args",
     "main",
     "output_bytes",
+    "parse_cancel_after",
     "parse_iso8601",
     "parse_prefer_wait",
     "run_seconds_for",

@@ -1,5 +1,5 @@
 """Creating predictions: the three create routes (model, deployment, version), ``Prefer: wait``
-holds, and the lost answers of create faults."""
+holds, ``Cancel-After`` deadlines, and the lost answers of create faults."""
 
 from __future__ import annotations
 
@@ -34,8 +34,10 @@ from replicate_generation.devtools.simulator.web import (
     NOT_FOUND,
     ApiError,
     base_url,
+    field_error,
     json_response,
     request_token,
+    validation_problem,
 )
 
 # Answer before the window ends: the client times out at window + 0.5 s, orphaning the prediction.
@@ -44,6 +46,10 @@ _WAIT_POLL_S = 0.02  # how often a held create re-reads a clock that does not ru
 _WAKE_SLACK_S = 0.001  # sleep this past a known finish time, so the clock has surely reached it
 _DROPPED_STATUS = 444  # logged for a dropped create (nginx's "no response"); never sent
 _PREFER_WAIT = re.compile(r"^\s*wait(?:\s*=\s*(\d+))?\s*$")
+_NUMBER = r"\d+(?:\.\d+)?"
+_DURATION = re.compile(rf"^(?:({_NUMBER})h)?(?:({_NUMBER})m)?(?:({_NUMBER})s)?$")
+_BARE_SECONDS = re.compile(rf"^{_NUMBER}$")
+MIN_CANCEL_AFTER_S = 5.0  # Replicate's documented minimum deadline
 
 
 def parse_prefer_wait(header: str | None) -> tuple[int, str] | None:
@@ -60,6 +66,27 @@ def parse_prefer_wait(header: str | None) -> tuple[int, str] | None:
         seconds = min(max(int(match.group(1)), 1), 60)
         return seconds, f"wait={seconds}"
     return None
+
+
+def parse_cancel_after(header: str | None) -> float | None:
+    """Parse ``Cancel-After`` (``30s``, ``5m``, ``1h30m`` or bare seconds) into seconds.
+
+    Malformed or under 5 s: 422 (the real body for it is unverified; this is the 422 shape).
+    """
+    if header is None:
+        return None
+    text = header.strip()
+    seconds: float | None = float(text) if _BARE_SECONDS.match(text) else None
+    match = _DURATION.match(text)
+    if seconds is None and match is not None and any(match.groups()):
+        hours, minutes, secs = (float(part or 0) for part in match.groups())
+        seconds = hours * 3600 + minutes * 60 + secs
+    if seconds is None or seconds < MIN_CANCEL_AFTER_S:
+        description = (f"Cancel-After must be a duration such as 30s, 5m or 1h30m (or bare "
+                       f"seconds) of at least {MIN_CANCEL_AFTER_S:g}s, got {header!r}")
+        raise ApiError(422, validation_problem([field_error("cancel_after", "Cancel-After",
+                                                            description)]))
+    return seconds
 
 
 class Creates:
@@ -111,6 +138,7 @@ class Creates:
 
     def _create(self, spec: ModelSpec, version: str, source: str, body: dict[str, Any]) -> Response:
         """Validate the input, record the prediction and answer (holding it for Prefer: wait)."""
+        cancel_after = parse_cancel_after(request.headers.get("Cancel-After"))
         if spec.ref in SCHEMA_MODELS:
             check_schema_input(spec, version, body["input"])
         else:
@@ -124,7 +152,8 @@ class Creates:
         base = base_url()
         with self._shared.lock:
             key = g.token_hash
-            pred = self._ledger.add_locked(spec, version, source, body["input"], key)
+            pred = self._ledger.add_locked(spec, version, source, body["input"], key,
+                                           cancel_after)
             fault = self._faults.take_create_locked(key)
             if fault is not None:
                 self._ledger.count_locked(key, "create_faults")

@@ -143,6 +143,7 @@ class Gate:
             "token_hash": g.get("token_hash"),
             "json": request.get_json(silent=True),
             "prefer": request.headers.get("Prefer"),
+            "cancel_after": request.headers.get("Cancel-After"),
             "status": response.status_code,
             "injected": bool(g.get("injected", False)),
             "create_fault": g.get("create_fault"),

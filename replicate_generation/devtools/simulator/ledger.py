@@ -179,7 +179,8 @@ class Ledger:
         return {key: self.stats_locked(key) for key in self.accounts}
 
     def add_locked(
-        self, spec: ModelSpec, version: str, source: str, inp: dict[str, Any], key: str
+        self, spec: ModelSpec, version: str, source: str, inp: dict[str, Any], key: str,
+        cancel_after: float | None = None,
     ) -> Prediction:
         """Create the record and count the accepted create with its in-flight level."""
         now, cfg = self._shared.now(), self._shared.config
@@ -202,6 +203,7 @@ class Ledger:
             n_outputs=output_tricks(prompt).outputs or output_count(spec, inp),
             ext=output_ext(spec, inp),
             seq=self._seq,
+            cancel_after=cancel_after,
         )
         self.predictions[pred.id] = pred
         account = self.account_locked(key)

@@ -1,5 +1,6 @@
 """One prediction's record and lifecycle: status and progress read off the clock, so an injected
-fake clock makes timing tests deterministic."""
+fake clock makes timing tests deterministic. A `Cancel-After` deadline ends it `aborted` if it
+passes before the start (nothing billed), `canceled` if it passes while running."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 from replicate_generation.devtools.simulator.catalogue import ModelSpec
 
-TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled"})
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled", "aborted"})
 
 
 @dataclass
@@ -30,27 +31,40 @@ class Prediction:
     ext: str
     canceled_at: float | None = None
     seq: int = 0  # creation order across all tokens: ties on a fake clock, list cursors
+    cancel_after: float | None = None  # the create's Cancel-After, in seconds from `created`
+
+    def deadline_time(self) -> float | None:
+        return None if self.cancel_after is None else self.created + self.cancel_after
+
+    def _ending(self) -> tuple[float, str] | None:
+        """When it ends and how: a cancel, its own end (which wins a tie), or its deadline."""
+        start = self.created + self.queue_s
+        endings = []
+        if self.canceled_at is not None:
+            endings.append((self.canceled_at, "canceled"))
+        if self.run_s is not None:
+            endings.append((start + self.run_s, "failed" if self.error else "succeeded"))
+        deadline = self.deadline_time()
+        if deadline is not None:
+            endings.append((deadline, "aborted" if deadline <= start else "canceled"))
+        return min(endings, key=lambda ending: ending[0]) if endings else None
 
     def start_time(self) -> float | None:
-        """Return when it started processing, or None if it was canceled before that."""
+        """Return when it started processing, or None if it was canceled or aborted before."""
         start = self.created + self.queue_s
-        if self.canceled_at is not None and self.canceled_at < start:
+        ending = self._ending()
+        if ending is not None and (ending[1] == "aborted" or ending[0] < start):
             return None
         return start
 
     def terminal_time(self) -> float | None:
-        if self.canceled_at is not None:
-            return self.canceled_at
-        if self.run_s is None:
-            return None
-        return self.created + self.queue_s + self.run_s
+        ending = self._ending()
+        return None if ending is None else ending[0]
 
     def status(self, now: float) -> str:
-        end = self.terminal_time()
-        if end is not None and now >= end:
-            if self.canceled_at is not None:
-                return "canceled"
-            return "failed" if self.error else "succeeded"
+        ending = self._ending()
+        if ending is not None and now >= ending[0]:
+            return ending[1]
         return "starting" if now < self.created + self.queue_s else "processing"
 
     def in_flight(self, now: float) -> bool:
@@ -87,6 +101,8 @@ class Prediction:
             "started_at_clock": self.start_time(),
             "completed_at_clock": end if end is not None and now >= end else None,
             "canceled": self.canceled_at is not None,
+            "cancel_after": self.cancel_after,
+            "deadline_clock": self.deadline_time(),
             "error": self.error,
             "source": self.source,
             "num_outputs": 0 if self.empty else self.n_outputs,

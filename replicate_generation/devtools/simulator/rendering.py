@@ -49,6 +49,9 @@ class Renderer:
                 "web": f"https://replicate.com/p/{pred.id}",
             },
         }
+        deadline = pred.deadline_time()
+        if deadline is not None:
+            body["deadline"] = self._shared.iso(deadline)  # when its Cancel-After ends it
         if not as_starting:
             body.update(self._timing(pred, status))
         return body

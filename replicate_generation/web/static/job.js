@@ -40,7 +40,7 @@ async function refresh() {
   document.getElementById("job-counts").textContent = countsText(job.counts) + " of " + job.total;
   document.getElementById("job-cost").textContent = "cost: $" + job.cost_usd;
   document.getElementById("cancel").disabled = TERMINAL.includes(job.state);
-  document.getElementById("retry").disabled = !job.counts.failed;
+  document.getElementById("retry").disabled = !(job.counts.failed || job.counts.expired);
   const signature = JSON.stringify(job.items.map((i) => [i.state, i.urls, i.error]));
   if (signature !== shown) {  // rebuilt only on change: lazy images and players keep their state
     shown = signature;

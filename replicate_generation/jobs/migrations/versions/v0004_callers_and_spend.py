@@ -1,7 +1,7 @@
 """Callers and what they spend: issued keys (api_keys), the audit log, the spend ledger; jobs.key_id
 (the key that submitted a job, which alone and the admin may see it), jobs.caller (the name
-the ledger gives it) and jobs.priority; job_items.reserved_usd (held against a budget while the
-item is open)."""
+the ledger gives it), jobs.priority and jobs.start_deadline (deadline_seconds: no item created
+after it); job_items.reserved_usd (held against a budget while the item is open)."""
 
 from __future__ import annotations
 
@@ -66,6 +66,7 @@ def upgrade() -> None:
     op.add_column("jobs", sa.Column("key_id", sa.Text))
     op.add_column("jobs", sa.Column("caller", sa.Text))
     op.add_column("jobs", sa.Column("priority", sa.Text))
+    op.add_column("jobs", sa.Column("start_deadline", sa.Double))
     op.add_column("job_items", sa.Column("reserved_usd", sa.Double))
     keyed = sa.text("key_id IS NOT NULL")
     op.create_index("jobs_by_key", "jobs", ["key_id", sa.text("created_at DESC"),
@@ -75,6 +76,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_column("job_items", "reserved_usd")
+    op.drop_column("jobs", "start_deadline")
     op.drop_column("jobs", "priority")
     op.drop_column("jobs", "caller")
     op.drop_index("jobs_by_key", "jobs")
