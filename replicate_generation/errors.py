@@ -193,9 +193,9 @@ class BudgetExceeded(Exception):
     (402); nothing was stored or created."""
 
     def __init__(self, *, budget_usd: float, period: str, remaining_usd: float,
-                 required_usd: float | None) -> None:
+                 required_usd: float | None, whose: str = "this key's") -> None:
         needed = "an unknown cost" if required_usd is None else f"up to ${required_usd:g}"
-        super().__init__(f"This request may cost {needed}, and ${remaining_usd:g} of this key's "
+        super().__init__(f"This request may cost {needed}, and ${remaining_usd:g} of {whose} "
                          f"${budget_usd:g} {period} budget is left")
         self.budget_usd = budget_usd
         self.period = period

@@ -58,6 +58,9 @@ class Settings:
     max_job_bytes_per_account: int = 1024**3
     # Non-curated models' schemas kept in memory per process (estimated bytes; LRU).
     schema_cache_max_bytes: int = 64 * 1024 * 1024
+    # A budget on the server's account (admin key and issued keys together); None: none.
+    account_budget_usd: float | None = None
+    account_budget_period: str = "month"
     log_level: str = "INFO"
     job_retention_seconds: float = 7 * 86400.0
     shutdown_grace_seconds: float = 20.0
@@ -207,6 +210,8 @@ class _Capacity(TypedDict):
     max_jobs_per_account: int
     max_job_bytes_per_account: int
     schema_cache_max_bytes: int
+    account_budget_usd: float | None
+    account_budget_period: str
 
 
 def _capacity(env: Env) -> _Capacity:
@@ -229,6 +234,9 @@ def _capacity(env: Env) -> _Capacity:
             "MAX_JOB_BYTES_PER_ACCOUNT", Settings.max_job_bytes_per_account, 1024, 1024**4),
         schema_cache_max_bytes=env.required_int(
             "SCHEMA_CACHE_MAX_BYTES", Settings.schema_cache_max_bytes, 0, 64 * 1024**3),
+        account_budget_usd=env.optional_number("ACCOUNT_BUDGET_USD", 0, 1e9),
+        account_budget_period=env.choice("ACCOUNT_BUDGET_PERIOD", "MONTH",
+                                         ("DAY", "MONTH", "TOTAL")).lower(),
     )
 
 
@@ -469,6 +477,12 @@ class Env:
         if not math.isfinite(value) or not low <= value <= high:
             raise SettingsError(f"{name} must be between {low} and {high}, got {value}")
         return value
+
+    def optional_number(self, name: str, low: float, high: float) -> float | None:
+        """A number when the variable is set (not blank), else None."""
+        if self._raw(name) is None:
+            return None
+        return self.number(name, low, low, high)
 
     def flag(self, name: str) -> bool:
         value = (self._raw(name) or "false").lower()

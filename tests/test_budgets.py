@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 import requests
+from flask import Flask
 from flask.testing import FlaskClient
 
-from conftest import ADMIN, SERVER_TOKEN
+from conftest import ADMIN, SERVER_TOKEN, USER
 from replicate_generation.devtools.simulator import Simulator
 from replicate_generation.settings import Settings
 from servers import Gunicorn, wait_for
@@ -157,3 +158,21 @@ def test_metrics_count_spend_by_key_name_never_by_secret(
         'replicate_generation_spend_predictions_total{caller="dashboards"')]
     assert lines and lines[0].endswith(" 2.0")
     assert secret not in text
+
+
+def test_an_account_budget_holds_the_admin_key_and_every_issued_key_together(
+        make_app: Callable[..., Flask], sim: Simulator) -> None:
+    probe = make_app().test_client()
+    most = most_cost(probe)
+    client = make_app(account_budget_usd=round(2 * most, 6), account_budget_period="day"
+                      ).test_client()
+    key = as_key(mint(client, name="no-budget-of-its-own")["key"])
+    assert batch(client, ADMIN, 1).status_code == 202
+    assert batch(client, key, 1).status_code == 202
+    for caller in (ADMIN, key):
+        refused = batch(client, caller, 1)
+        assert refused.status_code == 402, refused.get_json()
+        assert "the account's" in refused.get_json()["error"]
+    # A user pays with their own account: the server's budget is not theirs.
+    assert batch(client, USER, 1).status_code == 202
+    assert len(sim.predictions(SERVER_TOKEN)) <= 2

@@ -91,3 +91,13 @@ def test_backend_settings_that_cannot_work_are_refused_without_echoing_a_passwor
 def test_jobs_shared_with_limits_per_host_only_when_said_so() -> None:
     settings = Settings.from_env({"DATABASE_URL": "postgresql://u@db/x", "SINGLE_HOST": "true"})
     assert settings.single_host and settings.redis_url is None
+
+
+def test_an_account_budget_is_read_only_when_set() -> None:
+    assert Settings.from_env({}).account_budget_usd is None
+    budget = Settings.from_env({"ACCOUNT_BUDGET_USD": "25", "ACCOUNT_BUDGET_PERIOD": "day"})
+    assert (budget.account_budget_usd, budget.account_budget_period) == (25.0, "day")
+    for bad in ({"ACCOUNT_BUDGET_USD": "-1"}, {"ACCOUNT_BUDGET_USD": "nan"},
+                {"ACCOUNT_BUDGET_PERIOD": "week"}):
+        with pytest.raises(SettingsError, match=next(iter(bad))):
+            Settings.from_env(bad)

@@ -146,12 +146,25 @@ def paying_token(caller: Caller) -> str:
     return caller.token
 
 
-def budget_of(caller: Caller) -> Budget | None:
-    """The issued key's budget, if it has one (the admin key and user tokens have none)."""
-    key = caller.key
-    if key is None or key.budget_usd is None:
+def key_budget(key: IssuedKey) -> Budget | None:
+    """The issued key's own budget, if it has one."""
+    if key.budget_usd is None:
         return None
-    return Budget(key.id, key.budget_usd, key.budget_period or "month")
+    return Budget(key.budget_usd, key.budget_period or "month", key_id=key.id)
+
+
+def budgets_of(caller: Caller, settings: Settings) -> tuple[Budget, ...]:
+    """What the caller's request must fit: its key's budget, and ACCOUNT_BUDGET_USD when it
+    spends the server's account (the admin key and issued keys; users pay for themselves)."""
+    budgets = []
+    own = key_budget(caller.key) if caller.key is not None else None
+    if own is not None:
+        budgets.append(own)
+    server = (caller.admin or caller.key is not None) and caller.account is not None
+    if server and settings.account_budget_usd is not None:
+        budgets.append(Budget(settings.account_budget_usd, settings.account_budget_period,
+                              account=caller.account))
+    return tuple(budgets)
 
 
 def account_of(caller: Caller) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 from flask import Blueprint, Response, g, jsonify, request
 
 from replicate_generation.http import context
-from replicate_generation.http.auth import Caller, budget_of, require_key
+from replicate_generation.http.auth import key_budget, require_key
 from replicate_generation.http.errors import Answer, ApiError
 from replicate_generation.http.inputs import int_arg, json_object
 from replicate_generation.http.key_fields import grace_seconds, iso, key_body, key_fields
@@ -115,7 +115,7 @@ def audit_log() -> Response:
 def _body(key: IssuedKey, now: float, secret: str | None = None) -> dict[str, Any]:
     """The key's JSON with what it spent this period and has left, when it has a budget."""
     body = key_body(key, now, secret)
-    budget = budget_of(Caller(admin=False, token=None, key=key))
+    budget = key_budget(key)
     if budget is not None:
         spent = context.runner().store.spend.used(budget, now)
         body["spent_usd"] = spent

@@ -15,7 +15,7 @@ from flask import g, jsonify, request
 from replicate_generation.errors import IdempotencyConflict, InvalidRequest
 from replicate_generation.generation import Task
 from replicate_generation.http import context
-from replicate_generation.http.auth import budget_of, other_models, paying_token
+from replicate_generation.http.auth import budgets_of, other_models, paying_token
 from replicate_generation.http.errors import Answer, ApiError
 from replicate_generation.jobs import webhooks
 from replicate_generation.jobs.bodies import item_body, job_body
@@ -43,7 +43,7 @@ def submit(kind: str, body: dict[str, Any], parsed: Parsed, shape: Shape) -> Ans
         kind=kind, tasks=key_tasks(parsed.tasks), idempotency_key=idempotency_key,
         request_hash=request_hash(request.path, body), webhook_url=webhook_url,
         webhook_private=g.caller.admin, key_id=_key_id(), caller=g.caller.name,
-        budget=budget_of(g.caller),
+        budgets=budgets_of(g.caller, context.settings()),
         interactive=(parsed.options.priority or ("batch" if asynchronous else "interactive"))
         == "interactive", start_deadline=_start_deadline(parsed, accepted_at))
     runner = context.runner()
@@ -88,7 +88,7 @@ def retry(job: JobRow) -> Answer:
         tasks = [_revalidated(index, item) for index, item in enumerate(failed)]
     new_job, _ = runner.submit(paying_token(g.caller), Submission(
         kind=job.kind, tasks=key_tasks(tasks), key_id=_key_id(), caller=g.caller.name,
-        budget=budget_of(g.caller)))
+        budgets=budgets_of(g.caller, context.settings())))
     body = job_body(new_job)
     body["retry_of"] = job.id
     return jsonify(body), 202, {"Location": f"/jobs/{new_job.id}"}

@@ -77,9 +77,9 @@ class Submission:
     webhook_private: bool = False
     # The issued key submitting it: its jobs and Idempotency-Keys are its own.
     key_id: str | None = None
-    # Who submits it, as the ledger names callers; the key's budget, if it has one.
+    # Who submits it, as the ledger names callers; the budgets it must fit (key, account).
     caller: str | None = None
-    budget: Budget | None = None
+    budgets: tuple[Budget, ...] = ()
     # Interactive work enters before batch work of the same account, in every process.
     interactive: bool = False
     # Wall-clock seconds after which none of its items is created (deadline_seconds).
@@ -171,7 +171,7 @@ class JobRunner:
                      start_deadline=submission.start_deadline)
         job, created = self.store.create(new, self.worker_id, self._clock(),
                                          bounds=bounds_for(self.settings, token),
-                                         budget=submission.budget)
+                                         budgets=submission.budgets)
         if created:
             try:
                 self._queue(job, token)

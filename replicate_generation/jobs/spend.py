@@ -4,6 +4,7 @@ is summed for budgets and grouped for /usage."""
 
 from __future__ import annotations
 
+import hashlib
 from calendar import timegm
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,11 +24,17 @@ GROUPS = ("key", "model", "day")
 
 @dataclass(frozen=True)
 class Budget:
-    """An issued key's budget: `limit_usd` per `period` (day, month, total; UTC)."""
+    """`limit_usd` per `period` (day, month, total; UTC) for an issued key or for an account
+    (every caller paying with it)."""
 
-    key_id: str
     limit_usd: float
     period: str
+    key_id: str | None = None
+    account: str | None = None
+
+    @property
+    def whose(self) -> str:
+        return "this key's" if self.key_id is not None else "the account's"
 
 
 def period_start(period: str, now: float) -> float:
@@ -42,23 +49,38 @@ def period_start(period: str, now: float) -> float:
 
 def check_budget(conn: Connection, budget: Budget, required: float | None, now: float) -> None:
     """Raise BudgetExceeded unless `required` fits; inside the transaction that stores the
-    items, with the key's row locked on PostgreSQL so concurrent requests queue here."""
-    conn.execute(select(api_keys.c.id).where(api_keys.c.id == budget.key_id).with_for_update())
+    items, holding a lock on PostgreSQL (the key's row, or the account's advisory lock) so
+    concurrent requests queue here (SQLite's writers already take turns)."""
+    _lock(conn, budget)
     used = float(conn.execute(_used(budget, now)).scalar() or 0.0)
     remaining = max(0.0, budget.limit_usd - used)
     if required is None or required > remaining + _EPSILON:
         raise BudgetExceeded(budget_usd=budget.limit_usd, period=budget.period,
-                             remaining_usd=round(remaining, 6), required_usd=required)
+                             remaining_usd=round(remaining, 6), required_usd=required,
+                             whose=budget.whose)
+
+
+def _lock(conn: Connection, budget: Budget) -> None:
+    if budget.key_id is not None:
+        conn.execute(select(api_keys.c.id).where(api_keys.c.id == budget.key_id)
+                     .with_for_update())
+    elif conn.dialect.name == "postgresql":
+        digest = hashlib.sha256(f"budget:{budget.account}".encode()).digest()
+        conn.execute(select(func.pg_advisory_xact_lock(
+            int.from_bytes(digest[:8], "big", signed=True))))
 
 
 def _used(budget: Budget, now: float) -> Select[Any]:
     """Settled spend this period plus what open items hold, in one statement (one snapshot)."""
+    if budget.key_id is not None:
+        spent, holding = spend_ledger.c.key_id == budget.key_id, jobs.c.key_id == budget.key_id
+    else:
+        spent, holding = spend_ledger.c.account == budget.account, jobs.c.account == budget.account
     settled = select(func.coalesce(func.sum(spend_ledger.c.cost_usd), 0.0)).where(
-        spend_ledger.c.key_id == budget.key_id,
-        spend_ledger.c.at >= period_start(budget.period, now)).scalar_subquery()
+        spent, spend_ledger.c.at >= period_start(budget.period, now)).scalar_subquery()
     held = select(func.coalesce(func.sum(job_items.c.reserved_usd), 0.0)).select_from(
         job_items.join(jobs, jobs.c.id == job_items.c.job_id)).where(
-        jobs.c.key_id == budget.key_id, job_items.c.state.in_(OPEN_STATES)).scalar_subquery()
+        holding, job_items.c.state.in_(OPEN_STATES)).scalar_subquery()
     return select(settled + held)
 
 

@@ -6,6 +6,7 @@ may keep and old jobs' removal (`retention`)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from sqlalchemy import (
@@ -83,11 +84,11 @@ class JobStore:
 
     def create(self, job: NewJob, owner: str, now: float, *,
                bounds: AccountBounds | None = None,
-               budget: Budget | None = None) -> tuple[JobRow, bool]:
+               budgets: Sequence[Budget] = ()) -> tuple[JobRow, bool]:
         """Insert a job and its items; return (job, created), or a known Idempotency-Key's job.
 
         IdempotencyConflict for another body; AccountStoreFull past the account's `bounds` and
-        BudgetExceeded past the key's `budget` (nothing stored); rows are built before the lock
+        BudgetExceeded past any of `budgets` (nothing stored); rows are built before the lock
         to keep it short.
         """
         items, values = pack_items(job.id, (item.spec for item in job.items))
@@ -100,7 +101,7 @@ class JobStore:
                 return existing, False
             if bounds is not None:
                 check_room(conn, job.account, size, bounds, now)
-            if budget is not None:
+            for budget in budgets:
                 check_budget(conn, budget, _required(job), now)
             if conn.execute(self._new_job(job, owner, now, size)).first() is None:
                 # Another process created the key's job meanwhile (PostgreSQL only).
