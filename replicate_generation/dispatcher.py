@@ -155,16 +155,18 @@ class Dispatcher:
                 return self._queued
             return len(self._queues.get(account, ()))
 
-    def _next(self, account: str) -> tuple[tuple[int, str], _Task] | Literal["yield"] | None:
-        """The account's next task and its caller; "yield" when another account waits for a
-        thread (this runner goes to the back of the pool's line); None when this runner should
-        end (nothing may start: none left, or every caller left is at its bound)."""
+    def _next(self, account: str,
+              may_yield: bool) -> tuple[tuple[int, str], _Task] | Literal["yield"] | None:
+        """The account's next task and its lane; "yield" when another account waits for a
+        thread and this runner has run a task in this turn (it goes to the back of the pool's
+        line: a turn always runs one, or runners passing turns on would run nothing); None when
+        this runner should end (none left, or every caller left is at its bound)."""
         with self._lock:
             queue = self._queues.get(account)
             if not queue or not queue.runnable() or self._runners[account] > self._cap(account):
                 self._end_runner(account)
                 return None
-            if self._others_waiting(account):
+            if may_yield and self._others_waiting(account):
                 self._waiting[account] = self._waiting.get(account, 0) + 1
                 return "yield"
             picked = queue.pop()
@@ -212,9 +214,11 @@ class Dispatcher:
 
     def _run_all(self, account: str) -> bool:
         """Run the account's tasks until none is left (False) or its turn is over (True)."""
-        while (item := self._next(account)) is not None:
+        ran = False
+        while (item := self._next(account, may_yield=ran)) is not None:
             if isinstance(item, str):
                 return True
+            ran = True
             lane, (fn, future) = item
             try:
                 if future.set_running_or_notify_cancel():

@@ -150,3 +150,12 @@ def test_a_caller_at_its_bound_leaves_the_runners_to_the_others(gate: Gate) -> N
     gate.open_all()
     assert [f.result(WAIT) for f in capped + free] == ["c0", "c1", "c2", "f0", "f1", "f2"]
     pool.shutdown(wait=True)
+
+
+def test_many_accounts_on_few_threads_each_run_their_tasks(gate: Gate) -> None:
+    # Every runner finds others waiting: each must still run a task per turn, not pass it on.
+    pool = dispatcher(threads=2)
+    futures = [pool.submit(f"acct{i}", gate.task(f"t{i}")) for i in range(40)]
+    gate.open_all()
+    assert sorted(f.result(WAIT) for f in futures) == sorted(f"t{i}" for i in range(40))
+    pool.shutdown(wait=True)
