@@ -11,6 +11,7 @@ from werkzeug.wrappers import Response as WerkzeugResponse
 
 from replicate_generation import observability, ops, web
 from replicate_generation.backends import wait_for_backends
+from replicate_generation.errors import InvalidRequest
 from replicate_generation.http import context, errors, responses, submission
 from replicate_generation.http.auth import (
     account_of,
@@ -101,8 +102,13 @@ def model_detail(owner: str, name: str) -> Response:
     if curated is not None:
         return jsonify(curated.describe())
     g.caller = resolve_caller(context.settings())
-    with other_models():
-        return jsonify(resolve_model(ref).describe())
+    try:
+        with other_models():
+            return jsonify(resolve_model(ref).describe())
+    except InvalidRequest as exc:  # no model at this path for this caller: not a bad request
+        missing = ApiError(404, str(exc))
+        missing.extra = dict(exc.extra)  # supported_models
+        raise missing from None
 
 
 # --------------------------------------------------------------------------- limits

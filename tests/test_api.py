@@ -14,6 +14,7 @@ from flask.testing import FlaskClient
 from conftest import ADMIN, ADMIN_KEY, OTHER, SERVER_TOKEN, USER, USER_TOKEN
 from replicate_generation.devtools.simulator import Simulator
 from replicate_generation.models.catalogue import MODELS
+from replicate_generation.models.schemas import ModelPolicy
 
 PNG_1PX = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 16).decode()
 
@@ -63,6 +64,31 @@ def test_models_lists_every_parameter_with_type_choices_and_default(client: Flas
     qwen = body["models"]["qwen-image"]["parameters"]
     assert qwen["lora_scale"]["maximum"] == 2
     assert qwen["aspect_ratio"]["default"] == "16:9"
+
+
+def test_a_model_the_server_does_not_serve_is_a_404_in_the_error_shape(
+        client: FlaskClient) -> None:
+    for path in ("/models/acme/no-such-model", "/models/0/swagger-ui.css"):
+        response = client.get(path, headers=ADMIN)
+        assert response.status_code == 404, response.get_json()
+        assert "not supported" in response.get_json()["error"]
+        assert response.get_json()["supported_models"] == sorted(MODELS)
+    assert client.get("/models/acme/no-such-model").status_code == 401  # others need a key
+    assert client.get("/models/black-forest-labs/flux-dev").status_code == 200
+
+
+def test_whole_floats_are_integers_for_any_model_and_reach_replicate_as_ints(
+        make_app: Callable[..., Flask], sim: Simulator) -> None:
+    client = make_app(model_policy=ModelPolicy("any")).test_client()
+    body = {"model_name": "black-forest-labs/flux-schnell", "prompt": "a fox",
+            "num_outputs": 2.0, "seed": 7.0}
+    response = post(client, "/generate", body, ADMIN)
+    assert response.status_code == 200, response.get_json()
+    (prediction,) = sim.predictions(SERVER_TOKEN)
+    sent = prediction["input"]
+    assert (sent["num_outputs"], sent["seed"]) == (2, 7)
+    assert type(sent["num_outputs"]) is int and type(sent["seed"]) is int
+    assert post(client, "/generate", {**body, "seed": 7.5}, ADMIN).status_code == 400
 
 
 # --------------------------------------------------------------------------- /generate
@@ -359,6 +385,17 @@ def test_configure_applies_validates_and_survives_a_restart(
         bad = post(client, "/configure", body, ADMIN)
         assert bad.status_code == 400 and bad.get_json()["field"] == field, body
     assert client.get("/health").get_json()["concurrency_status"]["concurrent_limit"] == 3
+
+
+def test_configure_takes_a_whole_float_as_the_integer_json_schema_says_it_is(
+        client: FlaskClient) -> None:
+    response = post(client, "/configure", {"burst": 30.0, "concurrent_limit": 4}, ADMIN)
+    assert response.status_code == 200, response.get_json()
+    limits = response.get_json()["new_settings"]
+    assert (limits["burst"], limits["concurrent_limit"]) == (30, 4)
+    assert type(limits["burst"]) is int
+    bad = post(client, "/configure", {"burst": 30.5}, ADMIN)
+    assert bad.status_code == 400 and bad.get_json()["field"] == "burst"
 
 
 def env_source(value: int, processes: int = 1, low: int | None = None,

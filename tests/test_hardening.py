@@ -127,9 +127,28 @@ def test_a_lone_surrogate_as_raw_body_bytes_is_a_400(client: FlaskClient) -> Non
 
 def test_an_idempotency_key_that_is_not_ascii_is_a_400(client: FlaskClient) -> None:
     for key in ("\ud800", "é", "a\x00b"):
-        response = client.post("/generate", json=SIMPLE, headers={**ADMIN,
-                                                                   "Idempotency-Key": key})
-        assert_error_shape(response, 400, "Idempotency-Key")
+        for body in (SIMPLE, {**SIMPLE, "dry_run": True}):  # a dry run checks it too
+            response = client.post("/generate", json=body, headers={**ADMIN,
+                                                                    "Idempotency-Key": key})
+            assert_error_shape(response, 400, "Idempotency-Key")
+
+
+def test_a_webhook_the_server_cannot_send_is_a_400_for_a_dry_run_too(
+        client: FlaskClient) -> None:
+    body = {**SIMPLE, "dry_run": True, "webhook": "https://example.com/hook"}
+    assert_error_shape(client.post("/generate", json=body, headers=ADMIN), 400, "webhook")
+
+
+def test_odd_key_fields_and_usage_periods_get_a_400_or_an_answer_never_a_500(
+        client: FlaskClient) -> None:
+    for body, field in (({"name": "abc\n"}, "name"),
+                        ({"name": "ok", "models": ["flux-dev\n"]}, "models"),
+                        ({"name": "ok", "expires_at": "9999-12-31T23:59:59-23:59"},
+                         "expires_at")):
+        assert_error_shape(client.post("/keys", json=body, headers=ADMIN), 400, field)
+    for query in ("to=9999-12-31", "from=9999-12-31T00:00:00Z&to=9999-12-31"):
+        response = client.get(f"/usage?{query}", headers=ADMIN)
+        assert response.status_code == 200, response.get_json()
 
 
 # --------------------------------------------------------------------------- 9. log injection

@@ -256,6 +256,20 @@ def test_callers_values_win_and_reach_replicate(client: FlaskClient, sim: Simula
         "exaggeration": 1.5}
 
 
+def test_whole_floats_are_integers_and_reach_replicate_as_ints(
+        client: FlaskClient, sim: Simulator) -> None:
+    body = {"model_name": "flux-dev", "prompt": "x", "num_inference_steps": 30.0,
+            "num_outputs": 2.0, "seed": 7.0, "output_quality": 90.0}
+    response = post(client, body)
+    assert response.status_code == 200, response.get_json()
+    (prediction,) = sim.predictions(SERVER_TOKEN)
+    sent = {name: prediction["input"][name] for name in body if name not in ("model_name",
+                                                                             "prompt")}
+    assert sent == {"num_inference_steps": 30, "num_outputs": 2, "seed": 7, "output_quality": 90}
+    assert all(type(value) is int for value in sent.values()), sent
+    assert response.get_json()["results"][0]["seed"] == 7
+
+
 WRONG_TYPE: dict[str, list[object]] = {
     "string": [5, None, ["1:1"]],
     "integer": ["5", 2.5, True],

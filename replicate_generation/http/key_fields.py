@@ -76,7 +76,7 @@ def _state(key: IssuedKey, now: float) -> str:
 
 
 def _name(value: Any) -> str:
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):  # match lets "a\n" through
         raise InvalidRequest("name", "name must be 1-64 letters, digits or ' ._:@/-', starting "
                              "and ending with a letter, digit, '.', '_' or '-'")
     return value
@@ -113,7 +113,7 @@ def _models(value: Any) -> list[str] | None:
     if value is None:
         return None
     if (not isinstance(value, list) or not 1 <= len(value) <= MAX_MODELS
-            or not all(isinstance(m, str) and _MODEL_REF.match(m) for m in value)):
+            or not all(isinstance(m, str) and _MODEL_REF.fullmatch(m) for m in value)):
         raise InvalidRequest("models", f"models must be null or a list of 1-{MAX_MODELS} model "
                              "names (a curated name such as flux-dev, or owner/name)")
     return sorted(set(value))
@@ -130,6 +130,8 @@ def _expires_at(value: Any) -> float | None:
         raise InvalidRequest("expires_at", "expires_at must be an ISO 8601 time or null") from None
     if moment.tzinfo is None:
         raise InvalidRequest("expires_at", "expires_at must name its time zone (e.g. Z)")
+    if moment.year > 9998:  # shown back in UTC, whose calendar ends at 9999-12-31
+        raise InvalidRequest("expires_at", "expires_at must be before the year 9999")
     if moment.timestamp() <= time.time():
         raise InvalidRequest("expires_at", "expires_at must be in the future")
     return moment.timestamp()

@@ -8,6 +8,7 @@ from typing import Any
 
 from replicate_generation.errors import InvalidRequest
 from replicate_generation.limits.base import Limits, LimitSource, validate_limit
+from replicate_generation.models.validation import as_integer
 
 LIMIT_FIELDS = {"concurrent_limit": "max_concurrent", "requests_per_minute": "requests_per_minute",
                 "burst": "burst", "polls_per_minute": "polls_per_minute"}
@@ -22,7 +23,8 @@ def overrides_from(body: dict[str, Any]) -> dict[str, int | None]:
     if not body:
         raise InvalidRequest("concurrent_limit", "Give at least one of " + ", ".join(LIMIT_FIELDS))
     changes: dict[str, int | None] = {}
-    for name, value in body.items():
+    for name, given in body.items():
+        value = as_integer(given)  # JSON Schema counts 30.0 as the integer 30
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise InvalidRequest(name, f"{name} must be an integer, or null to clear it")
         if value is not None:

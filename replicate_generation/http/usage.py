@@ -7,7 +7,7 @@ import csv
 import io
 import time
 from calendar import timegm
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 
 from flask import Blueprint, Response, g, jsonify, request
 
@@ -60,7 +60,8 @@ def _moment(field: str, raw: str | None, default: float, *, end: bool) -> float:
             day = date.fromisoformat(raw)
         except ValueError:
             raise InvalidRequest(field, f"{field} must be YYYY-MM-DD or an ISO 8601 time") from None
-        return float(timegm((day + timedelta(days=int(end))).timetuple()))
+        # The end of a day added in seconds: the day after 9999-12-31 is no date.
+        return float(timegm(day.timetuple()) + (86_400 if end else 0))
     try:
         moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
     except ValueError:

@@ -16,6 +16,7 @@ from typing import Any
 from replicate_generation import json_depth
 from replicate_generation.errors import InvalidRequest, SchemaUnavailable
 from replicate_generation.models.catalogue import MODELS, ModelSpec, Param
+from replicate_generation.models.validation import as_integer
 from replicate_generation.models.validation import check_value as check_uri
 
 MODEL_REF = re.compile(
@@ -194,7 +195,8 @@ def _type_name(prop: dict[str, Any]) -> str:
 
 def check_input(schema: InputSchema, values: Mapping[str, object], prefix: str = "",
                 model: str = "") -> dict[str, object]:
-    """The input as sent; InvalidRequest naming the field for anything the schema refuses."""
+    """The input as sent (whole floats of integers as ints); InvalidRequest naming the field for
+    anything the schema refuses."""
     for name in values:
         if name not in schema.properties:
             allowed = excerpt(list(schema.properties), quote=False)
@@ -203,17 +205,19 @@ def check_input(schema: InputSchema, values: Mapping[str, object], prefix: str =
     for name in schema.required:
         if values.get(name) is None:
             raise InvalidRequest(f"{prefix}{_short(name)}", f"{prefix}{_short(name)} is required")
-    for name, value in values.items():
-        check_value(schema.properties[name], value, f"{prefix}{name}")
-    return dict(values)
+    return {name: check_value(schema.properties[name], value, f"{prefix}{name}")
+            for name, value in values.items()}
 
 
-def check_value(prop: Mapping[str, Any], value: object, field: str) -> None:
-    """Type, format, enum, range and length of one value, as the property says."""
+def check_value(prop: Mapping[str, Any], value: object, field: str) -> object:
+    """Type, format, enum, range and length of one value, as the property says; the value as
+    sent (an integer's whole float as an int)."""
     if value is None:
         if not prop.get("nullable"):
             raise InvalidRequest(field, f"{field} must not be null")
-        return
+        return None
+    if prop.get("type") == "integer":
+        value = as_integer(value)
     _check_type(prop, value, field)
     if "enum" in prop and value not in prop["enum"]:
         raise InvalidRequest(field, f"{field} must be one of {excerpt(prop['enum'])}")
@@ -226,8 +230,8 @@ def check_value(prop: Mapping[str, Any], value: object, field: str) -> None:
             and len(value) > prop["maxLength"]:
         raise InvalidRequest(field, f"{field} must be at most {prop['maxLength']} characters")
     if isinstance(value, list) and isinstance(prop.get("items"), dict):
-        for i, item in enumerate(value):
-            check_value(prop["items"], item, f"{field}[{i}]")
+        return [check_value(prop["items"], item, f"{field}[{i}]") for i, item in enumerate(value)]
+    return value
 
 
 def _check_type(prop: Mapping[str, Any], value: object, field: str) -> None:

@@ -77,8 +77,18 @@ def check_value(param: Param, value: object, field: str) -> object:
     return _check(param, value, field)
 
 
+def as_integer(value: object) -> object:
+    """A whole float (30.0) as the int JSON Schema counts it as; any other value as it is."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def _check(param: Param, value: object, field: str) -> object:
-    """Return the value if it fits the parameter's type, choices and range."""
+    """Return the value if it fits the parameter's type, choices and range (an integer's whole
+    float as an int, so Replicate gets 30, not 30.0)."""
+    if param.type == "integer":
+        value = as_integer(value)
     checker = _CHECKERS[param.type]
     checker(param, value, field)
     if param.choices is not None and value not in param.choices:
@@ -115,8 +125,8 @@ def _check_boolean(param: Param, value: object, field: str) -> None:
 
 
 def _check_uri(param: Param, value: object, field: str) -> None:
-    """Accept an http(s) URL or a data: URI; never a path on this server."""
-    message = (f"{field} must be an http(s) URL or a data: URI "
+    """Accept an http(s) URL (printable ASCII) or a data: URI; never a path on this server."""
+    message = (f"{field} must be an http(s) URL (printable ASCII) or a data: URI "
                "(paths on the server are not accepted)")
     if not isinstance(value, str):
         raise InvalidRequest(field, message)
@@ -128,8 +138,9 @@ def _check_uri(param: Param, value: object, field: str) -> None:
         parts = urlsplit(value)
     except ValueError:  # e.g. "http://[": an unclosed IPv6 host
         raise InvalidRequest(field, message) from None
+    # A URL is printable ASCII (RFC 3986): anything else is percent-encoded, the host punycoded.
     if (parts.scheme not in ("http", "https") or not parts.netloc or len(value) > MAX_URI_LENGTH
-            or any(ch.isspace() or not ch.isprintable() for ch in value)):
+            or any(not "!" <= ch <= "~" for ch in value)):
         raise InvalidRequest(field, message)
 
 
