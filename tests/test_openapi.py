@@ -201,7 +201,7 @@ def test_the_document_admits_exactly_what_the_service_accepts(
 # --------------------------------------------------------------------------- fuzzing
 
 
-def _schemathesis(server: Gunicorn, report: Path, phases: str, selection: tuple[str, str],
+def _schemathesis(server: Gunicorn, report: Path, phases: str, selection: tuple[str, ...],
                   *headers: str) -> tuple[int, str]:
     argv = [sys.executable, "-m", "schemathesis.cli", "run", f"{server.url}/openapi.json",
             "--checks", CHECKS, "--max-examples", str(EXAMPLES_PER_OPERATION),
@@ -219,16 +219,25 @@ def _schemathesis(server: Gunicorn, report: Path, phases: str, selection: tuple[
     return done.returncode, done.stdout + done.stderr
 
 
-# /configure runs last, alone: the limits it fuzzes (one create a minute) would leave the other
-# routes' generations no budget within their deadline, a 504 that is the service doing its job.
-SELECTIONS = (("--exclude-path", "/configure"), ("--include-path", "/configure"))
-
-
+# Each group runs against a service of its own, so the groups run side by side; /configure is
+# one alone: the limits it fuzzes (one create a minute) would leave other routes' generations no
+# budget within their deadline, a 504 that is the service doing its job.
+_GROUPS = "generate|generate-batch|keys|audit|usage|configure"
+SELECTIONS = {
+    "generate": ("--include-path", "/generate"),
+    "batch": ("--include-path", "/generate-batch"),
+    "keys": ("--include-path-regex", "^/(keys|audit|usage)"),
+    "rest": ("--exclude-path-regex", f"^/({_GROUPS})(/|$)"),
+    "configure": ("--include-path", "/configure"),
+}
 # Coverage (boundary and negative cases of every schema) is what takes time: it runs with the
 # key, where bodies reach validation; without one every protected route answers 401 early.
-@pytest.mark.parametrize(("auth", "phases"), [("admin", "examples,coverage,fuzzing"),
-                                               ("none", "examples,fuzzing")])
-def test_schemathesis_finds_nothing(auth: str, phases: str,
+CASES = [("admin", "examples,coverage,fuzzing", group) for group in SELECTIONS] + [
+    ("none", "examples,fuzzing", "all")]
+
+
+@pytest.mark.parametrize(("auth", "phases", "group"), CASES)
+def test_schemathesis_finds_nothing(auth: str, phases: str, group: str,
                                     make_settings: Callable[..., Settings], sim: Simulator,
                                     start_gunicorn: Callable[..., Gunicorn], tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
@@ -236,13 +245,11 @@ def test_schemathesis_finds_nothing(auth: str, phases: str,
     # Batches of at most 3 keep the fuzzed generations few (service_env leaves the size out).
     server = start_gunicorn(make_settings(), workers=1, MAX_BATCH_SIZE="3")
     headers = [f"X-Admin-API-Key: {ADMIN_KEY}"] if auth == "admin" else []
-    for number, selection in enumerate(SELECTIONS):
-        report = tmp_path / f"junit{number}.xml"
-        code, output = _schemathesis(server, report, phases, selection, *headers)
-        summary = [line for line in output.splitlines()
-                   if re.search(r"\d+ (generated|passed)", line)]
-        with capsys.disabled():  # the case count shows in CI's output, passing or not
-            print(f"\nschemathesis ({auth}, {phases}, {' '.join(selection)}):", *summary)
-        assert code == 0, output[-6000:]
-        assert re.search(r"\d+ generated", output), output[-2000:]
+    selection = SELECTIONS.get(group, ())
+    code, output = _schemathesis(server, tmp_path / "junit.xml", phases, selection, *headers)
+    summary = [line for line in output.splitlines() if re.search(r"\d+ (generated|passed)", line)]
+    with capsys.disabled():  # the case count shows in CI's output, passing or not
+        print(f"\nschemathesis ({auth}, {phases}, {group}):", *summary)
+    assert code == 0, output[-6000:]
+    assert re.search(r"\d+ generated", output), output[-2000:]
     assert ADMIN_KEY not in server.log()
