@@ -147,6 +147,7 @@ def _race_for_the_budget(settings: Settings, start_gunicorn: Callable[..., Gunic
                                            timeout=10).json()["state"] == "succeeded",
                  30, "each job to end")
     assert len(sim.predictions(SERVER_TOKEN)) == 10
+    server.stop()  # before its database is dropped
 
 
 def test_metrics_count_spend_by_key_name_never_by_secret(

@@ -80,5 +80,9 @@ def _next_wave(held_sim: tuple[Simulator, HeldClock], settings: Settings,
         sim.wake_waiters()
         call.join(30)
         assert answer.get("success") is True, answer
+    # The rest of the batch is not this test's: canceled, so the services stop at once.
+    requests.post(f"{holder.url}/jobs/{accepted.json()['id']}/cancel", headers=ADMIN, timeout=10)
     clock.release()
     sim.wake_waiters()
+    for server in (holder, other):  # before their Redis keys and database are removed
+        server.stop()
