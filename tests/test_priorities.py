@@ -27,10 +27,10 @@ def created(sim: Simulator) -> list[str]:
     return [str(p["input"].get("prompt")) for p in sim.predictions(SERVER_TOKEN)]
 
 
-def waiting(server: Gunicorn) -> int:
-    """Tickets waiting for one of the account's slots, in every process sharing its limits."""
-    status = requests.get(f"{server.url}/status", headers=ADMIN, timeout=10).json()
-    return int(status["totals"]["waiting"])
+def slots(server: Gunicorn) -> tuple[int, int]:
+    """(held, waiting) slots of the account, in every process sharing its limits."""
+    totals = requests.get(f"{server.url}/status", headers=ADMIN, timeout=10).json()["totals"]
+    return int(totals["in_flight"]), int(totals["waiting"])
 
 
 @pytest.mark.parametrize("backends", ["sqlite", "redis+postgresql"])
@@ -61,7 +61,10 @@ def _next_wave(held_sim: tuple[Simulator, HeldClock], settings: Settings,
     assert accepted.status_code == 202, accepted.text
     wait_for(lambda: len(created(sim)) == 2, 20, "the batch to fill the limit")
     for wave, server in enumerate((holder, other), start=1):
-        wait_for(lambda: waiting(holder) == 0, 20, "the batch to hold both slots")
+        # Both slots held by the newest batch items, no one waiting: no free slot to slip into.
+        settled = 2 + 4 * (wave - 1)  # creates so far: each wave and the call's end free two
+        wait_for(lambda settled=settled: len(created(sim)) == settled
+                 and slots(holder) == (2, 0), 20, "the batch to hold both slots")
         answer: dict[str, Any] = {}
         call = threading.Thread(target=lambda url=server.url, wave=wave, answer=answer:
                                 answer.update(requests.post(f"{url}/generate", json={
@@ -70,7 +73,7 @@ def _next_wave(held_sim: tuple[Simulator, HeldClock], settings: Settings,
         call.start()
         # Its ticket waits in the shared line: in the holder only if it did not queue behind
         # the batch for a runner.
-        wait_for(lambda server=server: waiting(server) == 1, 20, "the call to wait for a slot")
+        wait_for(lambda server=server: slots(server) == (2, 1), 20, "the call to wait for a slot")
         before = len(created(sim))
         clock.advance(1.5)  # the two running predictions end: two slots free
         sim.wake_waiters()
