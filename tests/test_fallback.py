@@ -108,7 +108,10 @@ def test_throttling_retries_the_same_model(client: FlaskClient, sim: Simulator) 
     status, body = generate(client, {"model_name": "flux-dev", "prompt": "cat"})
     assert status == 200, body
     assert body["model_used"] == "flux-dev"
-    assert all("flux-dev" in p for p in create_posts(sim)) and len(create_posts(sim)) == 2
+    # The 429 is retried on flux-dev, never passed down the chain; one prediction is made (a
+    # create whose answer a loaded machine loses is looked up, and sent again only if absent).
+    assert all("flux-dev" in p for p in create_posts(sim)) and len(create_posts(sim)) >= 2
+    assert models_created(sim) == [FLUX_DEV]
 
 
 def test_auth_and_credit_errors_never_fall_back(client: FlaskClient, sim: Simulator) -> None:
