@@ -20,7 +20,6 @@ from replicate_generation.models import schemas
 from replicate_generation.models.catalogue import ModelSpec
 from replicate_generation.models.chains import FallbackChains
 from replicate_generation.models.cost import estimate_cost
-from replicate_generation.models.fallback import fallback_input
 from replicate_generation.models.routing import plan
 from replicate_generation.models.validation import resolve_model
 from replicate_generation.outputs import default_stem, safe_filename
@@ -269,8 +268,7 @@ def estimate(tasks: list[Task]) -> dict[str, Any]:
             "model": task.spec.id, "routed": task.routed, "notes": list(task.notes),
             "fallback_chain": [m.id for m in task.chain],
             "estimated_cost_usd": estimate_cost(task.spec, task.input),
-            "max_cost_usd_with_fallbacks": round(estimate_cost(task.spec, task.input)
-                                                 + sum(_chain_costs(task)), 6),
+            "max_cost_usd_with_fallbacks": task.max_cost_usd(),
         })
     total = round(sum(estimate_cost(t.spec, t.input) for t in tasks), 6)
     return {"dry_run": True, "estimated_cost_usd": total, "total_items": len(items),
@@ -291,17 +289,7 @@ def _estimate_unknown(tasks: list[Task]) -> dict[str, Any]:
                       "model": task.spec.id, "routed": task.routed, "notes": list(task.notes)
                       + ([] if known else [UNKNOWN_COST_NOTE]),
                       "fallback_chain": [m.id for m in task.chain], "estimated_cost_usd": cost,
-                      "max_cost_usd_with_fallbacks": None if cost is None
-                      else round(cost + sum(_chain_costs(task)), 6)})
+                      "max_cost_usd_with_fallbacks": task.max_cost_usd()})
     return {"dry_run": True, "estimated_cost_usd": None, "cost_usd": None,
             "cost_note": UNKNOWN_COST_NOTE, "total_items": len(items),
             "models": sorted({str(i["model"]) for i in items}), "items": items}
-
-
-def _chain_costs(task: Task) -> list[float]:
-    costs = []
-    for spec in task.chain:
-        mapped = fallback_input(task.spec, task.input, spec)
-        if mapped is not None:
-            costs.append(estimate_cost(spec, mapped[0]))
-    return costs
