@@ -738,6 +738,50 @@ def test_lowering_the_limit_admits_nobody_until_below_it(make_store: StoreFactor
     manager.shutdown()
 
 
+class HookedClock(FakeClock):
+    """Runs ``hook`` once, at the reading after ``arm(skip)`` let ``skip`` readings pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hook: Callable[[], None] | None = None
+        self.skip = 0
+
+    def arm(self, skip: int, hook: Callable[[], None]) -> None:
+        self.skip, self.hook = skip, hook
+
+    def __call__(self) -> float:
+        if self.hook is not None:
+            if self.skip == 0:
+                hook, self.hook = self.hook, None
+                hook()
+            else:
+                self.skip -= 1
+        return self.now
+
+
+def test_a_limit_lowered_between_reading_it_and_granting_admits_nobody(
+        redis_factory: StoreFactory) -> None:
+    # Redis reads the limit and grants in two calls: the lowering lands between them.
+    clock = HookedClock()
+    store = redis_factory(Limits(2, 600), clock=clock)
+    admin = redis_factory(Limits(2, 600), clock=clock)
+    first = store.try_acquire(ACCOUNT, "h0")
+    assert first is not None and store.try_acquire(ACCOUNT, "h1") is not None
+    assert store.try_acquire(ACCOUNT, "waiter") is None
+
+    def lower_then_release() -> None:
+        admin.set_limits(Limits(1, 600))
+        admin.release(first)
+
+    clock.arm(1, lower_then_release)  # the limits read passes, the grant's reading lowers
+    assert store.try_acquire(ACCOUNT, "waiter") is None
+    assert clock.hook is None
+    assert stats_of(store) == AccountStats(ACCOUNT, 1, 1, 0, 0.0)
+    assert queue_length_is(store, 1)
+    admin.set_limits(Limits(2, 600))
+    assert store.try_acquire(ACCOUNT, "waiter") is not None  # its place was kept
+
+
 def test_waiters_enter_in_fifo_order(make_store: StoreFactory) -> None:
     store = make_store(Limits(1, 600))
     manager = ConcurrencyManager(store, poll_interval=0.01)

@@ -47,7 +47,7 @@ _OP_TTL_MS = 30_000
 FAIR_KEEP_S = 86_400
 
 _SCRIPT_NAMES = ("limits", "declare", "override", "acquire", "renew", "release", "leave", "reserve",
-                 "backoff", "accepted", "backoff_left", "stats", "mark", "prune")
+                 "backoff", "accepted", "backoff_left", "stats", "mark", "prune", "settle")
 
 
 def _lua(name: str) -> str:
@@ -257,18 +257,32 @@ class RedisLimitStore:
         with self._tickets_lock:  # before the call: a lost answer must still be left
             self._tickets[ticket] = account
         shared = self._limits(mark=account).max_concurrent
-        lease = self._run(
+        granted = self._run(
             "acquire",
             keys=self._names.of(account, "leases", "released", "queue", "tickets", "vtime",
                                 "fair"),
             args=[self._now(), self._ttl, shared if limit is None else min(shared, limit), ticket,
                   f"{account}|{ticket}", self._keep(),
                   turn.band, turn.caller, turn.step, FAIR_KEEP_S])
-        if isinstance(lease, int):
-            return None, lease
+        if isinstance(granted, int):
+            return None, granted
+        lease, score = (str(part) for part in granted)
+        if score and not self._settle(account, ticket, lease, score, shared, limit):
+            return None, 1
         with self._tickets_lock:
             self._tickets.pop(ticket, None)
-        return str(lease), 0
+        return lease, 0
+
+    def _settle(self, account: str, ticket: str, lease: str, score: str, used: int,
+                limit: int | None) -> bool:
+        """Keep a grant only under the limit in force now: it was read before the grant."""
+        fresh = self._limits().max_concurrent
+        if fresh >= used:
+            return True
+        ceiling = fresh if limit is None else min(fresh, limit)
+        kept = self._run("settle", keys=self._names.of(account, "leases", "queue", "tickets"),
+                         args=[self._now(), self._ttl, ceiling, lease, ticket, score])
+        return bool(kept)
 
     @_fail_closed
     def renew(self, lease_ids: Sequence[str], ticket_ids: Sequence[str]) -> None:

@@ -1,5 +1,5 @@
 -- KEYS: leases, released, queue, tickets, vtime, fair. ARGV: now, ttl, max_concurrent, ticket,
--- lease id, tombstone keep, band, caller, step, fair keep. Returns the lease id, or the rank.
+-- lease id, tombstone keep, band, caller, step, fair keep. Returns {lease id, queue score}, or the rank.
 local now, ttl, limit = clock(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local ticket, lease = ARGV[4], ARGV[5]
 -- Purged inside the granting script: a dead holder's slot is back within ttl, no reaper.
@@ -9,7 +9,7 @@ for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', num(now))) do
   redis.call('ZREM', KEYS[3], gone)
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', num(now))
-if redis.call('ZSCORE', KEYS[1], lease) then return lease end  -- a resent call that already won
+if redis.call('ZSCORE', KEYS[1], lease) then return {lease, ''} end  -- a resent call that already won
 -- The score is band * 2^40 + start tag: interactive first, then fair start-time order.
 local band_base = tonumber(ARGV[7]) * 1099511627776
 local score = redis.call('ZSCORE', KEYS[3], ticket)
@@ -39,4 +39,4 @@ if granted > tonumber(redis.call('GET', KEYS[5]) or '0') then
 else
   redis.call('PEXPIRE', KEYS[5], fair_keep)
 end
-return lease
+return {lease, num(score)}
