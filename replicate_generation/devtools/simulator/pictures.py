@@ -1,7 +1,7 @@
 """Demo pictures for the simulator, written without an imaging library.
 
-The requested aspect ratio, the prompt's colour and (PNG, JPEG) its first words in a 5x7 font, so
-the console's gallery looks real; JPEG is 8x8 DC-only blocks, WebP one lossless colour.
+The requested aspect ratio, the prompt's colour and its first words in a 5x7 font, so the console's
+gallery looks real; JPEG is 8x8 DC-only blocks, WebP two colours with one-bit codes.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import hashlib
 import struct
 import zlib
 from collections.abc import Callable
+
+from replicate_generation.devtools.simulator.webp import two_colour
 
 LONG_SIDE = 256
 Colour = tuple[int, int, int]
@@ -167,21 +169,14 @@ def _segment(marker: int, payload: bytes) -> bytes:
 # --------------------------------------------------------------------------- WebP
 
 
-def webp(prompt: str, width: int, height: int) -> bytes:
-    """Lossless WebP of one colour: five one-symbol prefix codes, so pixels take no bits."""
-    red, green, blue = colour_of(prompt)
-    fields = [(0x2F, 8), (width - 1, 14), (height - 1, 14), (0, 1), (0, 3), (0, 1), (0, 1),
-              (0, 1)]
-    for value in (green, red, blue, 255):
-        fields += [(1, 1), (0, 1), (1, 1), (value, 8)]
-    fields += [(1, 1), (0, 1), (0, 1), (0, 1)]
-    acc = nbits = 0
-    for value, size in fields:  # VP8L packs LSB first
-        acc |= value << nbits
-        nbits += size
-    payload = acc.to_bytes((nbits + 7) // 8, "little")
-    chunk = b"VP8L" + struct.pack("<I", len(payload)) + payload + b"\x00" * (len(payload) % 2)
-    return b"RIFF" + struct.pack("<I", 4 + len(chunk)) + b"WEBP" + chunk
+def webp(prompt: str, width: int, height: int, cell: int = 2) -> bytes:
+    """Lossless WebP in two colours: the prompt's, and its words in white or black."""
+    background = colour_of(prompt)
+    ink: Colour = (255, 255, 255) if sum(background) < 384 else (0, 0, 0)
+    grid = cells(prompt, -(-width // cell), -(-height // cell))
+    mask = [[grid[y // cell][x // cell] == (255, 255, 255) for x in range(width)]
+            for y in range(height)]
+    return two_colour(mask, background, ink)
 
 
 RENDERERS: dict[str, Callable[[str, int, int], bytes]] = {"png": png, "jpg": jpeg, "webp": webp}
