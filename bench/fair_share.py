@@ -6,6 +6,7 @@ with the service's intervals); every key is an issued key on the server's accoun
     .venv/bin/python bench/fair_share.py priority  # a sync call while another key's batch waits
     .venv/bin/python bench/fair_share.py weights   # two keys' batches at once: 1:1, then 3:1
     .venv/bin/python bench/fair_share.py all
+    .venv/bin/python bench/fair_share.py weights --instances 2  # two services on Redis + PostgreSQL
 
 priority: key A submits an async batch (default 1,000 items) that fills the account (limit 10 by
 default); key B then sends synchronous /generate calls one after another, on fresh connections so
@@ -14,7 +15,8 @@ before. Goal: busy p50 and max within 1.5x the idle ones.
 
 weights: keys A and B submit batches of the same size at the same moment (limit 60 by default).
 Equal weights: both finish within 5 % of each other. Weights 3:1: while both have work, A's
-completed items per second over B's is 3 within 10 %.
+completed items per second over B's is 3 within 10 %. With --instances 2, two services (2 workers
+each) share the account through Redis and PostgreSQL; A submits to the first, B to the second.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ sys.path[:0] = [str(ROOT)]
 from replicate_generation.devtools.simulator import SimConfig, Simulator  # noqa: E402
 from replicate_generation.settings import Settings  # noqa: E402
 from tests.servers import Gunicorn, service_env  # noqa: E402
+from tests.shared_backends import REDIS_URL, postgres_database, redis_prefix  # noqa: E402
 
 TOKEN = "r8_bench_fair_share"  # noqa: S105 - only the simulator accepts it
 ADMIN = {"X-Admin-API-Key": "bench-admin-key"}
@@ -52,31 +55,40 @@ class Workload:
     calls: int = 0
     run_seconds: float = 1.0  # plus up to `spread`
     spread: float = 2.0
+    instances: int = 1  # more than one: they share Redis and PostgreSQL
 
 
 @contextmanager
-def running(workload: Workload) -> Iterator[tuple[Simulator, Gunicorn]]:
-    """The simulator and a 2-worker service on the server's account, removed afterwards."""
+def running(workload: Workload) -> Iterator[tuple[Simulator, list[Gunicorn]]]:
+    """The simulator and the services (2 workers each) on the server's account, removed after."""
     sim = Simulator(SimConfig(run_seconds=workload.run_seconds, run_seconds_spread=workload.spread,
                               queue_seconds=0.0, create_rate_per_minute=1e6,
                               create_burst=100_000, other_rate_per_minute=1e6,
                               other_burst=100_000))
     sim.start()
-    with tempfile.TemporaryDirectory(prefix="bench-fair-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-fair-") as tmp, ExitStack() as stack:
         work = Path(tmp)
-        settings = Settings(replicate_api_token=TOKEN, admin_api_key=ADMIN["X-Admin-API-Key"],
-                            replicate_base_url=sim.base_url, output_dir=work / "output",
-                            state_file=work / "state.sqlite3",
-                            concurrent_limit=workload.limit, requests_per_minute=100_000,
-                            create_burst=100, task_timeout_seconds=3600.0)
-        env = {**service_env(settings, 2), "LOG_LEVEL": "WARNING"}
-        server = Gunicorn(env, work / "gunicorn.log")
+        shared: dict[str, Any] = {}
+        if workload.instances > 1:
+            shared = {"redis_url": REDIS_URL, "redis_key_prefix": stack.enter_context(
+                redis_prefix()), "database_url": stack.enter_context(postgres_database())}
+        servers = []
         try:
-            server.wait_ready()
-            server.wait_workers(2)
-            yield sim, server
+            for n in range(workload.instances):
+                settings = Settings(
+                    replicate_api_token=TOKEN, admin_api_key=ADMIN["X-Admin-API-Key"],
+                    replicate_base_url=sim.base_url, output_dir=work / f"output{n}",
+                    state_file=work / f"state{n}.sqlite3", concurrent_limit=workload.limit,
+                    requests_per_minute=100_000, create_burst=100, task_timeout_seconds=3600.0,
+                    **shared)
+                env = {**service_env(settings, 2), "LOG_LEVEL": "WARNING"}
+                servers.append(Gunicorn(env, work / f"gunicorn{n}.log"))
+                servers[-1].wait_ready()
+                servers[-1].wait_workers(2)
+            yield sim, servers
         finally:
-            server.stop()
+            for server in servers:
+                server.stop()
             sim.stop()
 
 
@@ -112,7 +124,7 @@ def timed_calls(server: Gunicorn, key: dict[str, str], count: int) -> list[float
 
 
 def priority(workload: Workload) -> bool:
-    with running(workload) as (_sim, server):
+    with running(workload) as (_sim, (server, *_)):
         batch_key, web_key = mint(server, "nightly"), mint(server, "web")
         idle = timed_calls(server, web_key, workload.calls)
         job_id = submit(server, batch_key, "batch", workload.items)
@@ -159,17 +171,18 @@ def created_by_key(sim: Simulator, moment: float) -> dict[str, int]:
 
 def one_race(workload: Workload, weights: tuple[float, float]) -> tuple[dict[str, float],
                                                                           dict[str, int]]:
-    with running(workload) as (sim, server):
-        keys = {"a": mint(server, "a", weights[0]), "b": mint(server, "b", weights[1])}
+    with running(workload) as (sim, servers):
+        keys = {"a": mint(servers[0], "a", weights[0]), "b": mint(servers[0], "b", weights[1])}
+        entry = {"a": servers[0], "b": servers[-1]}  # two instances: one key on each
         started = time.monotonic()
         jobs: dict[str, str] = {}
         threads = [threading.Thread(target=lambda n=n: jobs.update(
-            {n: submit(server, keys[n], n, workload.items)})) for n in keys]
+            {n: submit(entry[n], keys[n], n, workload.items)})) for n in keys]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        ended = finish_times(server, jobs, started)
+        ended = finish_times(servers[0], jobs, started)
         first = min(ended, key=lambda name: ended[name])
         # Both keys wait for slots until the first one's last create: count the grants till then.
         window_end = max(p["created_at_clock"] for p in sim.predictions(TOKEN)
@@ -179,8 +192,10 @@ def one_race(workload: Workload, weights: tuple[float, float]) -> tuple[dict[str
 
 
 def weights(workload: Workload) -> bool:
+    where = ("one service, SQLite" if workload.instances == 1 else
+             f"{workload.instances} services on Redis + PostgreSQL")
     print(f"weights: limit {workload.limit}, {workload.items} items per key, run times "
-          f"{workload.run_seconds:g}-{workload.run_seconds + workload.spread:g} s")
+          f"{workload.run_seconds:g}-{workload.run_seconds + workload.spread:g} s, {where}")
     ended, _ = one_race(workload, (1.0, 1.0))
     gap = abs(ended["a"] - ended["b"]) / max(ended.values())
     equal_ok = gap <= 0.05
@@ -201,13 +216,15 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=None)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--calls", type=int, default=10)
+    parser.add_argument("--instances", type=int, default=1)
     args = parser.parse_args()
     results = []
     if args.scenario in ("priority", "all"):
         results.append(priority(Workload(limit=args.limit or 10, items=args.items or 1000,
                                          calls=args.calls, run_seconds=0.8, spread=0.4)))
     if args.scenario in ("weights", "all"):
-        results.append(weights(Workload(limit=args.limit or 60, items=args.items or 1000)))
+        results.append(weights(Workload(limit=args.limit or 60, items=args.items or 1000,
+                                        instances=args.instances)))
     sys.exit(0 if all(results) else 1)
 
 
