@@ -12,7 +12,7 @@ from werkzeug.wrappers import Response as WerkzeugResponse
 from replicate_generation import observability, ops, web
 from replicate_generation.backends import wait_for_backends
 from replicate_generation.errors import InvalidRequest
-from replicate_generation.http import context, errors, responses, submission
+from replicate_generation.http import context, errors, events, files, responses, submission
 from replicate_generation.http.auth import (
     account_of,
     has_key,
@@ -208,10 +208,10 @@ def get_file(relative: str) -> WerkzeugResponse:
     runner = context.runner()
     job_id = runner.store.file_job(relative)
     job = runner.store.get(job_id) if job_id else None
-    path = output_path(runner.generator.runtime.output_root, relative)
-    if job is None or path is None or not may_see(job):
+    if job is None or not may_see(job):
         raise ApiError(404, "File not found")
-    return send_file(path, conditional=True, max_age=0)
+    stream_asked = request.headers.get("X-Output-Delivery", "").lower() == "stream"
+    return files.file_response(runner.generator.storage, relative, redirect_ok=not stream_asked)
 
 
 @bp.get("/webhooks/secret")
@@ -231,9 +231,25 @@ def webhook_signing_secret() -> Response:
 def job_archive(job_id: str) -> WerkzeugResponse:
     """Every file the job wrote, in input order, as one zip named after the job."""
     job = owned_job(job_id)
-    return Response(responses.job_zip(context.runner(), job), mimetype="application/zip",
+    runner = context.runner()
+    relatives = [f for item in runner.store.items(job.id) for f in item.files]
+    return Response(files.job_zip(runner.generator.storage, relatives), mimetype="application/zip",
                     headers={"Content-Disposition": f'attachment; filename="{job.id}.zip"',
                              "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@extras.get("/jobs/<job_id>/items")
+@require_key()
+def job_items(job_id: str) -> Response:
+    """A job's items in input order, a page at a time: after a cursor, of one state if asked."""
+    job = owned_job(job_id)
+    state = request.args.get("state")
+    if state is not None and state not in ITEM_STATES:
+        raise InvalidRequest("state", f"state must be one of: {', '.join(ITEM_STATES)}")
+    return jsonify(responses.item_page(
+        context.runner(), job, after=int_arg("after", -1, 0, MAX_ITEM_INDEX),
+        limit=int_arg("limit", responses.ITEM_PAGE_DEFAULT, 1, responses.ITEM_PAGE_MAX),
+        state=state))
 
 
 @extras.post("/jobs/<job_id>/retry")

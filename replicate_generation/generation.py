@@ -35,6 +35,7 @@ from replicate_generation.models.fallback import fallback_input, should_fall_bac
 from replicate_generation.models.placeholder import write_placeholder
 from replicate_generation.models.schema_fetch import recheck
 from replicate_generation.models.schemas import spec_from_id
+from replicate_generation.outputs import DiskStorage, OutputStorage
 from replicate_generation.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -238,16 +239,19 @@ class Generator:
         self.max_concurrent = max_concurrent
         self.limit_store = open_limit_store(settings)
         self.manager = ConcurrencyManager(self.limit_store)
+        self.storage = open_output_storage(settings)
         self.runtime = Runtime(
             manager=self.manager,
             clients=ClientPool(settings.replicate_base_url,
                                max_connections=max(100, settings.dispatch_threads)),
-            output_root=settings.output_dir.resolve(),
+            output_root=self.storage.root,
             api_origin=_origin(settings.replicate_base_url),
             task_timeout=settings.task_timeout_seconds,
             poll_interval=settings.poll_interval_seconds,
             sync_wait=settings.sync_wait_seconds,
             egress=egress_for(settings),
+            prices=time_prices(settings.model_hardware, settings.task_timeout_seconds),
+            storage=self.storage,
         )
 
         def runners_for(_account: str) -> int:
@@ -269,6 +273,26 @@ class Generator:
         self.dispatcher.shutdown(wait=True)
         self.manager.shutdown()
         self.limit_store.close()
+        self.storage.close()
+
+
+def time_prices(hardware: ModelHardware, task_timeout: float) -> TimePrices:
+    """A prediction is billed at most until its task timeout and the cancel sent then (which
+    may wait out a 429 back-off), and never beyond Replicate's own cap."""
+    longest = min(task_timeout + CANCEL_WAIT_SECONDS, REPLICATE_MAX_RUN_SECONDS)
+    return TimePrices(hardware, longest)
+
+
+def open_output_storage(settings: Settings) -> OutputStorage:
+    """The local volume, or (OUTPUT_STORAGE) a bucket with OUTPUT_DIR/spool as its spool."""
+    if not settings.output_storage:
+        return DiskStorage(settings.output_dir)
+    from replicate_generation.outputs.s3 import S3Storage  # boto3 loads only where it is used
+
+    return S3Storage(settings.output_storage, settings.output_dir / "spool",
+                     endpoint_url=settings.aws_endpoint_url, region=settings.aws_region,
+                     serving=settings.output_serving,
+                     url_expiry_seconds=settings.output_url_expiry_seconds)
 
 
 def egress_for(settings: Settings) -> Egress:

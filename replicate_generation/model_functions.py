@@ -40,8 +40,11 @@ from replicate_generation.errors import (
 )
 from replicate_generation.limits.base import ANYONE, Turn
 from replicate_generation.models.catalogue import ModelSpec
+from replicate_generation.models.hardware import NO_TIME_PRICES, TimePrices
+from replicate_generation.models.schemas import deployment_of
 from replicate_generation.outputs import (
     DownloadError,
+    OutputStorage,
     SavedFile,
     is_empty,
     output_sources,
@@ -131,6 +134,8 @@ class Runtime:
     sync_wait: int = MAX_SYNC_WAIT_SECONDS  # Prefer: wait=N on creates; 0 turns it off
     reconcile_settle: float = 2.0  # a lost create may show up in the listing a moment later
     egress: Egress = field(default_factory=Egress)  # outputs: policy, bounds, each job's tally
+    prices: TimePrices = NO_TIME_PRICES  # what a non-curated model costs per billed second
+    storage: OutputStorage | None = None  # where outputs end up; None: the disk at output_root
 
 
 @dataclass(frozen=True)
@@ -558,7 +563,8 @@ def _download(prediction: Any, job: Job, rt: Runtime, deadline: float) -> list[S
     options: dict[str, Any] = {
         "root": rt.output_root, "deadline": max(deadline, rt.clock() + DOWNLOAD_GRACE_SECONDS),
         "auth_token": job.token, "auth_origin": rt.api_origin, "clock": rt.clock,
-        "policy": rt.egress.policy, "max_bytes": rt.egress.bounds.max_file_bytes}
+        "policy": rt.egress.policy, "max_bytes": rt.egress.bounds.max_file_bytes,
+        "storage": rt.storage}
     try:
         with rt.egress.budget(job.dest_dir) as budget:
             if not job.spec.curated:

@@ -16,6 +16,7 @@ from replicate_generation.http import context
 from replicate_generation.http.auth import same_secret
 from replicate_generation.jobs.runner import JobRunner
 from replicate_generation.openapi import DOCS_ASSETS, build_spec
+from replicate_generation.outputs import OutputStoreUnavailable
 from replicate_generation.settings import Settings
 
 ops = Blueprint("ops", __name__)
@@ -115,6 +116,11 @@ def readiness_checks(runner: JobRunner) -> dict[str, str]:
     except (sqlite3.Error, DBAPIError, OSError) as exc:
         checks[jobs] = f"unusable: {type(exc).__name__}: {str(exc)[:200]}"
     checks["limits"] = runner.limits_status()
+    try:
+        runner.generator.storage.probe_write()
+        checks["outputs"] = "ok"
+    except OutputStoreUnavailable as exc:
+        checks["outputs"] = f"unavailable: {exc}"
     return checks
 
 

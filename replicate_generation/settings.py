@@ -42,6 +42,14 @@ class Settings:
     replicate_base_url: str = DEFAULT_BASE_URL
     output_dir: Path = Path("output")
     state_file: Path = Path("data/state.sqlite3")
+    # Outputs in an S3-compatible bucket (s3://bucket/prefix; output_dir is then the spool), how
+    # /files and results hand them out ("stream" through us, or "signed" bucket URLs), and for how
+    # long a signed URL works; the endpoint and region as AWS's tools read them.
+    output_storage: str | None = None
+    output_serving: str = "stream"
+    output_url_expiry_seconds: int = 3600
+    aws_endpoint_url: str | None = None
+    aws_region: str | None = None
     lease_ttl_seconds: float = 30.0
     task_timeout_seconds: float = 300.0
     poll_interval_seconds: float = 5.0
@@ -172,12 +180,32 @@ def _replicate(env: Env) -> _Replicate:
 class _Storage(TypedDict):
     output_dir: Path
     state_file: Path
+    output_storage: str | None
+    output_serving: str
+    output_url_expiry_seconds: int
+    aws_endpoint_url: str | None
+    aws_region: str | None
 
 
 def _storage(env: Env) -> _Storage:
     """Where outputs and the state file go."""
+    storage = env.text("OUTPUT_STORAGE", "").strip() or None
+    if storage is not None and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/|$)",
+                                            storage):
+        raise SettingsError(f"OUTPUT_STORAGE must look like s3://bucket/prefix, got {storage!r}")
+    serving = env.text("OUTPUT_SERVING", Settings.output_serving).strip().lower()
+    if serving not in ("stream", "signed"):
+        raise SettingsError(f"OUTPUT_SERVING must be stream or signed, got {serving!r}")
     return _Storage(output_dir=Path(env.text("OUTPUT_DIR", str(Settings.output_dir))),
-                    state_file=Path(env.text("STATE_FILE", str(Settings.state_file))))
+                    state_file=Path(env.text("STATE_FILE", str(Settings.state_file))),
+                    output_storage=storage, output_serving=serving,
+                    # A SigV4 signed URL lives at most 7 days.
+                    output_url_expiry_seconds=env.required_int(
+                        "OUTPUT_URL_EXPIRY_SECONDS", Settings.output_url_expiry_seconds, 1,
+                        7 * 86400),
+                    aws_endpoint_url=env.text("AWS_ENDPOINT_URL", "").strip() or None,
+                    aws_region=(env.text("AWS_REGION", "") or env.text("AWS_DEFAULT_REGION", "")
+                                ).strip() or None)
 
 
 class _Timing(TypedDict):

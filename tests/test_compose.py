@@ -49,9 +49,11 @@ def test_the_app_publishes_the_service_port_and_runs_the_images_command(
 
 def test_no_separate_proxy_and_no_config_mounted_from_the_checkout(
         services: dict[str, Any]) -> None:
-    assert set(services) == {APP, REPLICAS, BALANCER, "redis", "postgres"}
+    assert set(services) == {APP, REPLICAS, BALANCER, "redis", "postgres", "objects",
+                             "objects-bucket"}
     for name in (APP, REPLICAS, BALANCER):
-        mounted = [str(volume).split(":")[1] for volume in services[name].get("volumes", [])]
+        mounted = [volume["target"] if isinstance(volume, dict) else str(volume).split(":")[1]
+                   for volume in services[name].get("volumes", [])]
         assert set(mounted) <= {"/app/output", "/app/data"}, (name, mounted)
     assert not (ROOT / "deploy").exists(), "the proxy's config lives in the package now"
 
@@ -108,4 +110,19 @@ def test_the_scale_profile_adds_persistent_redis_and_postgresql(services: dict[s
 
 def test_the_scale_profile_keeps_its_data_in_named_volumes() -> None:
     parsed = yaml.safe_load(COMPOSE.read_text())
-    assert set(parsed["volumes"]) == {"redis-data", "postgres-data"}
+    assert set(parsed["volumes"]) == {"redis-data", "postgres-data", "objects-data"}
+
+
+def test_replicas_keep_outputs_in_the_profiles_bucket_not_a_shared_volume(
+        services: dict[str, Any]) -> None:
+    replicas, objects = services[REPLICAS], services["objects"]
+    assert replicas["environment"]["OUTPUT_STORAGE"].startswith("${OUTPUT_STORAGE:-s3://")
+    assert replicas["environment"]["AWS_ENDPOINT_URL"] == "${AWS_ENDPOINT_URL:-http://objects:9000}"
+    # Each replica's /app/output is a volume of its own (its spool), never the host's ./output.
+    assert {"type": "volume", "target": "/app/output"} in replicas["volumes"]
+    assert not any(str(v).startswith("./output") for v in replicas["volumes"])
+    assert replicas["depends_on"]["objects-bucket"] == {
+        "condition": "service_completed_successfully", "required": False}
+    assert objects["profiles"] == services["objects-bucket"]["profiles"] == ["scale"]
+    assert "ports" not in objects and objects["healthcheck"]["test"][0] == "CMD"
+    assert "mc mb --ignore-existing objects/outputs" in services["objects-bucket"]["command"][0]

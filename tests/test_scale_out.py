@@ -87,8 +87,10 @@ def test_two_hosts_hold_one_concurrency_limit(
     hosts = {name: start_gunicorn(host_settings(name, concurrent_limit=5)) for name in "ab"}
     for server in hosts.values():
         health = requests.get(server.url + "/health", timeout=5).json()
+        outputs = health["dependencies"].pop("outputs")
         assert health["dependencies"] == {"limits": {"backend": "redis", "status": "ok"},
                                           "jobs": {"backend": "postgresql", "status": "ok"}}
+        assert (outputs["backend"], outputs["status"]) == ("disk", "ok")
     run_on_both(hosts, 10)
     stats = sim.stats(SERVER_TOKEN)
     assert stats["predictions"] == 20

@@ -14,10 +14,11 @@ from typing import IO, Any
 from replicate_generation.concurrency_manager import ConcurrencyManager
 from replicate_generation.http.auth import Caller
 from replicate_generation.http.errors import STATUS_BY_KIND
+from replicate_generation.http.files import signed_items
 from replicate_generation.http.limit_fields import effective, limits_view, sources_view
-from replicate_generation.jobs.bodies import job_body, job_with_items
+from replicate_generation.jobs.bodies import item_body, job_body
 from replicate_generation.jobs.rows import JobRow
-from replicate_generation.jobs.runner import JobRunner, output_path
+from replicate_generation.jobs.runner import JobRunner
 from replicate_generation.models import schema_fetch
 from replicate_generation.models.catalogue import MODELS
 from replicate_generation.observability import current_request_id
@@ -32,6 +33,9 @@ ZIP_CHUNK_BYTES = 1024 * 1024
 def health(settings: Settings, runner: JobRunner) -> dict[str, Any]:
     """Liveness, each backend, and the limits in force when the limiter answers."""
     dependencies = runner.dependencies()
+    storage = runner.generator.storage
+    dependencies["outputs"] = {"backend": storage.kind, "status": storage.status(),
+                               "location": storage.location()}
     healthy = all(d["status"] == "ok" for d in dependencies.values())
     return {"status": "healthy" if healthy else "degraded", "service": SERVICE,
             "version": VERSION, "supported_models": sorted(MODELS),
@@ -112,9 +116,29 @@ def batch_result(job: JobRow, items: list[dict[str, Any]]) -> tuple[dict[str, An
         "results": items}, 200
 
 
-def full_job(runner: JobRunner, job: JobRow) -> dict[str, Any]:
-    """A job with every item, as GET /jobs/<id> shows it."""
-    return job_with_items(job, runner.store.items(job.id), runner.settings.output_dir)
+def job_summary(runner: JobRunner, job: JobRow) -> dict[str, Any]:
+    """A job as GET /jobs/<id> shows it: its kept counts and cost, and its first JOB_ITEMS_SHOWN
+    items; `items_next` pages on through the rest."""
+    page = item_page(runner, job, after=-1, limit=JOB_ITEMS_SHOWN)
+    body = job_body(job, page["data"])
+    body["items_has_more"], body["items_next"] = page["has_more"], page["next"]
+    return body
+
+
+def item_page(runner: JobRunner, job: JobRow, *, after: int, limit: int,
+              state: str | None = None) -> dict[str, Any]:
+    """Up to `limit` of the job's items past index `after` (of `state`, if given), in input
+    order; `next_cursor` is the `after` of the next page."""
+    rows = runner.store.items_page(job.id, after=after, limit=limit + 1, state=state)
+    page = rows[:limit]
+    more = len(rows) > limit
+    cursor = str(page[-1].index) if more else None
+    query = f"after={cursor}&limit={limit}" + (f"&state={state}" if state else "")
+    return {"object": "list", "job_id": job.id,
+            "data": signed_items([item_body(row, runner.settings.output_dir) for row in page],
+                                 runner.generator.storage),
+            "has_more": more, "next_cursor": cursor,
+            "next": f"/jobs/{job.id}/items?{query}" if more else None}
 
 
 def job_page(jobs: list[JobRow], limit: int) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from replicate_generation.generation import Task
 from replicate_generation.http import context
 from replicate_generation.http.auth import budgets_of, other_models, paying_token
 from replicate_generation.http.errors import Answer, ApiError
+from replicate_generation.http.files import signed_items
 from replicate_generation.jobs import webhooks
 from replicate_generation.jobs.bodies import item_body, job_body
 from replicate_generation.jobs.rows import ItemRow, JobRow
@@ -71,7 +72,8 @@ def _when_done(runner: JobRunner, job: JobRow, shape: Shape, headers: dict[str, 
     finished = runner.wait(job.id)
     if finished is None:  # removed by retention while we waited: cannot happen in practice
         raise ApiError(404, "Job not found")
-    items = [item_body(i, runner.settings.output_dir) for i in runner.store.items(job.id)]
+    items = signed_items([item_body(i, runner.settings.output_dir)
+                          for i in runner.store.items(job.id)], runner.generator.storage)
     payload, status = shape(finished, items)
     return jsonify(payload), status, headers
 

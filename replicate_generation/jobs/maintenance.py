@@ -6,15 +6,14 @@ they took in the state file back to the disk."""
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from replicate_generation.jobs.accounts import AccountMemory
 from replicate_generation.jobs.rows import JobRow
 from replicate_generation.jobs.store import JobStore
+from replicate_generation.outputs import OutputStorage, OutputStoreUnavailable
 from replicate_generation.settings import Settings
 from replicate_generation.sqlite_db import reclaim_space
 
@@ -32,7 +31,7 @@ class Maintenance:
     """Heartbeat, recovery and retention for one runner (`run` is its thread's loop)."""
 
     def __init__(self, store: JobStore, settings: Settings, accounts: AccountMemory, *,
-                 worker_id: str, origin: str, output_root: Path, clock: Callable[[], float],
+                 worker_id: str, origin: str, outputs: OutputStorage, clock: Callable[[], float],
                  resume: Callable[[JobRow, str], None], stopping: Callable[[], bool],
                  wake: threading.Event, stop: threading.Event) -> None:
         self._store = store
@@ -40,7 +39,7 @@ class Maintenance:
         self._accounts = accounts
         self._worker_id = worker_id
         self._origin = origin
-        self._output_root = output_root
+        self._outputs = outputs
         self._clock = clock
         # The runner queues a claimed job's items; it refuses new work once stopping.
         self._resume = resume
@@ -101,10 +100,16 @@ class Maintenance:
 
     def _purge_round(self, before: float) -> int:
         expired = self._store.retention.expired(before, limit=PURGE_ROUND)
-        root = self._output_root
-        for _, request_id in expired:
-            directory = (root / request_id).resolve()
-            if directory.parent == root and directory.is_dir():
-                shutil.rmtree(directory, ignore_errors=True)
-        self._store.retention.delete([job_id for job_id, _ in expired])
-        return len(expired)
+        removed = []
+        for job_id, request_id in expired:
+            try:
+                self._outputs.remove_group(request_id)
+            except OutputStoreUnavailable as exc:
+                # Kept for the next sweep (its rows are how its objects are found again); one
+                # failure is enough: the heartbeat shares this thread.
+                log.warning("jobs kept past their retention: their files could not be "
+                            "deleted (%s)", exc)
+                break
+            removed.append(job_id)
+        self._store.retention.delete(removed)
+        return len(removed)

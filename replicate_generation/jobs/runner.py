@@ -53,6 +53,7 @@ from replicate_generation.observability import (
     current_request_id,
     unbind_request_id,
 )
+from replicate_generation.outputs.storage import OutputStorage
 from replicate_generation.reconcile import INPUT_RETENTION_SECONDS
 from replicate_generation.request_parsing import check_expanded_size
 from replicate_generation.settings import Settings
@@ -94,7 +95,11 @@ class JobRunner:
         self.settings = settings
         self.origin = origin
         self.generator = generator or Generator(settings)
-        self.store = JobStore(job_store_target(settings))
+        self.store = JobStore(job_store_target(settings), file_size=partial(
+            _file_size, self.generator.storage))
+        # Streams in every process hear of this process's events (and it of theirs).
+        self.stream_wakeups = StreamWakeups(settings)
+        self.store.events.on_commit(self.stream_wakeups.announce)
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self._clock = clock
         self._done: dict[str, threading.Event] = {}
@@ -109,7 +114,7 @@ class JobRunner:
                                       self._wake)
         self.maintenance = Maintenance(
             self.store, settings, self.accounts, worker_id=self.worker_id, origin=origin,
-            output_root=self.generator.runtime.output_root, clock=clock, resume=self._resume,
+            outputs=self.generator.storage, clock=clock, resume=self._resume,
             stopping=lambda: self._stopping, wake=self._wake, stop=self._stop)
         notifier = WebhookNotifier(self.store, settings, clock=clock, stop=self._stop)
         self.token_checks = open_token_checks(settings)
@@ -460,12 +465,14 @@ def _outcome(result: TaskResult) -> ItemOutcome:
         billed_seconds=result.billed_seconds)
 
 
-def output_path(root: Path, relative: str) -> Path | None:
-    """The file under the output root a /files path names, or None if it would leave the root."""
-    candidate = (root / relative).resolve()
-    if root not in candidate.parents or not candidate.is_file():
+def _file_size(storage: OutputStorage, relative: str) -> int | None:
+    """An output's bytes, as its event tells them (None if the store cannot say now)."""
+    try:
+        info = storage.stat(relative)
+    except Exception:  # noqa: BLE001 - a bucket that does not answer only costs the size
+        log.warning("no size for %s: the output store did not answer", relative)
         return None
-    return candidate
+    return info.size if info is not None else None
 
 
 def _status_of(check: Callable[[], None]) -> str:

@@ -204,11 +204,23 @@ class BatchClient:
                                 request_hash=request_hash("/generate-batch", body))
         return self.runner.submit(self.token(token), submission)
 
+    @contextmanager
+    def other_models(self, token: str | None = None) -> Iterator[None]:
+        """Within the block, parsing also accepts the models MODEL_POLICY allows, each checked
+        against its own schema (fetched with the paying token), as the service checks them."""
+        if self.settings.model_policy.mode == "curated":
+            yield
+            return
+        resolver = Resolver(policy=self.settings.model_policy,
+                            rt=self.runner.generator.runtime, token=lambda: self.token(token))
+        with resolving(resolver):
+            yield
+
     def describe_item(self, item: ItemRow) -> dict[str, Any]:
-        """An item as the API shows it, with `files` as real paths on this machine."""
+        """An item as the API shows it, with `files` as real paths on this machine (with
+        OUTPUT_STORAGE: the bucket's s3:// URIs)."""
         described = item_body(item, self.settings.output_dir)
-        root = self.runner.generator.runtime.output_root
-        described["files"] = [str(root / f) for f in item.files]
+        described["files"] = [self.runner.generator.storage.locate(f) for f in item.files]
         return described
 
     # -- running -------------------------------------------------------------------------------
@@ -240,6 +252,8 @@ class BatchClient:
         for result in results:
             destination = destinations[result.index]
             if destination is not None and result.files:
+                # With OUTPUT_STORAGE, copies of the bucket's files are what moves there.
+                result.files = local_copies(runner.generator.storage, result.files)
                 place(result, destination, tasks[result.index].stem, if_exists)
         return results
 

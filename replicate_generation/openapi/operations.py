@@ -94,11 +94,12 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                                  "responses": {200: "Job", 401: "Error", 404: "Error",
                                                503: "Error"}},
     ("api.get_file", "GET"): {
-        "summary": "Download an output (Range supported)", "security": ANY_KEY,
+        "summary": "Download an output (Range supported on disk; OUTPUT_SERVING=signed: 302 "
+                   "to a signed bucket URL)", "security": ANY_KEY,
         "params": [{"name": "Range", "in": "header", "required": False,
                     "schema": {"type": "string"}}],
-        "responses": {200: "file", 206: "file", 304: None, 401: "Error", 404: "Error",
-                      416: "Error", 503: "Error"}},
+        "responses": {200: "file", 206: "file", 302: None, 304: None, 401: "Error",
+                      404: "Error", 416: "Error", 502: "Error", 503: "Error"}},
     ("api.webhook_signing_secret", "GET"): {
         "summary": "Your webhook signing secret", "security": ANY_KEY,
         "responses": {200: "WebhookSecret", 401: "Error", 404: "Error", 503: "Error"}},
@@ -119,9 +120,9 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "summary": "Retry a job's failed items as a new job (same models and parameters, "
                    "checked again against the model policy and schemas in force)",
         "security": ANY_KEY, "job": True,
-        "responses": {202: "Job", 400: "Error", 401: "Error", 402: "Error", 403: "Error",
-                      404: "Error", 409: "Error", 413: "Error", 429: "Error", 502: "Error",
-                      503: "Error"}},
+        "responses": {202: "JobSummary", 400: "Error", 401: "Error", 402: "Error",
+                      403: "Error", 404: "Error", 409: "Error", 413: "Error", 429: "Error",
+                      502: "Error", 503: "Error"}},
     ("keys.mint_key", "POST"): {
         "summary": "Issue a key for an internal service (its secret shown this once)",
         "security": ADMIN_ONLY, "body": ref("KeyMint"),
@@ -150,6 +151,18 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "summary": "Keys minted, changed, rotated and revoked, limit changes and admin cancels",
         "security": ADMIN_ONLY, "params": audit_params(),
         "responses": {200: "AuditList", 400: "Error", 401: "Error", 403: "Error"}},
+    ("events.job_events", "GET"): {
+        "summary": "A job's events as Server-Sent Events, from its start (or after "
+                   "Last-Event-ID) to its end: item states, counts, files, cost; 204 once ended",
+        "security": ANY_KEY, "params": EVENT_PARAMS,
+        "responses": {200: "event_stream", 204: None, 400: "Error", 401: "Error", 404: "Error",
+                      429: "Error", 503: "Error"}},
+    ("events.all_events", "GET"): {
+        "summary": "Events of every job you may see, as Server-Sent Events, from now (or "
+                   "after Last-Event-ID)",
+        "security": ANY_KEY, "params": EVENT_PARAMS,
+        "responses": {200: "event_stream", 400: "Error", 401: "Error", 429: "Error",
+                      503: "Error"}},
     ("usage.usage", "GET"): {
         "summary": "What was spent, by key, model or day (the admin's all, a key's its own)",
         "security": ANY_KEY, "params": usage_params(),
@@ -177,6 +190,21 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                                                             404: "Error"}},
 }
 COMMON_ERRORS = (404, 405, 500)
+# The console's own routes (HTML pages, a session cookie, a proxy to the API above): described
+# above so every route is known, and left out of the public document.
+INTERNAL_BLUEPRINTS = ("console",)
+# The document's groups, in the order /docs shows them. An operation's tag is its blueprint's
+# where that names a group, else its path's first part's (PATH_TAGS), else "operations".
+TAGS = {"generate": "Submit prompts or tasks: wait for the outputs, or get a job at once.",
+        "jobs": "Jobs: state, items, cancel, retry, a zip of the files, the webhook secret.",
+        "files": "Download an output file.",
+        "events": "Server-Sent Events: a job's, or every job's of yours, as they happen.",
+        "models": "The models and their parameters.",
+        "keys": "Issued keys and the audit log (admin).",
+        "usage": "What was spent, by key, model or day.",
+        "operations": "Health, readiness, status, limits, metrics and this document."}
+PATH_TAGS = {"generate": "generate", "generate-batch": "generate", "jobs": "jobs",
+             "webhooks": "jobs", "files": "files", "models": "models", "events": "events"}
 
 
 def _path_of(rule: str) -> tuple[str, list[str]]:
@@ -190,8 +218,9 @@ def _content(kind: str | list[str] | None) -> Schema | None:
         return None
     if isinstance(kind, list):
         return {"application/json": {"schema": {"anyOf": [ref(k) for k in kind]}}}
-    files: Schema = {mime: {} for mime in ("application/octet-stream", "image/*", "video/*",
-                                            "audio/*")}
+    # octet-stream first: generators that know one binary type (openapi-python-client) take it.
+    files: Schema = {mime: {"schema": binary(mime)} for mime in (
+        "application/octet-stream", "image/*", "video/*", "audio/*")}
     special: dict[str, Schema] = {
                "file": files, "html": {"text/html": {"schema": {"type": "string"}}},
                "metrics": {"text/plain": {"schema": {"type": "string"}}},
@@ -223,8 +252,10 @@ def _response(status: int, kind: str | list[str] | None, operation: Operation) -
 
 
 def _describe_status(status: int) -> str:
-    return {200: "OK", 201: "Created", 202: "Accepted: the job runs", 206: "Partial content",
-            304: "Not modified", 400: "Bad input (`field` names it)", 401: "No valid key",
+    return {200: "OK", 201: "Created", 202: "Accepted: the job runs",
+            204: "Nothing more: the job ended before Last-Event-ID", 206: "Partial content",
+            302: "Found: a signed URL in Location", 304: "Not modified",
+            400: "Bad input (`field` names it)", 401: "No valid key",
             402: "Past a budget (the key's or the account's)", 403: "Not allowed with this key",
             404: "Not found", 405: "Wrong method", 409: "Conflicts with the current state",
             413: "Body (or the job's records) too large", 415: "Body not application/json",

@@ -11,12 +11,14 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class SavedFile:
-    """One output written to disk."""
+    """One output stored: `relative` names it in the store; `path` is where it was (or is) on
+    this machine's disk."""
 
     path: Path
     relative: str
     size: int
     content_type: str
+    sha256: str | None = None
 
 
 class DownloadError(Exception):

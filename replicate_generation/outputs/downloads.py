@@ -8,6 +8,7 @@ deadline allows; the Bearer token goes only to the one origin it was given for.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 import weakref
@@ -78,6 +79,7 @@ class Sink:
         self._budget = budget
         self.head = b""
         self.size = 0
+        self.digest = hashlib.sha256()  # stored with the file, checked when it is read
 
     def reset(self) -> None:
         """Start over, e.g. before a retry."""
@@ -87,6 +89,7 @@ class Sink:
         self._budget.give_back(0, self.size)
         self.head = b""
         self.size = 0
+        self.digest = hashlib.sha256()
 
     def uncount(self) -> None:
         """Give this file's bytes back to the budget: it is not kept."""
@@ -104,6 +107,7 @@ class Sink:
             raise DownloadError(f"output {self._number} was not saved: {exc.message}",
                                 refused=True, exhausted=True) from None
         self.size += len(data)
+        self.digest.update(data)
         if len(self.head) < HEAD_BYTES:
             self.head += data[: HEAD_BYTES - len(self.head)]
         with file_errors(f"output {self._number}"):

@@ -1,8 +1,9 @@
-"""save_outputs: fetch a prediction's outputs at once and write them safely under the root.
+"""save_outputs: fetch a prediction's outputs at once and store them safely.
 
-At once, as Replicate deletes them after an hour; each is written atomically (hidden temp file,
-fsync, rename) inside the root, under the extension of its real content; fetched under the egress
-policy, and counted against the prediction's and job's bounds (`Budget`).
+At once, as Replicate deletes them after an hour; each is written to a hidden temp file inside the
+local root (fsync), its SHA-256 taken, then published to the storage (the disk: a rename; a bucket:
+an upload) under the extension of its real content; fetched under the egress policy, and counted
+against the prediction's and job's bounds (`Budget`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from contextlib import suppress
 from pathlib import Path
 from typing import IO
 
@@ -26,8 +26,8 @@ from replicate_generation.outputs.formats import (
     sniff_extension,
 )
 from replicate_generation.outputs.names import check_stem, numbered_name
-from replicate_generation.outputs.placement import publish
 from replicate_generation.outputs.sources import fill
+from replicate_generation.outputs.storage import DiskStorage, OutputStorage
 
 
 def save_outputs(
@@ -46,23 +46,26 @@ def save_outputs(
     attempts: int = 3,
     policy: EgressPolicy | None = None,
     budget: Budget | None = None,
+    storage: OutputStorage | None = None,
 ) -> list[SavedFile]:
-    """Download every source now and write it atomically under dest_dir, in order.
+    """Download every source now and store it atomically under dest_dir, in order.
 
     All are tried despite a failure (Replicate deletes outputs after an hour), until a bound of
     the budget is used up; see DownloadError. `policy`: public addresses only unless given.
+    `storage`: where files end up (its root replaces `root`); the disk at `root` unless given.
     """
     fallback = _check_arguments(stem, fallback_ext, max_bytes, attempts)
     fetch = new_fetch(session=session, deadline=deadline, clock=clock, max_bytes=max_bytes,
                       attempts=attempts, auth_token=auth_token, auth_origin=auth_origin,
                       policy=policy, budget=budget)
-    root_dir, dest = _prepare_dest(dest_dir, root)
+    store = storage if storage is not None else DiskStorage(root)
+    dest = _prepare_dest(dest_dir, store.root)
     saved: list[SavedFile] = []
     failures: list[DownloadError] = []
     for number, source in enumerate(sources, start=1):
         name = numbered_name(stem, number, len(sources))
         try:
-            saved.append(_save_counted(source, number, dest / name, root_dir, fetch, fallback))
+            saved.append(_save_counted(source, number, dest / name, store, fetch, fallback))
         except DownloadError as exc:
             failures.append(exc)
             if exc.exhausted:
@@ -84,7 +87,7 @@ def _summary(failures: list[DownloadError], saved: list[SavedFile],
                          exhausted=any(f.exhausted for f in failures))
 
 
-def _save_counted(source: object, number: int, base: Path, root_dir: Path, fetch: Fetch,
+def _save_counted(source: object, number: int, base: Path, store: OutputStorage, fetch: Fetch,
                   fallback: str | None) -> SavedFile:
     """_save_one, counted as one more file of the budget (given back if it is not kept)."""
     try:
@@ -93,7 +96,7 @@ def _save_counted(source: object, number: int, base: Path, root_dir: Path, fetch
         raise DownloadError(f"output {number} was not saved: {exc.message}", refused=True,
                             exhausted=True) from None
     try:
-        return _save_one(source, number, base, root_dir, fetch, fallback)
+        return _save_one(source, number, base, store, fetch, fallback)
     except BaseException:
         fetch.budget.give_back(1, 0)
         raise
@@ -109,8 +112,8 @@ def _check_arguments(
     return normalise_fallback(fallback_ext)
 
 
-def _prepare_dest(dest_dir: Path, root: Path) -> tuple[Path, Path]:
-    """Resolve root and dest_dir, refuse a dest_dir outside root, then mkdir -p it."""
+def _prepare_dest(dest_dir: Path, root: Path) -> Path:
+    """Resolve dest_dir, refuse one outside root, then mkdir -p it."""
     root_dir = root.resolve()
     dest = dest_dir.resolve()
     if not dest.is_relative_to(root_dir):
@@ -120,18 +123,18 @@ def _prepare_dest(dest_dir: Path, root: Path) -> tuple[Path, Path]:
     # Again once every component exists: a symlink made meanwhile must not lead outside the root.
     if not dest.resolve().is_relative_to(root_dir):
         raise DownloadError("the output directory is outside the output root")
-    return root_dir, dest
+    return dest
 
 
 def _save_one(
     source: object,
     number: int,
     base: Path,
-    root_dir: Path,
+    store: OutputStorage,
     fetch: Fetch,
     fallback: str | None,
 ) -> SavedFile:
-    """Write one source to a hidden temp file next to its final name, then rename it."""
+    """Write one source to a hidden temp file next to its final name, then publish it."""
     with file_errors(f"output {number}"):
         fd, tmp_name = tempfile.mkstemp(prefix=".", suffix=".part", dir=base.parent)
     tmp = Path(tmp_name)
@@ -144,22 +147,18 @@ def _save_one(
         if sink.size == 0:
             raise DownloadError(f"output {number} was empty")
         ext = sniff_extension(sink.head, hints.content_type, hints.url, fallback)
-        final = base.with_name(base.name + ext)
+        relative = base.with_name(base.name + ext).relative_to(store.root).as_posix()
+        digest = sink.digest.hexdigest()
         with file_errors(f"output {number}"):
             # Atomic, and never over another item's file (a name it shares numbers past it).
-            final = publish(tmp, final)
+            relative = store.publish(tmp, relative, digest, content_type_for(ext))
     except BaseException:
         tmp.unlink(missing_ok=True)
         if sink is not None:
             sink.uncount()  # not kept: its bytes go back to the budget
         raise
-    _fsync_dir(final.parent)
-    return SavedFile(
-        path=final,
-        relative=final.relative_to(root_dir).as_posix(),
-        size=sink.size,
-        content_type=content_type_for(ext),
-    )
+    return SavedFile(path=store.root / relative, relative=relative, size=sink.size,
+                     content_type=content_type_for(ext), sha256=digest)
 
 
 def _make_durable(fh: IO[bytes], number: int) -> None:
@@ -168,13 +167,3 @@ def _make_durable(fh: IO[bytes], number: int) -> None:
         # mkstemp creates 0600; other containers and the host read the volume.
         os.fchmod(fh.fileno(), 0o644)
         os.fsync(fh.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist the rename; some volume drivers refuse fsync on a directory: fine."""
-    with suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

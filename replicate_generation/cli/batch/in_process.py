@@ -43,18 +43,20 @@ class InProcessBackend:
         if job is None:
             raise UsageError(f"job {job_id} is gone from the state file")
         # The runner kept at start, not the client's: the last look comes after stop() closed it.
-        root = self.runner.generator.runtime.output_root
+        storage = self.runner.generator.storage
         items = []
         for row in self.runner.store.items(job_id):
             item = item_body(row, self.runner.settings.output_dir)
-            item["files"] = [str(root / f) for f in row.files]  # real paths on this machine
+            # Real paths on this machine (or, with OUTPUT_STORAGE, the bucket's s3:// URIs).
+            item["files"] = [storage.locate(f) for f in row.files]
             items.append(item)
         return JobView(state=job.state, counts=job.counts, items=items)
 
     def place(self, item: dict[str, Any], row: Row, output_dir: Path | None,
               if_exists: IfExists) -> list[str]:
-        return place_files(list(item.get("files") or []), row, output_dir, copy_atomic,
-                           if_exists)
+        storage = self.runner.generator.storage
+        fetch = copy_atomic if storage.kind == "disk" else partial(copy_out, storage)
+        return place_files(list(item.get("files") or []), row, output_dir, fetch, if_exists)
 
     def stop(self) -> None:
         """Leave running predictions and queued items in the state file for the next run."""

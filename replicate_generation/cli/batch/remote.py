@@ -72,8 +72,9 @@ class ServiceBackend:
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as out:
-                with self.session.get(f"{self.url}{url}", stream=True,
-                                      timeout=HTTP_TIMEOUT) as response:
+                # The bytes, never a redirect to a bucket that would carry our key along.
+                with self.session.get(f"{self.url}{url}", stream=True, timeout=HTTP_TIMEOUT,
+                                      headers={"X-Output-Delivery": "stream"}) as response:
                     if response.status_code != 200:
                         raise OSError(f"GET {url} answered {response.status_code}")
                     for chunk in response.iter_content(1024 * 1024):
