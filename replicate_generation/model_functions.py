@@ -306,6 +306,10 @@ def _send_create(client: replicate.Client, job: Job, rt: Runtime, deadline: floa
             if job.spec.version:  # a pinned version is created by version id
                 return client.predictions.create(
                     version=job.spec.version, input=job.input, wait=wait), True
+            deployment = deployment_of(job.spec)
+            if deployment is not None:  # its current release runs, on its own hardware
+                return client.deployments.predictions.create(
+                    deployment, input=job.input, wait=wait), True
             return client.models.predictions.create(
                 model=job.spec.ref, input=job.input, wait=wait), True
     except ReplicateError as exc:

@@ -68,7 +68,7 @@ def find_prediction(client: replicate.Client, intent: Intent, *, now: float,
     since = _iso(intent.at - CLOCK_SKEW_SECONDS)
     inputless = 0
     for prediction in _listing(client, since, pace):
-        if prediction.get("model") != intent.model_ref or prediction.get("id") in exclude:
+        if not _made_by(prediction, intent.model_ref) or prediction.get("id") in exclude:
             continue
         listed_input = prediction.get("input")
         if not isinstance(listed_input, dict) or not listed_input:
@@ -80,6 +80,13 @@ def find_prediction(client: replicate.Client, intent: Intent, *, now: float,
         return Unresolvable(f"{inputless} prediction(s) of {intent.model_ref} since the create "
                             "are listed without their input")
     return Absent()
+
+
+def _made_by(prediction: dict[str, Any], model_ref: str) -> bool:
+    """The listed prediction is of the model (or `deployments/<owner>/<name>`) the intent names."""
+    deployment = prediction.get("deployment")
+    return prediction.get("model") == model_ref or (
+        isinstance(deployment, str) and f"deployments/{deployment}" == model_ref)
 
 
 def _listing(client: replicate.Client, since: str,

@@ -129,7 +129,8 @@ def _task(index: int, requested: Any, prompt: object, params: dict[str, Any], st
             raise InvalidRequest("placeholder", "placeholders exist only for curated image "
                                  "models")
         model_input = schemas.validate(requested, prompt, params, prefix)
-        return Task(index=index, spec=requested, input=model_input, stem=stem)
+        return Task(index=index, spec=schemas.runnable(requested), input=model_input, stem=stem,
+                    requested=requested)
     if options.placeholder and requested.kind != "image":
         raise InvalidRequest("placeholder", f"{requested.id} makes {requested.kind}: the black "
                              "placeholder exists only for image models")
@@ -198,13 +199,14 @@ def _tasks_mode(body: dict[str, Any], max_items: int, options: Options,
         requested = resolve_model(item.get("model_name", body.get("model_name")),
                                   f"{where}.model_name")
         own = {k: v for k, v in item.items() if k not in ("model_name", "custom_filename")}
-        if "prompt" not in own:
+        if "prompt" not in own and requested.curated:
             raise InvalidRequest(f"{where}.prompt", f"Task {i} missing required field: prompt")
         params = {**shared, **own}
         stem = (safe_filename(item["custom_filename"], f"{where}.custom_filename")
                 if item.get("custom_filename") is not None else default_stem(requested.id, i))
-        tasks.append(_task(i, requested, params.pop("prompt"), params, stem, options, chains,
-                           f"{where}."))
+        # A non-curated model may take no prompt: its own schema says what it requires.
+        tasks.append(_task(i, requested, params.pop("prompt", None), params, stem, options,
+                           chains, f"{where}."))
     return tasks
 
 

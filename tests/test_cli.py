@@ -336,3 +336,60 @@ def test_the_simulator_command_takes_its_options_as_the_readme_writes_them(
         proc.terminate()
         proc.wait(timeout=10)
         log.close()
+
+
+# --------------------------------------------------------------------------- any model (issue #25)
+
+COMMUNITY_CSV = ("prompt,model_name,image,scale,num_outputs,style,output\n"
+                 "a cat,acme/style,,,2,oil,\n"
+                 ",acme/upscale,https://example.com/ref.png,3,,,big/up.jpg\n")
+
+
+def test_in_process_runs_any_model_the_policy_allows_with_typed_csv_cells(
+        make_settings: Callable[..., Settings], sim: Simulator, tmp_path: Path, cli: Cli) -> None:
+    env = {**cli_env(make_settings()), "MODEL_POLICY": "any"}
+    bad = write_jsonl(tmp_path / "bad.jsonl", [
+        {"model_name": "acme/upscale", "image": "https://example.com/ref.png"},
+        {"model_name": "acme/style", "prompt": "x", "style": "pop"}])
+    assert cli.run(["run", str(bad)], env) == 2
+    assert "line 2: style must be one of" in cli.log()
+    assert sim.predictions(SERVER_TOKEN) == []
+    assert cli.run(["run", str(bad)], {**env, "MODEL_POLICY": "curated"}) == 2
+    assert "line 1: Model 'acme/upscale' not supported" in cli.log()
+
+    source = tmp_path / "community.csv"
+    source.write_text(COMMUNITY_CSV)
+    assert cli.run(["run", str(source), "--poll-interval", "0.05"], env) == 0, cli.log()
+    made = {p["model"]: p for p in sim.predictions(SERVER_TOKEN)}
+    assert made["acme/style"]["input"] == {"prompt": "a cat", "num_outputs": 2, "style": "oil"}
+    assert made["acme/upscale"]["input"] == {"image": "https://example.com/ref.png", "scale": 3}
+    assert {p["source"] for p in made.values()} == {"version"} and len(sim.predictions()) == 2
+    found = {r["index"]: r for r in records(tmp_path / "community.csv.manifest.jsonl")}
+    assert found[1]["prompt"] is None
+    assert found[1]["files"] == [str(tmp_path / "big" / "up.png")]
+    assert len(found[0]["files"]) == 2 and all(Path(f).is_file() for f in found[0]["files"])
+
+
+def test_a_service_run_checks_other_models_with_the_service_before_anything_is_spent(
+        make_settings: Callable[..., Settings], sim: Simulator, tmp_path: Path, cli: Cli) -> None:
+    settings = make_settings()
+    service = Gunicorn({**service_env(settings, workers=1), "MODEL_POLICY": "any"},
+                       tmp_path / "gunicorn.log")
+    try:
+        service.wait_ready()
+        args = ["--service-url", service.url, "--api-key", ADMIN_KEY, "--poll-interval", "0.05"]
+        bad = tmp_path / "bad.csv"
+        bad.write_text("prompt,model_name,num_outputs\na cat,acme/style,2\na dog,acme/style,3\n")
+        assert cli.run(["run", str(bad), *args], cli_env(settings)) == 2
+        assert "line 3: num_outputs must be <= 2" in cli.log()  # typed from GET /models/...
+        assert sim.predictions(SERVER_TOKEN) == []
+        source = tmp_path / "community.csv"
+        source.write_text(COMMUNITY_CSV)
+        assert cli.run(["run", str(source), *args, "--output-dir", str(tmp_path / "files")],
+                       cli_env(settings)) == 0, cli.log()
+        made = sim.predictions(SERVER_TOKEN)
+        assert sorted(p["model"] for p in made) == ["acme/style", "acme/upscale"]
+        assert {p["source"] for p in made} == {"version"}
+        assert (tmp_path / "big" / "up.png").read_bytes().startswith(b"\x89PNG")
+    finally:
+        service.stop()

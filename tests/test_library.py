@@ -20,8 +20,9 @@ import requests
 
 from conftest import ADMIN, SERVER_TOKEN, USER_TOKEN
 from replicate_generation import library as rb
-from replicate_generation.devtools.simulator import Simulator
+from replicate_generation.devtools.simulator import Simulator, schema_models
 from replicate_generation.errors import SettingsError
+from replicate_generation.models.schemas import ModelPolicy
 from replicate_generation.settings import Settings
 from servers import ROOT, Gunicorn, service_env, wait_for
 from test_cli import running_on_sim
@@ -485,3 +486,53 @@ def test_ctrl_c_under_asyncio_run_cancels_the_running_predictions(
     assert {p["id"] for p in predictions} == set(running.values())
     assert all(p["canceled"] for p in predictions)
     assert sim.stats(SERVER_TOKEN)["cancels"] == 2
+
+
+# --------------------------------------------------------------------------- any model (issue #25)
+
+
+def test_any_model_the_policy_allows_runs_with_the_services_validation(
+        make_settings: Callable[..., Settings], sim: Simulator, tmp_path: Path) -> None:
+    style, upscale, cutout = schema_models.STYLE, schema_models.UPSCALE, schema_models.CUTOUT
+    with rb.BatchClient(settings=make_settings(model_policy=ModelPolicy("any"))) as batch:
+        with pytest.raises(rb.InvalidRequest) as refused:
+            batch.generate("a cat", style, tmp_path / "cat.png", style="pop")
+        assert refused.value.field == "style"
+        assert sim.predictions(SERVER_TOKEN) == []  # checked before anything was created
+        big = batch.generate(None, upscale, tmp_path / "big.jpg", image=REF, scale=3)
+        assert big.success and big.files == [str(tmp_path / "big.png")], big
+        assert big.model_used == f"{upscale}:{schema_models.version_id(upscale)}"
+        assert big.prompt is None
+        mixed = batch.generate_mixed([
+            rb.Request("a boat", style, tmp_path / "boat.png", {"style": "oil"}),
+            rb.Request(None, cutout, tmp_path / "cut.png", {"image": REF})])
+    assert [r.success for r in mixed] == [True, True], mixed
+    assert mixed[0].files == [str(tmp_path / "boat.png")]
+    assert mixed[1].files == [str(tmp_path / "cut_image.png"), str(tmp_path / "cut_mask.png")]
+    assert all(Path(f).read_bytes().startswith(PNG) for r in mixed for f in r.files)
+    made = sim.predictions(SERVER_TOKEN)
+    assert sorted((p["model"], p["source"], p["version"]) for p in made) == sorted(
+        (ref, "version", schema_models.version_id(ref)) for ref in (upscale, style, cutout))
+
+
+def test_a_file_named_like_a_dict_outputs_key_is_refused_before_anything_is_spent(
+        make_settings: Callable[..., Settings], sim: Simulator, tmp_path: Path) -> None:
+    (tmp_path / "Cut_Mask.webp").write_bytes(b"mine")
+    with rb.BatchClient(settings=make_settings(model_policy=ModelPolicy("any"))) as batch:
+        with pytest.raises(rb.OutputExists) as taken:
+            batch.generate(None, schema_models.CUTOUT, tmp_path / "cut.png", image=REF)
+        assert "Cut_Mask.webp" in str(taken.value) and "cut_<key>" in str(taken.value)
+        assert sim.predictions(SERVER_TOKEN) == []
+        renamed = batch.generate(None, schema_models.CUTOUT, tmp_path / "cut.png", image=REF,
+                                 if_exists="rename")
+    # "rename" places beside it: no file of the same name (extension included) is replaced.
+    assert renamed.files == [str(tmp_path / "cut_image.png"), str(tmp_path / "cut_mask.png")]
+    assert (tmp_path / "Cut_Mask.webp").read_bytes() == b"mine"
+
+
+def test_the_curated_policy_refuses_other_models_before_anything_is_spent(
+        client: rb.BatchClient, sim: Simulator) -> None:
+    with pytest.raises(rb.InvalidRequest) as refused:
+        client.generate("a cat", schema_models.STYLE)
+    assert refused.value.field == "model_name" and "not supported" in str(refused.value)
+    assert sim.stats() == {}

@@ -26,7 +26,7 @@ def default_client() -> BatchClient:
         return _default
 
 
-def generate(prompt: str, model_name: str, output_filepath: FilePath | None = None, *,
+def generate(prompt: str | None, model_name: str, output_filepath: FilePath | None = None, *,
              token: str | None = None, **kwargs: Any) -> Result:
     """`BatchClient.generate` on the default client."""
     return default_client().generate(prompt, model_name, output_filepath, token=token, **kwargs)

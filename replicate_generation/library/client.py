@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import atexit
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,8 @@ from replicate_generation.library.cancellation import CANCEL, in_thread, raise_i
 from replicate_generation.library.placement import check_free, place
 from replicate_generation.library.results import FilePath, Request, Result
 from replicate_generation.library.status import load_settings
-from replicate_generation.outputs import IfExists, check_if_exists
+from replicate_generation.models.schema_fetch import Resolver, resolving
+from replicate_generation.outputs import IfExists, check_if_exists, local_copies
 from replicate_generation.request_parsing import parse_batch, parse_single, request_hash
 from replicate_generation.settings import Settings
 
@@ -112,11 +114,13 @@ class BatchClient:
 
     # -- the three modes -----------------------------------------------------------------------
 
-    def generate(self, prompt: str, model_name: str, output_filepath: FilePath | None = None, *,
-                 token: str | None = None, fallback: bool = True, placeholder: bool = False,
+    def generate(self, prompt: str | None, model_name: str,
+                 output_filepath: FilePath | None = None, *, token: str | None = None,
+                 fallback: bool = True, placeholder: bool = False,
                  fallback_on_content_policy: bool = False, if_exists: IfExists = "refuse",
                  **params: Any) -> Result:
-        """Generate one prompt's outputs; `params` are the model's parameters.
+        """Generate one prompt's outputs; `params` are the model's parameters (None as the prompt
+        for a model that takes none).
 
         `if_exists`: what to do when `output_filepath`'s name is taken (docs/library.md).
         """
@@ -125,10 +129,11 @@ class BatchClient:
         options = mode_options(fallback, placeholder, fallback_on_content_policy)
         destination = destination_of(output_filepath, "output_filepath") \
             if output_filepath is not None else None
-        body: dict[str, Any] = {"model_name": model_name, "prompt": prompt, **clean, **options}
+        body: dict[str, Any] = {"model_name": model_name, **_prompt(prompt), **clean, **options}
         if destination is not None:
             body["custom_filename"] = destination.stem
-        parsed = parse_single(body, self.chains)
+        with self.other_models(token):
+            parsed = parse_single(body, self.chains)
         return self._run("generate", parsed.tasks, [destination], token, if_exists)[0]
 
     def generate_batch(self, prompts: Sequence[str], model_name: str,
@@ -154,7 +159,8 @@ class BatchClient:
                                 **mode_options(fallback, placeholder, fallback_on_content_policy)}
         if any(d is not None for d in destinations):
             body["custom_filenames"] = job_stems(destinations, [model_name] * len(prompt_list))
-        parsed = parse_batch(body, max(1, len(prompt_list)), self.chains)
+        with self.other_models(token):
+            parsed = parse_batch(body, max(1, len(prompt_list)), self.chains)
         return self._run("batch", parsed.tasks, destinations, token, if_exists)
 
     def generate_mixed(self, requests: Sequence[Request], *, token: str | None = None,
@@ -172,14 +178,15 @@ class BatchClient:
         stems = job_stems(destinations, [r.model_name for r in items])
         tasks: list[dict[str, Any]] = []
         for i, (item, destination) in enumerate(zip(items, destinations, strict=True)):
-            task = {"model_name": item.model_name, "prompt": item.prompt,
+            task = {"model_name": item.model_name, **_prompt(item.prompt),
                     **model_params(item.params, f"requests[{i}].params")}
             if destination is not None:
                 task["custom_filename"] = stems[i]
             tasks.append(task)
         body: dict[str, Any] = {"tasks": tasks,
                                 **mode_options(fallback, placeholder, fallback_on_content_policy)}
-        parsed = parse_batch(body, max(1, len(items)), self.chains)
+        with self.other_models(token):
+            parsed = parse_batch(body, max(1, len(items)), self.chains)
         return self._run("batch", parsed.tasks, destinations, token, if_exists)
 
     async def agenerate(self, *args: Any, **kwargs: Any) -> Result:
@@ -199,7 +206,8 @@ class BatchClient:
 
         A reused idempotency key returns its job; raises InvalidRequest, InvalidName or QueueFull.
         """
-        parsed = parse_batch(body, self.settings.max_batch_size, self.chains)
+        with self.other_models(token):
+            parsed = parse_batch(body, self.settings.max_batch_size, self.chains)
         submission = Submission(kind="batch", tasks=parsed.tasks, idempotency_key=idempotency_key,
                                 request_hash=request_hash("/generate-batch", body))
         return self.runner.submit(self.token(token), submission)
@@ -229,7 +237,7 @@ class BatchClient:
              token: str | None, if_exists: IfExists) -> list[Result]:
         """Submit the tasks as jobs of at most MAX_BATCH_SIZE items, wait, place the files."""
         paying = self.token(token)
-        check_free(destinations, if_exists)
+        check_free(destinations, if_exists, [not task.spec.curated for task in tasks])
         runner = self.runner
         cancel = CANCEL.get() or threading.Event()
         size = self.settings.max_batch_size
@@ -276,13 +284,18 @@ class BatchClient:
     def _result(self, job_id: str, item: ItemRow, offset: int) -> Result:
         view = self.describe_item(item)
         return Result(
-            index=offset + item.index, prompt=str(view["prompt"]), success=bool(view["success"]),
+            index=offset + item.index, prompt=view["prompt"], success=bool(view["success"]),
             files=list(view["files"]), model_requested=str(view["model_requested"]),
             model_used=view["model_used"], attempts=list(view["attempts"]),
             prediction_id=view["prediction_id"], error=view["error"],
             error_type=view["error_type"], cost_usd=view["cost_usd"],
             placeholder=bool(view["placeholder"]), routed=view["routed"],
             notes=list(view["notes"]), job_id=job_id, state=item.state)
+
+
+def _prompt(prompt: str | None) -> dict[str, Any]:
+    """The prompt as a body carries it: absent for a model that takes none."""
+    return {} if prompt is None else {"prompt": prompt}
 
 
 def _finished(runner: JobRunner, job_id: str) -> bool:

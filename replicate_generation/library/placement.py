@@ -4,6 +4,7 @@ OUTPUT_DIR, keeping the real extension and noting any name that differs from the
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,14 +12,18 @@ from replicate_generation.errors import OutputExists
 from replicate_generation.library.arguments import Destination
 from replicate_generation.library.results import Result
 from replicate_generation.outputs import IfExists, OutputNames, place_without_clobbering
+from replicate_generation.outputs.names import name_key
 
 _OPTIONS_HINT = ('Pass if_exists="rename" to write beside it under a new name, or '
                  'if_exists="overwrite" to replace it.')
 
 
-def check_free(destinations: Sequence[Destination | None], if_exists: IfExists) -> None:
+def check_free(destinations: Sequence[Destination | None], if_exists: IfExists,
+               keyed: Sequence[bool] = ()) -> None:
     """With "refuse", fail before anything is paid for when an output's name is taken: by a file
-    there now (whatever its extension), or by another item of this call."""
+    there now (whatever its extension), or by another item of this call. A `keyed` item (a
+    model outside the catalogue) may also write `<name>_<key>` (a dict output): any such file
+    there counts too."""
     if if_exists != "refuse":
         return
     names = OutputNames()
@@ -26,6 +31,12 @@ def check_free(destinations: Sequence[Destination | None], if_exists: IfExists) 
         if destination is None:
             continue
         where = destination.directory / destination.stem
+        taken = keyed_in_the_way(destination.directory, destination.stem) \
+            if i < len(keyed) and keyed[i] else None
+        if taken is not None:
+            raise OutputExists(taken, f"{destination.field}: {taken} already exists and this "
+                               f"model's outputs may be named {destination.stem}_<key>; "
+                               f"nothing was submitted. {_OPTIONS_HINT}")
         other = names.claim(destination.directory, destination.stem, i)
         if other is not None:
             raise OutputExists(where, f"{destination.field}: {where}.* may share names with "
@@ -36,6 +47,19 @@ def check_free(destinations: Sequence[Destination | None], if_exists: IfExists) 
             raise OutputExists(in_the_way, f"{destination.field}: {in_the_way} already exists "
                                f"(the output gets its real format's extension, so any "
                                f"{where}.* counts); nothing was submitted. {_OPTIONS_HINT}")
+
+
+def keyed_in_the_way(directory: Path, stem: str) -> Path | None:
+    """A file in `directory` named `<stem>_...` (as a case-insensitive volume compares names)."""
+    family = name_key(stem) + "_"
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if name_key(entry.name).startswith(family):
+                    return directory / entry.name
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    return None
 
 
 def place(result: Result, destination: Destination, job_stem: str, if_exists: IfExists) -> None:

@@ -23,9 +23,10 @@ class Request:
     """One item of a mixed batch: what the upstream library called `BatchRequest`.
 
     A `pathlib.Path` reference is read here and sent as a data: URI; a str must be a URL or one.
+    `prompt` is None for a model that takes none.
     """
 
-    prompt: str
+    prompt: str | None
     model_name: str
     output_filepath: FilePath | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
@@ -36,7 +37,7 @@ class Result:
     """What one item came to. `files` are real paths of files that exist on this machine."""
 
     index: int
-    prompt: str
+    prompt: str | None  # None: the model took none
     success: bool
     files: list[str]
     model_requested: str

@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple, Protocol
 
 import httpx
@@ -30,6 +30,8 @@ from replicate_generation.errors import (
 )
 from replicate_generation.models.catalogue import MODELS, ModelSpec
 from replicate_generation.models.schemas import (
+    DEPLOYMENT_REF,
+    VERSION_ID,
     InputSchema,
     ModelPolicy,
     check_input,
@@ -159,8 +161,8 @@ class SchemaCache:
 
 def _measure(schema: InputSchema) -> tuple[str, int]:
     """A digest of the schema's content, and an estimate of its size in memory."""
-    text = json.dumps([schema.version, schema.properties, schema.required], sort_keys=True,
-                      default=repr).encode()
+    text = json.dumps([schema.version, schema.official, schema.model, schema.properties,
+                       schema.required], sort_keys=True, default=repr).encode()
     return hashlib.sha256(text).hexdigest(), _footprint(schema.properties)
 
 
@@ -184,16 +186,46 @@ CACHE = SchemaCache()
 
 
 def fetch_schema(rt: Runtime, token: str, ref: str, version: str | None) -> InputSchema:
-    """GET the model (or the pinned version) with the caller's token, paced as a poll."""
-    client = rt.clients.get(token)
+    """GET the model (or the pinned version) with the caller's token, paced as a poll; for a
+    deployment, its current release's version."""
+    if DEPLOYMENT_REF.match(ref):
+        return _fetch_release(rt, token, ref)
     path = f"/v1/models/{ref}" + (f"/versions/{version}" if version else "")
+    body = _get_json(rt, token, path, ref, version)
+    found = body if version else (body.get("latest_version") if isinstance(body, dict) else None)
+    if not isinstance(found, dict):
+        raise SchemaUnavailable(502, f"{ref} has no version with a schema")
+    try:
+        schema = InputSchema.from_openapi(found.get("openapi_schema"),
+                                          version or _version_id(found.get("id")))
+    except SchemaUnavailable as exc:
+        raise SchemaUnavailable(exc.status, f"the schema of {ref} cannot be used: {exc}") from None
+    official = body.get("is_official") if isinstance(body, dict) and not version else None
+    return replace(schema, official=official if isinstance(official, bool) else None)
+
+
+def _fetch_release(rt: Runtime, token: str, ref: str) -> InputSchema:
+    """A deployment's current release (GET /v1/deployments/...), then that version's schema."""
+    body = _get_json(rt, token, f"/v1/{ref}", ref, None)
+    release = body.get("current_release") if isinstance(body, dict) else None
+    model = release.get("model") if isinstance(release, dict) else None
+    version = _version_id(release.get("version")) if isinstance(release, dict) else None
+    parsed = parse_ref(model) if isinstance(model, str) else None
+    if parsed is None or parsed[1] is not None or version is None:
+        raise SchemaUnavailable(502, f"{ref} has no current release with a model version")
+    return replace(fetch_schema(rt, token, parsed[0], version), model=parsed[0])
+
+
+def _get_json(rt: Runtime, token: str, path: str, ref: str, version: str | None) -> object:
+    """One GET of Replicate's API with the caller's token, paced as a poll, its JSON bounded."""
+    client = rt.clients.get(token)
     try:
         rt.manager.wait_for_poll(account_key(token), rt.clock() + FETCH_WAIT_SECONDS)
         response = client._request("GET", path)  # noqa: SLF001 - plain JSON, as served
         if len(response.content) > MAX_SCHEMA_BYTES:
             raise SchemaUnavailable(502, f"the schema of {ref} is larger than "
                                     f"{MAX_SCHEMA_BYTES // 1024**2} MiB; not used")
-        body = response.json()
+        return response.json()
     except DeadlineExceeded:
         raise SchemaUnavailable(503, "the account's request budget is used up; try again "
                                 "shortly", retry_after=5.0) from None
@@ -202,13 +234,11 @@ def fetch_schema(rt: Runtime, token: str, ref: str, version: str | None) -> Inpu
     except (httpx.HTTPError, ValueError, RecursionError) as exc:
         raise SchemaUnavailable(502, f"could not read the schema of {ref} from Replicate: "
                                 f"{type(exc).__name__}") from None
-    found = body if version else (body.get("latest_version") if isinstance(body, dict) else None)
-    if not isinstance(found, dict):
-        raise SchemaUnavailable(502, f"{ref} has no version with a schema")
-    try:
-        return InputSchema.from_openapi(found.get("openapi_schema"), found.get("id") or version)
-    except SchemaUnavailable as exc:
-        raise SchemaUnavailable(exc.status, f"the schema of {ref} cannot be used: {exc}") from None
+
+
+def _version_id(value: object) -> str | None:
+    """The record's latest version id, when it is one a create can name (64 hex)."""
+    return value if isinstance(value, str) and VERSION_ID.fullmatch(value) else None
 
 
 def _fetch_error(exc: ReplicateError, rt: Runtime, token: str, ref: str,
@@ -216,7 +246,8 @@ def _fetch_error(exc: ReplicateError, rt: Runtime, token: str, ref: str,
     status = exc.status or 0
     if status == 404:
         what = f"{ref} version {version}" if version else ref
-        return InvalidRequest("model_name", f"Model '{what}' was not found on Replicate")
+        kind = "Deployment" if DEPLOYMENT_REF.match(ref) else "Model"
+        return InvalidRequest("model_name", f"{kind} '{what}' was not found on Replicate")
     if status == 401:
         rt.clients.reject(account_key(token))
         return TokenRejected(60.0)

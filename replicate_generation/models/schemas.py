@@ -19,11 +19,16 @@ from replicate_generation.models.catalogue import MODELS, ModelSpec, Param
 from replicate_generation.models.validation import as_integer
 from replicate_generation.models.validation import check_value as check_uri
 
+_SEGMENT = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}"
 MODEL_REF = re.compile(
-    r"^(?P<owner>[A-Za-z0-9][A-Za-z0-9_.-]{0,99})/(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]{0,99})"
-    r"(?::(?P<version>[0-9a-f]{64}))?$")
-MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(:[0-9a-f]{64})?$"
-_ALLOWED_ITEM = re.compile(r"[a-z0-9][a-z0-9_.-]*(/[a-z0-9][a-z0-9_.-]*)?")
+    rf"^(?P<owner>{_SEGMENT})/(?P<name>{_SEGMENT})(?::(?P<version>[0-9a-f]{{64}}))?$")
+# A deployment (a team's model on reserved hardware), named `deployments/<owner>/<name>`.
+DEPLOYMENTS = "deployments/"
+DEPLOYMENT_REF = re.compile(rf"^{DEPLOYMENTS}(?P<owner>{_SEGMENT})/(?P<name>{_SEGMENT})$")
+VERSION_ID = re.compile(r"[0-9a-f]{64}")
+MODEL_NAME_PATTERN = (r"^(deployments/[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*"
+                      r"|[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(:[0-9a-f]{64})?)$")
+_ALLOWED_ITEM = re.compile(r"(deployments/)?[a-z0-9][a-z0-9_.-]*(/[a-z0-9][a-z0-9_.-]*)?")
 _JSON_TYPES: Mapping[str, tuple[type, ...]] = {
     "string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,),
     "array": (list,), "object": (dict,)}
@@ -41,7 +46,8 @@ EXCERPT_CHARS = 300
 
 @dataclass(frozen=True)
 class ModelPolicy:
-    """MODEL_POLICY: `curated` (default), `allow:<owners or owner/name, comma separated>`, `any`."""
+    """MODEL_POLICY: `curated` (default), `allow:<owners or owner/name, comma separated>`, `any`;
+    a deployment by `any`, `deployments/<owner>` or `deployments/<owner>/<name>`."""
 
     mode: str = "curated"
     allowed: frozenset[str] = frozenset()
@@ -64,16 +70,23 @@ class ModelPolicy:
     def allows(self, ref: str) -> bool:
         if self.mode == "any":
             return True
-        owner = ref.split("/", 1)[0].lower()
-        return self.mode == "allow" and (owner in self.allowed or ref.lower() in self.allowed)
+        lowered = ref.lower()
+        owner = lowered.rsplit("/", 1)[0] if DEPLOYMENT_REF.match(ref) else lowered.split("/")[0]
+        return self.mode == "allow" and (owner in self.allowed or lowered in self.allowed)
 
 
 def parse_ref(name: str) -> tuple[str, str | None] | None:
-    """(`owner/name`, version or None) for a model reference, or None when it is not one."""
+    """(`owner/name`, version or None) for a model reference, (`deployments/owner/name`, None)
+    for a deployment's, or None when it is neither."""
     match = MODEL_REF.match(name)
     if match is None:
-        return None
+        return (name, None) if DEPLOYMENT_REF.match(name) else None
     return f"{match['owner']}/{match['name']}", match["version"]
+
+
+def deployment_of(spec: ModelSpec) -> str | None:
+    """The `owner/name` of the deployment the model runs on, or None for a model."""
+    return spec.ref[len(DEPLOYMENTS):] if DEPLOYMENT_REF.match(spec.ref) else None
 
 
 # --------------------------------------------------------------------------- schema
@@ -81,11 +94,15 @@ def parse_ref(name: str) -> tuple[str, str | None] | None:
 
 @dataclass(frozen=True)
 class InputSchema:
-    """A model version's Input: properties (enums resolved, in x-order) and required names."""
+    """A model version's Input: properties (enums resolved, in x-order) and required names;
+    `official` as the model's record says (None: fetched by version, or not said); for a
+    deployment, `model` is its current release's model (`version` that release's)."""
 
     version: str | None
     properties: dict[str, dict[str, Any]]
     required: tuple[str, ...]
+    official: bool | None = None
+    model: str | None = None
 
     @classmethod
     def from_openapi(cls, openapi: object, version: str | None) -> InputSchema:
@@ -254,19 +271,44 @@ class SchemaModel(ModelSpec):
     schema: InputSchema | None = field(default=None, compare=False, repr=False)
 
     def describe(self) -> dict[str, object]:
+        schema = self.schema
         return {"id": self.id, "replicate_model": self.ref, "version": self.version,
+                "latest_version": schema.version if schema is not None and not self.version
+                else None, "official": schema.official if schema is not None else None,
+                "deployment": deployment_of(self),
+                "release_model": schema.model if schema is not None else None,
                 "kind": self.kind, "curated": False, "description": self.description,
                 "price": None, "reference_input": None,
                 "parameters": self.schema.describe() if self.schema is not None else {}}
 
 
 def schema_model(ref: str, version: str | None, schema: InputSchema | None = None) -> SchemaModel:
-    """The ModelSpec of a non-curated model; its id is the reference as given."""
+    """The ModelSpec of a non-curated model (or deployment); its id is the reference as given."""
     model_id = f"{ref}:{version}" if version else ref
     return SchemaModel(id=model_id, ref=ref, kind="other", price_usd=0.0, price_unit="call",
                        description="A Replicate model validated from its own schema (not curated;"
                        " cost unknown)", params=(), version=version, curated=False,
                        schema=schema)
+
+
+def runnable(spec: ModelSpec) -> ModelSpec:
+    """The model an item runs: a community model named without a version runs the latest
+    version its record names (Replicate creates it by version id only); official, pinned and
+    curated models run as named."""
+    schema = spec.schema if isinstance(spec, SchemaModel) else None
+    if (schema is None or spec.version or schema.version is None or schema.official
+            or deployment_of(spec)):  # a deployment runs its current release, by its name
+        return spec
+    return schema_model(spec.ref, schema.version, schema)
+
+
+def parameter_types(spec: ModelSpec) -> dict[str, str]:
+    """Each parameter's type as /models names it (`uri`, `uri_list`, `integer`, ...): from the
+    catalogue, or from a non-curated model's schema."""
+    if isinstance(spec, SchemaModel):
+        schema = spec.schema
+        return {} if schema is None else {n: _type_name(p) for n, p in schema.properties.items()}
+    return {param.name: param.type for param in spec.params}
 
 
 def spec_from_id(model_id: str) -> ModelSpec:

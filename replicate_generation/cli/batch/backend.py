@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,9 +25,14 @@ class JobView:
 
 
 class Backend(Protocol):
-    """Submit a job (raising Busy when there is no room), look at it, place an item's files."""
+    """Submit a job (raising Busy when there is no room), look at it, place an item's files;
+    before that, say a model's parameter types and check a chunk as the job would be parsed."""
 
     mode: str  # "service" or "in-process", for the manifest and messages
+
+    def parameter_types(self, model: str) -> Mapping[str, str] | None: ...
+
+    def check(self, body: dict[str, Any], max_items: int) -> None: ...
 
     def submit(self, body: dict[str, Any], key: str) -> tuple[str, bool]: ...
 

@@ -18,12 +18,11 @@ from replicate_generation.cli.batch.files import refuse_taken_outputs
 from replicate_generation.cli.batch.in_process import InProcessBackend
 from replicate_generation.cli.batch.manifest import JobLog, Manifest
 from replicate_generation.cli.batch.progress import Progress, say
-from replicate_generation.cli.batch.reader import read_rows, validate
+from replicate_generation.cli.batch.reader import Row, read_rows, validate
 from replicate_generation.cli.batch.remote import ServiceBackend
 from replicate_generation.cli.batch.run import EXIT_USAGE, Run
 from replicate_generation.errors import SettingsError
 from replicate_generation.library import BatchClient, load_settings
-from replicate_generation.models.chains import FallbackChains
 from replicate_generation.outputs import IF_EXISTS_CHOICES
 from replicate_generation.settings import Settings
 
@@ -109,27 +108,31 @@ def run_command(args: argparse.Namespace, stop: threading.Event) -> int:
         data = args.input.read_bytes()
     except OSError as exc:
         raise UsageError(f"{args.input}: {exc.strerror}") from None
-    rows = read_rows(args.input, data, args.model, args.format)
     chunk_size = args.chunk_size or settings.max_batch_size
     if chunk_size < 1 or args.poll_interval <= 0 or args.grace < 0:
         raise UsageError("--chunk-size must be >= 1, --poll-interval > 0 and --grace >= 0")
     options = {"fallback": not args.no_fallback,
                "fallback_on_content_policy": args.fallback_on_content_policy,
                "placeholder": args.placeholder}
-    chains = settings.fallback_chains if not args.service_url \
-        else FallbackChains.default()
-    validate(rows, chunk_size, options, chains)
+    # The backend reads models as its jobs will: the service's, or MODEL_POLICY's here.
+    backend = _backend(args, settings)
+    try:
+        rows = read_rows(args.input, data, args.model, args.format, backend.parameter_types)
+        validate(rows, chunk_size, options, backend.check)
+        return _run(args, backend, rows, data, chunk_size, options, stop)
+    finally:
+        backend.close()
+
+
+def _run(args: argparse.Namespace, backend: Backend, rows: list[Row], data: bytes,
+         chunk_size: int, options: dict[str, bool], stop: threading.Event) -> int:
+    """Refuse taken outputs, then run the checked rows, recording each in the manifest."""
     input_sha = hashlib.sha256(data).hexdigest()
     manifest_path = args.manifest or args.input.with_name(args.input.name + ".manifest.jsonl")
     manifest = Manifest(manifest_path, input_sha)
     try:
         if args.if_exists == "refuse":
             refuse_taken_outputs(rows, args.output_dir, manifest, args.retry_failed)
-        backend = _backend(args, settings)
-    except BaseException:
-        manifest.close()
-        raise
-    try:
         run = Run(rows=rows, chunk_size=chunk_size, options=options, input_sha=input_sha,
                   manifest=manifest, joblog=JobLog(Path(str(manifest_path) + ".jobs")),
                   backend=backend, output_dir=args.output_dir, retry_failed=args.retry_failed,
@@ -138,7 +141,6 @@ def run_command(args: argparse.Namespace, stop: threading.Event) -> int:
                   if_exists=args.if_exists)
         return run.execute()
     finally:
-        backend.close()
         manifest.close()
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from replicate_generation.cli.batch.errors import UsageError
 from replicate_generation.cli.batch.manifest import Manifest
-from replicate_generation.cli.batch.reader import Row
+from replicate_generation.cli.batch.reader import Row, curated
+from replicate_generation.library.placement import keyed_in_the_way
 from replicate_generation.outputs import (
     IfExists,
     OutputNames,
@@ -92,6 +93,9 @@ def refuse_taken_outputs(rows: Sequence[Row], output_dir: Path | None, manifest:
             raise UsageError(f"{row.where}: its files ({directory / stem}.*) may share names "
                              f"with those of {rows[other].where}; {_IF_EXISTS_HINT}")
         in_the_way = names.in_the_way(directory, stem)
+        if in_the_way is None and row.output is None and curated(row.model) is None:
+            # Under --output-dir the files keep the job's names: a dict's are `<name>_<key>`.
+            in_the_way = keyed_in_the_way(directory, stem)
         if in_the_way is not None:
             raise UsageError(f"{row.where}: {in_the_way} already exists (files take their real "
                              f"format's extension, so any {directory / stem}.* counts); "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -9,10 +11,20 @@ from replicate_generation.cli.batch.backend import JobView
 from replicate_generation.cli.batch.errors import Busy, UsageError
 from replicate_generation.cli.batch.files import copy_atomic, place_files
 from replicate_generation.cli.batch.reader import Row
-from replicate_generation.errors import IdempotencyConflict, QueueFull, ShuttingDown
+from replicate_generation.errors import (
+    IdempotencyConflict,
+    InvalidRequest,
+    QueueFull,
+    SchemaUnavailable,
+    ShuttingDown,
+    TokenRejected,
+)
 from replicate_generation.jobs.bodies import item_body
 from replicate_generation.library import BatchClient
-from replicate_generation.outputs import IfExists
+from replicate_generation.models.schemas import parameter_types
+from replicate_generation.models.validation import resolve_model
+from replicate_generation.outputs import IfExists, copy_out
+from replicate_generation.request_parsing import parse_batch
 
 
 class InProcessBackend:
@@ -23,6 +35,19 @@ class InProcessBackend:
         self.token = token
         self.runner = client.runner
         self.mode = "in-process"
+
+    def parameter_types(self, model: str) -> Mapping[str, str] | None:
+        """The model's parameter types: the catalogue's, or its own schema's (MODEL_POLICY)."""
+        with self.client.other_models(self.token):
+            try:
+                return parameter_types(resolve_model(model))
+            except (InvalidRequest, SchemaUnavailable, TokenRejected):
+                return None  # the check of the whole input reports it, with the line
+
+    def check(self, body: dict[str, Any], max_items: int) -> None:
+        """Parse the chunk as the job will be, with every model MODEL_POLICY allows."""
+        with self.client.other_models(self.token):
+            parse_batch(body, max_items, self.client.chains)
 
     def submit(self, body: dict[str, Any], key: str) -> tuple[str, bool]:
         try:

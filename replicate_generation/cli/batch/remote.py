@@ -13,10 +13,16 @@ import requests
 from replicate_generation.cli.batch.backend import JobView
 from replicate_generation.cli.batch.errors import Busy, UsageError
 from replicate_generation.cli.batch.files import place_files
-from replicate_generation.cli.batch.reader import Row
+from replicate_generation.cli.batch.reader import Row, curated, curated_types
+from replicate_generation.errors import InvalidRequest
+from replicate_generation.models.chains import FallbackChains
+from replicate_generation.models.schemas import parse_ref
 from replicate_generation.outputs import IfExists
+from replicate_generation.request_parsing import parse_batch
 
 HTTP_TIMEOUT = 30.0
+# Items per GET /jobs/<id>/items (the service's largest page).
+ITEM_PAGE = 500
 
 # The package's name, so log lines read as they always have.
 log = logging.getLogger(__package__)
@@ -30,6 +36,40 @@ class ServiceBackend:
         self.session = requests.Session()
         self.session.headers.update(headers)
         self.mode = "service"
+        # Per job, how many items had ended at the last look: no change, no pages read.
+        self._ended: dict[str, int] = {}
+
+    def parameter_types(self, model: str) -> Mapping[str, str] | None:
+        """The catalogue's types, or the service's word on another model (GET /models/...)."""
+        parsed = parse_ref(model)
+        if curated(model) is not None or parsed is None:
+            return curated_types(model)
+        response = self._get(f"/models/{parsed[0]}")
+        if response is None or response.status_code != 200:
+            return None  # the check of the whole input reports it, with the line
+        params = response.json().get("parameters")
+        return {str(name): str(param.get("type")) for name, param in params.items()
+                if isinstance(param, dict)} if isinstance(params, dict) else None
+
+    def check(self, body: dict[str, Any], max_items: int) -> None:
+        """Curated models are checked here; a chunk with any other model by the service, as a
+        dry run (its MODEL_POLICY and schemas; nothing is created)."""
+        tasks = body.get("tasks") or []
+        if all(curated(str(task.get("model_name"))) is not None for task in tasks):
+            parse_batch(body, max_items, FallbackChains.default())
+            return
+        try:
+            response = self.session.post(f"{self.url}/generate-batch", timeout=HTTP_TIMEOUT,
+                                         json={**body, "dry_run": True})
+        except requests.RequestException as exc:
+            raise UsageError(f"cannot reach the service to check the input "
+                             f"({type(exc).__name__})") from None
+        if response.status_code == 400:
+            data = response.json()
+            raise InvalidRequest(str(data.get("field") or ""), str(data.get("error")))
+        if response.status_code != 200:
+            raise UsageError(f"the service could not check the input "
+                             f"({response.status_code}): {_error_text(response)}")
 
     def submit(self, body: dict[str, Any], key: str) -> tuple[str, bool]:
         try:

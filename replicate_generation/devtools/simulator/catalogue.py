@@ -14,7 +14,10 @@ from replicate_generation.devtools.simulator.schema_models import (
     FILE_COUNTS,
     FORMATS,
     KINDS,
+    STYLE,
     has_version,
+    is_official,
+    version_id,
 )
 from replicate_generation.devtools.simulator.schema_models import version_json as schema_version
 from replicate_generation.devtools.simulator.web import (
@@ -76,6 +79,11 @@ def lookup(ref: str) -> ModelSpec | None:
     return MODELS.get(ref) or SCHEMA_MODELS.get(ref)
 
 
+def official(spec: ModelSpec) -> bool:
+    """An official model is created by name; a community one only by a version id (404)."""
+    return spec.ref in MODELS or is_official(spec.ref)
+
+
 def output_count(spec: ModelSpec, inp: dict[str, Any]) -> int:
     if spec.kind in FILE_COUNTS:
         return FILE_COUNTS[spec.kind]
@@ -93,8 +101,10 @@ def resolve_version(value: Any) -> tuple[ModelSpec, str]:
     ref, _, vid = text.partition(":")
     if "/" in ref:
         spec = lookup(ref)
-        if spec is not None and (not vid or _has_version(spec, vid)):
-            return spec, vid or "hidden"
+        if spec is not None and vid and _has_version(spec, vid):
+            return spec, vid
+        if spec is not None and not vid and official(spec):
+            return spec, "hidden"
         raise ApiError(422, INVALID_VERSION)
     for spec in [*MODELS.values(), *SCHEMA_MODELS.values()]:
         if _has_version(spec, text):
@@ -115,10 +125,19 @@ def _known_model(owner: str, name: str) -> ModelSpec:
     return spec
 
 
-def deployment_model(owner: str, name: str) -> ModelSpec | None:
-    """Any deployment named like a known model (``acme/flux-dev``) runs that model."""
+# Deployments whose current release runs a cog-schema model: owner/name -> (model, version).
+DEPLOYMENTS: dict[str, tuple[str, str]] = {"acme/style-prod": (STYLE, version_id(STYLE, "v1"))}
+
+
+def deployment_release(owner: str, name: str) -> tuple[ModelSpec, str] | None:
+    """The model and version a deployment's current release runs: one of DEPLOYMENTS, or any
+    deployment named like a curated model (``acme/flux-dev``) runs that model."""
+    release = DEPLOYMENTS.get(f"{owner}/{name}")
+    if release is not None:
+        return SCHEMA_MODELS[release[0]], release[1]
     exact = MODELS.get(f"{owner}/{name}")
-    return exact or next((s for s in MODELS.values() if s.name == name), None)
+    spec = exact or next((s for s in MODELS.values() if s.name == name), None)
+    return None if spec is None else (spec, spec.version_id)
 
 
 def _version_json(spec: ModelSpec) -> dict[str, Any]:
@@ -163,6 +182,7 @@ def _model_json(spec: ModelSpec) -> dict[str, Any]:
         "name": spec.name,
         "description": f"Simulated {spec.kind} model",
         "visibility": "public",
+        "is_official": official(spec),
         "github_url": None,
         "paper_url": None,
         "license_url": None,
@@ -173,14 +193,14 @@ def _model_json(spec: ModelSpec) -> dict[str, Any]:
     }
 
 
-def _deployment_json(owner: str, name: str, spec: ModelSpec) -> dict[str, Any]:
+def _deployment_json(owner: str, name: str, spec: ModelSpec, version: str) -> dict[str, Any]:
     return {
         "owner": owner,
         "name": name,
         "current_release": {
             "number": 1,
             "model": spec.ref,
-            "version": spec.version_id,
+            "version": version,
             "created_at": "2025-01-01T00:00:00.000000Z",
             "created_by": {"type": "user", "username": "sim", "name": "Sim", "github_url": None},
             "configuration": {"hardware": "gpu-a100-large", "min_instances": 0, "max_instances": 1},
@@ -221,10 +241,10 @@ def _get_version(owner: str, name: str, vid: str) -> Response:
 
 def _get_deployment(owner: str, name: str) -> Response:
     """GET /v1/deployments/{owner}/{name}."""
-    spec = deployment_model(owner, name)
-    if spec is None:
+    release = deployment_release(owner, name)
+    if release is None:
         raise ApiError(404, NOT_FOUND)
-    return json_response(200, _deployment_json(owner, name, spec))
+    return json_response(200, _deployment_json(owner, name, *release))
 
 
 def _get_account() -> Response:

@@ -13,8 +13,9 @@ from flask import Flask, Response, g, request
 from replicate_generation.devtools.simulator.catalogue import (
     SCHEMA_MODELS,
     ModelSpec,
-    deployment_model,
+    deployment_release,
     lookup,
+    official,
     resolve_version,
 )
 from replicate_generation.devtools.simulator.config import Shared
@@ -115,20 +116,21 @@ class Creates:
         route("/v1/predictions", view_func=self._create_for_version, methods=["POST"])
 
     def _create_for_model(self, owner: str, name: str) -> Response:
-        """POST /v1/models/{owner}/{name}/predictions: run an official model."""
+        """POST /v1/models/{owner}/{name}/predictions: run an official model (a community
+        model is a 404 here: it runs by version id)."""
         spec = lookup(f"{owner}/{name}")
-        if spec is None:
+        if spec is None or not official(spec):
             raise ApiError(404, NOT_FOUND)
         body = create_body(MODEL_BODY_KEYS, required=("input",))
         return self._create(spec, "hidden", "model", body)
 
     def _create_for_deployment(self, owner: str, name: str) -> Response:
-        """POST /v1/deployments/{owner}/{name}/predictions: a deployment named like a model."""
-        spec = deployment_model(owner, name)
-        if spec is None:
+        """POST /v1/deployments/{owner}/{name}/predictions: its current release's version."""
+        release = deployment_release(owner, name)
+        if release is None:
             raise ApiError(404, NOT_FOUND)
         body = create_body(MODEL_BODY_KEYS, required=("input",))
-        return self._create(spec, spec.version_id, "deployment", body)
+        return self._create(*release, "deployment", body, deployment=f"{owner}/{name}")
 
     def _create_for_version(self) -> Response:
         """POST /v1/predictions: version id, owner/name or owner/name:version."""
@@ -136,7 +138,8 @@ class Creates:
         spec, version = resolve_version(body["version"])
         return self._create(spec, version, "version", body)
 
-    def _create(self, spec: ModelSpec, version: str, source: str, body: dict[str, Any]) -> Response:
+    def _create(self, spec: ModelSpec, version: str, source: str, body: dict[str, Any],
+                deployment: str | None = None) -> Response:
         """Validate the input, record the prediction and answer (holding it for Prefer: wait)."""
         cancel_after = parse_cancel_after(request.headers.get("Cancel-After"))
         if spec.ref in SCHEMA_MODELS:
@@ -153,7 +156,7 @@ class Creates:
         with self._shared.lock:
             key = g.token_hash
             pred = self._ledger.add_locked(spec, version, source, body["input"], key,
-                                           cancel_after)
+                                           cancel_after, deployment)
             fault = self._faults.take_create_locked(key)
             if fault is not None:
                 self._ledger.count_locked(key, "create_faults")

@@ -180,7 +180,7 @@ class Ledger:
 
     def add_locked(
         self, spec: ModelSpec, version: str, source: str, inp: dict[str, Any], key: str,
-        cancel_after: float | None = None,
+        cancel_after: float | None = None, deployment: str | None = None,
     ) -> Prediction:
         """Create the record and count the accepted create with its in-flight level."""
         now, cfg = self._shared.now(), self._shared.config
@@ -204,6 +204,7 @@ class Ledger:
             ext=output_ext(spec, inp),
             seq=self._seq,
             cancel_after=cancel_after,
+            deployment=deployment,
         )
         self.predictions[pred.id] = pred
         account = self.account_locked(key)

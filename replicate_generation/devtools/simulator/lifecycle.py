@@ -32,6 +32,7 @@ class Prediction:
     canceled_at: float | None = None
     seq: int = 0  # creation order across all tokens: ties on a fake clock, list cursors
     cancel_after: float | None = None  # the create's Cancel-After, in seconds from `created`
+    deployment: str | None = None  # the deployment (`owner/name`) that created it
 
     def deadline_time(self) -> float | None:
         return None if self.cancel_after is None else self.created + self.cancel_after
@@ -105,6 +106,7 @@ class Prediction:
             "deadline_clock": self.deadline_time(),
             "error": self.error,
             "source": self.source,
+            "deployment": self.deployment,
             "num_outputs": 0 if self.empty else self.n_outputs,
             # What Replicate bills: the prediction's metrics.predict_time once it ended.
             "billed_seconds": (round(end - start, 6) if start is not None else 0.0)

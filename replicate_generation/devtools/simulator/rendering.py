@@ -49,6 +49,8 @@ class Renderer:
                 "web": f"https://replicate.com/p/{pred.id}",
             },
         }
+        if pred.deployment is not None:
+            body["deployment"] = pred.deployment  # as Replicate names the deployment
         deadline = pred.deadline_time()
         if deadline is not None:
             body["deadline"] = self._shared.iso(deadline)  # when its Cancel-After ends it

@@ -1,7 +1,8 @@
 """Non-curated models the simulator serves, with input schemas in cog's real shape.
 
 Enums via `allOf`/`$ref`, `x-order`, `nullable` numbers, `format: uri` files; tests swap a schema
-(`set_input_schema`) to see the service pick the change up after a 422.
+(`set_input_schema`) to see the service pick the change up after a 422. Only the OFFICIAL ones are
+created by name; the others (community models) only by a version id, as on Replicate.
 """
 
 from __future__ import annotations
@@ -18,16 +19,23 @@ from replicate_generation.devtools.simulator.hostile import schemas as hostile_s
 FLUX_SCHNELL = "black-forest-labs/flux-schnell"
 CUTOUT = "acme/cutout"
 LLAMA = "meta/meta-llama-3-8b-instruct"
+STYLE = "acme/style"  # a community image model with two versions
+UPSCALE = "acme/upscale"  # a community model without a prompt: one file out (cog's `-> Path`)
+# Created by name (POST /v1/models/{owner}/{name}/predictions); every other one by version only.
+OFFICIAL = frozenset({FLUX_SCHNELL, LLAMA})
 
-# ref -> (output kind, format): "image" a list of files, "dict" {image, mask}, "text" tokens.
+# ref -> (output kind, format): "image" a list of files, "dict" {image, mask}, "text" tokens,
+# "file" one file.
 KINDS: dict[str, tuple[str, str]] = {
     FLUX_SCHNELL: ("image", "webp"),
     CUTOUT: ("dict", "png"),
     LLAMA: ("text", "txt"),
+    STYLE: ("image", "png"),
+    UPSCALE: ("file", "png"),
     **HOSTILE_KINDS,
 }
 # Files a prediction of a kind makes whatever its input says (image kinds: num_outputs).
-FILE_COUNTS: dict[str, int] = {"dict": 2, **HOSTILE_COUNTS}
+FILE_COUNTS: dict[str, int] = {"dict": 2, "file": 1, **HOSTILE_COUNTS}
 
 # output_format values a model honours (the file it writes).
 FORMATS: dict[str, tuple[str, ...]] = {FLUX_SCHNELL: ("webp", "jpg", "png")}
@@ -91,11 +99,36 @@ def _llama() -> dict[str, Any]:
                        "x-cog-array-type": "iterator", "x-cog-array-display": "concatenate"}}
 
 
+def _style(with_style: bool) -> dict[str, Any]:
+    props: dict[str, Any] = {
+        "prompt": {"type": "string", "title": "Prompt", "x-order": 0},
+        "num_outputs": {"type": "integer", "title": "Num Outputs", "default": 1, "minimum": 1,
+                        "maximum": 2, "x-order": 1}}
+    if with_style:
+        props["style"] = _ref("style", "ink", 2)
+    return {"Input": {"type": "object", "title": "Input", "required": ["prompt"],
+                      "properties": props},
+            "style": _enum("style", ["ink", "oil", "pixel"]),
+            "Output": {"type": "array", "items": {"type": "string", "format": "uri"},
+                       "title": "Output"}}
+
+
+def _upscale() -> dict[str, Any]:
+    props = {"image": {"type": "string", "format": "uri", "title": "Image", "x-order": 0},
+             "scale": {"type": "integer", "title": "Scale", "default": 2, "minimum": 2,
+                       "maximum": 4, "x-order": 1}}
+    return {"Input": {"type": "object", "title": "Input", "required": ["image"],
+                      "properties": props},
+            "Output": {"type": "string", "format": "uri", "title": "Output"}}
+
+
 _VERSIONS: dict[str, dict[str, dict[str, Any]]] = {
     FLUX_SCHNELL: {version_id(FLUX_SCHNELL): _flux_schnell(True),
                    version_id(FLUX_SCHNELL, "v1"): _flux_schnell(False)},
     CUTOUT: {version_id(CUTOUT): _cutout()},
     LLAMA: {version_id(LLAMA): _llama()},
+    STYLE: {version_id(STYLE): _style(True), version_id(STYLE, "v1"): _style(False)},
+    UPSCALE: {version_id(UPSCALE): _upscale()},
     **{ref: {version_id(ref): comps} for ref, comps in hostile_schemas().items()},
 }
 _overrides: dict[str, dict[str, Any]] = {}
@@ -112,6 +145,11 @@ def clear_overrides() -> None:
 
 def has_version(ref: str, vid: str) -> bool:
     return vid in _VERSIONS.get(ref, {})
+
+
+def is_official(ref: str) -> bool:
+    """Whether Replicate creates the model by name; a community model needs a version id."""
+    return ref in OFFICIAL
 
 
 def components(ref: str, vid: str | None) -> dict[str, Any]:
@@ -175,6 +213,8 @@ def output(kind: str, refs: list[str]) -> Any:
         return {"image": refs[0], "mask": refs[1]}
     if kind == "text":
         return list(TEXT_TOKENS)
+    if kind == "file":
+        return refs[0]
     if kind in HOSTILE_COUNTS:
         return hostile_output(kind, refs)
     return refs
