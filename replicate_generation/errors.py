@@ -59,11 +59,13 @@ class GenerationError(Exception):
     """A task failed; `kind` says how, the message is safe to show the caller."""
 
     def __init__(self, kind: str, message: str, *, prediction_id: str | None = None,
-                 upstream_status: int | None = None) -> None:
+                 upstream_status: int | None = None, billed_seconds: float | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.prediction_id = prediction_id
         self.upstream_status = upstream_status
+        # The ended prediction's metrics.predict_time: time-billed models cost it even failed.
+        self.billed_seconds = billed_seconds
 
 
 class TokenRejected(GenerationError):
@@ -194,9 +196,14 @@ class BudgetExceeded(Exception):
 
     def __init__(self, *, budget_usd: float, period: str, remaining_usd: float,
                  required_usd: float | None, whose: str = "this key's") -> None:
-        needed = "an unknown cost" if required_usd is None else f"up to ${required_usd:g}"
-        super().__init__(f"This request may cost {needed}, and ${remaining_usd:g} of {whose} "
-                         f"${budget_usd:g} {period} budget is left")
+        left = f"${remaining_usd:g} of {whose} ${budget_usd:g} {period} budget is left"
+        if required_usd is None:
+            super().__init__(
+                "This request runs a model whose cost is unknown (not curated, and its hardware "
+                f"is not in MODEL_HARDWARE), so a budget cannot hold it ({left}); the admin may "
+                "let the key run it with allow_unknown_cost")
+        else:
+            super().__init__(f"This request may cost up to ${required_usd:g}, and {left}")
         self.budget_usd = budget_usd
         self.period = period
         self.remaining_usd = remaining_usd

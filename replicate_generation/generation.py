@@ -30,8 +30,14 @@ from replicate_generation.model_functions import (
     generate,
 )
 from replicate_generation.models.catalogue import MODELS, ModelSpec
-from replicate_generation.models.cost import estimate_cost
+from replicate_generation.models.cost import billed_cost, max_cost
 from replicate_generation.models.fallback import fallback_input, should_fall_back
+from replicate_generation.models.hardware import (
+    NO_TIME_PRICES,
+    REPLICATE_MAX_RUN_SECONDS,
+    ModelHardware,
+    TimePrices,
+)
 from replicate_generation.models.placeholder import write_placeholder
 from replicate_generation.models.schema_fetch import recheck
 from replicate_generation.models.schemas import spec_from_id
@@ -65,17 +71,16 @@ class Task:
     def model_requested(self) -> ModelSpec:
         return self.requested or self.spec
 
-    def max_cost_usd(self) -> float | None:
-        """The most it may cost: its model and every fallback, as if each were billed; None for
-        a non-curated model (no price is known)."""
-        if not all(spec.curated for spec in (self.spec, *self.chain)):
-            return None
-        total = estimate_cost(self.spec, self.input)
+    def max_cost_usd(self, prices: TimePrices = NO_TIME_PRICES) -> float | None:
+        """The most it may cost: its model and every fallback, as if each were billed (a
+        non-curated model for the longest it can run); None when any price is unknown."""
+        costs = [max_cost(self.spec, self.input, prices)]
         for spec in self.chain:
             mapped = fallback_input(self.spec, self.input, spec)
             if mapped is not None:
-                total += estimate_cost(spec, mapped[0])
-        return round(total, 6)
+                costs.append(max_cost(spec, mapped[0], prices))
+        known = [cost for cost in costs if cost is not None]
+        return round(sum(known), 6) if len(known) == len(costs) else None
 
     def to_record(self) -> dict[str, object]:
         """What the job store keeps of the task (plain JSON; models by id, a non-curated
@@ -148,19 +153,12 @@ def execute(task: Task, token: str, rt: Runtime, dest_dir: Path, result: TaskRes
                                  resume=here.prediction_id if here else None,
                                  pending=here.pending if here else None)
         except GenerationError as exc:
-            _note_failure(result, _after_refusal(exc, spec, mapped, token, rt))
-            if isinstance(exc, OutputsNotSaved):
-                result.files = list(exc.files)  # paid for and on disk: reported with the error
+            _failed(result, exc, spec, mapped, token, rt)
             if not should_fall_back(exc.kind,
                                     on_content_policy=task.fallback_on_content_policy):
                 break
             continue
-        result.error, result.model_used = None, spec
-        result.files = [f.relative for f in generated.files]
-        result.billed_seconds = generated.billed_seconds
-        if spec.curated:  # a non-curated model's cost is unknown: None, not a guess
-            result.cost_usd = estimate_cost(spec, mapped)
-            metrics.cost(spec.id, result.cost_usd)
+        _succeeded(result, spec, mapped, generated, rt)
         return
     if result.error is None:
         result.error = GenerationError("no_model_available", "no model of the fallback chain can "
@@ -169,6 +167,28 @@ def execute(task: Task, token: str, rt: Runtime, dest_dir: Path, result: TaskRes
         saved = write_placeholder(task.model_requested, dest_dir, task.stem,
                                   root=rt.output_root)
         result.files, result.placeholder = [saved.relative], True
+
+
+def _succeeded(result: TaskResult, spec: ModelSpec, mapped: dict[str, object],
+               generated: Generated, rt: Runtime) -> None:
+    """Its files and cost: the catalogue's price, or billed seconds x its hardware's price
+    (None, not a guess, when that is unknown)."""
+    result.error, result.model_used = None, spec
+    result.files = [f.relative for f in generated.files]
+    result.billed_seconds = generated.billed_seconds
+    result.cost_usd = billed_cost(spec, mapped, generated.billed_seconds, rt.prices)
+    metrics.cost(spec.id if spec.curated else "other", result.cost_usd)
+
+
+def _failed(result: TaskResult, exc: GenerationError, spec: ModelSpec,
+            mapped: dict[str, object], token: str, rt: Runtime) -> None:
+    """Note the model's failure; a time-billed model's prediction is paid for all the same."""
+    _note_failure(result, _after_refusal(exc, spec, mapped, token, rt))
+    if not spec.curated:  # it has no fallback: its billed time is the item's
+        result.billed_seconds = exc.billed_seconds
+        result.cost_usd = billed_cost(spec, mapped, exc.billed_seconds, rt.prices)
+    if isinstance(exc, OutputsNotSaved):
+        result.files = list(exc.files)  # paid for and on disk: reported with the error
 
 
 # "expired": the caller's deadline_seconds passed; a black file after it helps no one.

@@ -463,9 +463,9 @@ def _await_terminal(client: replicate.Client, job: Job, rt: Runtime, prediction:
     since = rt.clock() if since is None else since
     while prediction.status not in TERMINAL:
         if hooks.should_cancel():
-            _cancel(client, job, rt, prediction.id)
+            billed = _cancel(client, job, rt, prediction.id)
             raise GenerationError("canceled", f"prediction {prediction.id} was canceled with "
-                                  "its job", prediction_id=prediction.id)
+                                  "its job", prediction_id=prediction.id, billed_seconds=billed)
         if hooks.should_suspend():
             raise Suspended
         pause = min(_poll_pause(rt, since), deadline - rt.clock())
@@ -500,12 +500,12 @@ def _await_terminal(client: replicate.Client, job: Job, rt: Runtime, prediction:
 def _past_deadline(client: replicate.Client, job: Job, rt: Runtime, prediction_id: str,
                    since: float) -> GenerationError:
     """Cancel a prediction the task can no longer wait for; return the error to raise."""
-    _cancel(client, job, rt, prediction_id)
+    billed = _cancel(client, job, rt, prediction_id)
     metrics.prediction_finished(job.metric_label, "deadline_exceeded", rt.clock() - since)
     return GenerationError(
         "deadline_exceeded",
         f"prediction {prediction_id} did not finish within {rt.task_timeout:g} s "
-        "and was canceled", prediction_id=prediction_id)
+        "and was canceled", prediction_id=prediction_id, billed_seconds=billed)
 
 
 def _billed_seconds(prediction: Any) -> float | None:
@@ -523,18 +523,21 @@ def _poll_pause(rt: Runtime, since: float) -> float:
 
 
 def _check_terminal(prediction: Any, token: str | None, *, curated: bool = True) -> Any:
-    """Turn a failed, canceled or empty prediction into a GenerationError."""
-    pid = prediction.id
+    """Turn a failed, canceled or empty prediction into a GenerationError (with the seconds
+    Replicate billed it)."""
+    pid, billed = prediction.id, _billed_seconds(prediction)
     if prediction.status == "succeeded":
         if json_depth.too_deep(prediction.output, MAX_OUTPUT_DEPTH):
             raise GenerationError("download_failed", f"prediction {pid} succeeded but its output "
                                   f"nests deeper than {MAX_OUTPUT_DEPTH} levels and was not "
-                                  "saved; Replicate keeps it for an hour", prediction_id=pid)
+                                  "saved; Replicate keeps it for an hour", prediction_id=pid,
+                                  billed_seconds=billed)
         empty = (not output_sources(prediction.output) if curated
                  else is_empty(prediction.output))
         if empty:
             raise GenerationError("empty_output", f"prediction {pid} succeeded with no output "
-                                  "(often a safety filter)", prediction_id=pid)
+                                  "(often a safety filter)", prediction_id=pid,
+                                  billed_seconds=billed)
         return prediction
     if prediction.status == "aborted":  # its Cancel-After passed before it started: unbilled
         raise GenerationError("expired", f"prediction {pid} did not start within "
@@ -544,13 +547,16 @@ def _check_terminal(prediction: Any, token: str | None, *, curated: bool = True)
     if prediction.status == "failed":
         kind = "content_policy" if any(m in error for m in CONTENT_POLICY_MARKERS) else \
             "model_failed"
-        raise GenerationError(kind, f"prediction {pid} failed: {error}", prediction_id=pid)
+        raise GenerationError(kind, f"prediction {pid} failed: {error}", prediction_id=pid,
+                              billed_seconds=billed)
     raise GenerationError("canceled", f"prediction {pid} was {prediction.status} on Replicate",
-                          prediction_id=pid)
+                          prediction_id=pid, billed_seconds=billed)
 
 
-def _cancel(client: replicate.Client, job: Job, rt: Runtime, prediction_id: str) -> None:
-    """Best effort: stop paying for a prediction nobody will wait for."""
+def _cancel(client: replicate.Client, job: Job, rt: Runtime,
+            prediction_id: str) -> float | None:
+    """Best effort: stop paying for a prediction nobody will wait for; the seconds Replicate
+    billed it, when its answer says."""
     try:
         # A shared 429 back-off may pause polls for a while; a cancel is worth waiting for.
         rt.manager.wait_for_poll(job.account, rt.clock() + CANCEL_WAIT_SECONDS)
@@ -558,6 +564,8 @@ def _cancel(client: replicate.Client, job: Job, rt: Runtime, prediction_id: str)
         log.info("canceled prediction %s account=%s", prediction_id, job.account)
     except Exception as exc:  # noqa: BLE001 - the task fails either way; say so in the log
         log.warning("cancel of %s failed: %s", prediction_id, type(exc).__name__)
+        return None
+    return _billed_seconds(canceled)
 
 
 def _download(prediction: Any, job: Job, rt: Runtime, deadline: float) -> list[SavedFile]:

@@ -20,6 +20,7 @@ from replicate_generation.models import schemas
 from replicate_generation.models.catalogue import ModelSpec
 from replicate_generation.models.chains import FallbackChains
 from replicate_generation.models.cost import estimate_cost
+from replicate_generation.models.hardware import NO_TIME_PRICES, TimePrices
 from replicate_generation.models.routing import plan
 from replicate_generation.models.validation import resolve_model
 from replicate_generation.outputs import default_stem, safe_filename
@@ -259,11 +260,12 @@ def _file_count(task: Task) -> int | None:
     return count if isinstance(count, int) and not isinstance(count, bool) else 1
 
 
-def estimate(tasks: list[Task]) -> dict[str, Any]:
-    """What a request would cost and which models it would use, without calling Replicate."""
+def estimate(tasks: list[Task], prices: TimePrices = NO_TIME_PRICES) -> dict[str, Any]:
+    """What a request would cost and which models it would use, without calling Replicate
+    (a non-curated model's most possible cost by `prices`, when its hardware is known)."""
     items: list[dict[str, Any]] = []
     if any(not task.spec.curated for task in tasks):
-        return _estimate_unknown(tasks)
+        return _estimate_unknown(tasks, prices)
     for task in tasks:
         items.append({
             "index": task.index, "model_requested": task.model_requested.id,
@@ -279,19 +281,24 @@ def estimate(tasks: list[Task]) -> dict[str, Any]:
 
 UNKNOWN_COST_NOTE = ("cost unknown: the service has no price for non-curated models; see the "
                      "model's page on replicate.com")
+TIME_COST_NOTE = ("billed by time on the hardware MODEL_HARDWARE names: unknown until it ends, "
+                  "at most max_cost_usd_with_fallbacks")
 
 
-def _estimate_unknown(tasks: list[Task]) -> dict[str, Any]:
+def _estimate_unknown(tasks: list[Task], prices: TimePrices) -> dict[str, Any]:
     """A dry run with a non-curated model: its cost is unknown, so the total is too (null)."""
     items: list[dict[str, Any]] = []
     for task in tasks:
         known = task.spec.curated
         cost = estimate_cost(task.spec, task.input) if known else None
+        most = task.max_cost_usd(prices)
+        note = [] if known else [UNKNOWN_COST_NOTE if most is None else TIME_COST_NOTE]
         items.append({"index": task.index, "model_requested": task.model_requested.id,
-                      "model": task.spec.id, "routed": task.routed, "notes": list(task.notes)
-                      + ([] if known else [UNKNOWN_COST_NOTE]),
+                      "model": task.spec.id, "routed": task.routed,
+                      "notes": list(task.notes) + note,
                       "fallback_chain": [m.id for m in task.chain], "estimated_cost_usd": cost,
-                      "max_cost_usd_with_fallbacks": task.max_cost_usd()})
+                      "max_cost_usd_with_fallbacks": most})
+    timed = all(item["max_cost_usd_with_fallbacks"] is not None for item in items)
     return {"dry_run": True, "estimated_cost_usd": None, "cost_usd": None,
-            "cost_note": UNKNOWN_COST_NOTE, "total_items": len(items),
+            "cost_note": TIME_COST_NOTE if timed else UNKNOWN_COST_NOTE, "total_items": len(items),
             "models": sorted({str(i["model"]) for i in items}), "items": items}

@@ -19,6 +19,7 @@ from dotenv import dotenv_values, find_dotenv, load_dotenv
 from replicate_generation.egress.addresses import parse_networks
 from replicate_generation.errors import SettingsError
 from replicate_generation.models.chains import FallbackChains
+from replicate_generation.models.hardware import ModelHardware
 from replicate_generation.models.schemas import ModelPolicy
 
 DEFAULT_BASE_URL = "https://api.replicate.com"
@@ -96,6 +97,8 @@ class Settings:
     metrics_access: str = "admin"
     metrics_token: str | None = field(default=None, repr=False)
     model_policy: ModelPolicy = ModelPolicy()  # MODEL_POLICY: curated | allow:<list> | any
+    # MODEL_HARDWARE: which hardware non-curated models run on, so their cost is known.
+    model_hardware: ModelHardware = ModelHardware()
     # Shared backends for several hosts; both unset = SQLite in state_file, as on one host.
     redis_url: str | None = field(default=None, repr=False)
     redis_key_prefix: str = "rg"
@@ -125,7 +128,9 @@ class Settings:
             fallback_chains=_fallback_chains(env),
             **_observability(env),
             model_policy=_model_policy(env),
+            model_hardware=_model_hardware(env),
             **_backends(env)._asdict(),
+            **_event_streams(env),
         )
 
 
@@ -418,6 +423,14 @@ def _model_policy(env: Env) -> ModelPolicy:
     text = env.text("MODEL_POLICY", "curated").strip() or "curated"
     try:
         return ModelPolicy.parse(text)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+
+
+def _model_hardware(env: Env) -> ModelHardware:
+    """MODEL_HARDWARE, checked now: an unknown hardware name stops the start."""
+    try:
+        return ModelHardware.parse(env.text("MODEL_HARDWARE", ""))
     except ValueError as exc:
         raise SettingsError(str(exc)) from None
 

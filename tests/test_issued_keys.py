@@ -46,6 +46,7 @@ def test_a_minted_key_is_shown_once_and_spends_the_servers_account(
     assert secret.startswith("rgk_") and body["prefix"] == secret[:10]
     assert body["state"] == "active" and body["budget_period"] == "month"
     assert body["weight"] == 2.0 and body["max_concurrent"] == 3 and body["models"] is None
+    assert body["allow_unknown_cost"] is False
     listed = client.get("/keys", headers=ADMIN)
     shown = client.get(f"/keys/{body['id']}", headers=ADMIN)
     assert secret not in listed.get_data(as_text=True) + shown.get_data(as_text=True)
@@ -172,6 +173,8 @@ def test_key_changes_are_checked_and_audited_without_secrets(client: FlaskClient
     ({"name": "x", "expires_at": "2020-01-01T00:00:00Z"}, "expires_at"),
     ({"name": "x", "expires_at": "2999-01-01T00:00:00"}, "expires_at"),
     ({"name": "x", "admin": True}, "admin"),
+    ({"name": "x", "allow_unknown_cost": "yes"}, "allow_unknown_cost"),
+    ({"name": "x", "allow_unknown_cost": 1}, "allow_unknown_cost"),
 ])
 def test_a_bad_key_field_is_a_400_naming_it(client: FlaskClient, fields: dict[str, Any],
                                             field: str) -> None:

@@ -150,7 +150,8 @@ def key_budget(key: IssuedKey) -> Budget | None:
     """The issued key's own budget, if it has one."""
     if key.budget_usd is None:
         return None
-    return Budget(key.budget_usd, key.budget_period or "month", key_id=key.id)
+    return Budget(key.budget_usd, key.budget_period or "month", key_id=key.id,
+                  allow_unknown_cost=key.allow_unknown_cost)
 
 
 def budgets_of(caller: Caller, settings: Settings) -> tuple[Budget, ...]:
@@ -162,8 +163,10 @@ def budgets_of(caller: Caller, settings: Settings) -> tuple[Budget, ...]:
         budgets.append(own)
     server = (caller.admin or caller.key is not None) and caller.account is not None
     if server and settings.account_budget_usd is not None:
+        # Unknown cost only for a key allowed it: the admin key has no such permission.
+        unknown = caller.key is not None and caller.key.allow_unknown_cost
         budgets.append(Budget(settings.account_budget_usd, settings.account_budget_period,
-                              account=caller.account))
+                              account=caller.account, allow_unknown_cost=unknown))
     return tuple(budgets)
 
 

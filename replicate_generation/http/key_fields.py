@@ -55,7 +55,7 @@ def key_body(key: IssuedKey, now: float, secret: str | None = None) -> dict[str,
         "updated_at": iso(key.updated_at), "rotated_at": iso(key.rotated_at),
         "previous_key_valid_until": iso(key.previous_until)
         if key.previous_until is not None and key.previous_until > now else None,
-        "revoked_at": iso(key.revoked_at),
+        "revoked_at": iso(key.revoked_at), "allow_unknown_cost": key.allow_unknown_cost,
     }
     if secret is not None:
         body["key"] = secret
@@ -137,6 +137,12 @@ def _expires_at(value: Any) -> float | None:
     return moment.timestamp()
 
 
+def _allow_unknown_cost(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidRequest("allow_unknown_cost", "allow_unknown_cost must be true or false")
+    return value
+
+
 def _number(field: str, value: Any, low: float, high: float) -> float:
     if (isinstance(value, bool) or not isinstance(value, int | float)
             or not math.isfinite(value) or not low <= value <= high):
@@ -146,4 +152,4 @@ def _number(field: str, value: Any, low: float, high: float) -> float:
 
 _READERS = {"name": _name, "budget_usd": _budget, "budget_period": _period,
             "max_concurrent": _max_concurrent, "weight": _weight, "models": _models,
-            "expires_at": _expires_at}
+            "expires_at": _expires_at, "allow_unknown_cost": _allow_unknown_cost}

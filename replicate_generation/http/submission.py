@@ -36,7 +36,8 @@ def submit(kind: str, body: dict[str, Any], parsed: Parsed, shape: Shape) -> Ans
     # A malformed Idempotency-Key or webhook is a 400 for a dry run too.
     idempotency_key, webhook_url = _idempotency_key(), _webhook_target(parsed.options.webhook)
     if parsed.options.dry_run:
-        return jsonify(estimate(parsed.tasks)), 200, {}
+        prices = context.generator().runtime.prices
+        return jsonify(estimate(parsed.tasks, prices)), 200, {}
     accepted_at = time.time()  # deadline_seconds counts from here, for every item
     token = paying_token(g.caller)
     asynchronous = parsed.options.run_async or _prefers_async()

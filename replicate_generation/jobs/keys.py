@@ -25,7 +25,7 @@ _SHOWN_CHARS = len(SECRET_PREFIX) + 6
 BUDGET_PERIODS = ("day", "month", "total")
 # Fields the admin sets at minting and may change later.
 SETTABLE = ("name", "budget_usd", "budget_period", "max_concurrent", "weight", "models",
-            "expires_at")
+            "expires_at", "allow_unknown_cost")
 
 
 class KeyNameTaken(Exception):
@@ -50,6 +50,8 @@ class IssuedKey:
     rotated_at: float | None
     previous_until: float | None
     revoked_at: float | None
+    # May run models whose cost is unknown despite a budget (they hold and settle nothing).
+    allow_unknown_cost: bool = False
 
     def live(self, now: float) -> bool:
         return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
@@ -153,6 +155,8 @@ def _stored(fields: Mapping[str, Any]) -> dict[str, Any]:
         values["models"] = json.dumps(list(values["models"]))
     if "weight" in values and values["weight"] is None:
         values["weight"] = 1.0
+    if "allow_unknown_cost" in values:
+        values["allow_unknown_cost"] = int(bool(values["allow_unknown_cost"]))
     return values
 
 
@@ -167,7 +171,8 @@ def _key(row: Row[Any]) -> IssuedKey:
         weight=float(row.weight),
         models=None if row.models is None else tuple(json.loads(row.models)),
         expires_at=row.expires_at, created_at=row.created_at, updated_at=row.updated_at,
-        rotated_at=row.rotated_at, previous_until=row.previous_until, revoked_at=row.revoked_at)
+        rotated_at=row.rotated_at, previous_until=row.previous_until, revoked_at=row.revoked_at,
+        allow_unknown_cost=bool(row.allow_unknown_cost))
 
 
 @contextmanager

@@ -163,10 +163,11 @@ class JobRunner:
         self.generator.limit_store.check()
         self.accounts.remember(token)
         request_id, _ = self.generator.new_request_dir()
+        prices = self.generator.runtime.prices
         new = NewJob(id="job_" + secrets.token_urlsafe(16), account=account_key(token),
                      kind=submission.kind, request_id=request_id,
                      items=[NewItem(spec={**t.to_record(), "http_request_id": current_request_id()},
-                                    reserved_usd=t.max_cost_usd())
+                                    reserved_usd=t.max_cost_usd(prices))
                             for t in submission.tasks],
                      idempotency_key=_scoped(submission.idempotency_key, submission.key_id),
                      request_hash=submission.request_hash, webhook_url=submission.webhook_url,

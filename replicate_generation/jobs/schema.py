@@ -157,6 +157,8 @@ api_keys = Table(
     Column("updated_at", Double, nullable=False),
     Column("rotated_at", Double),
     Column("revoked_at", Double),
+    # 1: a budgeted key may still run models whose cost is unknown.
+    Column("allow_unknown_cost", Integer, nullable=False, server_default=text("0")),
 )
 _LIVE_KEY = api_keys.c.revoked_at.is_(None)
 # A name belongs to one live key: the ledger and the audit log name keys by it.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from calendar import timegm
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -25,12 +26,14 @@ GROUPS = ("key", "model", "day")
 @dataclass(frozen=True)
 class Budget:
     """`limit_usd` per `period` (day, month, total; UTC) for an issued key or for an account
-    (every caller paying with it)."""
+    (every caller paying with it); `allow_unknown_cost`: the caller's key may run models whose
+    cost is unknown (they hold nothing and settle at no cost)."""
 
     limit_usd: float
     period: str
     key_id: str | None = None
     account: str | None = None
+    allow_unknown_cost: bool = False
 
     @property
     def whose(self) -> str:
@@ -47,16 +50,21 @@ def period_start(period: str, now: float) -> float:
     return 0.0
 
 
-def check_budget(conn: Connection, budget: Budget, required: float | None, now: float) -> None:
-    """Raise BudgetExceeded unless `required` fits; inside the transaction that stores the
-    items, holding a lock on PostgreSQL (the key's row, or the account's advisory lock) so
-    concurrent requests queue here (SQLite's writers already take turns)."""
+def check_budget(conn: Connection, budget: Budget, costs: Sequence[float | None],
+                 now: float) -> None:
+    """Raise BudgetExceeded unless the items' most possible `costs` fit (None: unknown, refused
+    unless the budget allows it); inside the transaction that stores the items, holding a lock
+    on PostgreSQL (the key's row, or the account's advisory lock) so concurrent requests queue
+    here (SQLite's writers already take turns)."""
     _lock(conn, budget)
     used = float(conn.execute(_used(budget, now)).scalar() or 0.0)
     remaining = max(0.0, budget.limit_usd - used)
-    if required is None or required > remaining + _EPSILON:
+    refused_unknown = any(cost is None for cost in costs) and not budget.allow_unknown_cost
+    required = round(sum(cost for cost in costs if cost is not None), 6)
+    if refused_unknown or required > remaining + _EPSILON:
         raise BudgetExceeded(budget_usd=budget.limit_usd, period=budget.period,
-                             remaining_usd=round(remaining, 6), required_usd=required,
+                             remaining_usd=round(remaining, 6),
+                             required_usd=None if refused_unknown else required,
                              whose=budget.whose)
 
 

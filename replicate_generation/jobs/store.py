@@ -102,7 +102,7 @@ class JobStore:
             if bounds is not None:
                 check_room(conn, job.account, size, bounds, now)
             for budget in budgets:
-                check_budget(conn, budget, _required(job), now)
+                check_budget(conn, budget, [item.reserved_usd for item in job.items], now)
             if conn.execute(self._new_job(job, owner, now, size)).first() is None:
                 # Another process created the key's job meanwhile (PostgreSQL only).
                 raced = _keyed_job(conn, job)
@@ -371,12 +371,6 @@ def _fence_holds(conn: Connection, job_id: str, fence: int | None) -> bool:
     current = conn.execute(select(jobs.c.fence).where(jobs.c.id == job_id)
                            .with_for_update(read=True, key_share=True)).scalar()
     return current is not None and (fence is None or current == fence)
-
-
-def _required(job: NewJob) -> float | None:
-    """The most the job's items may cost together; None when any item's cost is unknown."""
-    costs = [item.reserved_usd for item in job.items]
-    return None if any(c is None for c in costs) else round(sum(c or 0.0 for c in costs), 6)
 
 
 def _keyed_job(conn: Connection, job: NewJob) -> JobRow | None:

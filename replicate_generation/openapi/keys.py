@@ -41,7 +41,11 @@ def key_fields_schema(minting: bool) -> Schema:
         "expires_at": {**TIME, "type": ["string", "null"], "maxLength": 40,
                        "pattern": "^(?!9999)[-+0-9T:.Z]+$",
                        "description": "When it stops working: a time in the future, before "
-                                      "the year 9999."}}
+                                      "the year 9999."},
+        "allow_unknown_cost": {"type": "boolean",
+                               "description": "May run models whose cost is unknown (no price "
+                                              "or hardware known) despite a budget; they hold "
+                                              "and settle nothing (default false)."}}
     return {"type": "object", "properties": props, "additionalProperties": False,
             **({"required": ["name"]} if minting else {})}
 
@@ -68,15 +72,18 @@ def key_response_schemas() -> dict[str, Schema]:
         "models": {"type": ["array", "null"], "items": string}, "expires_at": when,
         "created_at": when, "updated_at": when, "rotated_at": when,
         "previous_key_valid_until": when, "revoked_at": when,
+        "allow_unknown_cost": {"type": "boolean"},
         "key": {"type": "string", "description": "The secret: shown once, when made."},
-        "spent_usd": {"type": "number"}, "remaining_usd": {"type": "number"}}}
-    record = {"type": "object", "required": ["id", "at", "actor", "action"], "properties": {
+        "spent_usd": {"type": "number"}, "remaining_usd": {"type": "number"}},
+        ("key", "spent_usd", "remaining_usd"))
+    record = answer({
         "id": {"type": "integer"}, "at": string, "actor": string, "action": string,
-        "target": nullable("string"), "details": {"type": "object"}}}
-    usage_row = {"type": "object", "properties": {
+        "target": nullable("string"),
+        "details": {"type": "object", "additionalProperties": True}})
+    usage_row = answer({
         "key": nullable("string"), "model": nullable("string"), "day": nullable("string"),
         "predictions": {"type": "integer"}, "cost_usd": {"type": "number"},
-        "billed_seconds": {"type": "number"}}}
+        "billed_seconds": {"type": "number"}})
     return {
         "Key": key,
         "KeyList": {"type": "object", "required": ["object", "data"], "properties": {
