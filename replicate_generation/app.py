@@ -183,8 +183,8 @@ def list_jobs() -> Response:
 @bp.get("/jobs/<job_id>")
 @require_key()
 def get_job(job_id: str) -> Response:
-    """A job's state, counts, timestamps and items in input order, with partial results."""
-    return jsonify(responses.full_job(context.runner(), owned_job(job_id)))
+    """A job's state, counts, cost and timestamps, and its first items (the rest: its pages)."""
+    return jsonify(responses.job_summary(context.runner(), owned_job(job_id)))
 
 
 @bp.post("/jobs/<job_id>/cancel")

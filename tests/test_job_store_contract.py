@@ -31,9 +31,9 @@ from replicate_generation.sqlite_db import patient_writes
 from shared_backends import missing
 
 SHARED_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-HEAD = "0004_callers_and_spend"
+HEAD = "0007_job_counts"
 TABLES = ("job_files", "job_values", "job_items", "jobs", "job_workers", "api_keys",
-          "spend_ledger", "audit_log")
+          "spend_ledger", "audit_log", "job_totals")
 OK = ItemOutcome(state="succeeded", model_used="flux-dev")
 
 # The schema as the store made it before migrations (CREATE TABLE IF NOT EXISTS, no

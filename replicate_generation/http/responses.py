@@ -1,6 +1,5 @@
 """The bodies the JSON routes answer with: /health and /status, the results of /generate and
-/generate-batch, job pages, /configure's view of the limits, and a job's files as one zip,
-streamed as it is written (stored, ZIP64 where needed), never built whole first."""
+/generate-batch, job pages and /configure's view of the limits (a job's zip: http/files)."""
 
 from __future__ import annotations
 
@@ -26,8 +25,10 @@ from replicate_generation.settings import Settings
 
 SERVICE = "replicate-concurrent-generation"
 VERSION = "3.1.0"
-# A job's zip is read from its files and sent in pieces of this size.
-ZIP_CHUNK_BYTES = 1024 * 1024
+# The items GET /jobs/<id> shows with the job; GET /jobs/<id>/items pages through every one.
+JOB_ITEMS_SHOWN = 50
+ITEM_PAGE_DEFAULT = 100
+ITEM_PAGE_MAX = 500
 
 
 def health(settings: Settings, runner: JobRunner) -> dict[str, Any]:
@@ -147,67 +148,3 @@ def job_page(jobs: list[JobRow], limit: int) -> dict[str, Any]:
     has_more = len(jobs) > limit
     return {"object": "list", "data": [job_body(j) for j in page], "has_more": has_more,
             "next": f"/jobs?limit={limit}&after={page[-1].id}" if has_more else None}
-
-
-def job_zip(runner: JobRunner, job: JobRow) -> Iterator[bytes]:
-    """Every file the job wrote, in input order, each under its own name (unique in the job),
-    as zip bytes made while they are sent: memory holds one piece, the disk nothing more."""
-    root = runner.generator.runtime.output_root
-    files = [(PurePosixPath(relative).name, path) for item in runner.store.items(job.id)
-             for relative in item.files
-             if (path := output_path(root, relative)) is not None and path.is_file()]
-    return stream_zip(files)
-
-
-class _Pieces:
-    """A write-only file that keeps what zipfile writes until it is taken to be sent."""
-
-    def __init__(self) -> None:
-        self._parts: list[bytes] = []
-
-    def write(self, data: bytes) -> int:
-        self._parts.append(bytes(data))
-        return len(data)
-
-    def flush(self) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
-
-    def take(self) -> bytes:
-        data = b"".join(self._parts)
-        self._parts.clear()
-        return data
-
-
-def stream_zip(files: list[tuple[str, Path]]) -> Iterator[bytes]:
-    """A stored zip of `(name, path)` files, yielded piece by piece; with no seekable target,
-    zipfile writes each entry's sizes after its data, and ZIP64 records where sizes need them."""
-    pieces = _Pieces()
-    with zipfile.ZipFile(pieces, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-        for name, path in files:
-            try:
-                source = path.open("rb")
-            except OSError:
-                continue  # removed since it was listed: the rest still go out
-            with source:
-                yield from _stored_entry(archive, pieces, name, source)
-        yield pieces.take()
-    yield pieces.take()  # the central directory
-
-
-def _stored_entry(archive: zipfile.ZipFile, pieces: _Pieces, name: str,
-                  source: IO[bytes]) -> Iterator[bytes]:
-    stat = os.fstat(source.fileno())
-    # zip has no time before 1980: an older (or unset) mtime is shown as 1980.
-    info = zipfile.ZipInfo(name, max(time.localtime(stat.st_mtime)[:6], (1980, 1, 1, 0, 0, 0)))
-    info.compress_type = zipfile.ZIP_STORED
-    info.external_attr = 0o644 << 16
-    info.file_size = stat.st_size  # read no more than this: zipfile chose ZIP64 by it
-    left = stat.st_size
-    with archive.open(info, "w") as entry:
-        while left > 0 and (block := source.read(min(ZIP_CHUNK_BYTES, left))):
-            entry.write(block)
-            left -= len(block)
-            yield pieces.take()

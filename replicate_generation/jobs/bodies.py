@@ -13,7 +13,8 @@ from replicate_generation.jobs.rows import ItemRow, JobRow
 
 
 def job_body(job: JobRow, items: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """State, counts and timestamps; given its item bodies, those too and the job's cost."""
+    """State, counts, cost and timestamps (all kept on the job's row); given item bodies, those
+    too."""
     body: dict[str, Any] = {
         "id": job.id, "object": "job", "kind": job.kind, "state": job.state,
         "status_url": f"/jobs/{job.id}", "output_id": job.request_id,
@@ -29,8 +30,6 @@ def job_body(job: JobRow, items: list[dict[str, Any]] | None = None) -> dict[str
                            "attempts": job.webhook_attempts, "error": job.webhook_error}
     if items is not None:
         body["items"] = items
-        costs = [i["cost_usd"] for i in items if i["cost_usd"] is not None]
-        body["cost_usd"] = round(sum(costs), 6) if costs else 0.0
     return body
 
 
@@ -46,6 +45,7 @@ def item_body(item: ItemRow, output_dir: Path) -> dict[str, Any]:
         "index": item.index, "state": item.state,
         "success": item.state == "succeeded",
         "prompt": spec["input"].get("prompt"),
+        "name": spec.get("stem"),  # its files' name (custom_filename), known from submission
         "seed": spec["input"].get("seed"),
         "files": [(output_dir / f).as_posix() for f in item.files],
         # Percent-encoded: a name may hold '#', '%' or ' ', and /files decodes once.

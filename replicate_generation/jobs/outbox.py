@@ -6,7 +6,7 @@ from __future__ import annotations
 from sqlalchemy import func, select, update
 
 from replicate_generation.jobs.database import JobDatabase
-from replicate_generation.jobs.rows import JOB_COLUMNS, JobRow, count_items, job_row
+from replicate_generation.jobs.rows import JOB_COLUMNS, JobRow, job_row
 from replicate_generation.jobs.schema import jobs
 
 
@@ -28,9 +28,7 @@ class WebhookOutbox:
                 return None
             conn.execute(update(jobs).where(jobs.c.id == row.id)
                          .values(webhook_next_at=now + lease))
-            job = job_row(row)
-            job.counts = count_items(conn, job.id)
-        return job
+        return job_row(row)
 
     def webhook_done(self, job_id: str, state: str, attempts: int, next_at: float | None,
                      error: str | None) -> None:

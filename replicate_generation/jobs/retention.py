@@ -11,8 +11,9 @@ from sqlalchemy import Connection, delete, func, or_, select
 
 from replicate_generation.clients import account_key
 from replicate_generation.errors import AccountStoreFull
+from replicate_generation.jobs.counts import forget_finished
 from replicate_generation.jobs.database import JobDatabase
-from replicate_generation.jobs.schema import job_files, job_items, job_values, jobs
+from replicate_generation.jobs.schema import job_events, job_files, job_items, job_values, jobs
 from replicate_generation.settings import Settings
 
 # Jobs deleted per transaction: a purge keeps pace with creation, the lock is held briefly.

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Row, func, select
+from sqlalchemy import Connection, Row, select
 
 from replicate_generation.jobs.schema import job_items, jobs
 from replicate_generation.jobs.shared_values import unpack
@@ -103,7 +103,7 @@ class JobRow:
     counts: dict[str, int] = field(default_factory=dict)
     # The fencing number an owner's writes carry (see Owners.fence_of).
     fence: int = 0
-    # The items' total cost, set where a job is shown without its items (GET /jobs).
+    # The items' total cost, kept on the job's row as items finish.
     cost_usd: float | None = None
     key_id: str | None = None
     caller: str | None = None
@@ -136,7 +136,8 @@ JOB_COLUMNS = [jobs.c[name] for name in (
     "id", "account", "kind", "state", "request_id", "item_count", "owner", "created_at",
     "started_at", "finished_at", "cancel_requested_at", "idempotency_key", "request_hash",
     "webhook_url", "webhook_private", "webhook_state", "webhook_attempts", "webhook_next_at",
-    "webhook_error", "fence", "key_id", "caller", "priority", "start_deadline")]
+    "webhook_error", "fence", "key_id", "caller", "priority", "start_deadline",
+    *(f"{state}_items" for state in ITEM_STATES), "cost_usd")]
 ITEM_COLUMNS = [job_items.c[name] for name in (
     "job_id", "idx", "spec", "state", "prediction_id", "prediction_model", "model_used",
     "attempts", "files", "error", "error_type", "cost_usd", "placeholder", "notes", "queued_at",
@@ -157,7 +158,14 @@ def job_row(row: Row[Any]) -> JobRow:
         webhook_private=bool(r["webhook_private"]), webhook_state=r["webhook_state"],
         webhook_attempts=int(r["webhook_attempts"]), webhook_next_at=r["webhook_next_at"],
         webhook_error=r["webhook_error"], fence=int(r["fence"]), key_id=r["key_id"],
-        caller=r["caller"], priority=r["priority"], start_deadline=r["start_deadline"])
+        caller=r["caller"], priority=r["priority"], start_deadline=r["start_deadline"],
+        counts=kept_counts(row), cost_usd=round(float(r["cost_usd"]), 6))
+
+
+def kept_counts(row: Row[Any]) -> dict[str, int]:
+    """The item counts kept on a job's row (jobs.<state>_items), every item state present."""
+    r = row._mapping
+    return {state: int(r[f"{state}_items"]) for state in ITEM_STATES}
 
 
 def item_row(row: Row[Any], values: dict[str, str]) -> ItemRow:
@@ -177,24 +185,17 @@ def load_job(conn: Connection, job_id: str) -> JobRow | None:
     row = conn.execute(select(*JOB_COLUMNS).where(jobs.c.id == job_id)).first()
     if row is None:
         return None
-    job = job_row(row)
-    job.counts = count_items(conn, job_id)
-    return job
+    return job_row(row)
 
 
 def count_items(conn: Connection, job_id: str) -> dict[str, int]:
-    """The job's items by state, every state present."""
-    counts = dict.fromkeys(ITEM_STATES, 0)
-    for state, count in conn.execute(select(job_items.c.state, func.count())
-                                     .where(job_items.c.job_id == job_id)
-                                     .group_by(job_items.c.state)):
-        counts[str(state)] = int(count)
-    return counts
+    """The job's items by state, every state present: the counts kept on its row."""
+    row = conn.execute(select(*(jobs.c[f"{state}_items"] for state in ITEM_STATES))
+                       .where(jobs.c.id == job_id)).first()
+    return kept_counts(row) if row is not None else dict.fromkeys(ITEM_STATES, 0)
 
 
 def job_cost(conn: Connection, job_id: str) -> float:
-    """The items' summed cost, in input order, as GET /jobs/<id> adds it up."""
-    costs = [float(c) for (c,) in conn.execute(
-        select(job_items.c.cost_usd).where(job_items.c.job_id == job_id)
-        .order_by(job_items.c.idx)) if c is not None]
-    return round(sum(costs), 6) if costs else 0.0
+    """The items' summed cost, kept on the job's row as they finish."""
+    cost = conn.execute(select(jobs.c.cost_usd).where(jobs.c.id == job_id)).scalar()
+    return round(float(cost or 0.0), 6)

@@ -76,12 +76,18 @@ jobs = Table(
     Column("priority", Text),
     # Wall-clock seconds after which no item of it is created (deadline_seconds); None: no limit.
     Column("start_deadline", Double),
+    # Its items by state and their summed cost, kept by each item write: reads never count items.
+    *(Column(f"{state}_items", Integer, nullable=False, server_default=text("0"))
+      for state in ("queued", "running", "succeeded", "failed", "canceled", "expired")),
+    Column("cost_usd", Double, nullable=False, server_default=text("0")),
 )
 _OPEN = jobs.c.state.in_(["queued", "running"])
 Index("jobs_idempotency", jobs.c.account, jobs.c.idempotency_key, unique=True,
       sqlite_where=jobs.c.idempotency_key.is_not(None),
       postgresql_where=jobs.c.idempotency_key.is_not(None))
 Index("jobs_by_account", jobs.c.account, jobs.c.created_at.desc(), jobs.c.id.desc())
+# The admin's list, newest first, read a page at a time whatever the number of jobs kept.
+Index("jobs_by_created", jobs.c.created_at.desc(), jobs.c.id.desc())
 # An account's jobs and bytes are summed from the index alone.
 Index("jobs_usage", jobs.c.account, jobs.c.record_bytes)
 # Retention finds the jobs past it without reading every job.
@@ -114,6 +120,17 @@ job_items = Table(
     Column("finished_at", Double),
     # The most the item may cost (its fallbacks included), held against a budget while open.
     Column("reserved_usd", Double),
+)
+# A page of a job's items in one state is an index range, whatever the job's size.
+Index("job_items_by_state", job_items.c.job_id, job_items.c.state, job_items.c.idx)
+
+# Finished jobs and their items by state, kept as jobs finish and go: /metrics reads these rows
+# and the open jobs' own counts, never every job.
+job_totals = Table(
+    "job_totals", metadata,
+    Column("kind", Text, primary_key=True),  # "jobs" or "items"
+    Column("state", Text, primary_key=True),
+    Column("count", BigInteger, nullable=False, server_default=text("0")),
 )
 
 job_files = Table(

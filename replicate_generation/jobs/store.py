@@ -10,15 +10,13 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from sqlalchemy import (
-    Column,
     ColumnElement,
     Connection,
     Executable,
-    and_,
     func,
     insert,
-    or_,
     select,
+    tuple_,
     update,
 )
 
@@ -40,9 +38,7 @@ from replicate_generation.jobs.rows import (
     ItemRow,
     JobRow,
     NewJob,
-    count_items,
     item_row,
-    job_cost,
     job_row,
     load_job,
 )
@@ -121,7 +117,8 @@ class JobStore:
     def _new_job(self, job: NewJob, owner: str, now: float, size: int) -> Executable:
         return self.db.insert(jobs).values(
             id=job.id, account=job.account, kind=job.kind, origin=job.origin, state="queued",
-            request_id=job.request_id, item_count=len(job.items), owner=owner, created_at=now,
+            request_id=job.request_id, item_count=len(job.items), queued_items=len(job.items),
+            owner=owner, created_at=now,
             idempotency_key=job.idempotency_key, request_hash=job.request_hash,
             webhook_url=job.webhook_url, webhook_private=int(job.webhook_private), fence=1,
             record_bytes=size, key_id=job.key_id, caller=job.caller, priority=job.priority,
@@ -143,6 +140,18 @@ class JobStore:
         with self.db.read() as conn:
             rows = conn.execute(query).all()
             values = all_values(conn, job_id)
+        return [item_row(r, values) for r in rows]
+
+    def items_page(self, job_id: str, *, after: int = -1, limit: int,
+                   state: str | None = None) -> list[ItemRow]:
+        """Up to `limit` items past index `after`, in input order, of one state if given: an
+        index range read, so a page costs the same whatever the job's size."""
+        query = select(*ITEM_COLUMNS).where(job_items.c.job_id == job_id, job_items.c.idx > after)
+        if state is not None:
+            query = query.where(job_items.c.state == state)
+        with self.db.read() as conn:
+            rows = conn.execute(query.order_by(job_items.c.idx).limit(limit)).all()
+            values = all_values(conn, job_id) if rows else {}
         return [item_row(r, values) for r in rows]
 
     def open_indexes(self, job_id: str) -> list[int]:
@@ -171,14 +180,10 @@ class JobStore:
         if key_id is not None:
             query = query.where(jobs.c.key_id == key_id)
         if after is not None:
-            query = query.where(or_(jobs.c.created_at < after[0], and_(
-                jobs.c.created_at == after[0], jobs.c.id < after[1])))
+            # A row value: an index range on (created_at, id), not a filter over every job.
+            query = query.where(tuple_(jobs.c.created_at, jobs.c.id) < tuple_(*after))
         with self.db.read() as conn:
-            found = [job_row(r) for r in conn.execute(query)]
-            for job in found:
-                job.counts = count_items(conn, job.id)
-                job.cost_usd = job_cost(conn, job.id)
-        return found
+            return [job_row(r) for r in conn.execute(query)]
 
     def cancel_requested(self, job_id: str) -> bool:
         with self.db.read() as conn:
@@ -210,6 +215,7 @@ class JobStore:
                                                  job_items.c.idx == index)
                          .values(state="running",
                                  started_at=func.coalesce(job_items.c.started_at, now)))
+            move_items(conn, job_id, row.state, "running")
             conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state == "queued")
                          .values(state="running", started_at=func.coalesce(jobs.c.started_at,
                                                                            now)))
@@ -318,10 +324,10 @@ class JobStore:
             if row is None or row.state in JOB_TERMINAL or (fence is not None
                                                             and row.fence != fence):
                 return None
-            counts = count_items(conn, job_id)
+            job = job_row(row)
+            counts = job.counts
             if counts["queued"] or counts["running"]:
                 return None
-            job = job_row(row)
             job.state = _final_state(job, counts, _unconfirmed_cancels(conn, job_id))
             job.finished_at = now
             job.counts = counts
@@ -333,10 +339,9 @@ class JobStore:
         return job
 
     def _items_open(self, job_id: str) -> bool:
-        with self.db.read() as conn:
-            return conn.execute(select(job_items.c.idx).where(
-                job_items.c.job_id == job_id, job_items.c.state.in_(OPEN_STATES))
-                .limit(1)).first() is not None
+        """From the job's kept counts: one row, however many items it has."""
+        return bool(self.db.scalar(select(jobs.c.queued_items + jobs.c.running_items)
+                                   .where(jobs.c.id == job_id)))
 
     def request_cancel(self, job_id: str, now: float) -> list[int]:
         """Flag the job canceled and drop its queued items; return the items still running."""
@@ -344,7 +349,7 @@ class JobStore:
             conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state.in_(OPEN_STATES))
                          .values(cancel_requested_at=func.coalesce(jobs.c.cancel_requested_at,
                                                                    now)))
-            conn.execute(update(job_items).where(
+            dropped = conn.execute(update(job_items).where(
                 job_items.c.job_id == job_id, job_items.c.state == "queued",
                 job_items.c.prediction_id.is_(None)).values(
                 state="canceled", finished_at=now, error="canceled before it started",
@@ -356,9 +361,7 @@ class JobStore:
     def state_counts(self) -> tuple[dict[str, int], dict[str, int]]:
         """(jobs by state, items by state) across every process: what /metrics shows."""
         with self.db.read() as conn:
-            by_job = _by_state(conn, jobs.c.state)
-            by_item = _by_state(conn, job_items.c.state)
-        return by_job, by_item
+            return state_counts(conn)
 
 
 def _item_fenced(fence: int | None) -> list[ColumnElement[bool]]:
@@ -384,14 +387,14 @@ def _keyed_job(conn: Connection, job: NewJob) -> JobRow | None:
     existing = job_row(row)
     if existing.request_hash != job.request_hash or existing.key_id != job.key_id:
         raise IdempotencyConflict(job.idempotency_key)
-    existing.counts = count_items(conn, existing.id)
-    existing.cost_usd = job_cost(conn, existing.id)
     return existing
 
 
-def _by_state(conn: Connection, state: Column[Any]) -> dict[str, int]:
-    rows = conn.execute(select(state, func.count()).group_by(state))
-    return {str(name): int(count) for name, count in rows}
+def _locked_state(conn: Connection, job_id: str, index: int) -> str | None:
+    """The item's state, its row locked until the write ends (PostgreSQL)."""
+    return conn.execute(select(job_items.c.state).where(
+        job_items.c.job_id == job_id, job_items.c.idx == index)
+        .with_for_update(key_share=True)).scalar()
 
 
 def _final_state(job: JobRow, counts: dict[str, int], unconfirmed: int = 0) -> str:

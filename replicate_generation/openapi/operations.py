@@ -88,7 +88,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                    {"name": "after", "in": "query", "required": False,
                     "schema": {"type": "string"}}],
         "responses": {200: "JobList", 400: "Error", 401: "Error", 404: "Error", 503: "Error"}},
-    ("api.get_job", "GET"): {"summary": "A job and its items", "security": ANY_KEY,
+    ("api.get_job", "GET"): {"summary": "A job and its first items (items_next pages on)",
+                             "security": ANY_KEY,
                              "responses": {200: "Job", 401: "Error", 404: "Error", 503: "Error"}},
     ("api.cancel_job", "POST"): {"summary": "Cancel a job", "security": ANY_KEY,
                                  "responses": {200: "Job", 401: "Error", 404: "Error",
@@ -116,6 +117,18 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("extras.job_archive", "GET"): {
         "summary": "Every file of a job, in input order, as one zip", "security": ANY_KEY,
         "responses": {200: "zip", 401: "Error", 404: "Error", 503: "Error"}},
+    ("extras.job_items", "GET"): {
+        "summary": "A job's items in input order, a page at a time (after a cursor, by state)",
+        "security": ANY_KEY,
+        "params": [{"name": "after", "in": "query", "required": False,
+                    "description": "The next_cursor of the previous page (an item's index).",
+                    "schema": {"type": "integer", "minimum": 0, "maximum": 10**9}},
+                   {"name": "limit", "in": "query", "required": False,
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 100}},
+                   {"name": "state", "in": "query", "required": False,
+                    "schema": {"enum": list(ITEM_STATES)}}],
+        "responses": {200: "JobItemList", 400: "Error", 401: "Error", 404: "Error",
+                      503: "Error"}},
     ("extras.retry_job", "POST"): {
         "summary": "Retry a job's failed items as a new job (same models and parameters, "
                    "checked again against the model policy and schemas in force)",
@@ -224,9 +237,15 @@ def _content(kind: str | list[str] | None) -> Schema | None:
     special: dict[str, Schema] = {
                "file": files, "html": {"text/html": {"schema": {"type": "string"}}},
                "metrics": {"text/plain": {"schema": {"type": "string"}}},
-               "openapi": {"application/json": {"schema": {"type": "object"}}},
-               "asset": {mime: {} for mime in sorted(set(DOCS_ASSETS.values()))},
-               "zip": {"application/zip": {}},
+               "openapi": {"application/json": {"schema": {"type": "object",
+                                                           "additionalProperties": True}}},
+               "asset": {mime: {"schema": binary(mime) if mime.startswith("image/")
+                                else {"type": "string"}}
+                         for mime in sorted(set(DOCS_ASSETS.values()))},
+               "zip": {"application/zip": {"schema": binary("application/zip")}},
+               # `id:`, `event:` (job.created, item.state, item.file, items.failed,
+               # job.cancel_requested, job.finished) and `data:` (JSON) lines; `:` comments.
+               "event_stream": {"text/event-stream": {"schema": {"type": "string"}}},
                "text": {"text/plain": {"schema": {"type": "string"}}},
                "console_asset": {"text/css": {}, "text/javascript": {}},
                "usage": {"application/json": {"schema": ref("Usage")},

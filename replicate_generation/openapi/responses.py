@@ -46,15 +46,40 @@ def _job_schemas() -> dict[str, Schema]:
         "id": string, "object": {"const": "job"}, "kind": {"enum": ["generate", "batch"]},
         "state": {"enum": JOB_STATES}, "status_url": string, "request_id": string,
         "output_id": string,
-        "total": {"type": "integer"}, "counts": counts, "created_at": string,
+        "total": {"type": "integer"}, "counts": ref("JobCounts"), "created_at": string,
         "started_at": nullable("string"), "finished_at": nullable("string"),
         "cancel_requested_at": nullable("string"), "cost_usd": nullable("number"),
-        "webhook": {"type": "object"}, "items": {"type": "array", "items": ref("JobItem")}}}
+        "webhook": ref("JobWebhook"),
+        "retry_of": {"type": "string", "description": "The job a retry was made from."}}
+    optional = ("webhook", "retry_of")
+    job = answer({**summary, "items": {"type": "array", "items": ref("JobItem")},
+                  "items_has_more": boolean, "items_next": nullable("string")}, optional,
+                 description="A job with its first items; `items_next` pages on.")
     return {
-        "JobItem": item, "Job": job,
-        "JobList": {"type": "object", "required": ["object", "data", "has_more"], "properties": {
-            "object": {"const": "list"}, "data": {"type": "array", "items": ref("Job")},
-            "has_more": boolean, "next": nullable("string")}},
+        "JobItem": item, **_job_parts(),
+        "JobSummary": answer(summary, optional, description="A job without its items (as "
+                             "submitted, and in lists): GET /jobs/{job_id} shows them."),
+        "Job": job,
+        "JobItemList": answer({
+            "object": {"const": "list"}, "job_id": string,
+            "data": {"type": "array", "items": ref("JobItem")}, "has_more": boolean,
+            "next_cursor": nullable("string"), "next": nullable("string")}),
+        "JobList": answer({
+            "object": {"const": "list"}, "data": {"type": "array", "items": ref("JobSummary")},
+            "has_more": boolean, "next": nullable("string")}),
+    }
+
+
+def _job_parts() -> dict[str, Schema]:
+    """An item's attempt, a job's counts by item state, and its webhook's delivery."""
+    string = {"type": "string"}
+    return {
+        "Attempt": answer({name: nullable("string") for name in ("model", "prediction_id",
+                                                                  "status", "error")}),
+        "JobCounts": answer({state: {"type": "integer"} for state in ITEM_STATES},
+                            description="How many items are in each state."),
+        "JobWebhook": answer({"url": string, "state": nullable("string"),
+                              "attempts": {"type": "integer"}, "error": nullable("string")}),
     }
 
 

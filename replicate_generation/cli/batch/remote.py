@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +100,30 @@ class ServiceBackend:
             raise UsageError(f"GET /jobs/{job_id} answered {response.status_code}: "
                              f"{_error_text(response)}")
         data = response.json()
-        return JobView(state=str(data["state"]), counts=dict(data["counts"]),
-                       items=list(data["items"]))
+        counts = dict(data["counts"])
+        ended = sum(n for state, n in counts.items() if state not in ("queued", "running"))
+        if ended == self._ended.get(job_id):
+            items: list[dict[str, Any]] | None = []  # nothing ended since the last look
+        else:
+            items = self._every_item(job_id, data)
+        if items is None:
+            return None
+        self._ended[job_id] = ended
+        return JobView(state=str(data["state"]), counts=counts, items=items)
+
+    def _every_item(self, job_id: str, job: dict[str, Any]) -> list[dict[str, Any]] | None:
+        """The job's items, page after page (None: a page failed; the next round tries again)."""
+        items = list(job["items"])
+        more = bool(job.get("items_has_more"))
+        while more:
+            response = self._get(f"/jobs/{job_id}/items?after={items[-1]['index']}"
+                                 f"&limit={ITEM_PAGE}")
+            if response is None or response.status_code != 200:
+                return None
+            page = response.json()
+            items += page["data"]
+            more = bool(page["has_more"])
+        return items
 
     def place(self, item: dict[str, Any], row: Row, output_dir: Path | None,
               if_exists: IfExists) -> list[str]:
