@@ -62,6 +62,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(extras)
     app.register_blueprint(keys_bp)
     app.register_blueprint(usage_bp)
+    events.register(app, settings)
     web.register(app, settings)
     observability.init_app(app)
     errors.register(app)

@@ -7,7 +7,9 @@ as the service reads them, so the port gunicorn binds and the one the app report
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+from types import FrameType
 
 from replicate_generation.errors import SettingsError
 from replicate_generation.settings import Env, Settings, read_environ
@@ -106,6 +108,24 @@ def child_exit(server: object, worker: object) -> None:
     pid = getattr(worker, "pid", None)
     if isinstance(pid, int):
         multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+def post_worker_init(worker: object) -> None:
+    """SIGTERM also ends the worker's event streams at once: held open, each would keep the
+    graceful shutdown waiting graceful_timeout; their clients resume with Last-Event-ID."""
+    extensions = getattr(getattr(worker, "wsgi", None), "extensions", None)
+    runner = extensions.get("jobs") if isinstance(extensions, dict) else None
+    stop_streams = getattr(getattr(runner, "stream_wakeups", None), "stop_streams", None)
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(stop_streams) or not callable(previous):
+        return
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        previous(signum, frame)
+        stop_streams()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.siginterrupt(signal.SIGTERM, False)  # as gunicorn sets it: requests run on
 
 
 def worker_exit(server: object, worker: object) -> None:

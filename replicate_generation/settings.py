@@ -107,6 +107,13 @@ class Settings:
     database_url: str | None = field(default=None, repr=False)
     # DATABASE_URL without REDIS_URL keeps limits per host: allowed only when said so.
     single_host: bool = False
+    # Event streams (GET /events): a comment line this often keeps proxies from closing one;
+    # each holds a gunicorn thread, so a process serves this many at most (from the environment:
+    # half of GUNICORN_THREADS), a caller fewer; each ends after max seconds (clients resume).
+    event_heartbeat_seconds: float = 15.0
+    event_streams_per_process: int = 8
+    event_streams_per_caller: int = 4
+    event_stream_max_seconds: float = 300.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -369,6 +376,30 @@ class _Observability(TypedDict):
     log_format: str
     metrics_access: str
     metrics_token: str | None
+
+
+class _EventStreams(TypedDict):
+    event_heartbeat_seconds: float
+    event_streams_per_process: int
+    event_streams_per_caller: int
+    event_stream_max_seconds: float
+
+
+def _event_streams(env: Env) -> _EventStreams:
+    """How often an idle event stream speaks, how many may be open, and for how long: streams
+    take at most half of a worker's threads (GUNICORN_THREADS, as gunicorn_conf reads it)."""
+    threads = env.required_int("GUNICORN_THREADS", 16, 1, None)
+    most = max(1, threads - 1)  # at least one thread is always left for other requests
+    return _EventStreams(
+        event_heartbeat_seconds=env.number(
+            "EVENT_HEARTBEAT_SECONDS", Settings.event_heartbeat_seconds, 0.01, 300),
+        event_streams_per_process=env.required_int(
+            "EVENT_STREAMS_PER_PROCESS", max(1, threads // 2), 1, most),
+        event_streams_per_caller=env.required_int(
+            "EVENT_STREAMS_PER_CALLER", Settings.event_streams_per_caller, 1, 10_000),
+        event_stream_max_seconds=env.number(
+            "EVENT_STREAM_MAX_SECONDS", Settings.event_stream_max_seconds, 0.1, 86400),
+    )
 
 
 def _observability(env: Env) -> _Observability:

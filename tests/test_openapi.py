@@ -243,7 +243,9 @@ def test_schemathesis_finds_nothing(auth: str, phases: str, group: str,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     sim.configure(unknown_tokens={INVALID_KEY})
     # Batches of at most 3 keep the fuzzed generations few (service_env leaves the size out).
-    server = start_gunicorn(make_settings(), workers=1, MAX_BATCH_SIZE="3")
+    # Event streams end after a moment, so each fuzzed one answers in time.
+    server = start_gunicorn(make_settings(), workers=1, MAX_BATCH_SIZE="3",
+                            EVENT_STREAM_MAX_SECONDS="0.3")
     headers = [f"X-Admin-API-Key: {ADMIN_KEY}"] if auth == "admin" else []
     selection = SELECTIONS.get(group, ())
     code, output = _schemathesis(server, tmp_path / "junit.xml", phases, selection, *headers)

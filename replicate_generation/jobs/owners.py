@@ -8,7 +8,9 @@ from collections.abc import Container, Mapping
 
 from sqlalchemy import bindparam, delete, or_, select, update
 
+from replicate_generation.jobs.counts import end_queued_items
 from replicate_generation.jobs.database import JobDatabase
+from replicate_generation.jobs.events import EventLog
 from replicate_generation.jobs.rows import OPEN_STATES, ItemOutcome
 from replicate_generation.jobs.schema import job_items, job_workers, jobs
 
@@ -16,8 +18,9 @@ from replicate_generation.jobs.schema import job_items, job_workers, jobs
 class Owners:
     """The ownership of jobs, on the store's database."""
 
-    def __init__(self, db: JobDatabase) -> None:
+    def __init__(self, db: JobDatabase, events: EventLog) -> None:
         self._db = db
+        self._events = events
 
     def heartbeat(self, worker: str, now: float) -> None:
         stmt = self._db.insert(job_workers).values(id=worker, heartbeat_at=now)
@@ -73,10 +76,11 @@ class Owners:
 
         Given `fence` (job id -> fence held), a job missing from it or fenced off is left alone.
         """
+        # FOR UPDATE: item writers hold a job's row (FOR KEY SHARE) first, so they end first.
         owned = select(jobs.c.id, jobs.c.fence).where(
             jobs.c.account == account, jobs.c.owner == worker, jobs.c.state.in_(OPEN_STATES),
-        ).with_for_update(key_share=True)
-        with self._db.write() as conn:
+        ).with_for_update()
+        with self._events.write() as conn:
             ids = [str(r.id) for r in conn.execute(owned)
                    if fence is None or fence.get(str(r.id)) == r.fence]
             if ids:
@@ -85,4 +89,7 @@ class Owners:
                     .values(state=outcome.state, error=outcome.error,
                             error_type=outcome.error_type, finished_at=now),
                     [{"failed": job_id} for job_id in ids])
+                end_queued_items(conn, ids, outcome.state)
+            for job_id in ids:
+                self._events.items_failed(conn, job_id, outcome.error_type, now)
         return ids

@@ -91,6 +91,7 @@ class Retention:
         for start in range(0, len(ids), DELETE_BATCH):
             batch = ids[start:start + DELETE_BATCH]
             with self._db.write() as conn:
-                for column in (job_files.c.job_id, job_values.c.job_id, job_items.c.job_id,
-                               jobs.c.id):
+                forget_finished(conn, batch)
+                for column in (job_events.c.job_id, job_files.c.job_id, job_values.c.job_id,
+                               job_items.c.job_id, jobs.c.id):
                     conn.execute(delete(column.table).where(column.in_(batch)))

@@ -45,6 +45,8 @@ from replicate_generation.jobs.rows import (
 )
 from replicate_generation.jobs.spend import Budget
 from replicate_generation.jobs.store import JobStore
+from replicate_generation.jobs.stream_wakeups import StreamWakeups
+from replicate_generation.jobs.windows import ItemWindows, window_size
 from replicate_generation.limits.base import Turn
 from replicate_generation.model_functions import TERMINAL, Attempt, Hooks
 from replicate_generation.models.validation import resolve_model
@@ -417,6 +419,7 @@ class JobRunner:
         for thread in self._threads:
             thread.join(timeout=5.0)
         self.store.owners.retire(self.worker_id)
+        self.stream_wakeups.close()  # open streams end now, their clients reconnect elsewhere
         # Limiter first: it wakes items waiting for a slot, so joining the dispatcher cannot hang.
         self.generator.manager.shutdown()
         self.generator.close()

@@ -212,6 +212,26 @@ audit_log = Table(
     Column("details", Text, nullable=False, server_default="{}"),
 )
 
+# What happened to each job, ids in commit order: event streams replay it after a Last-Event-ID.
+# Retention deletes a job's events with it; AUTOINCREMENT: SQLite never reuses a deleted id.
+job_events = Table(
+    "job_events", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),
+    Column("job_id", Text, nullable=False),
+    Column("account", Text, nullable=False),
+    Column("key_id", Text),
+    Column("at", Double, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("data", Text, nullable=False),
+    sqlite_autoincrement=True,
+)
+Index("job_events_by_job", job_events.c.job_id, job_events.c.id)
+Index("job_events_by_account", job_events.c.account, job_events.c.id)
+Index("job_events_by_key", job_events.c.key_id, job_events.c.id,
+      sqlite_where=job_events.c.key_id.is_not(None),
+      postgresql_where=job_events.c.key_id.is_not(None))
+
 # What readiness writes (on SQLite the probe makes it itself, as the limit store's does).
 ready_probe = Table(
     "ready_probe", metadata,

@@ -22,7 +22,9 @@ from sqlalchemy import (
 
 from replicate_generation.errors import IdempotencyConflict
 from replicate_generation.jobs.audit import AuditLog
+from replicate_generation.jobs.counts import add_finished, move_items, state_counts
 from replicate_generation.jobs.database import JobDatabase
+from replicate_generation.jobs.events import EventLog, FileSize
 from replicate_generation.jobs.keys import IssuedKeys
 from replicate_generation.jobs.outbox import WebhookOutbox
 from replicate_generation.jobs.owners import Owners
@@ -63,9 +65,11 @@ class JobStore:
     (`JobDatabase`).
     """
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, *, file_size: FileSize | None = None) -> None:
         self.db = JobDatabase(target)
-        self.owners = Owners(self.db)
+        # Every change a stream shows is appended in the transaction that makes it.
+        self.events = EventLog(self.db, file_size=file_size)
+        self.owners = Owners(self.db, self.events)
         self.outbox = WebhookOutbox(self.db)
         self.retention = Retention(self.db)
         self.keys = IssuedKeys(self.db)
@@ -91,7 +95,7 @@ class JobStore:
         for row, item in zip(items, job.items, strict=True):
             row["reserved_usd"] = item.reserved_usd
         size = record_size(items, values)
-        with self.db.write() as conn:
+        with self.events.write() as conn:
             existing = _keyed_job(conn, job)
             if existing is not None:
                 return existing, False
@@ -109,6 +113,7 @@ class JobStore:
                     index_elements=[job_values.c.job_id, job_values.c.digest]), values)
             if items:
                 conn.execute(insert(job_items).values(state="queued", queued_at=now), items)
+            self.events.job_created(conn, job.id, now)
             created = load_job(conn, job.id)
         assert created is not None  # noqa: S101 - inserted in this transaction
         created.cost_usd = 0.0  # nothing has run yet
@@ -202,7 +207,7 @@ class JobStore:
                    fence: int | None = None) -> ItemRow | None:
         """Mark an item running (its job too); None if it already ended (e.g. canceled) or the
         job was fenced off."""
-        with self.db.write() as conn:
+        with self.events.write() as conn:
             # The job's row first: every writer locks a job before its items (no deadlock).
             if not _fence_holds(conn, job_id, fence):
                 return None
@@ -219,6 +224,8 @@ class JobStore:
             conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state == "queued")
                          .values(state="running", started_at=func.coalesce(jobs.c.started_at,
                                                                            now)))
+            if row.state != "running":
+                self.events.item_changed(conn, job_id, index, now)
         with self.db.read() as conn:
             item = item_row(row, values_of(conn, job_id, row))
         item.state = "running"
@@ -262,12 +269,17 @@ class JobStore:
             _ITEM_CANCELED.is_(None)).values(
             attempts=json.dumps(attempts), prediction_id=None, prediction_model=None,
             state="running", started_at=func.coalesce(job_items.c.started_at, now))
-        with self.db.write(patient=True) as conn:
+        with self.events.write(patient=True) as conn:
             # The job's row first, as every writer locks it (PostgreSQL: no deadlock).
-            if _fence_holds(conn, job_id, fence) and conn.execute(stmt).rowcount:
+            before = _locked_state(conn, job_id, index) if _fence_holds(conn, job_id,
+                                                                       fence) else None
+            if before is not None and conn.execute(stmt).rowcount:
+                move_items(conn, job_id, before, "running")
                 conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state == "queued")
                              .values(state="running",
                                      started_at=func.coalesce(jobs.c.started_at, now)))
+                if before != "running":  # a retry's intent changes nothing a stream shows
+                    self.events.item_changed(conn, job_id, index, now)
                 return "stored"
         return self._why_no_intent(job_id, index, owner, fence)
 
@@ -300,15 +312,24 @@ class JobStore:
             error=outcome.error, error_type=outcome.error_type, cost_usd=outcome.cost_usd,
             placeholder=int(outcome.placeholder), notes=json.dumps(outcome.notes),
             finished_at=now)
-        with self.db.write() as conn:
-            if not conn.execute(stmt).rowcount:
+        sizes = self.events.file_sizes(outcome.files)  # asked before the write: a bucket is slow
+        with self.events.write() as conn:
+            # The job's row first, as every writer locks it (PostgreSQL: no deadlock).
+            before = conn.execute(select(job_items.c.state, job_items.c.cost_usd).where(
+                job_items.c.job_id == job_id, job_items.c.idx == index)
+                .with_for_update(key_share=True)).first() if _fence_holds(
+                conn, job_id, fence) else None
+            if before is None or not conn.execute(stmt).rowcount:
                 return False
+            move_items(conn, job_id, before.state, outcome.state,
+                       cost=(outcome.cost_usd or 0.0) - (before.cost_usd or 0.0))
             self.spend.record(conn, job_id, index, outcome.billed_seconds, now)
             if outcome.files:
                 files = self.db.insert(job_files)
                 conn.execute(files.on_conflict_do_update(
                     index_elements=[job_files.c.path], set_={"job_id": files.excluded.job_id}),
                     [{"path": path, "job_id": job_id} for path in outcome.files])
+            self.events.item_changed(conn, job_id, index, now, sizes)
         return True
 
     def finish_job_if_done(self, job_id: str, now: float, *,
@@ -318,7 +339,7 @@ class JobStore:
         if self._items_open(job_id):
             # Not the last: the item still open closes it, after its own write (no lock taken).
             return None
-        with self.db.write() as conn:
+        with self.events.write() as conn:
             row = conn.execute(select(*JOB_COLUMNS).where(jobs.c.id == job_id)
                                .with_for_update(key_share=True)).first()
             if row is None or row.state in JOB_TERMINAL or (fence is not None
@@ -335,7 +356,9 @@ class JobStore:
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(
                 state=job.state, finished_at=now, owner=None, webhook_state=webhook,
                 webhook_next_at=now if webhook else None))
+            add_finished(conn, job.state, counts)
             job.webhook_state = webhook
+            self.events.job_finished(conn, job, now)
         return job
 
     def _items_open(self, job_id: str) -> bool:
@@ -345,7 +368,9 @@ class JobStore:
 
     def request_cancel(self, job_id: str, now: float) -> list[int]:
         """Flag the job canceled and drop its queued items; return the items still running."""
-        with self.db.write() as conn:
+        with self.events.write() as conn:
+            # FOR UPDATE: item writers hold the job's row (FOR KEY SHARE) first, so they end first.
+            conn.execute(select(jobs.c.id).where(jobs.c.id == job_id).with_for_update())
             conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state.in_(OPEN_STATES))
                          .values(cancel_requested_at=func.coalesce(jobs.c.cancel_requested_at,
                                                                    now)))
@@ -353,9 +378,11 @@ class JobStore:
                 job_items.c.job_id == job_id, job_items.c.state == "queued",
                 job_items.c.prediction_id.is_(None)).values(
                 state="canceled", finished_at=now, error="canceled before it started",
-                error_type="canceled"))
+                error_type="canceled")).rowcount
+            move_items(conn, job_id, "queued", "canceled", dropped)
             running = conn.execute(select(job_items.c.idx).where(
                 job_items.c.job_id == job_id, job_items.c.state.in_(OPEN_STATES))).all()
+            self.events.cancel_requested(conn, job_id, now)
         return [int(r.idx) for r in running]
 
     def state_counts(self) -> tuple[dict[str, int], dict[str, int]]:

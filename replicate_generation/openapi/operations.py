@@ -34,6 +34,15 @@ ASYNC_PARAMS = [
      "description": "1-255 printable ASCII characters; the same key with another body is a "
                     "422."},
 ]
+# Where an event stream resumes: EventSource sends the header itself when it reconnects.
+_EVENT_ID = {"type": "string", "pattern": "^[0-9]{1,18}$"}
+EVENT_PARAMS = [
+    {"name": "Last-Event-ID", "in": "header", "required": False, "schema": _EVENT_ID,
+     "description": "The id of the last event you received: the stream goes on after it, "
+                    "with nothing missed or repeated."},
+    {"name": "last_event_id", "in": "query", "required": False, "schema": _EVENT_ID,
+     "description": "The same, for a first connection that cannot set headers."},
+]
 Security = list[dict[str, list[str]]]
 ANY_KEY: Security = [{"AdminKey": []}, {"ReplicateKey": []}, {"IssuedKey": []},
                      {"IssuedBearer": []}]

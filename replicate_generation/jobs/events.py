@@ -1,0 +1,204 @@
+"""Each job's event log (job_events), appended by the store in the transaction of the change it
+describes and read by the event streams after a Last-Event-ID.
+
+Ids are in commit order, so a reader that has seen id N never meets a smaller one later: SQLite has
+one writer at a time, and on PostgreSQL an append takes one transaction-scoped advisory lock as its
+transaction's last step (taken last, it waits on nothing while held: no deadlock).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import PurePosixPath
+from typing import Any
+from urllib.parse import quote
+
+from sqlalchemy import ColumnElement, Connection, func, insert, select
+
+from replicate_generation.jobs.database import JobDatabase
+from replicate_generation.jobs.rows import JobRow, count_items, job_cost
+from replicate_generation.jobs.schema import job_events, job_items, jobs
+
+log = logging.getLogger(__name__)
+
+# pg_advisory_xact_lock key of the appends: "rg_evts".
+_APPEND_LOCK = 0x72675F65767473
+# conn.info key: whether this transaction appended, so its commit wakes the streams.
+_APPENDED = "rg_job_events_appended"
+# Events one read returns at most (a stream reads again at once while there are more).
+READ_BATCH = 200
+
+FileSize = Callable[[str], "int | None"]
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    job_id: str
+    kind: str
+    data: str  # JSON, one line
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Whose events a stream sends: one job's, or every job a caller may see (GET /jobs's rule:
+    everything for the admin, an issued key's own jobs, a token's account's jobs)."""
+
+    job_id: str | None = None
+    account: str | None = None
+    key_id: str | None = None
+
+    def where(self) -> list[ColumnElement[bool]]:
+        found: list[ColumnElement[bool]] = []
+        if self.job_id is not None:
+            found.append(job_events.c.job_id == self.job_id)
+        if self.key_id is not None:
+            found.append(job_events.c.key_id == self.key_id)
+        elif self.account is not None:
+            found.append(job_events.c.account == self.account)
+        return found
+
+
+class EventLog:
+    """Appends (inside the store's write transactions) and reads of job_events.
+
+    `file_size` gives an output's bytes from its path in the output store (None: unknown);
+    callbacks given to `on_commit` run after each commit that appended, in the writer's thread.
+    """
+
+    def __init__(self, db: JobDatabase, *, file_size: FileSize | None = None) -> None:
+        self._db = db
+        self._file_size = file_size
+        self._callbacks: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+
+    def on_commit(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            self._callbacks.append(callback)
+
+    @contextmanager
+    def write(self, *, patient: bool = False) -> Iterator[Connection]:
+        """The store's write transaction; once it commits, if it appended, wake the streams."""
+        appended: list[bool] = []
+        with self._db.write(patient=patient) as conn:
+            conn.info[_APPENDED] = appended  # the connection goes back to its pool at the end
+            try:
+                yield conn
+            finally:
+                conn.info.pop(_APPENDED, None)
+        if appended:
+            self._announce()
+
+    def _announce(self) -> None:
+        for callback in list(self._callbacks):
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - a wake-up is a hint: streams re-read anyway
+                log.exception("an event wake-up failed")
+
+    # -- appends (each the last statements of its transaction) ----------------------------
+
+    def job_created(self, conn: Connection, job_id: str, now: float) -> None:
+        self._append(conn, job_id, "job.created", now, lambda: {
+            "state": "queued", "counts": count_items(conn, job_id)})
+
+    def file_sizes(self, paths: Sequence[str]) -> dict[str, int | None]:
+        """Each output's bytes (None: unknown), looked up before a write, not inside it."""
+        size = self._file_size
+        return {path: size(path) if size is not None else None for path in paths}
+
+    def item_changed(self, conn: Connection, job_id: str, index: int, now: float,
+                     sizes: Mapping[str, int | None] | None = None) -> None:
+        """The item's state as stored now; a finished item's files follow, one event each
+        (`sizes`: their bytes)."""
+        row = conn.execute(select(job_items.c.state, job_items.c.model_used,
+                                  job_items.c.cost_usd, job_items.c.error,
+                                  job_items.c.error_type, job_items.c.files).where(
+            job_items.c.job_id == job_id, job_items.c.idx == index)).first()
+        if row is None:
+            return
+        self._append(conn, job_id, "item.state", now, lambda: _item_state(conn, job_id, index,
+                                                                           row))
+        for path in json.loads(row.files):
+            self._append(conn, job_id, "item.file", now, partial(
+                _file, index, path, (sizes or {}).get(path)))
+
+    def cancel_requested(self, conn: Connection, job_id: str, now: float) -> None:
+        """The job asked to cancel, with the queued items this very write canceled."""
+        if conn.execute(select(jobs.c.state).where(jobs.c.id == job_id)).scalar() not in (
+                "queued", "running"):
+            return  # ended already: a cancel changes nothing a stream shows
+        self._append(conn, job_id, "job.cancel_requested", now, lambda: {
+            "state": "cancel_requested", "canceled": _ended_at(conn, job_id, now, "canceled"),
+            "counts": count_items(conn, job_id)})
+
+    def items_failed(self, conn: Connection, job_id: str, error_type: str | None,
+                     now: float) -> None:
+        """Queued items this write failed at once (their account's token was refused)."""
+        self._append(conn, job_id, "items.failed", now, lambda: {
+            "indexes": _ended_at(conn, job_id, now, "failed"), "error_type": error_type,
+            "counts": count_items(conn, job_id)})
+
+    def job_finished(self, conn: Connection, job: JobRow, now: float) -> None:
+        self._append(conn, job.id, "job.finished", now, lambda: {
+            "state": job.state, "counts": job.counts, "cost_usd": job_cost(conn, job.id)})
+
+    def _append(self, conn: Connection, job_id: str, kind: str, now: float,
+                data: Callable[[], dict[str, Any]]) -> None:
+        """Lock first, then read what the event says: it matches the order of the ids."""
+        owner = conn.execute(select(jobs.c.account, jobs.c.key_id)
+                             .where(jobs.c.id == job_id)).first()
+        if owner is None:
+            return
+        if self._db.backend == "postgresql":
+            conn.execute(select(func.pg_advisory_xact_lock(_APPEND_LOCK)))
+        body = json.dumps({"job_id": job_id, **data()}, separators=(",", ":"))
+        conn.execute(insert(job_events).values(job_id=job_id, account=owner.account,
+                                               key_id=owner.key_id, at=now, kind=kind,
+                                               data=body))
+        conn.info.get(_APPENDED, []).append(True)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def after(self, scope: Scope, after_id: int, limit: int = READ_BATCH) -> list[Event]:
+        """The scope's events with ids above `after_id`, oldest first."""
+        query = (select(job_events.c.id, job_events.c.job_id, job_events.c.kind,
+                        job_events.c.data)
+                 .where(job_events.c.id > after_id, *scope.where())
+                 .order_by(job_events.c.id).limit(limit))
+        with self._db.read() as conn:
+            return [Event(int(r.id), str(r.job_id), str(r.kind), str(r.data))
+                    for r in conn.execute(query)]
+
+    def last_id(self, scope: Scope) -> int:
+        """The newest id in the scope (0 when none): where a stream with no Last-Event-ID
+        starts."""
+        newest = self._db.scalar(select(func.max(job_events.c.id)).where(*scope.where()))
+        return int(newest or 0)
+
+
+def _file(index: int, path: str, size: int | None) -> dict[str, Any]:
+    return {"index": index, "name": PurePosixPath(path).name, "url": f"/files/{quote(path)}",
+            "size": size}
+
+
+def _ended_at(conn: Connection, job_id: str, now: float, state: str) -> list[int]:
+    """The job's items that ended in `state` at `now`: those the current write ended."""
+    return [int(i) for (i,) in conn.execute(select(job_items.c.idx).where(
+        job_items.c.job_id == job_id, job_items.c.state == state,
+        job_items.c.finished_at == now).order_by(job_items.c.idx))]
+
+
+def _item_state(conn: Connection, job_id: str, index: int, row: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"index": index, "state": row.state,
+                            "counts": count_items(conn, job_id)}
+    if row.state not in ("queued", "running"):
+        body.update(model_used=row.model_used, cost_usd=row.cost_usd, error=row.error,
+                    error_type=row.error_type, job_cost_usd=job_cost(conn, job_id))
+    return body
