@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import heapq
+import os
 import re
 import sys
 import tempfile
@@ -117,6 +118,7 @@ class Side:
     create_rate: float  # accepted creates per minute after the burst
     max_in_60s: int
     rss_mib: float | None = None
+    cpu_ms_per_item: float | None = None  # the service's processes, or the baseline's threads
 
     @property
     def efficiency(self) -> float:
@@ -274,13 +276,40 @@ def send_batches(server: Gunicorn, prompts: list[str], parts: int) -> tuple[int,
 def run_service(sim: Simulator, sc: Scenario, prompts: list[str]) -> Side:
     with running_service(sim, sc) as server:
         sampler = RssSampler(server.proc.pid) if sc.sample_rss else None
+        tree = process_tree(server.proc.pid)
+        cpu_before = cpu_seconds(tree)
         try:
             ok, wall = send_batches(server, prompts, sc.requests)
         finally:
             peak = sampler.stop() if sampler else None
+        cpu = cpu_seconds(tree) - cpu_before
     side = read_side(sim, TOKEN, sc, "service", ok, wall)
     side.rss_mib = None if peak is None else peak / MIB
+    side.cpu_ms_per_item = 1000 * cpu / max(1, len(prompts))
     return side
+
+
+def process_tree(pid: int) -> list[int]:
+    """The process and its children (gunicorn's master and workers)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            children += [int(c) for c in task.read_text().split()]
+        except OSError:
+            continue  # the thread ended between the glob and the read
+    return [pid, *children]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU seconds the processes have used (their own threads included)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class RssSampler:
@@ -295,13 +324,7 @@ class RssSampler:
         self._thread.start()
 
     def _pids(self) -> list[int]:
-        children: list[int] = []
-        for task in Path(f"/proc/{self.pid}/task").glob("*/children"):
-            try:
-                children += [int(c) for c in task.read_text().split()]
-            except OSError:
-                continue  # the thread ended between the glob and the read
-        return [self.pid, *children]
+        return process_tree(self.pid)
 
     @staticmethod
     def _rss_bytes(pid: int) -> int:
@@ -349,10 +372,21 @@ def run_one(client: replicate.Client, prompt: str) -> bool:
 
 def run_baseline(sim: Simulator, sc: Scenario, prompts: list[str]) -> Side:
     client = replicate.Client(api_token=BASELINE_TOKEN, base_url=sim.base_url)
+    cpu: list[float] = []  # per call, its own thread's CPU: the simulator's threads are apart
+
+    def timed(prompt: str) -> bool:
+        started_cpu = time.thread_time()
+        try:
+            return run_one(client, prompt)
+        finally:
+            cpu.append(time.thread_time() - started_cpu)
+
     started = time.monotonic()
     with ThreadPoolExecutor(sc.limit) as pool:
-        ok = sum(pool.map(lambda p: run_one(client, p), prompts))
-    return read_side(sim, BASELINE_TOKEN, sc, "baseline", ok, time.monotonic() - started)
+        ok = sum(pool.map(timed, prompts))
+    side = read_side(sim, BASELINE_TOKEN, sc, "baseline", ok, time.monotonic() - started)
+    side.cpu_ms_per_item = 1000 * sum(cpu) / max(1, len(prompts))
+    return side
 
 
 # --------------------------------------------------------------------------- scenarios
@@ -412,7 +446,14 @@ def efficiency_goals(report: Report, target: float) -> list[Goal]:
         goals.append(Goal(name, "service/baseline efficiency", f"{ratio:.3f}",
                           ">= 1.0" if name == "concurrency" else "report",
                           ratio >= 1.0 if name == "concurrency" else None))
+        goals.append(cpu_goal(name, svc, base))
     return goals
+
+
+def cpu_goal(name: str, svc: Side, base: Side) -> Goal:
+    """#22: the service's CPU per item within twice what the plain client pool spends."""
+    ratio = (svc.cpu_ms_per_item or 0.0) / max(1e-9, base.cpu_ms_per_item or 0.0)
+    return Goal(name, "service/baseline CPU per item", f"{ratio:.2f}", "<= 2.0", ratio <= 2.0)
 
 
 def rpm_goals(report: Report) -> list[Goal]:
@@ -462,15 +503,16 @@ GOALS: dict[str, Callable[[Report], list[Goal]]] = {
 
 SIDE_HEADER = (f"{'side':<9}{'ok':>9}{'wall s':>9}{'ideal s':>9}{'eff':>7}{'polls/pr':>9}"
                f"{'creates':>8}{'429s':>6}{'held':>6}{'peak':>6}{'cr/min':>8}{'max60s':>7}"
-               f"{'RSS MiB':>8}")
+               f"{'RSS MiB':>8}{'CPU ms/it':>10}")
 
 
 def side_row(side: Side) -> str:
     rss = "-" if side.rss_mib is None else f"{side.rss_mib:.0f}"
+    cpu = "-" if side.cpu_ms_per_item is None else f"{side.cpu_ms_per_item:.1f}"
     return (f"{side.label:<9}{f'{side.ok}/{side.items}':>9}{side.wall:>9.2f}{side.ideal:>9.2f}"
             f"{side.efficiency:>7.3f}{side.polls_per_prediction:>9.2f}{side.creates:>8}"
             f"{side.throttled:>6}{side.held:>6}{side.inflight_peak:>6}{side.create_rate:>8.1f}"
-            f"{side.max_in_60s:>7}{rss:>8}")
+            f"{side.max_in_60s:>7}{rss:>8}{cpu:>10}")
 
 
 def describe(sc: Scenario) -> str:

@@ -105,6 +105,7 @@ class JobRunner:
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self._clock = clock
         self._done: dict[str, threading.Event] = {}
+        self._windows = ItemWindows()
         self._lock = threading.Lock()
         self._running = 0
         self._idle = threading.Condition(self._lock)
@@ -151,6 +152,7 @@ class JobRunner:
         log.info("account=%s rejected: %d queued items of %d jobs failed unsent", account,
                  dropped, len(jobs))
         for job_id in jobs:
+            self._windows.drop(job_id)
             self._close_if_done(job_id)
 
     def submit(self, token: str, submission: Submission) -> tuple[JobRow, bool]:
@@ -202,14 +204,41 @@ class JobRunner:
         return _status_of(self.generator.limit_store.check)
 
     def _queue(self, job: JobRow, token: str) -> None:
-        """Queue the job's open items on the dispatcher (in input order), all or none."""
+        """Queue the first window of the job's open items (in input order), all or none; the
+        rest wait in the store and enter as queued ones end."""
         indexes = self.store.open_indexes(job.id)
         if not indexes:
             self._close_if_done(job.id)
             return
         turn = self._turn_of(job)
-        self.generator.dispatcher.submit_many(job.account, [
-            partial(self._run_item, job, index, token, turn) for index in indexes], turn)
+        size = window_size(self.generator.manager.limits().max_concurrent)
+        first = self._windows.open(job.id, indexes, size)
+        try:
+            self._push(job, first, token, turn)
+        except (QueueFull, ShuttingDown):
+            self._windows.drop(job.id)
+            raise
+
+    def _push(self, job: JobRow, indexes: list[int], token: str, turn: Turn) -> None:
+        if indexes:
+            self.generator.dispatcher.submit_many(job.account, [
+                partial(self._run_item, job, index, token, turn) for index in indexes], turn)
+
+    def _hand_over(self, job: JobRow, token: str, turn: Turn) -> None:
+        """An item of the job ended here: the next ones in its window take its place."""
+        indexes = self._windows.next(job.id)
+        if self._stopping or self._suspending:
+            self._windows.drop(job.id)  # the rest resumes from the store at the next start
+            return
+        try:
+            self._push(job, indexes, token, turn)
+        except (QueueFull, ShuttingDown):
+            self._windows.give_back(job.id, indexes)
+            if self._windows.idle(job.id):
+                # Nothing of it runs here to hand over again: a sweep resumes it from the store.
+                self._windows.drop(job.id)
+                log.warning("job %s waits in the store: this process is full", job.id)
+                self.store.owners.release_job(job.id, self.worker_id)
 
     def _turn_of(self, job: JobRow) -> Turn:
         """The job's place among its account's work: its priority, its caller and weight."""
@@ -237,6 +266,7 @@ class JobRunner:
                 self._run_item_inner(job, index, token, turn)
         finally:
             unbind_request_id()  # pool threads are reused by other jobs
+            self._hand_over(job, token, turn)
             with self._lock:
                 self._running -= 1
                 self._idle.notify_all()
@@ -391,6 +421,7 @@ class JobRunner:
         """Drop queued items now; running ones are canceled on Replicate by their runner (also
         those whose create is held or whose id is being stored: they look before polling)."""
         self.store.request_cancel(job_id, self._clock())
+        self._windows.drop(job_id)  # its queued items are canceled in the store
         try:
             self._close_if_done(job_id)
         except StoreBusy:
