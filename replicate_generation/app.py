@@ -6,7 +6,7 @@ from __future__ import annotations
 import atexit
 import logging
 
-from flask import Blueprint, Flask, Response, g, jsonify, request, send_file
+from flask import Blueprint, Flask, Response, g, jsonify, request
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from replicate_generation import observability, ops, web
@@ -29,7 +29,8 @@ from replicate_generation.http.limit_fields import overrides_from
 from replicate_generation.http.logs import configure_logging
 from replicate_generation.http.usage import usage_bp
 from replicate_generation.jobs.notifier import webhook_scope, webhook_secret
-from replicate_generation.jobs.runner import JobRunner, output_path
+from replicate_generation.jobs.rows import ITEM_STATES
+from replicate_generation.jobs.runner import JobRunner
 from replicate_generation.models import schema_fetch
 from replicate_generation.models.catalogue import MODELS
 from replicate_generation.models.validation import resolve_model
@@ -38,6 +39,8 @@ from replicate_generation.settings import Settings, read_environ
 
 log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__)
+# An item cursor is an item's index: past any job's size, a page is simply empty.
+MAX_ITEM_INDEX = 10**9
 # Registered after the operator routes, so that /openapi.json lists the paths as it always has.
 extras = Blueprint("extras", __name__)
 
@@ -197,13 +200,14 @@ def cancel_job(job_id: str) -> Response:
     updated = runner.cancel(job.id) or job
     if g.caller.admin:
         audit("job.canceled", job.id, {"account": job.account[:12]})
-    return jsonify(responses.full_job(runner, updated))
+    return jsonify(responses.job_summary(runner, updated))
 
 
 @bp.get("/files/<path:relative>")
 @require_key()
 def get_file(relative: str) -> WerkzeugResponse:
-    """Stream an output to the account whose job wrote it (ranges and content type included)."""
+    """An output, to the account whose job wrote it: streamed (ranges and content type where
+    it is on this disk) or, with OUTPUT_SERVING=signed, a redirect to a signed bucket URL."""
     if "\x00" in relative:  # no file name holds one, and the OS refuses it with a ValueError
         raise ApiError(404, "File not found")
     runner = context.runner()

@@ -22,8 +22,10 @@ from replicate_generation.egress import Egress, EgressPolicy, OutputBounds
 from replicate_generation.errors import GenerationError, OutputsNotSaved
 from replicate_generation.limits.base import ANYONE, Turn
 from replicate_generation.model_functions import (
+    CANCEL_WAIT_SECONDS,
     NO_HOOKS,
     Attempt,
+    Generated,
     Hooks,
     Job,
     Runtime,

@@ -560,7 +560,7 @@ def _cancel(client: replicate.Client, job: Job, rt: Runtime,
     try:
         # A shared 429 back-off may pause polls for a while; a cancel is worth waiting for.
         rt.manager.wait_for_poll(job.account, rt.clock() + CANCEL_WAIT_SECONDS)
-        client.predictions.cancel(prediction_id)
+        canceled = client.predictions.cancel(prediction_id)
         log.info("canceled prediction %s account=%s", prediction_id, job.account)
     except Exception as exc:  # noqa: BLE001 - the task fails either way; say so in the log
         log.warning("cancel of %s failed: %s", prediction_id, type(exc).__name__)

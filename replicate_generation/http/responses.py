@@ -3,12 +3,7 @@
 
 from __future__ import annotations
 
-import os
-import time
-import zipfile
-from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import Any
 
 from replicate_generation.concurrency_manager import ConcurrencyManager
 from replicate_generation.http.auth import Caller

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 from replicate_generation import metrics
 from replicate_generation.backends import job_store_target, jobs_backend, limits_backend
