@@ -12,7 +12,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -227,6 +227,11 @@ def copy_out(storage: OutputStorage, located: str, target: Path) -> None:
         pieces = opened.pieces
     else:
         pieces = read_file(Path(located))
+    write_atomically(target, pieces)
+
+
+def write_atomically(target: Path, pieces: Iterable[bytes]) -> None:
+    """Write `pieces` to `target` through a hidden temp file beside it: all or nothing."""
     fd, tmp_name = tempfile.mkstemp(prefix=".", suffix=".part", dir=target.parent)
     tmp = Path(tmp_name)
     try:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from replicate_generation.errors import InvalidRequest
 from replicate_generation.models.chains import FallbackChains
 from replicate_generation.models.schemas import parse_ref
 from replicate_generation.outputs import IfExists
+from replicate_generation.outputs.storage import write_atomically
 from replicate_generation.request_parsing import parse_batch
 
 HTTP_TIMEOUT = 30.0
@@ -131,24 +130,12 @@ class ServiceBackend:
                            if_exists)
 
     def _download(self, url: str, target: Path) -> None:
-        fd, tmp_name = tempfile.mkstemp(prefix=".", suffix=".part", dir=target.parent)
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                # The bytes, never a redirect to a bucket that would carry our key along.
-                with self.session.get(f"{self.url}{url}", stream=True, timeout=HTTP_TIMEOUT,
-                                      headers={"X-Output-Delivery": "stream"}) as response:
-                    if response.status_code != 200:
-                        raise OSError(f"GET {url} answered {response.status_code}")
-                    for chunk in response.iter_content(1024 * 1024):
-                        out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        # The bytes, never a redirect to a bucket that would carry our key along.
+        with self.session.get(f"{self.url}{url}", stream=True, timeout=HTTP_TIMEOUT,
+                              headers={"X-Output-Delivery": "stream"}) as response:
+            if response.status_code != 200:
+                raise OSError(f"GET {url} answered {response.status_code}")
+            write_atomically(target, response.iter_content(1024 * 1024))
 
     def _get(self, path: str) -> requests.Response | None:
         try:
