@@ -239,4 +239,4 @@ def test_openapi_describes_other_models_generically_only_when_allowed(
     assert other["pattern"] == schemas.MODEL_NAME_PATTERN
     assert found["Generate_other"]["additionalProperties"] is True
     assert {"$ref": "#/components/schemas/Generate_other"} in found["GenerateRequest"]["oneOf"]
-    assert found["Model_flux-dev"] == curated["Model_flux-dev"]  # curated ones as before
+    assert found["Model_flux_dev"] == curated["Model_flux_dev"]  # curated ones as before

@@ -133,12 +133,15 @@ def test_attempts_show_no_internal_fields(client: FlaskClient) -> None:
 
 def test_the_openapi_examples_are_accepted(client: FlaskClient) -> None:
     spec = client.get("/openapi.json").get_json()
+    models = set(client.get("/models").get_json()["models"])
     for path in ("/generate", "/generate-batch"):
-        example = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"][
-            "example"]
-        response = client.post(path, headers=ADMIN, json=example)
-        assert response.status_code == 200, response.get_json()
-        assert response.get_json()["success"] is True
+        examples = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"][
+            "examples"]
+        assert set(examples) == models and next(iter(examples)) == "flux-dev"  # one per model
+        for example in examples.values():
+            response = client.post(path, headers=ADMIN, json=example["value"])
+            assert response.status_code == 200, (example, response.get_json())
+            assert response.get_json()["success"] is True
 
 
 # Records what every call of the public API answered, to check each item succeeded.

@@ -6,12 +6,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Flask
 
 from replicate_generation.openapi.bodies import request_schemas
-from replicate_generation.openapi.common import Schema
+from replicate_generation.openapi.common import SCHEMAS, Schema, identifier
 from replicate_generation.openapi.keys import key_request_schemas, key_response_schemas
-from replicate_generation.openapi.operations import DOCS_ASSETS, paths
+from replicate_generation.openapi.operations import DOCS_ASSETS, TAGS, paths
 from replicate_generation.openapi.responses import response_schemas
 from replicate_generation.settings import Settings
 
@@ -38,12 +40,42 @@ def components(settings: Settings) -> Schema:
 
 def build_spec(app: Flask, settings: Settings, version: str) -> Schema:
     """The whole OpenAPI 3.1 document for this app and its settings."""
-    return {
+    described = paths(app, settings)
+    used = {tag for operations in described.values() for op in operations.values()
+            for tag in op["tags"]}
+    return _plain_names({
         "openapi": "3.1.0",
         "info": {"title": "Replicate Concurrent Generation API", "version": version,
                  "description": "Generate images, videos and audio with Replicate models "
                                 "within each account's limits. Every error answers "
                                 "`{\"error\": ..., \"request_id\": ...}`."},
-        "paths": paths(app, settings),
+        "tags": [{"name": name, "description": text} for name, text in TAGS.items()
+                 if name in used],
+        "paths": described,
         "components": components(settings),
-    }
+    })
+
+
+def _plain_names(spec: Schema) -> Schema:
+    """Every component schema under its identifier() name, and every reference to it."""
+    schemas = spec["components"]["schemas"]
+    names = {name: identifier(name) for name in schemas}
+    if len(set(names.values())) != len(names):
+        raise ValueError("two component schemas share one identifier")
+    spec["components"]["schemas"] = {names[name]: schema for name, schema in schemas.items()}
+    return dict(_renamed(spec, names))
+
+
+def _renamed(node: Any, names: dict[str, str]) -> Any:
+    if isinstance(node, list):
+        return [_renamed(value, names) for value in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _renamed(value, names) for key, value in node.items()}
+    if isinstance(node.get("$ref"), str) and node["$ref"].startswith(SCHEMAS):
+        out["$ref"] = SCHEMAS + names[node["$ref"].removeprefix(SCHEMAS)]
+    mapping = node.get("mapping")
+    if "propertyName" in node and isinstance(mapping, dict):
+        out["mapping"] = {key: SCHEMAS + names[target.removeprefix(SCHEMAS)]
+                          for key, target in mapping.items()}
+    return out

@@ -7,6 +7,8 @@ and Unicode form are ignored, no Windows device names) is said in the descriptio
 
 from __future__ import annotations
 
+import json
+
 from replicate_generation.http.limit_fields import LIMIT_FIELDS
 from replicate_generation.limits.base import LIMIT_RANGES
 from replicate_generation.models.catalogue import MODELS, ModelSpec, Param
@@ -34,6 +36,14 @@ MAX_FILE_NAME_CHARS = 120
 # How routing (models/routing.py) reads a reference key: its media, and whether it takes a list.
 AUDIO_REFERENCE_KEYS = ("audio_prompt",)
 LIST_REFERENCE_KEYS = ("image_input", "reference_images")
+# Each model's example body (components' `examples`, /docs' choice of bodies) asks for these.
+EXAMPLE_PROMPTS = {"image": ("A lighthouse on a cliff at sunset, in watercolour",
+                             "A red fox asleep in fresh snow"),
+                   "video": ("A paper boat drifting down a rainy street, slow motion",
+                             "Waves rolling onto a black sand beach at dawn"),
+                   "audio": ("Welcome! Every word you hear was generated from this text.",
+                             "Thank you for listening, and see you tomorrow.")}
+EXAMPLE_PROMPTS["other"] = EXAMPLE_PROMPTS["image"]
 
 
 # --------------------------------------------------------------------------- parameters
@@ -121,6 +131,32 @@ def model_properties(spec: ModelSpec) -> Schema:
     return props
 
 
+def request_properties(spec: ModelSpec) -> Schema:
+    """model_properties for a request body, each default said in its description instead:
+    openapi-typescript types a property with a `default` as always present."""
+    props = model_properties(spec)
+    for schema in props.values():
+        if "default" in schema:
+            default = json.dumps(schema.pop("default"))
+            schema["description"] = f"{schema['description']} Default: {default}."
+    return props
+
+
+def example_body(spec: ModelSpec, batch: bool = False) -> Schema:
+    """A body for this model as a caller would write it: a prompt (two in a batch, with their
+    file names), a 16:9 frame and a seed where the model takes them."""
+    first, second = EXAMPLE_PROMPTS[spec.kind]
+    body: Schema = ({"model_name": spec.id, "prompts": [first, second],
+                     "custom_filenames": [f"{spec.id}-1", f"{spec.id}-2"]} if batch
+                    else {"model_name": spec.id, "prompt": first})
+    ratio = spec.param("aspect_ratio")
+    if ratio is not None and ratio.choices is not None and "16:9" in ratio.choices:
+        body["aspect_ratio"] = "16:9"
+    if spec.param("seed") is not None:
+        body["seed"] = 42
+    return body
+
+
 def one_reference(props: Schema) -> Schema:
     """At most one reference key in an item (routing refuses two): each rules out the others."""
     keys = [key for key in REFERENCE_KEYS if key in props]
@@ -171,8 +207,9 @@ def options_properties(webhooks: bool, placeholder: bool = True) -> Schema:
     assert set(props) == set(OPTION_KEYS)  # noqa: S101 - a new option must be described
     if not webhooks:
         del props["webhook"]
-    if not placeholder:
-        props["placeholder"] = {**props["placeholder"], "enum": [False, None]}
+    if not placeholder:  # false or null only (a const, which generators read; no bool enum)
+        props["placeholder"] = {"anyOf": [{"const": False}, {"type": "null"}],
+                                "description": props["placeholder"]["description"]}
     return props
 
 
@@ -181,16 +218,16 @@ def model_options(spec: ModelSpec, webhooks: bool) -> Schema:
 
 
 def generate_schema(spec: ModelSpec, options: Schema) -> Schema:
-    own = model_properties(spec)
+    own = request_properties(spec)
     props = {"model_name": _model_name(spec), **own, "custom_filename": file_name_schema(),
              **options}
     return {"type": "object", "title": f"generate {spec.id}", "properties": props,
             "required": ["model_name", "prompt"], "additionalProperties": False,
-            **one_reference(own)}
+            "examples": [example_body(spec)], **one_reference(own)}
 
 
 def batch_prompts_schema(spec: ModelSpec, max_items: int, options: Schema) -> Schema:
-    own = model_properties(spec)
+    own = request_properties(spec)
     prompt = own.pop("prompt")
     names = {"type": ["array", "null"], "items": file_name_schema(nullable=False), "minItems": 1,
              "maxItems": max_items, "uniqueItems": True,
@@ -203,15 +240,23 @@ def batch_prompts_schema(spec: ModelSpec, max_items: int, options: Schema) -> Sc
              "custom_filenames": names, **own, **options}
     return {"type": "object", "title": f"batch of prompts for {spec.id}", "properties": props,
             "required": ["model_name", "prompts"], "additionalProperties": False,
-            **one_reference(own)}
+            "examples": [example_body(spec, batch=True)], **one_reference(own)}
 
 
 def task_schema(spec: ModelSpec) -> Schema:
-    own = model_properties(spec)
+    own = request_properties(spec)
     props = {"model_name": _model_name(spec), **own, "custom_filename": file_name_schema()}
     return {"type": "object", "title": f"task for {spec.id}", "properties": props,
             "required": ["model_name", "prompt"], "additionalProperties": False,
-            **one_reference(own)}
+            "examples": [example_body(spec)], **one_reference(own)}
+
+
+def operation_examples(batch: bool) -> Schema:
+    """/generate's (or /generate-batch's) example bodies, one per curated model, flux-dev
+    first: /docs offers them in a list."""
+    specs = sorted(MODELS.values(), key=lambda spec: spec.id != "flux-dev")
+    return {spec.id: {"summary": f"{spec.id} ({spec.kind})",
+                      "value": example_body(spec, batch)} for spec in specs}
 
 
 def _one_of_models(prefix: str, generic: bool = False) -> Schema:

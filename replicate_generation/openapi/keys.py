@@ -11,7 +11,7 @@ from replicate_generation.http.key_fields import (
 )
 from replicate_generation.jobs.keys import BUDGET_PERIODS
 from replicate_generation.jobs.spend import GROUPS
-from replicate_generation.openapi.common import Schema, nullable, ref
+from replicate_generation.openapi.common import Schema, answer, nullable, ref
 
 # http/key_fields.py's _NAME and _MODEL_REF, as whole-string patterns.
 KEY_NAME_PATTERN = r"^(?:[A-Za-z0-9][A-Za-z0-9 ._:@/-]{0,62}[A-Za-z0-9._-]|[A-Za-z0-9])$"
@@ -64,7 +64,7 @@ def key_request_schemas() -> dict[str, Schema]:
 def key_response_schemas() -> dict[str, Schema]:
     """A key (its secret only in the answer that made it), the audit log and usage."""
     string, when = {"type": "string"}, nullable("string")
-    key = {"type": "object", "required": ["id", "object", "name", "state"], "properties": {
+    key = answer({
         "id": string, "object": {"const": "key"}, "name": string, "prefix": string,
         "state": {"enum": KEY_STATES}, "budget_usd": nullable("number"),
         "budget_period": {"enum": [*BUDGET_PERIODS, None]},
@@ -92,9 +92,9 @@ def key_response_schemas() -> dict[str, Schema]:
                       "properties": {"object": {"const": "list"},
                                      "data": {"type": "array", "items": record},
                                      "has_more": {"type": "boolean"}}},
-        "Usage": {"type": "object", "required": ["object", "data"], "properties": {
+        "Usage": answer({
             "object": {"const": "list"}, "group_by": {"type": "array", "items": string},
-            "data": {"type": "array", "items": usage_row}, "total_cost_usd": {"type": "number"}}},
+            "data": {"type": "array", "items": usage_row}, "total_cost_usd": {"type": "number"}}),
     }
 
 

@@ -9,7 +9,9 @@ from typing import Any
 
 from flask import Flask
 
+from replicate_generation.jobs.rows import ITEM_STATES
 from replicate_generation.observability import HEADER as REQUEST_ID_HEADER
+from replicate_generation.openapi.bodies import operation_examples
 from replicate_generation.openapi.common import Schema, ref
 from replicate_generation.openapi.keys import audit_params, usage_params
 from replicate_generation.settings import Settings
@@ -79,16 +81,14 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("api.generate", "POST"): {
         "summary": "Generate one prompt's outputs (or submit it as a job)", "security": ANY_KEY,
         "body": ref("GenerateRequest"), "params": ASYNC_PARAMS, "job": True,
-        "example": {"model_name": "flux-dev", "prompt": "A serene mountain landscape at sunset",
-                    "aspect_ratio": "16:9", "output_format": "jpg"},
-        "responses": {200: ["GenerateResult", "Estimate"], 202: "Job",
+        "examples": operation_examples(batch=False),
+        "responses": {200: ["GenerateResult", "Estimate"], 202: "JobSummary",
                       **dict.fromkeys(GENERATE_ERRORS, "Error")}},
     ("api.generate_batch", "POST"): {
         "summary": "Generate many prompts in parallel, results in input order",
         "security": ANY_KEY, "body": ref("GenerateBatchRequest"), "params": ASYNC_PARAMS,
-        "example": {"model_name": "flux-dev", "prompts": ["A red sports car", "A blue ocean wave"],
-                    "custom_filenames": ["car", "wave"], "aspect_ratio": "16:9"},
-        "job": True, "responses": {200: ["BatchResult", "Estimate"], 202: "Job",
+        "examples": operation_examples(batch=True),
+        "job": True, "responses": {200: ["BatchResult", "Estimate"], 202: "JobSummary",
                                    **dict.fromkeys(GENERATE_ERRORS, "Error")}},
     ("api.list_jobs", "GET"): {
         "summary": "Your jobs, newest first", "security": ANY_KEY,
@@ -207,7 +207,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                                                            403: "Error", 404: "Error"}},
     ("console.api_write", "POST"): {"summary": "The JSON API as the console session's account "
                                          "(needs X-CSRF-Token)",
-                              "security": [], "responses": {200: "proxied", 202: "Job",
+                              "security": [], "responses": {200: "proxied",
+                                                            202: "JobSummary",
                                                             401: "Error", 403: "Error",
                                                             404: "Error"}},
 }
@@ -265,6 +266,13 @@ def _content(kind: str | list[str] | None) -> Schema | None:
     return {"application/json": {"schema": ref(kind)}}
 
 
+def binary(mime: str) -> Schema:
+    """A response body of bytes: `format: binary` (OpenAPI 3.0's word, still what generators
+    read) and 3.1's contentMediaType."""
+    exact = {} if "*" in mime else {"contentMediaType": mime}
+    return {"type": "string", "format": "binary", **exact}
+
+
 def _response(status: int, kind: str | list[str] | None, operation: Operation) -> Schema:
     headers: Schema = {REQUEST_ID_HEADER: {"description": "This request's id (yours if sane).",
                                            "schema": {"type": "string"}}}
@@ -316,7 +324,9 @@ def _operation(endpoint: str, method: str, path_params: list[str], operation: Op
         "responses": {str(s): _response(s, k, operation) for s, k in sorted(statuses.items())}}
     if "body" in operation:
         media: Schema = {"schema": operation["body"]}
-        if "example" in operation:  # else /docs builds one from the oneOf, mixing every model
+        if "examples" in operation:  # else /docs builds one from the oneOf, mixing every model
+            media["examples"] = operation["examples"]
+        elif "example" in operation:
             media["example"] = operation["example"]
         out["requestBody"] = {"required": not operation.get("body_optional"),
                               "content": {"application/json": media}}
@@ -342,15 +352,25 @@ def _rules(app: Flask) -> Iterator[tuple[str, str, str]]:
             yield rule.rule, rule.endpoint, method
 
 
+def tag_of(endpoint: str, path: str) -> str:
+    blueprint = endpoint.split(".", 1)[0]
+    if blueprint in TAGS:
+        return blueprint
+    return PATH_TAGS.get(path.strip("/").split("/", 1)[0], "operations")
+
+
 def paths(app: Flask, settings: Settings) -> Schema:
-    """Every route of the app; a route OPERATIONS does not describe is an error."""
+    """Every public route of the app, tagged; a route OPERATIONS does not describe is an error."""
     out: Schema = {}
     for rule, endpoint, method in _rules(app):
         operation = OPERATIONS.get((endpoint, method))
         if operation is None:
             raise KeyError(f"{method} {rule} ({endpoint}) has no OpenAPI description")
+        if endpoint.split(".", 1)[0] in INTERNAL_BLUEPRINTS:
+            continue
         path, names = _path_of(rule)
-        out.setdefault(path, {})[method.lower()] = _operation(endpoint, method, names,
-                                                              operation, settings)
+        described = _operation(endpoint, method, names, operation, settings)
+        out.setdefault(path, {})[method.lower()] = {"tags": [tag_of(endpoint, path)],
+                                                    **described}
     return out
 

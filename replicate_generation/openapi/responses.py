@@ -3,8 +3,9 @@ health, readiness, status, models and the admin routes' bodies."""
 
 from __future__ import annotations
 
+from replicate_generation.http.limit_fields import LIMIT_FIELDS
 from replicate_generation.jobs.rows import ITEM_STATES
-from replicate_generation.openapi.common import Schema, nullable, ref
+from replicate_generation.openapi.common import Schema, answer, nullable, ref
 
 JOB_STATES = ["queued", "running", "cancel_requested", "succeeded", "partially_failed", "failed",
               "canceled"]
@@ -40,9 +41,9 @@ def _job_schemas() -> dict[str, Schema]:
         "cost_usd": nullable("number"), "placeholder": boolean,
         "error": nullable("string"), "error_type": nullable("string"),
         "queued_at": nullable("string"), "started_at": nullable("string"),
-        "finished_at": nullable("string")}}
-    counts = {"type": "object", "additionalProperties": {"type": "integer"}}
-    job = {"type": "object", "required": ["id", "object", "state"], "properties": {
+        "finished_at": nullable("string")})
+    # What every job body shows (jobs/bodies.py); `webhook` only when one was given.
+    summary: Schema = {
         "id": string, "object": {"const": "job"}, "kind": {"enum": ["generate", "batch"]},
         "state": {"enum": JOB_STATES}, "status_url": string, "request_id": string,
         "output_id": string,
@@ -87,50 +88,98 @@ def _result_schemas() -> dict[str, Schema]:
     """What /generate and /generate-batch answer, and a dry run's estimate."""
     string, number, boolean, strings = _primitives()
     return {
-        "GenerateResult": {"type": "object", "required": ["success", "results"], "properties": {
-            "success": boolean, "model_name": string, "files": strings, "urls": strings,
+        "GenerateResult": answer({
+            "success": boolean, "model_name": string, "model_used": nullable("string"),
+            "prompt": nullable("string"), "files": strings, "urls": strings,
+            "count": {"type": "integer"}, "prediction_id": nullable("string"),
             "request_id": string, "output_id": string, "job_id": string,
             "cost_usd": nullable("number"),
-            "results": {"type": "array", "items": ref("JobItem")}}},
-        "BatchResult": {"type": "object", "required": ["success", "results"], "properties": {
-            "success": boolean, "total_prompts": {"type": "integer"},
-            "successful_count": {"type": "integer"}, "failed_count": {"type": "integer"},
+            "results": {"type": "array", "items": ref("JobItem")}}),
+        "BatchResult": answer({
+            "success": boolean,
+            "model_name": {"oneOf": [string, strings],
+                           "description": "The model, or every model of a batch of tasks."},
             "request_id": string, "output_id": string, "job_id": string,
-            "successful_results": {"type": "array", "items": {"type": "object"}},
-            "failed_results": {"type": "array", "items": {"type": "object"}},
-            "cost_usd": number, "results": {"type": "array", "items": ref("JobItem")}}},
-        "Estimate": {"type": "object", "required": ["dry_run", "estimated_cost_usd"],
-                     "properties": {"dry_run": {"const": True}, "estimated_cost_usd": number,
-                                    "total_items": {"type": "integer"}, "models": strings,
-                                    "items": {"type": "array", "items": {"type": "object"}}}},
+            "state": {"enum": JOB_STATES}, "total_prompts": {"type": "integer"},
+            "successful_count": {"type": "integer"}, "failed_count": {"type": "integer"},
+            "successful_results": {"type": "array", "items": ref("BatchSuccess")},
+            "failed_results": {"type": "array", "items": ref("BatchFailure")},
+            "cost_usd": number, "results": {"type": "array", "items": ref("JobItem")}}),
+        "BatchSuccess": answer({"prompt_index": {"type": "integer"}, "files": strings,
+                                "urls": strings, "prompt": nullable("string"),
+                                "count": {"type": "integer"}}),
+        "BatchFailure": answer({"prompt_index": {"type": "integer"}, "prompt": nullable("string"),
+                                "error": nullable("string"), "error_type": nullable("string")}),
+        "Estimate": answer({
+            "dry_run": {"const": True}, "estimated_cost_usd": nullable("number"),
+            "total_items": {"type": "integer"}, "models": strings,
+            "items": {"type": "array", "items": ref("EstimateItem")},
+            "cost_usd": {"type": "null"}, "cost_note": string}, ("cost_usd", "cost_note"),
+            description="With a non-curated model the cost is unknown: null, and `cost_note` "
+                        "says why."),
+        "EstimateItem": answer({
+            "index": {"type": "integer"}, "model_requested": string, "model": string,
+            "routed": nullable("string"), "notes": strings, "fallback_chain": strings,
+            "estimated_cost_usd": nullable("number"),
+            "max_cost_usd_with_fallbacks": nullable("number")}),
     }
 
 
 def _health_schemas() -> dict[str, Schema]:
     """The account's limits, and what /health, /ready and /status answer."""
-    string, _, _, strings = _primitives()
+    string, _, boolean, strings = _primitives()
+    integer = {"type": "integer"}
     ready = {"type": "object", "required": ["status", "checks"], "properties": {
         "status": {"enum": ["ready", "not_ready"]}, "error": string, "request_id": string,
         "checks": {"type": "object", "additionalProperties": string}}}
     return {
-        "Limits": {"type": "object", "properties": {
-            name: {"type": "integer"} for name in ("concurrent_limit", "requests_per_minute",
-                                                    "burst", "polls_per_minute")}},
+        "Limits": answer({name: {"type": "integer"} for name in LIMIT_FIELDS}),
+        "LimitSources": answer({name: ref("LimitSource") for name in LIMIT_FIELDS},
+                               description="Where each limit in force comes from."),
+        "LimitSource": answer({
+            "value": integer, "source": string, "set_at": nullable("string"),
+            "declared": answer({"min": nullable("integer"), "max": nullable("integer"),
+                                "processes": integer})}),
         "Dependency": {"type": "object", "required": ["backend", "status"], "properties": {
             "backend": {"enum": ["sqlite", "redis", "postgresql"]}, "status": string}},
-        "Health": {"type": "object", "required": ["status", "dependencies"], "properties": {
+        "Health": answer({
             "status": {"enum": ["healthy", "degraded"]}, "service": string, "version": string,
             "supported_models": strings,
-            "dependencies": {"type": "object", "properties": {
-                "limits": ref("Dependency"), "jobs": ref("Dependency")}},
-            "concurrency_status": {"oneOf": [ref("Limits"), {"type": "null"}]}}},
+            "dependencies": answer({
+                "limits": ref("Dependency"), "jobs": ref("Dependency"),
+                "outputs": answer({"backend": {"enum": ["disk", "s3"]}, "status": string,
+                                   "location": string})}),
+            "concurrency_status": {"oneOf": [ref("Limits"), {"type": "null"}]},
+            "admin_key_configured": boolean, "server_token_configured": boolean}),
         "Ready": ready,
         # The 503 is an error, so it says what went wrong in `error`, as every error does.
         "NotReady": {**ready, "required": ["status", "checks", "error"]},
-        "Status": {"type": "object", "required": ["limits", "totals"], "properties": {
-            "limits": ref("Limits"), "totals": {"type": "object"},
+        **_status_schemas(),
+    }
+
+
+def _status_schemas() -> dict[str, Schema]:
+    """What /status answers: the limits, their sources, totals and the accounts it may show."""
+    string, number, boolean, _ = _primitives()
+    integer = {"type": "integer"}
+    return {
+        "Status": answer({
+            "service": string, "version": string,
             "backends": {"type": "object", "additionalProperties": string},
-            "limit_sources": {"type": "object"}, "accounts": {"type": "array"}}},
+            "limits": ref("Limits"), "limit_sources": ref("LimitSources"),
+            "admin_api_configured": boolean, "default_replicate_key_configured": boolean,
+            "totals": answer({name: integer for name in ("in_flight", "waiting",
+                                                         "creates_last_minute",
+                                                         "queued_in_this_process")}),
+            "accounts": {"type": "array", "items": ref("AccountStatus")},
+            # The admin's only: what this process keeps in memory.
+            "process": {"type": "object", "additionalProperties": integer},
+            "schema_cache": {"type": "object", "additionalProperties": integer}},
+            ("process", "schema_cache")),
+        "AccountStatus": answer({
+            "account": string, "in_flight": integer, "waiting": integer,
+            "creates_last_minute": integer, "backoff_remaining": number,
+            "queued_in_this_process": integer}),
     }
 
 
@@ -138,15 +187,27 @@ def _admin_schemas() -> dict[str, Schema]:
     """The model list and details, the limits as changed, and the webhook secret."""
     string, _, boolean, strings = _primitives()
     return {
-        "Models": {"type": "object", "required": ["models"], "properties": {
+        "Models": answer({
             "supported_models": strings, "model_count": {"type": "integer"},
-            "models": {"type": "object"}}},
-        "Configuration": {"type": "object", "required": ["success"], "properties": {
+            "models": {"type": "object", "additionalProperties": ref("ModelDetail")}}),
+        "Configuration": answer({
             "success": boolean, "message": string, "new_settings": ref("Limits"),
-            "limit_sources": {"type": "object"}}},
-        "ModelDetail": {"type": "object", "required": ["id", "parameters"], "properties": {
-            "id": string, "replicate_model": string, "parameters": {"type": "object"}}},
-        "WebhookSecret": {"type": "object", "required": ["secret"], "properties": {
-            "secret": string, "scheme": string}},
+            "limit_sources": ref("LimitSources")}),
+        "ModelDetail": answer({
+            "id": string, "replicate_model": string, "kind": string,
+            "description": nullable("string"),
+            "price": answer({"usd": nullable("number"), "per": nullable("string")}),
+            "reference_input": {"oneOf": [ref("ReferenceInput"), {"type": "null"}]},
+            "parameters": {"type": "object", "additionalProperties": ref("Parameter")}}),
+        "ReferenceInput": answer({"key": string, "media": nullable("string"),
+                                  "max_items": {"type": "integer"}}),
+        "Parameter": answer({
+            "type": string, "description": nullable("string"), "required": boolean,
+            "default": {"description": "Any JSON value; null: none."},
+            "choices": {"type": "array", "items": {}}, "minimum": {"type": "number"},
+            "maximum": {"type": "number"}, "max_length": {"type": "integer"},
+            "max_items": {"type": "integer"}},
+            ("choices", "minimum", "maximum", "max_length", "max_items")),
+        "WebhookSecret": answer({"secret": string, "scheme": string}),
     }
 
