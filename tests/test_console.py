@@ -110,7 +110,7 @@ def _submit(page: Any, rows: list[tuple[str, str]]) -> str:
 def _wait_state(page: Any, states: tuple[str, ...], timeout: float = 30) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        state = str(page.text_content("#job-state"))
+        state = str(page.get_attribute("#job-state", "data-state"))
         if state in states:
             return state
         page.wait_for_timeout(200)
@@ -171,6 +171,9 @@ def _cancel_running_job(page: Any) -> None:
 
 def _other_account_sees_nothing(page: Any, url: str, job_id: str) -> None:
     page.goto(url + "/")
+    page.wait_for_selector("#jobs .job-row")  # the page's reads are done: none meets sign-out
+    page.wait_for_selector("#status dd")
+    expect(page.locator("#submit")).to_be_enabled()
     page.click("#sign-out")
     page.wait_for_selector("#sign-in")
     _sign_in(page, url, OTHER_TOKEN, admin=False)

@@ -31,13 +31,14 @@ def response_schemas() -> dict[str, Schema]:
 def _job_schemas() -> dict[str, Schema]:
     """A job, its items, and a page of jobs."""
     string, _, boolean, strings = _primitives()
-    item = {"type": "object", "properties": {
+    item = answer({
         "index": {"type": "integer"}, "state": {"enum": list(ITEM_STATES)}, "success": boolean,
-        "prompt": nullable("string"), "seed": nullable("integer"), "files": strings,
+        "prompt": nullable("string"), "name": nullable("string"),
+        "seed": nullable("integer"), "files": strings,
         "urls": strings, "count": {"type": "integer"}, "model_requested": string,
         "model_used": nullable("string"), "routed": nullable("string"), "notes": strings,
-        "prediction_id": nullable("string"), "attempts": {"type": "array",
-                                                          "items": {"type": "object"}},
+        "prediction_id": nullable("string"),
+        "attempts": {"type": "array", "items": ref("Attempt")},
         "cost_usd": nullable("number"), "placeholder": boolean,
         "error": nullable("string"), "error_type": nullable("string"),
         "queued_at": nullable("string"), "started_at": nullable("string"),

@@ -32,13 +32,15 @@ from replicate_generation.web.sessions import ConsoleSession, SessionStore
 
 HERE = Path(__file__).resolve().parent
 bp = Blueprint("console", __name__, template_folder="templates")
-ASSETS = {"console.css", "console.js", "job.js", "common.js"}
+ASSETS = {"console.css", "console.js", "job.js", "common.js", "usage.js", "keys.js"}
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
        "media-src 'self'; connect-src 'self'; form-action 'self'; base-uri 'none'; "
        "frame-ancestors 'none'; object-src 'none'")
 # What the console may reach of the JSON API (no /configure, no webhook secret).
-FORWARDED = re.compile(r"^(models|status|generate-batch|jobs(/[A-Za-z0-9_-]+"
-                       r"(/(cancel|retry|archive))?)?|files/.+)$")
+# /keys answers only the admin (the API's own check); event streams pass through unbuffered.
+FORWARDED = re.compile(r"^(models|status|generate-batch|events|usage|jobs(/[A-Za-z0-9_-]+"
+                       r"(/(cancel|retry|archive|items|events))?)?|keys(/[A-Za-z0-9_-]+(/rotate)?)?"
+                       r"|files/.+)$")
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 NOT_ACCEPTED = "That key was not accepted."
 
@@ -89,6 +91,18 @@ def job_page(job_id: str) -> WerkzeugResponse | str:
     return _page("job.html", job_id=job_id)
 
 
+@bp.get("/console/usage")
+def usage_page() -> WerkzeugResponse | str:
+    """Spend by key, model and day, as a chart and a table (from GET /usage)."""
+    return _page("usage.html")
+
+
+@bp.get("/console/keys")
+def keys_page() -> WerkzeugResponse | str:
+    """The admin's issued keys: mint, rotate, revoke (the secret shown once)."""
+    return _page("keys.html")
+
+
 @bp.post("/console/sign-in")
 def sign_in() -> WerkzeugResponse:
     """Check the key (a token with Replicate) and open a session; the key stays on the server."""
@@ -136,6 +150,12 @@ def api_write(path: str) -> WerkzeugResponse:
     return _api(path)
 
 
+@bp.delete("/console/api/<path:path>")
+def api_delete(path: str) -> WerkzeugResponse:
+    """DELETE on the JSON API (a key's revocation) as the session's account; needs CSRF."""
+    return _api(path)
+
+
 def _api(path: str) -> WerkzeugResponse:
     current = _current()
     if current is None:
@@ -153,6 +173,7 @@ def _forward(path: str, current: ConsoleSession) -> WerkzeugResponse:
                if k not in ("HTTP_COOKIE", "HTTP_X_ADMIN_API_KEY", "HTTP_X_REPLICATE_API_KEY",
                             "werkzeug.request")}
     environ["PATH_INFO"] = "/" + path
+    environ["HTTP_X_OUTPUT_DELIVERY"] = "stream"  # the page's CSP admits no bucket's URL
     if current.admin:
         environ["HTTP_X_ADMIN_API_KEY"] = context.settings().admin_api_key or ""
     else:
