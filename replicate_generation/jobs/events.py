@@ -19,7 +19,7 @@ from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import ColumnElement, Connection, func, insert, select
+from sqlalchemy import ColumnElement, Connection, bindparam, func, insert, select
 
 from replicate_generation.jobs.database import JobDatabase
 from replicate_generation.jobs.rows import JobRow, count_items, job_cost
@@ -33,6 +33,11 @@ _APPEND_LOCK = 0x72675F65767473
 _APPENDED = "rg_job_events_appended"
 # Events one read returns at most (a stream reads again at once while there are more).
 READ_BATCH = 200
+
+# Built once: rebuilding a statement per append cost more than running it.
+_OWNER = select(jobs.c.account, jobs.c.key_id).where(jobs.c.id == bindparam("job_id"))
+_APPEND_ORDER = select(func.pg_advisory_xact_lock(_APPEND_LOCK))
+_INSERT = insert(job_events)
 
 FileSize = Callable[[str], "int | None"]
 
@@ -152,16 +157,14 @@ class EventLog:
     def _append(self, conn: Connection, job_id: str, kind: str, now: float,
                 data: Callable[[], dict[str, Any]]) -> None:
         """Lock first, then read what the event says: it matches the order of the ids."""
-        owner = conn.execute(select(jobs.c.account, jobs.c.key_id)
-                             .where(jobs.c.id == job_id)).first()
+        owner = conn.execute(_OWNER, {"job_id": job_id}).first()
         if owner is None:
             return
         if self._db.backend == "postgresql":
-            conn.execute(select(func.pg_advisory_xact_lock(_APPEND_LOCK)))
+            conn.execute(_APPEND_ORDER)
         body = json.dumps({"job_id": job_id, **data()}, separators=(",", ":"))
-        conn.execute(insert(job_events).values(job_id=job_id, account=owner.account,
-                                               key_id=owner.key_id, at=now, kind=kind,
-                                               data=body))
+        conn.execute(_INSERT, {"job_id": job_id, "account": owner.account,
+                               "key_id": owner.key_id, "at": now, "kind": kind, "data": body})
         conn.info.get(_APPENDED, []).append(True)
 
     # -- reads -------------------------------------------------------------------------------

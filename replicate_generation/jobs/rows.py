@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Row, select
+from sqlalchemy import Connection, Row, bindparam, select
 
 from replicate_generation.jobs.schema import job_items, jobs
 from replicate_generation.jobs.shared_values import unpack
@@ -182,16 +182,21 @@ def item_row(row: Row[Any], values: dict[str, str]) -> ItemRow:
 
 
 def load_job(conn: Connection, job_id: str) -> JobRow | None:
-    row = conn.execute(select(*JOB_COLUMNS).where(jobs.c.id == job_id)).first()
+    row = conn.execute(_JOB_BY_ID, {"job_id": job_id}).first()
     if row is None:
         return None
     return job_row(row)
 
 
+# Built once: the hottest reads of a job's row, by bound id.
+_JOB_BY_ID = select(*JOB_COLUMNS).where(jobs.c.id == bindparam("job_id"))
+_KEPT_COUNTS = select(*(jobs.c[f"{state}_items"] for state in ITEM_STATES)).where(
+    jobs.c.id == bindparam("job_id"))
+
+
 def count_items(conn: Connection, job_id: str) -> dict[str, int]:
     """The job's items by state, every state present: the counts kept on its row."""
-    row = conn.execute(select(*(jobs.c[f"{state}_items"] for state in ITEM_STATES))
-                       .where(jobs.c.id == job_id)).first()
+    row = conn.execute(_KEPT_COUNTS, {"job_id": job_id}).first()
     return kept_counts(row) if row is not None else dict.fromkeys(ITEM_STATES, 0)
 
 

@@ -12,7 +12,6 @@ from typing import Any, Literal
 from sqlalchemy import (
     ColumnElement,
     Connection,
-    Executable,
     func,
     insert,
     select,
@@ -75,6 +74,10 @@ class JobStore:
         self.keys = IssuedKeys(self.db)
         self.spend = SpendLedger(self.db)
         self.audit = AuditLog(self.db)
+        # Built once: a job's insert, rebuilt per create, cost more than running it.
+        self._insert_job = self.db.insert(jobs).on_conflict_do_nothing(
+            index_elements=[jobs.c.account, jobs.c.idempotency_key],
+            index_where=jobs.c.idempotency_key.is_not(None)).returning(jobs.c.id)
 
     def close(self) -> None:
         """Close the pooled connections (the store opens new ones if used again)."""
@@ -103,7 +106,7 @@ class JobStore:
                 check_room(conn, job.account, size, bounds, now)
             for budget in budgets:
                 check_budget(conn, budget, [item.reserved_usd for item in job.items], now)
-            if conn.execute(self._new_job(job, owner, now, size)).first() is None:
+            if conn.execute(self._insert_job, _new_job(job, owner, now, size)).first() is None:
                 # Another process created the key's job meanwhile (PostgreSQL only).
                 raced = _keyed_job(conn, job)
                 assert raced is not None  # noqa: S101 - the conflict was on that key
@@ -118,19 +121,6 @@ class JobStore:
         assert created is not None  # noqa: S101 - inserted in this transaction
         created.cost_usd = 0.0  # nothing has run yet
         return created, True
-
-    def _new_job(self, job: NewJob, owner: str, now: float, size: int) -> Executable:
-        return self.db.insert(jobs).values(
-            id=job.id, account=job.account, kind=job.kind, origin=job.origin, state="queued",
-            request_id=job.request_id, item_count=len(job.items), queued_items=len(job.items),
-            owner=owner, created_at=now,
-            idempotency_key=job.idempotency_key, request_hash=job.request_hash,
-            webhook_url=job.webhook_url, webhook_private=int(job.webhook_private), fence=1,
-            record_bytes=size, key_id=job.key_id, caller=job.caller, priority=job.priority,
-            start_deadline=job.start_deadline,
-        ).on_conflict_do_nothing(index_elements=[jobs.c.account, jobs.c.idempotency_key],
-                                 index_where=jobs.c.idempotency_key.is_not(None),
-                                 ).returning(jobs.c.id)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -440,3 +430,14 @@ def _unconfirmed_cancels(conn: Connection, job_id: str) -> int:
     count = conn.execute(select(func.count()).select_from(job_items).where(
         job_items.c.job_id == job_id, job_items.c.error_type == CANCEL_UNCONFIRMED)).scalar()
     return int(count or 0)
+
+
+def _new_job(job: NewJob, owner: str, now: float, size: int) -> dict[str, Any]:
+    """The job row's values, for the store's prepared insert."""
+    return {"id": job.id, "account": job.account, "kind": job.kind, "origin": job.origin,
+            "state": "queued", "request_id": job.request_id, "item_count": len(job.items),
+            "queued_items": len(job.items), "owner": owner, "created_at": now,
+            "idempotency_key": job.idempotency_key, "request_hash": job.request_hash,
+            "webhook_url": job.webhook_url, "webhook_private": int(job.webhook_private),
+            "fence": 1, "record_bytes": size, "key_id": job.key_id, "caller": job.caller,
+            "priority": job.priority, "start_deadline": job.start_deadline}
