@@ -4,7 +4,8 @@ A job of N items is submitted while the account's limit (10) is full of predicti
 end, so N - 10 items wait. Printed: the worker's RSS growth per queued item once the job is
 accepted. The baseline, in the same run, is what a user writes instead: a ThreadPoolExecutor of
 10 threads with N `replicate.Client.run` calls submitted to it (a future and a closure per item),
-in a process of its own so its RSS is its own. Goal (#22): under 2 KB per queued item.
+in a process of its own so its RSS is its own. Goal (#22): under 2 KB per queued item, read as
+the growth per item added between sizes (the first size also pays start-up costs).
 
     .venv/bin/python bench/queued_memory.py
     .venv/bin/python bench/queued_memory.py --items 1000 5000
@@ -104,23 +105,29 @@ def main() -> None:
                               create_burst=100_000, other_rate_per_minute=1e6,
                               other_burst=100_000))
     sim.start()
-    print(f"limit {LIMIT}, predictions that never end; RSS growth once the job is queued")
-    print(f"{'items':>7}{'service KiB':>13}{'B/queued':>10}{'accept s':>10}"
-          f"{'pool KiB':>11}{'B/queued':>10}{'ratio':>8}")
-    worst = 0.0
+    print(f"limit {LIMIT}, predictions that never end; RSS growth once the job is queued; "
+          "marginal = growth per item added since the previous size (fixed costs cancel)")
+    print(f"{'items':>7}{'service KiB':>13}{'marginal B':>12}{'accept s':>10}"
+          f"{'pool KiB':>11}{'marginal B':>12}{'ratio':>8}")
+    slopes: list[float] = []
+    previous = (0, 0, 0)
     try:
-        for items in args.items:
+        for items in sorted(args.items):
             grown, accepted = service_growth(sim, items)
             pool = baseline_growth(sim, items)
-            per_item, pool_per_item = grown / (items - LIMIT), pool / (items - LIMIT)
-            worst = max(worst, per_item)
-            print(f"{items:>7}{grown / KIB:>13.0f}{per_item:>10.0f}{accepted:>10.2f}"
-                  f"{pool / KIB:>11.0f}{pool_per_item:>10.0f}"
-                  f"{per_item / max(1.0, pool_per_item):>8.2f}", flush=True)
+            added = items - previous[0]
+            slope, pool_slope = (grown - previous[1]) / added, (pool - previous[2]) / added
+            if previous[0]:
+                slopes.append(slope)
+            print(f"{items:>7}{grown / KIB:>13.0f}{slope:>12.0f}{accepted:>10.2f}"
+                  f"{pool / KIB:>11.0f}{pool_slope:>12.0f}"
+                  f"{slope / max(1.0, pool_slope):>8.2f}", flush=True)
+            previous = (items, grown, pool)
     finally:
         sim.stop()
+    worst = max(slopes, default=float("inf"))
     ok = worst < 2 * KIB
-    print(f"goal: under 2 KiB per queued item -> {'met' if ok else 'MISSED'} "
+    print(f"goal: under 2 KiB per queued item (marginal) -> {'met' if ok else 'MISSED'} "
           f"(worst {worst:.0f} B)")
     sys.exit(0 if ok else 1)
 
