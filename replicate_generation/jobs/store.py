@@ -12,6 +12,7 @@ from typing import Any, Literal
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    bindparam,
     func,
     insert,
     select,
@@ -385,11 +386,18 @@ def _item_fenced(fence: int | None) -> list[ColumnElement[bool]]:
     return [] if fence is None else [_ITEM_FENCE == fence]
 
 
+# Built once: every item write runs these, and rebuilding them cost more than running them.
+_FENCE = select(jobs.c.fence).where(jobs.c.id == bindparam("job_id")).with_for_update(
+    read=True, key_share=True)
+_ITEM_STATE = select(job_items.c.state).where(
+    job_items.c.job_id == bindparam("job_id"), job_items.c.idx == bindparam("idx")
+).with_for_update(key_share=True)
+
+
 def _fence_holds(conn: Connection, job_id: str, fence: int | None) -> bool:
     """Share-lock the job's row (PostgreSQL: FOR KEY SHARE, so a claim waits but the job's other
     items do not); True if it is there with this fence (or any, if None)."""
-    current = conn.execute(select(jobs.c.fence).where(jobs.c.id == job_id)
-                           .with_for_update(read=True, key_share=True)).scalar()
+    current = conn.execute(_FENCE, {"job_id": job_id}).scalar()
     return current is not None and (fence is None or current == fence)
 
 
@@ -409,9 +417,7 @@ def _keyed_job(conn: Connection, job: NewJob) -> JobRow | None:
 
 def _locked_state(conn: Connection, job_id: str, index: int) -> str | None:
     """The item's state, its row locked until the write ends (PostgreSQL)."""
-    return conn.execute(select(job_items.c.state).where(
-        job_items.c.job_id == job_id, job_items.c.idx == index)
-        .with_for_update(key_share=True)).scalar()
+    return conn.execute(_ITEM_STATE, {"job_id": job_id, "idx": index}).scalar()
 
 
 def _final_state(job: JobRow, counts: dict[str, int], unconfirmed: int = 0) -> str:
