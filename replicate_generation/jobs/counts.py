@@ -5,6 +5,7 @@ finished jobs' totals, kept as jobs finish and go, so /metrics never reads every
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import cache
 from typing import Any
 
 from sqlalchemy import (
@@ -12,6 +13,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Select,
+    Update,
     bindparam,
     func,
     literal_column,
@@ -32,16 +34,23 @@ def move_items(conn: Connection, job_id: str, before: str | None, after: str | N
                count: int = 1, *, cost: float = 0.0) -> None:
     """`count` of the job's items went from state `before` to `after` (None: not there);
     `cost` is added to the job's summed cost."""
+    moved = before != after and bool(count)
+    if moved or cost:
+        statement = _move(before if moved else None, after if moved else None, bool(cost))
+        conn.execute(statement, {"w_job": job_id, "v_count": count, "v_cost": cost})
+
+
+@cache
+def _move(before: str | None, after: str | None, with_cost: bool) -> Update:
+    """The UPDATE that moves counts between two states (and adds a cost), built once per pair."""
     values: dict[Column[Any], ColumnElement[Any]] = {}
-    if before != after and count:
-        if before is not None:
-            values[COUNT_COLUMNS[before]] = COUNT_COLUMNS[before] - count
-        if after is not None:
-            values[COUNT_COLUMNS[after]] = COUNT_COLUMNS[after] + count
-    if cost:
-        values[jobs.c.cost_usd] = jobs.c.cost_usd + cost
-    if values:
-        conn.execute(update(jobs).where(jobs.c.id == job_id).values(values))
+    if before is not None:
+        values[COUNT_COLUMNS[before]] = COUNT_COLUMNS[before] - bindparam("v_count")
+    if after is not None:
+        values[COUNT_COLUMNS[after]] = COUNT_COLUMNS[after] + bindparam("v_count")
+    if with_cost:
+        values[jobs.c.cost_usd] = jobs.c.cost_usd + bindparam("v_cost")
+    return update(jobs).where(jobs.c.id == bindparam("w_job")).values(values)
 
 
 def end_queued_items(conn: Connection, job_ids: Sequence[str], after: str) -> None:

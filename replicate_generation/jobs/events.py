@@ -38,6 +38,9 @@ READ_BATCH = 200
 _OWNER = select(jobs.c.account, jobs.c.key_id).where(jobs.c.id == bindparam("job_id"))
 _APPEND_ORDER = select(func.pg_advisory_xact_lock(_APPEND_LOCK))
 _INSERT = insert(job_events)
+_ITEM_ROW = select(job_items.c.state, job_items.c.model_used, job_items.c.cost_usd,
+                   job_items.c.error, job_items.c.error_type, job_items.c.files).where(
+    job_items.c.job_id == bindparam("job_id"), job_items.c.idx == bindparam("idx"))
 
 FileSize = Callable[[str], "int | None"]
 
@@ -122,10 +125,7 @@ class EventLog:
                      sizes: Mapping[str, int | None] | None = None) -> None:
         """The item's state as stored now; a finished item's files follow, one event each
         (`sizes`: their bytes)."""
-        row = conn.execute(select(job_items.c.state, job_items.c.model_used,
-                                  job_items.c.cost_usd, job_items.c.error,
-                                  job_items.c.error_type, job_items.c.files).where(
-            job_items.c.job_id == job_id, job_items.c.idx == index)).first()
+        row = conn.execute(_ITEM_ROW, {"job_id": job_id, "idx": index}).first()
         if row is None:
             return
         self._append(conn, job_id, "item.state", now, lambda: _item_state(conn, job_id, index,

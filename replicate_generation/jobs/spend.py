@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Select, func, literal, select
+from sqlalchemy import Connection, Double, Select, bindparam, func, select
 
 from replicate_generation.errors import BudgetExceeded
 from replicate_generation.jobs.database import JobDatabase
@@ -92,11 +92,27 @@ def _used(budget: Budget, now: float) -> Select[Any]:
     return select(settled + held)
 
 
+_LEDGER_COLUMNS = ["job_id", "item_idx", "at", "caller", "key_id", "account", "model",
+                   "prediction_id", "billed_seconds", "cost_usd"]
+_LEDGER_SOURCE = select(
+    job_items.c.job_id, job_items.c.idx, bindparam("v_now", type_=Double),
+    func.coalesce(jobs.c.caller, "unknown"), jobs.c.key_id, jobs.c.account,
+    func.coalesce(job_items.c.model_used, job_items.c.prediction_model),
+    job_items.c.prediction_id, bindparam("v_billed", type_=Double), job_items.c.cost_usd,
+).select_from(job_items.join(jobs, jobs.c.id == job_items.c.job_id)).where(
+    job_items.c.job_id == bindparam("w_job"), job_items.c.idx == bindparam("w_idx"),
+    job_items.c.prediction_id.is_not(None))
+
+
 class SpendLedger:
     """The ledger and the budget figures, on the job store's database."""
 
     def __init__(self, db: JobDatabase) -> None:
         self._db = db
+        # Built once: every finished item runs it.
+        self._record = db.insert(spend_ledger).from_select(_LEDGER_COLUMNS, _LEDGER_SOURCE) \
+            .on_conflict_do_nothing(index_elements=[spend_ledger.c.job_id,
+                                                    spend_ledger.c.item_idx])
 
     def used(self, budget: Budget, now: float) -> float:
         """What the key spent this period and its open items hold."""
@@ -106,19 +122,8 @@ class SpendLedger:
     def record(self, conn: Connection, job_id: str, index: int, billed_seconds: float | None,
                now: float) -> None:
         """Write the finished item to the ledger if it made a prediction (once)."""
-        source = select(
-            job_items.c.job_id, job_items.c.idx, literal(now),
-            func.coalesce(jobs.c.caller, "unknown"), jobs.c.key_id, jobs.c.account,
-            func.coalesce(job_items.c.model_used, job_items.c.prediction_model),
-            job_items.c.prediction_id, literal(billed_seconds), job_items.c.cost_usd,
-        ).select_from(job_items.join(jobs, jobs.c.id == job_items.c.job_id)).where(
-            job_items.c.job_id == job_id, job_items.c.idx == index,
-            job_items.c.prediction_id.is_not(None))
-        columns = ["job_id", "item_idx", "at", "caller", "key_id", "account", "model",
-                   "prediction_id", "billed_seconds", "cost_usd"]
-        stmt = self._db.insert(spend_ledger).from_select(columns, source)
-        conn.execute(stmt.on_conflict_do_nothing(
-            index_elements=[spend_ledger.c.job_id, spend_ledger.c.item_idx]))
+        conn.execute(self._record, {"w_job": job_id, "w_idx": index, "v_now": now,
+                                    "v_billed": billed_seconds})
 
     def usage(self, group_by: tuple[str, ...], since: float, until: float, *,
               key_id: str | None = None, account: str | None = None) -> list[dict[str, Any]]:

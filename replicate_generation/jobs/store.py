@@ -79,6 +79,9 @@ class JobStore:
         self._insert_job = self.db.insert(jobs).on_conflict_do_nothing(
             index_elements=[jobs.c.account, jobs.c.idempotency_key],
             index_where=jobs.c.idempotency_key.is_not(None)).returning(jobs.c.id)
+        files = self.db.insert(job_files)
+        self._own_files = files.on_conflict_do_update(
+            index_elements=[job_files.c.path], set_={"job_id": files.excluded.job_id})
 
     def close(self) -> None:
         """Close the pooled connections (the store opens new ones if used again)."""
@@ -254,21 +257,16 @@ class JobStore:
         job) running, in one write that also checks what the send depends on: the item still
         open, the job still this owner's (and fence's), and not canceled. Anything but "stored"
         wrote nothing, and nothing may be sent."""
-        stmt = update(job_items).where(
-            job_items.c.job_id == job_id, job_items.c.idx == index,
-            job_items.c.state.in_(OPEN_STATES), *_item_fenced(fence), _ITEM_OWNER == owner,
-            _ITEM_CANCELED.is_(None)).values(
-            attempts=json.dumps(attempts), prediction_id=None, prediction_model=None,
-            state="running", started_at=func.coalesce(job_items.c.started_at, now))
+        params = {"w_job": job_id, "w_idx": index, "w_owner": owner, "w_fence": fence,
+                  "v_attempts": json.dumps(attempts), "v_now": now}
         with self.events.write(patient=True) as conn:
             # The job's row first, as every writer locks it (PostgreSQL: no deadlock).
             before = _locked_state(conn, job_id, index) if _fence_holds(conn, job_id,
                                                                        fence) else None
-            if before is not None and conn.execute(stmt).rowcount:
+            intent = _INTENT if fence is None else _INTENT_FENCED
+            if before is not None and conn.execute(intent, params).rowcount:
                 move_items(conn, job_id, before, "running")
-                conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state == "queued")
-                             .values(state="running",
-                                     started_at=func.coalesce(jobs.c.started_at, now)))
+                conn.execute(_JOB_STARTED, {"w_job": job_id, "v_now": now})
                 if before != "running":  # a retry's intent changes nothing a stream shows
                     self.events.item_changed(conn, job_id, index, now)
                 return "stored"
@@ -296,30 +294,21 @@ class JobStore:
                     fence: int | None = None) -> bool:
         """Store how the item ended and own its files; False if the item is not there or the
         job was fenced off (then nothing is written)."""
-        stmt = update(job_items).where(job_items.c.job_id == job_id, job_items.c.idx == index,
-                                       *_item_fenced(fence)).values(
-            state=outcome.state, model_used=outcome.model_used,
-            attempts=json.dumps(outcome.attempts), files=json.dumps(outcome.files),
-            error=outcome.error, error_type=outcome.error_type, cost_usd=outcome.cost_usd,
-            placeholder=int(outcome.placeholder), notes=json.dumps(outcome.notes),
-            finished_at=now)
+        params = {"w_job": job_id, "w_idx": index, "w_fence": fence, **_finished(outcome, now)}
         sizes = self.events.file_sizes(outcome.files)  # asked before the write: a bucket is slow
         with self.events.write() as conn:
             # The job's row first, as every writer locks it (PostgreSQL: no deadlock).
-            before = conn.execute(select(job_items.c.state, job_items.c.cost_usd).where(
-                job_items.c.job_id == job_id, job_items.c.idx == index)
-                .with_for_update(key_share=True)).first() if _fence_holds(
-                conn, job_id, fence) else None
-            if before is None or not conn.execute(stmt).rowcount:
+            before = conn.execute(_ITEM_BEFORE, {"job_id": job_id, "idx": index}).first() \
+                if _fence_holds(conn, job_id, fence) else None
+            finish = _FINISH if fence is None else _FINISH_FENCED
+            if before is None or not conn.execute(finish, params).rowcount:
                 return False
             move_items(conn, job_id, before.state, outcome.state,
                        cost=(outcome.cost_usd or 0.0) - (before.cost_usd or 0.0))
             self.spend.record(conn, job_id, index, outcome.billed_seconds, now)
             if outcome.files:
-                files = self.db.insert(job_files)
-                conn.execute(files.on_conflict_do_update(
-                    index_elements=[job_files.c.path], set_={"job_id": files.excluded.job_id}),
-                    [{"path": path, "job_id": job_id} for path in outcome.files])
+                conn.execute(self._own_files,
+                             [{"path": path, "job_id": job_id} for path in outcome.files])
             self.events.item_changed(conn, job_id, index, now, sizes)
         return True
 
@@ -354,8 +343,8 @@ class JobStore:
 
     def _items_open(self, job_id: str) -> bool:
         """From the job's kept counts: one row, however many items it has."""
-        return bool(self.db.scalar(select(jobs.c.queued_items + jobs.c.running_items)
-                                   .where(jobs.c.id == job_id)))
+        with self.db.read() as conn:
+            return bool(conn.execute(_OPEN_ITEMS, {"job_id": job_id}).scalar())
 
     def request_cancel(self, job_id: str, now: float) -> list[int]:
         """Flag the job canceled and drop its queued items; return the items still running."""
@@ -387,6 +376,30 @@ def _item_fenced(fence: int | None) -> list[ColumnElement[bool]]:
 
 
 # Built once: every item write runs these, and rebuilding them cost more than running them.
+_FINISH_WHERE = (job_items.c.job_id == bindparam("w_job"),
+                 job_items.c.idx == bindparam("w_idx"))
+_FINISH_VALUES: dict[str, Any] = {name: bindparam(f"v_{name}") for name in (
+    "state", "model_used", "attempts", "files", "error", "error_type", "cost_usd", "placeholder",
+    "notes", "finished_at")}
+_FINISH = update(job_items).where(*_FINISH_WHERE).values(_FINISH_VALUES)
+_FINISH_FENCED = update(job_items).where(
+    *_FINISH_WHERE, _ITEM_FENCE == bindparam("w_fence")).values(_FINISH_VALUES)
+_ITEM_BEFORE = select(job_items.c.state, job_items.c.cost_usd).where(
+    job_items.c.job_id == bindparam("job_id"), job_items.c.idx == bindparam("idx")
+).with_for_update(key_share=True)
+_OPEN_ITEMS = select(jobs.c.queued_items + jobs.c.running_items).where(
+    jobs.c.id == bindparam("job_id"))
+_INTENT_WHERE = (job_items.c.job_id == bindparam("w_job"), job_items.c.idx == bindparam("w_idx"),
+                 job_items.c.state.in_(OPEN_STATES), _ITEM_OWNER == bindparam("w_owner"),
+                 _ITEM_CANCELED.is_(None))
+_INTENT_VALUES: dict[str, Any] = {
+    "attempts": bindparam("v_attempts"), "prediction_id": None, "prediction_model": None,
+    "state": "running", "started_at": func.coalesce(job_items.c.started_at, bindparam("v_now"))}
+_INTENT = update(job_items).where(*_INTENT_WHERE).values(_INTENT_VALUES)
+_INTENT_FENCED = update(job_items).where(
+    *_INTENT_WHERE, _ITEM_FENCE == bindparam("w_fence")).values(_INTENT_VALUES)
+_JOB_STARTED = update(jobs).where(jobs.c.id == bindparam("w_job"), jobs.c.state == "queued").values(
+    state="running", started_at=func.coalesce(jobs.c.started_at, bindparam("v_now")))
 _FENCE = select(jobs.c.fence).where(jobs.c.id == bindparam("job_id")).with_for_update(
     read=True, key_share=True)
 _ITEM_STATE = select(job_items.c.state).where(
@@ -447,3 +460,12 @@ def _new_job(job: NewJob, owner: str, now: float, size: int) -> dict[str, Any]:
             "webhook_url": job.webhook_url, "webhook_private": int(job.webhook_private),
             "fence": 1, "record_bytes": size, "key_id": job.key_id, "caller": job.caller,
             "priority": job.priority, "start_deadline": job.start_deadline}
+
+
+def _finished(outcome: ItemOutcome, now: float) -> dict[str, Any]:
+    """The finished item's values, for the prepared update."""
+    return {"v_state": outcome.state, "v_model_used": outcome.model_used,
+            "v_attempts": json.dumps(outcome.attempts), "v_files": json.dumps(outcome.files),
+            "v_error": outcome.error, "v_error_type": outcome.error_type,
+            "v_cost_usd": outcome.cost_usd, "v_placeholder": int(outcome.placeholder),
+            "v_notes": json.dumps(outcome.notes), "v_finished_at": now}
