@@ -6,9 +6,8 @@ without a prompt and the names dict outputs take, all over HTTP against the simu
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -19,6 +18,9 @@ from conftest import ADMIN, SERVER_TOKEN
 from replicate_generation.devtools.simulator import Simulator, schema_models
 from replicate_generation.models import schema_fetch
 from replicate_generation.models.schemas import ModelPolicy
+
+# The other-models suite's fresh schema cache (autouse) and its request helpers.
+from test_any_model import creates, fresh_schema_cache, generate  # noqa: F401
 from test_jobs import submit_async, wait_terminal
 
 STYLE = schema_models.STYLE
@@ -30,27 +32,9 @@ OLD = schema_models.version_id(STYLE, "v1")
 IMAGE_URL = "https://example.com/photo.png"
 
 
-@pytest.fixture(autouse=True)
-def fresh_schema_cache() -> Iterator[None]:
-    schema_fetch.CACHE.clear()
-    yield
-    schema_fetch.CACHE.clear()
-
-
 @pytest.fixture
 def client(make_app: Callable[..., Flask]) -> FlaskClient:
     return make_app(model_policy=ModelPolicy("any")).test_client()
-
-
-def creates(sim: Simulator) -> list[dict[str, Any]]:
-    """Every create the simulator was sent (answered or not), in order."""
-    return [e for e in sim.requests_log()
-            if e["method"] == "POST" and e["path"].endswith("/predictions")]
-
-
-def generate(client: FlaskClient, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    response = client.post("/generate", json=body, headers=ADMIN)
-    return response.status_code, response.get_json()
 
 
 def pinned(ref: str, version: str | None = None) -> str:

@@ -8,7 +8,7 @@ hold more than the budget."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import Any
@@ -22,7 +22,6 @@ from conftest import ADMIN, SERVER_TOKEN, HeldClock
 from replicate_generation.devtools.simulator import Simulator, schema_models
 from replicate_generation.errors import SettingsError
 from replicate_generation.model_functions import CANCEL_WAIT_SECONDS
-from replicate_generation.models import schema_fetch
 from replicate_generation.models.hardware import (
     HARDWARE_USD_PER_SECOND,
     PRICES_AS_OF,
@@ -32,6 +31,7 @@ from replicate_generation.models.schemas import ModelPolicy
 from replicate_generation.settings import Settings
 from servers import Gunicorn, wait_for
 from shared_backends import postgres_database
+from test_any_model import creates, fresh_schema_cache  # noqa: F401
 from test_issued_keys import as_key, mint
 from test_jobs import wait_terminal
 
@@ -46,22 +46,10 @@ MOST = round(RATE * (TASK_TIMEOUT + CANCEL_WAIT_SECONDS), 6)
 HELD = {"sync_wait_seconds": 0, "poll_interval_seconds": 0.05}
 
 
-@pytest.fixture(autouse=True)
-def fresh_schema_cache() -> Iterator[None]:
-    schema_fetch.CACHE.clear()
-    yield
-    schema_fetch.CACHE.clear()
-
-
 def priced_app(make_app: Callable[..., Flask], **overrides: Any) -> Flask:
     return make_app(**{"model_policy": ModelPolicy("any"),
                        "model_hardware": ModelHardware.parse(HARDWARE),
                        "task_timeout_seconds": TASK_TIMEOUT, **overrides})
-
-
-def creates(sim: Simulator) -> list[dict[str, Any]]:
-    return [e for e in sim.requests_log()
-            if e["method"] == "POST" and e["path"].endswith("/predictions")]
 
 
 def run(client: FlaskClient, headers: dict[str, str], model: str, prompt: str) -> Any:
