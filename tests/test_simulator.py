@@ -527,17 +527,17 @@ def test_inflight_counts_follow_hang_cancel_and_completion(
 
 
 def test_concurrent_creates_are_all_counted(
-    live: Simulator, make_http: Callable[..., httpx.Client]
+    clocked: Simulator, make_http: Callable[..., httpx.Client]
 ) -> None:
-    live.configure(run_seconds=1.0)
-    http = make_http(live)
+    # The clock stands still: no prediction can end while the others are still being created.
+    http = make_http(clocked)
     with ThreadPoolExecutor(32) as pool:
         answers = list(
             pool.map(lambda i: post_create(http, {"input": {"prompt": f"{i}"}}), range(64))
         )
     assert {a.status_code for a in answers} == {201}
     assert len({a.json()["id"] for a in answers}) == 64
-    stats = live.stats(TOKEN)
+    stats = clocked.stats(TOKEN)
     assert stats["creates_accepted"] == 64 and stats["inflight_peak"] == 64
 
 
