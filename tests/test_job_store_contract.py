@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,10 @@ import pytest
 from sqlalchemy import create_engine, exc, text
 
 import pg_server
-from replicate_generation.errors import IdempotencyConflict, StoreUnavailable
+from replicate_generation.errors import AccountStoreFull, IdempotencyConflict, StoreUnavailable
 from replicate_generation.jobs.keys import KeyNameTaken
 from replicate_generation.jobs.migrations import migrate
+from replicate_generation.jobs.retention import AccountBounds
 from replicate_generation.jobs.rows import CANCEL_UNCONFIRMED, ItemOutcome, NewItem, NewJob
 from replicate_generation.jobs.schema import database_url, open_engine
 from replicate_generation.jobs.store import JobStore
@@ -234,6 +236,18 @@ def test_concurrent_creates_with_one_key_make_one_job(
     assert sorted(created for _, created in results) == [False, True], results
     assert {job.id for job, _ in results} == {next(j.id for j, c in results if c)}
     assert len(first.list_jobs("acct_a", 10)) == 1
+
+
+def test_concurrent_creates_of_one_account_never_pass_its_job_bound(
+        open_store: Callable[[], JobStore]) -> None:
+    stores = [open_store() for _ in range(4)]
+    bounds = AccountBounds(max_jobs=3, max_bytes=10_000_000, retention_seconds=60.0)
+    results = together(*(partial(stores[i % 4].create, new_job(f"job_{i}", 2), "w", 1.0,
+                                 bounds=bounds) for i in range(12)))
+    created = [r for r in results if isinstance(r, tuple)]
+    refused = [r for r in results if isinstance(r, AccountStoreFull)]
+    assert len(created) == 3 and len(refused) == 9, results
+    assert len(stores[0].list_jobs("acct_a", 20)) == 3
 
 
 def test_items_keep_their_order_and_a_long_shared_value_is_stored_once(

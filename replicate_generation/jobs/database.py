@@ -4,6 +4,7 @@ health checks."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import sqlite3
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, Select, Table, exc, select
+from sqlalchemy import Connection, Select, Table, exc, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from replicate_generation.errors import StoreBusy, StoreUnavailable
@@ -35,6 +36,15 @@ from replicate_generation.sqlite_db import (
 log = logging.getLogger(__name__)
 
 _RECONNECT_PAUSE_MAX_S = 2.0
+
+
+def lock_for_transaction(conn: Connection, name: str) -> None:
+    """Serialise PostgreSQL transactions that check then write under `name` (SQLite's writers
+    already take turns); released at commit."""
+    if conn.dialect.name == "postgresql":
+        digest = hashlib.sha256(name.encode()).digest()
+        conn.execute(select(func.pg_advisory_xact_lock(
+            int.from_bytes(digest[:8], "big", signed=True))))
 
 
 class JobDatabase:

@@ -12,7 +12,7 @@ from sqlalchemy import Connection, delete, func, or_, select
 from replicate_generation.clients import account_key
 from replicate_generation.errors import AccountStoreFull
 from replicate_generation.jobs.counts import forget_finished
-from replicate_generation.jobs.database import JobDatabase
+from replicate_generation.jobs.database import JobDatabase, lock_for_transaction
 from replicate_generation.jobs.schema import job_events, job_files, job_items, job_values, jobs
 from replicate_generation.settings import Settings
 
@@ -48,11 +48,12 @@ def record_size(items: Sequence[dict[str, object]], values: Sequence[dict[str, o
 def check_room(conn: Connection, account: str, size: int, bounds: AccountBounds,
                now: float) -> None:
     """AccountStoreFull (413 or 429) unless one more job of `size` bytes fits the account's bounds;
-    run in the write that stores the job (on SQLite nobody else writes meanwhile)."""
+    run in the write that stores the job, which holds the account's lock until it commits."""
     if size > bounds.max_bytes:
         raise AccountStoreFull(
             f"This job's records take {size} bytes, more than the {bounds.max_bytes} an "
             "account may keep (MAX_JOB_BYTES_PER_ACCOUNT): send it in smaller jobs", status=413)
+    lock_for_transaction(conn, f"room:{account}")
     count, used = conn.execute(select(func.count(), func.coalesce(func.sum(
         jobs.c.record_bytes), 0)).where(jobs.c.account == account)).one()
     if count + 1 > bounds.max_jobs:

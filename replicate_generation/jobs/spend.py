@@ -4,7 +4,6 @@ is summed for budgets and grouped for /usage."""
 
 from __future__ import annotations
 
-import hashlib
 from calendar import timegm
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from typing import Any
 from sqlalchemy import Connection, Double, Select, bindparam, func, select
 
 from replicate_generation.errors import BudgetExceeded
-from replicate_generation.jobs.database import JobDatabase
+from replicate_generation.jobs.database import JobDatabase, lock_for_transaction
 from replicate_generation.jobs.rows import OPEN_STATES
 from replicate_generation.jobs.schema import api_keys, job_items, jobs, spend_ledger
 
@@ -72,10 +71,8 @@ def _lock(conn: Connection, budget: Budget) -> None:
     if budget.key_id is not None:
         conn.execute(select(api_keys.c.id).where(api_keys.c.id == budget.key_id)
                      .with_for_update())
-    elif conn.dialect.name == "postgresql":
-        digest = hashlib.sha256(f"budget:{budget.account}".encode()).digest()
-        conn.execute(select(func.pg_advisory_xact_lock(
-            int.from_bytes(digest[:8], "big", signed=True))))
+    else:
+        lock_for_transaction(conn, f"budget:{budget.account}")
 
 
 def _used(budget: Budget, now: float) -> Select[Any]:
