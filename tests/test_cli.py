@@ -302,17 +302,17 @@ def test_migrate_brings_a_sqlite_state_file_and_a_postgresql_database_to_the_hea
         cli: Cli, make_settings: Callable[..., Settings]) -> None:
     settings = make_settings()
     assert cli.run(["migrate"], cli_env(settings)) == 0
-    assert "sqlite job store at revision 0007_job_counts" in cli.log()
+    assert "sqlite job store at revision 0008_item_runners" in cli.log()
     assert settings.state_file.is_file()
     with redis_prefix() as prefix, postgres_database() as database:
         shared = make_settings(database_url=database, redis_url=REDIS_URL,
                                redis_key_prefix=prefix)
         assert cli.run(["migrate"], cli_env(shared)) == 0
         assert cli.run(["migrate"], cli_env(shared)) == 0  # a second run changes nothing
-        assert "postgresql job store at revision 0007_job_counts" in cli.log()
+        assert "postgresql job store at revision 0008_item_runners" in cli.log()
         with psycopg.connect(database) as conn:
             row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
-        assert row == ("0007_job_counts",)
+        assert row == ("0008_item_runners",)
 
 
 def test_the_simulator_command_takes_its_options_as_the_readme_writes_them(

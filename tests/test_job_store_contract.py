@@ -33,7 +33,7 @@ from replicate_generation.sqlite_db import patient_writes
 from shared_backends import missing
 
 SHARED_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-HEAD = "0007_job_counts"
+HEAD = "0008_item_runners"
 TABLES = ("job_files", "job_values", "job_items", "jobs", "job_workers", "api_keys",
           "spend_ledger", "audit_log", "job_totals")
 OK = ItemOutcome(state="succeeded", model_used="flux-dev")
@@ -454,6 +454,53 @@ def test_two_stores_claiming_at_once_take_every_orphan_exactly_once(
     assert {first.owners.owner(job_id) for job_id in claimed_a} <= {"a"}
     assert together(lambda: first.owners.claim_orphans("a", ["acct_a"], 101.0, 30.0),
                     lambda: second.owners.claim_orphans("b", ["acct_a"], 101.0, 30.0)) == [[], []]
+
+
+def test_processes_claiming_one_job_at_once_get_every_item_once(
+        open_store: Callable[[], JobStore]) -> None:
+    first, second = open_store(), open_store()
+    first.create(new_job("job_c", 30), "owner", 1.0)
+    results = together(*(partial(store.claims.claim, "job_c", name, 4, fence=1)
+                         for store in (first, second) for name in ("a", "b", "c", "d")))
+    assert all(isinstance(r, list) for r in results), results
+    claimed = [index for batch in results for index in batch]
+    assert sorted(claimed) == list(range(30)) and len(claimed) == 30
+    assert first.claims.claim("job_c", "e", 4, fence=1) == []
+    assert first.claims.claim("job_c", "e", 4, fence=2) == []  # a stale fence claims nothing
+
+
+def test_only_an_items_runner_writes_it_and_a_dead_runners_items_return_to_the_owner(
+        store: JobStore) -> None:
+    store.create(new_job("job_r", 4), "owner", 1.0)
+    store.owners.heartbeat("owner", 1.0)
+    store.owners.heartbeat("helper", 1.0)
+    assert store.claims.claim("job_r", "helper", 2, fence=1) == [0, 1]
+    assert store.item_to_run("job_r", 0, fence=1, runner="owner") is None
+    assert store.record_intent("job_r", 0, [{"a": 1}], 2.0, owner="owner", fence=1) == "not_ours"
+    assert store.record_intent("job_r", 0, [{"a": 1}], 2.0, owner="helper", fence=1) == "stored"
+    assert not store.finish_item("job_r", 0, OK, 3.0, fence=1, runner="owner")
+    assert store.claims.runs("job_r", 0, "helper", 1) and not store.claims.runs("job_r", 0,
+                                                                                "owner", 1)
+    store.claims.give_back("helper", ["job_r"])  # the unstarted item 1 only
+    assert store.claims.claim("job_r", "owner", 9, fence=1, as_owner=True) == [1, 2, 3]
+    # The helper stops beating: its started item goes back to the job's owner.
+    store.owners.heartbeat("owner", 100.0)
+    assert store.owners.claim_orphans("owner", ["acct_a"], 100.0, 30.0) == []
+    assert store.claims.free_dead_runners("owner") == ["job_r"]
+    assert store.claims.claim("job_r", "owner", 9, fence=1, as_owner=True) == [0]
+    assert store.finish_item("job_r", 0, OK, 101.0, fence=1, runner="owner")
+
+
+def test_a_helper_is_offered_only_live_owners_open_uncanceled_jobs(store: JobStore) -> None:
+    for job_id, owner in (("job_1", "a"), ("job_2", "a"), ("job_3", "dead"), ("job_4", "b")):
+        store.create(new_job(job_id, 2), owner, 1.0)
+    for worker in ("a", "b"):
+        store.owners.heartbeat(worker, 1.0)
+    store.request_cancel("job_2", 2.0)
+    assert store.claims.to_help("b", ["acct_a"], "service") == [("job_1", 1)]
+    assert store.claims.to_help("b", ["acct_other"], "service") == []
+    assert store.claims.claim("job_1", "b", 5, fence=1) == [0, 1]
+    assert store.claims.to_help("b", ["acct_a"], "service") == []
 
 
 def test_a_stale_owner_changes_nothing_once_another_claimed_its_job(store: JobStore) -> None:

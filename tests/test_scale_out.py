@@ -11,11 +11,13 @@ from typing import Any
 
 import pytest
 import requests
+from sqlalchemy import text
 
 import pg_server
 from conftest import ADMIN, OTHER, SERVER_TOKEN
 from redis_server import RedisServer
-from replicate_generation.devtools.simulator import Simulator
+from replicate_generation.devtools.simulator import SimConfig, Simulator
+from replicate_generation.jobs.schema import open_engine
 from replicate_generation.settings import Settings
 from servers import Gunicorn, wait_for
 from shared_backends import REDIS_URL, missing, postgres_database, redis_prefix
@@ -242,3 +244,91 @@ def test_postgresql_down_creates_nothing_and_work_resumes_within_the_limit(
         assert_resumed_once(server, sim, job_id)
     finally:
         database.remove()
+
+
+# -- a big job spreads over both hosts -------------------------------------------------------------
+
+SPREAD_LIMIT = 4
+SPREAD_ITEMS = 120
+
+
+@pytest.fixture
+def second_sim() -> Iterator[Simulator]:
+    """Another Replicate for host b, so what each host created is told apart."""
+    other = Simulator(SimConfig(run_seconds=0.2, queue_seconds=0.01))
+    other.start()
+    yield other
+    other.stop()
+
+
+def all_items(server: Gunicorn, job_id: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    after = ""
+    while True:
+        page = requests.get(f"{server.url}/jobs/{job_id}/items?limit=100{after}", headers=ADMIN,
+                            timeout=10).json()
+        items += page["data"]
+        if not page.get("has_more"):
+            return items
+        after = f"&after={page['next_cursor']}"
+
+
+def peak_in_flight(*sims: Simulator) -> int:
+    """The most predictions of the server's account in flight at once on all simulators."""
+    edges = sorted((at, step) for sim in sims for p in sim.predictions(SERVER_TOKEN)
+                   for at, step in ((p["created_at_clock"], 1), (p["completed_at_clock"], -1)))
+    peak = now = 0
+    for _, step in edges:
+        now += step
+        peak = max(peak, now)
+    return peak
+
+
+def test_a_big_job_taken_by_one_host_runs_on_both(
+        host_settings: Callable[..., Settings], start_gunicorn: Callable[..., Gunicorn],
+        sim: Simulator, second_sim: Simulator) -> None:
+    sim.config.run_seconds = 0.2
+    a = start_gunicorn(host_settings("a", concurrent_limit=SPREAD_LIMIT), workers=1)
+    b = start_gunicorn(host_settings("b", concurrent_limit=SPREAD_LIMIT,
+                                     replicate_base_url=second_sim.base_url), workers=1)
+    prompts = [f"spread {i}" for i in range(SPREAD_ITEMS)]
+    job_id = submit(a, prompts, ADMIN)
+    done = wait_terminal(b, job_id, ADMIN, timeout=90)
+    assert done["state"] == "succeeded" and done["counts"]["succeeded"] == SPREAD_ITEMS, done
+    on_a, on_b = creates_by_prompt(sim, SERVER_TOKEN), creates_by_prompt(second_sim, SERVER_TOKEN)
+    # Every item created exactly once, by one host or the other; b took a real share.
+    assert {**on_a, **on_b} == dict.fromkeys(prompts, 1) and not set(on_a) & set(on_b)
+    assert len(on_b) >= SPREAD_ITEMS // 4, (len(on_a), len(on_b))
+    assert peak_in_flight(sim, second_sim) <= SPREAD_LIMIT
+    items = all_items(a, job_id)
+    assert [item["prompt"] for item in items] == prompts
+    assert all(item["state"] == "succeeded" and len(item["files"]) == 1 for item in items)
+
+
+def runners_of_running_items(database_url: str, job_id: str) -> set[str]:
+    engine = open_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT DISTINCT runner FROM job_items WHERE job_id = :j"
+                                     " AND state = 'running'"), {"j": job_id}).all()
+    finally:
+        engine.dispose()
+    return {str(row.runner) for row in rows if row.runner is not None}
+
+
+def test_items_a_killed_helper_held_are_finished_by_the_owner_creating_nothing_twice(
+        host_settings: Callable[..., Settings], start_gunicorn: Callable[..., Gunicorn],
+        sim: Simulator, backends: Backends) -> None:
+    sim.config.run_seconds = 1.0
+    settings = {"concurrent_limit": SPREAD_LIMIT, "lease_ttl_seconds": LEASE_TTL,
+                "task_timeout_seconds": 30}
+    a, b = (start_gunicorn(host_settings(name, **settings), workers=1) for name in "ab")
+    prompts = [f"kill spread {i}" for i in range(60)]
+    job_id = submit(a, prompts, ADMIN)
+    wait_for(lambda: len(runners_of_running_items(backends.database_url, job_id)) == 2,
+             timeout=30, what="both hosts running items of the job")
+    b.kill()
+    done = wait_terminal(a, job_id, ADMIN, timeout=90)
+    assert done["state"] == "succeeded" and done["counts"]["succeeded"] == len(prompts), done
+    assert creates_by_prompt(sim, SERVER_TOKEN) == dict.fromkeys(prompts, 1)
+    assert peak_in_flight(sim) <= SPREAD_LIMIT

@@ -78,6 +78,12 @@ class Maintenance:
             if job is not None:
                 log.info("resuming job %s (%s)", job.id, job.counts)
                 self._resume(job, tokens[job.account])
+        # Items of this process's jobs that a dead process had claimed: resumed here.
+        for job_id in self._store.claims.free_dead_runners(self._worker_id):
+            job = self._store.get(job_id)
+            if job is not None and job.account in tokens:
+                log.info("resuming the items of job %s a stopped process held", job.id)
+                self._resume(job, tokens[job.account])
         self._accounts.checked(checked)
 
     def purge_expired(self, now: float, *, budget: float | None = None) -> int:

@@ -30,9 +30,11 @@ class Owners:
                 set_={"heartbeat_at": stmt.excluded.heartbeat_at}))
 
     def retire(self, worker: str) -> None:
-        """A worker that stops cleanly hands its open jobs over at once."""
+        """A worker that stops cleanly hands its open jobs and unstarted items over at once."""
         with self._db.write() as conn:
             conn.execute(update(jobs).where(jobs.c.owner == worker).values(owner=None))
+            conn.execute(update(job_items).where(job_items.c.runner == worker,
+                                                 job_items.c.state == "queued").values(runner=None))
             conn.execute(delete(job_workers).where(job_workers.c.id == worker))
 
     def owner(self, job_id: str) -> str | None:
@@ -62,6 +64,12 @@ class Owners:
                 conn.execute(update(jobs).where(jobs.c.id == bindparam("claimed"))
                              .values(owner=worker, fence=jobs.c.fence + 1),
                              [{"claimed": job_id} for job_id in ids])
+                # Under the new fence every open item is the new owner's to claim again.
+                conn.execute(update(job_items).where(
+                    job_items.c.job_id == bindparam("claimed"),
+                    or_(*(job_items.c.state == state for state in OPEN_STATES)))
+                    .values(runner=None),
+                    [{"claimed": job_id} for job_id in ids])
         return ids
 
     def release_job(self, job_id: str, worker: str) -> None:

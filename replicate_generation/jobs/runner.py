@@ -31,6 +31,7 @@ from replicate_generation.errors import (
 )
 from replicate_generation.generation import Generator, Resume, Task, TaskResult, execute
 from replicate_generation.jobs.accounts import AccountMemory
+from replicate_generation.jobs.helping import Helping
 from replicate_generation.jobs.maintenance import Maintenance
 from replicate_generation.jobs.notifier import WebhookNotifier
 from replicate_generation.jobs.retention import bounds_for
@@ -126,9 +127,14 @@ class JobRunner:
             # Built now rather than by the first batch, whose items would all wait on it.
             self.generator.runtime.clients.get(settings.replicate_api_token)
         self.store.owners.heartbeat(self.worker_id, clock())
+        self.helping = Helping(self.store, self.accounts, worker_id=self.worker_id,
+                               origin=origin, has_room=self._has_room, help_job=self.help,
+                               stopping=lambda: self._stopping or self._suspending,
+                               stop=self._stop)
         self._threads = [
             threading.Thread(target=self.maintenance.run, name="jobs-maintain", daemon=True),
-            threading.Thread(target=notifier.run, name="jobs-webhooks", daemon=True)]
+            threading.Thread(target=notifier.run, name="jobs-webhooks", daemon=True),
+            threading.Thread(target=self.helping.run, name="jobs-help", daemon=True)]
         for thread in self._threads:
             thread.start()
 
@@ -150,6 +156,9 @@ class JobRunner:
                                                    self._clock())
         log.info("account=%s rejected: %d queued items of %d jobs failed unsent", account,
                  dropped, len(jobs))
+        helped = self._windows.drop_account(account)
+        # Items claimed from other processes' jobs go back: their owners fail them.
+        self.store.claims.give_back(self.worker_id, helped)
         for job_id in jobs:
             self._windows.drop(job_id)
             self._close_if_done(job_id)
@@ -203,20 +212,38 @@ class JobRunner:
         return _status_of(self.generator.limit_store.check)
 
     def _queue(self, job: JobRow, token: str) -> None:
-        """Queue the first window of the job's open items (in input order), all or none; the
-        rest wait in the store and enter as queued ones end."""
-        indexes = self.store.open_indexes(job.id)
-        if not indexes:
+        """As the job's owner, claim and queue a first window of its open items (in input order),
+        all or none; the rest wait in the store, for this or any process with room."""
+        if not self._open_window(job, token, as_owner=True):
             self._close_if_done(job.id)
-            return
-        turn = self._turn_of(job)
+
+    def _has_room(self, account: str) -> bool:
+        """Fewer of the account's items wait here than one window: room to take on more."""
+        limit = self.generator.manager.limits().max_concurrent
+        return self.generator.dispatcher.queued(account) < window_size(limit)
+
+    def help(self, job: JobRow, token: str) -> bool:
+        """Claim and queue a window of another process's job; False if nothing was left."""
+        try:
+            return self._open_window(job, token, as_owner=False)
+        except (QueueFull, ShuttingDown):
+            return False
+
+    def _open_window(self, job: JobRow, token: str, *, as_owner: bool) -> bool:
         size = window_size(self.generator.manager.limits().max_concurrent)
-        first = self._windows.open(job.id, indexes, size)
+        claimed = self.store.claims.claim(job.id, self.worker_id, size, fence=job.fence,
+                                          as_owner=as_owner)
+        if not claimed:
+            return False
+        turn = self._turn_of(job)
+        first = self._windows.open((job.id, job.fence), job.account, claimed, size)
         try:
             self._push(job, first, token, turn)
         except (QueueFull, ShuttingDown):
             self._windows.drop(job.id)
+            self.store.claims.give_back(self.worker_id, [job.id])
             raise
+        return True
 
     def _push(self, job: JobRow, indexes: list[int], token: str, turn: Turn) -> None:
         if indexes:
@@ -224,19 +251,26 @@ class JobRunner:
                 partial(self._run_item, job, index, token, turn) for index in indexes], turn)
 
     def _hand_over(self, job: JobRow, token: str, turn: Turn) -> None:
-        """An item of the job ended here: the next ones in its window take its place."""
-        indexes = self._windows.next(job.id)
+        """An item of the job ended here: the next ones in its window take its place, claimed
+        from the store a window at a time."""
+        key = (job.id, job.fence)
+        indexes, wanted = self._windows.next(key)
         if self._stopping or self._suspending:
             self._windows.drop(job.id)  # the rest resumes from the store at the next start
             return
+        if wanted:
+            claimed = self.store.claims.claim(job.id, self.worker_id, wanted, fence=job.fence,
+                                              as_owner=job.owner == self.worker_id)
+            indexes += self._windows.refilled(key, claimed)
         try:
             self._push(job, indexes, token, turn)
         except (QueueFull, ShuttingDown):
-            self._windows.give_back(job.id, indexes)
-            if self._windows.idle(job.id):
+            self._windows.give_back(key, indexes)
+            if self._windows.idle(key):
                 # Nothing of it runs here to hand over again: a sweep resumes it from the store.
                 self._windows.drop(job.id)
                 log.warning("job %s waits in the store: this process is full", job.id)
+                self.store.claims.give_back(self.worker_id, [job.id])
                 self.store.owners.release_job(job.id, self.worker_id)
 
     def _turn_of(self, job: JobRow) -> Turn:
@@ -286,7 +320,7 @@ class JobRunner:
                       known_predictions=lambda: self.store.prediction_ids(
                           job.account, self._clock() - 2 * INPUT_RETENTION_SECONDS),
                       should_cancel=lambda: self.store.cancel_requested(job.id),
-                      should_suspend=lambda: self._suspending or not self._owns(job.id))
+                      should_suspend=lambda: self._suspending or not self._runs(job, index))
         dest = self.generator.runtime.output_root / job.request_id
         try:
             execute(task, token, self.generator.runtime, dest, result, hooks=hooks,
@@ -306,7 +340,7 @@ class JobRunner:
                                            f"{type(exc).__name__}")
         self._confirm_cancel(job, token, result)
         if self.store.finish_item(job.id, index, _outcome(result), self._clock(),
-                                  fence=job.fence):
+                                  fence=job.fence, runner=self.worker_id):
             _count_spend(job, result)
             self._close_if_done(job.id, fence=job.fence)
 
@@ -314,10 +348,11 @@ class JobRunner:
         """The item to run, None if it ended or the job was fenced off. A fresh item stays
         queued until its first intent marks it running, so waiting for a slot writes nothing;
         one that ran before (a prediction to poll, a create to look up) is marked running now."""
-        item = self.store.item_to_run(job.id, index, fence=job.fence)
+        item = self.store.item_to_run(job.id, index, fence=job.fence, runner=self.worker_id)
         if item is None or (item.prediction_id is None and not item.attempts):
             return item
-        return self.store.start_item(job.id, index, self._clock(), fence=job.fence)
+        return self.store.start_item(job.id, index, self._clock(), fence=job.fence,
+                                     runner=self.worker_id)
 
     def _hand_back(self, job: JobRow, index: int, exc: StoreUnavailable) -> None:
         """A backend went away under the item: nothing more is created for it here; the job
@@ -356,10 +391,10 @@ class JobRunner:
             time.sleep(pause)
             pause = min(pause * 2, 5.0)
 
-    def _owns(self, job_id: str) -> bool:
-        """Still this process's job? A process whose heartbeat stalled past the TTL may have
+    def _runs(self, job: JobRow, index: int) -> bool:
+        """Still this process's item? A process whose heartbeat stalled past the TTL may have
         lost it to another: it must then neither create nor keep polling."""
-        return self.store.owners.owner(job_id) == self.worker_id
+        return self.store.claims.runs(job.id, index, self.worker_id, job.fence)
 
     def _record_intent(self, job: JobRow, index: int, result: TaskResult) -> None:
         """Store the create about to be sent, so a lost answer is looked up, never re-sent.
@@ -381,7 +416,7 @@ class JobRunner:
         assert attempt.prediction_id is not None  # noqa: S101 - called only after a create
         if not self.store.record_attempts(job.id, index, [a.as_dict() for a in result.attempts],
                                           (attempt.prediction_id, _model_id(attempt.model)),
-                                          fence=job.fence):
+                                          fence=job.fence, runner=self.worker_id):
             raise Suspended  # the new owner finds it by its stored intent
 
     def _close_if_done(self, job_id: str, fence: int | None = None) -> None:

@@ -120,9 +120,14 @@ job_items = Table(
     Column("finished_at", Double),
     # The most the item may cost (its fallbacks included), held against a budget while open.
     Column("reserved_usd", Double),
+    # The process that claimed it to run (None: unclaimed, or its job's owner before claims).
+    Column("runner", Text),
 )
 # A page of a job's items in one state is an index range, whatever the job's size.
 Index("job_items_by_state", job_items.c.job_id, job_items.c.state, job_items.c.idx)
+# A process's claimed items, given back when it stops, without reading every item.
+Index("job_items_by_runner", job_items.c.runner, sqlite_where=job_items.c.runner.is_not(None),
+      postgresql_where=job_items.c.runner.is_not(None))
 
 # Finished jobs and their items by state, kept as jobs finish and go: /metrics reads these rows
 # and the open jobs' own counts, never every job.

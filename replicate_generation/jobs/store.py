@@ -12,9 +12,11 @@ from typing import Any, Literal
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    and_,
     bindparam,
     func,
     insert,
+    or_,
     select,
     tuple_,
     update,
@@ -22,6 +24,7 @@ from sqlalchemy import (
 
 from replicate_generation.errors import IdempotencyConflict
 from replicate_generation.jobs.audit import AuditLog
+from replicate_generation.jobs.claims import RUNNER_MAY_WRITE, ItemClaims
 from replicate_generation.jobs.counts import add_finished, move_items, state_counts
 from replicate_generation.jobs.database import JobDatabase
 from replicate_generation.jobs.events import EventLog, FileSize
@@ -50,7 +53,8 @@ from replicate_generation.jobs.spend import Budget, SpendLedger, check_budget
 
 # The fence of the job an item belongs to, correlated with the item a statement touches.
 _ITEM_FENCE = select(jobs.c.fence).where(jobs.c.id == job_items.c.job_id).scalar_subquery()
-_ITEM_AND_FENCE: list[ColumnElement[Any]] = [*ITEM_COLUMNS, _ITEM_FENCE.label("job_fence")]
+_ITEM_AND_RUNNER: list[ColumnElement[Any]] = [*ITEM_COLUMNS, job_items.c.runner]
+_ITEM_AND_FENCE: list[ColumnElement[Any]] = [*_ITEM_AND_RUNNER, _ITEM_FENCE.label("job_fence")]
 _ITEM_OWNER = select(jobs.c.owner).where(jobs.c.id == job_items.c.job_id).scalar_subquery()
 _ITEM_CANCELED = (select(jobs.c.cancel_requested_at).where(jobs.c.id == job_items.c.job_id)
                   .scalar_subquery())
@@ -70,6 +74,7 @@ class JobStore:
         # Every change a stream shows is appended in the transaction that makes it.
         self.events = EventLog(self.db, file_size=file_size)
         self.owners = Owners(self.db, self.events)
+        self.claims = ItemClaims(self.db)
         self.outbox = WebhookOutbox(self.db)
         self.retention = Retention(self.db)
         self.keys = IssuedKeys(self.db)
@@ -197,18 +202,18 @@ class JobStore:
 
     # -- running (a write given `fence` is void once a claim moved it: a lost owner changes nothing)
 
-    def start_item(self, job_id: str, index: int, now: float, *,
-                   fence: int | None = None) -> ItemRow | None:
-        """Mark an item running (its job too); None if it already ended (e.g. canceled) or the
-        job was fenced off."""
+    def start_item(self, job_id: str, index: int, now: float, *, fence: int | None = None,
+                   runner: str | None = None) -> ItemRow | None:
+        """Mark an item running (its job too); None if it already ended (e.g. canceled), the
+        job was fenced off, or another process claimed it."""
         with self.events.write() as conn:
             # The job's row first: every writer locks a job before its items (no deadlock).
             if not _fence_holds(conn, job_id, fence):
                 return None
-            row = conn.execute(select(*ITEM_COLUMNS).where(
+            row = conn.execute(select(*_ITEM_AND_RUNNER).where(
                 job_items.c.job_id == job_id, job_items.c.idx == index)
                 .with_for_update(key_share=True)).first()
-            if row is None or row.state in ITEM_TERMINAL:
+            if row is None or row.state in ITEM_TERMINAL or row.runner not in (None, runner):
                 return None
             conn.execute(update(job_items).where(job_items.c.job_id == job_id,
                                                  job_items.c.idx == index)
@@ -227,26 +232,30 @@ class JobStore:
         return item
 
     def record_attempts(self, job_id: str, index: int, attempts: list[dict[str, Any]],
-                        prediction: tuple[str, str] | None, *, fence: int | None = None) -> bool:
-        """Write the attempts and the prediction in flight; False if the item is gone or fenced off.
+                        prediction: tuple[str, str] | None, *, fence: int | None = None,
+                        runner: str | None = None) -> bool:
+        """Write the attempts and the prediction in flight; False if the item is gone, fenced off
+        or claimed by another process.
 
         Retried however busy the file: the create it records is paid for.
         """
         stmt = update(job_items).where(job_items.c.job_id == job_id, job_items.c.idx == index,
-                                       *_item_fenced(fence)).values(
+                                       *_item_fenced(fence), _runner_may_write(runner)).values(
             attempts=json.dumps(attempts), prediction_id=prediction[0] if prediction else None,
             prediction_model=prediction[1] if prediction else None)
         with self.db.write(patient=True) as conn:
             return bool(conn.execute(stmt).rowcount)
 
-    def item_to_run(self, job_id: str, index: int, *, fence: int | None) -> ItemRow | None:
-        """The item, unless it ended or the job was fenced off (a read: the item is marked
+    def item_to_run(self, job_id: str, index: int, *, fence: int | None,
+                    runner: str | None = None) -> ItemRow | None:
+        """The item, unless it ended, the job was fenced off or another process claimed the item
+        (a read: the item is marked
         running by its first intent, `record_intent`, or by `start_item`)."""
         query = select(*_ITEM_AND_FENCE).where(
             job_items.c.job_id == job_id, job_items.c.idx == index)
         with self.db.read() as conn:  # one read, not one for the fence and one for the item
             row = conn.execute(query).first()
-            if row is None or row.state in ITEM_TERMINAL or (
+            if row is None or row.state in ITEM_TERMINAL or row.runner not in (None, runner) or (
                     fence is not None and row.job_fence != fence):
                 return None
             return item_row(row, values_of(conn, job_id, row))
@@ -255,8 +264,8 @@ class JobStore:
                       *, owner: str, fence: int | None) -> IntentOutcome:
         """Store the attempts, the last a create about to be sent, and mark the item (and its
         job) running, in one write that also checks what the send depends on: the item still
-        open, the job still this owner's (and fence's), and not canceled. Anything but "stored"
-        wrote nothing, and nothing may be sent."""
+        open, claimed by `owner` (or unclaimed in `owner`'s job), the job's fence held, and not
+        canceled. Anything but "stored" wrote nothing, and nothing may be sent."""
         params = {"w_job": job_id, "w_idx": index, "w_owner": owner, "w_fence": fence,
                   "v_attempts": json.dumps(attempts), "v_now": now}
         with self.events.write(patient=True) as conn:
@@ -274,11 +283,15 @@ class JobStore:
 
     def _why_no_intent(self, job_id: str, index: int, owner: str,
                        fence: int | None) -> IntentOutcome:
-        item = self.item(job_id, index)
+        with self.db.read() as conn:
+            item = conn.execute(select(job_items.c.state, job_items.c.runner).where(
+                job_items.c.job_id == job_id, job_items.c.idx == index)).first()
         if item is not None and item.state in ITEM_TERMINAL:
             return "ended"
         owners = self.owners
-        mine = owners.owner(job_id) == owner and (fence is None or owners.fence_of(job_id) == fence)
+        runs_it = (owners.owner(job_id) == owner if item is None or item.runner is None
+                   else item.runner == owner)
+        mine = runs_it and (fence is None or owners.fence_of(job_id) == fence)
         return "canceled" if mine and self.cancel_requested(job_id) else "not_ours"
 
     def prediction_ids(self, account: str, since: float) -> set[str]:
@@ -291,10 +304,11 @@ class JobStore:
             return {str(r.prediction_id) for r in conn.execute(query)}
 
     def finish_item(self, job_id: str, index: int, outcome: ItemOutcome, now: float, *,
-                    fence: int | None = None) -> bool:
-        """Store how the item ended and own its files; False if the item is not there or the
-        job was fenced off (then nothing is written)."""
-        params = {"w_job": job_id, "w_idx": index, "w_fence": fence, **_finished(outcome, now)}
+                    fence: int | None = None, runner: str | None = None) -> bool:
+        """Store how the item ended and own its files; False if the item is not there, the job
+        was fenced off or another process claimed the item (then nothing is written)."""
+        params = {"w_job": job_id, "w_idx": index, "w_fence": fence, "w_runner": runner,
+                  **_finished(outcome, now)}
         sizes = self.events.file_sizes(outcome.files)  # asked before the write: a bucket is slow
         with self.events.write() as conn:
             # The job's row first, as every writer locks it (PostgreSQL: no deadlock).
@@ -375,9 +389,13 @@ def _item_fenced(fence: int | None) -> list[ColumnElement[bool]]:
     return [] if fence is None else [_ITEM_FENCE == fence]
 
 
+def _runner_may_write(runner: str | None) -> ColumnElement[bool]:
+    return or_(job_items.c.runner.is_(None), job_items.c.runner == runner)
+
+
 # Built once: every item write runs these, and rebuilding them cost more than running them.
 _FINISH_WHERE = (job_items.c.job_id == bindparam("w_job"),
-                 job_items.c.idx == bindparam("w_idx"))
+                 job_items.c.idx == bindparam("w_idx"), RUNNER_MAY_WRITE)
 _FINISH_VALUES: dict[str, Any] = {name: bindparam(f"v_{name}") for name in (
     "state", "model_used", "attempts", "files", "error", "error_type", "cost_usd", "placeholder",
     "notes", "finished_at")}
@@ -390,8 +408,9 @@ _ITEM_BEFORE = select(job_items.c.state, job_items.c.cost_usd).where(
 _OPEN_ITEMS = select(jobs.c.queued_items + jobs.c.running_items).where(
     jobs.c.id == bindparam("job_id"))
 _INTENT_WHERE = (job_items.c.job_id == bindparam("w_job"), job_items.c.idx == bindparam("w_idx"),
-                 job_items.c.state.in_(OPEN_STATES), _ITEM_OWNER == bindparam("w_owner"),
-                 _ITEM_CANCELED.is_(None))
+                 job_items.c.state.in_(OPEN_STATES), _ITEM_CANCELED.is_(None),
+                 or_(job_items.c.runner == bindparam("w_owner"),
+                     and_(job_items.c.runner.is_(None), _ITEM_OWNER == bindparam("w_owner"))))
 _INTENT_VALUES: dict[str, Any] = {
     "attempts": bindparam("v_attempts"), "prediction_id": None, "prediction_model": None,
     "state": "running", "started_at": func.coalesce(job_items.c.started_at, bindparam("v_now"))}
