@@ -35,6 +35,7 @@ class InProcessBackend:
         self.token = token
         self.runner = client.runner
         self.mode = "in-process"
+        self._ended: dict[str, int] = {}  # per job: items ended at the last look
 
     def parameter_types(self, model: str) -> Mapping[str, str] | None:
         """The model's parameter types: the catalogue's, or its own schema's (MODEL_POLICY)."""
@@ -67,6 +68,10 @@ class InProcessBackend:
         job = self.runner.store.get(job_id)
         if job is None:
             raise UsageError(f"job {job_id} is gone from the state file")
+        ended = sum(n for state, n in job.counts.items() if state not in ("queued", "running"))
+        if ended == self._ended.get(job_id):
+            return JobView(state=job.state, counts=job.counts, items=[])  # nothing new: no reads
+        self._ended[job_id] = ended
         # The runner kept at start, not the client's: the last look comes after stop() closed it.
         storage = self.runner.generator.storage
         items = []
