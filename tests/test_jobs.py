@@ -473,6 +473,23 @@ def test_admin_webhook_is_retried_until_delivered_and_verifies_with_the_callers_
     assert len(sim.predictions()) == 1
 
 
+def test_a_big_jobs_webhook_carries_its_first_page_and_the_link_to_the_rest(
+        make_app: Callable[..., Flask], sim: Simulator, receiver: Receiver) -> None:
+    client = make_app(webhook_signing_key=SIGNING_KEY, max_batch_size=100,
+                      webhook_retry_base_seconds=0.05).test_client()
+    prompts = [f"hooked {i}" for i in range(60)]
+    job = submit_async(client, batch(prompts, webhook=receiver.url), ADMIN)
+    wait_for(lambda: get_job(client, job["id"], ADMIN)["webhook"]["state"] == "delivered",
+             what="the webhook to be delivered")
+    with receiver.lock:
+        payload = json.loads(receiver.hits[-1].body)
+    assert payload["state"] == "succeeded" and payload["counts"]["succeeded"] == 60
+    assert [i["prompt"] for i in payload["items"]] == prompts[:50]
+    assert payload["items_has_more"] is True
+    rest = client.get(payload["items_next"], headers=ADMIN).get_json()
+    assert [i["prompt"] for i in rest["data"]] == prompts[50:] and rest["has_more"] is False
+
+
 def test_webhook_targets_are_checked_per_caller_and_need_a_signing_key(
         make_app: Callable[..., Flask], sim: Simulator, receiver: Receiver) -> None:
     client = make_app(webhook_signing_key=SIGNING_KEY).test_client()

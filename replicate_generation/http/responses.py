@@ -10,7 +10,7 @@ from replicate_generation.http.auth import Caller
 from replicate_generation.http.errors import STATUS_BY_KIND
 from replicate_generation.http.files import signed_items
 from replicate_generation.http.limit_fields import effective, limits_view, sources_view
-from replicate_generation.jobs.bodies import item_body, job_body
+from replicate_generation.jobs.bodies import JOB_ITEMS_SHOWN, item_body, job_body
 from replicate_generation.jobs.rows import JobRow
 from replicate_generation.jobs.runner import JobRunner
 from replicate_generation.models import schema_fetch
@@ -20,8 +20,6 @@ from replicate_generation.settings import Settings
 
 SERVICE = "replicate-concurrent-generation"
 VERSION = "3.1.0"
-# The items GET /jobs/<id> shows with the job; GET /jobs/<id>/items pages through every one.
-JOB_ITEMS_SHOWN = 50
 ITEM_PAGE_DEFAULT = 100
 ITEM_PAGE_MAX = 500
 

@@ -33,9 +33,20 @@ def job_body(job: JobRow, items: list[dict[str, Any]] | None = None) -> dict[str
     return body
 
 
-def job_with_items(job: JobRow, rows: list[ItemRow], output_dir: Path) -> dict[str, Any]:
-    """The job's body with every item, in input order."""
-    return job_body(job, [item_body(row, output_dir) for row in rows])
+# Items a job's own document carries (GET /jobs/<id>, its webhook); the rest are paged.
+JOB_ITEMS_SHOWN = 50
+
+
+def job_with_first_items(job: JobRow, rows: list[ItemRow], output_dir: Path) -> dict[str, Any]:
+    """The job's body with its first JOB_ITEMS_SHOWN of `rows` (read one more, to know whether
+    more follow) and the link that pages on through the rest."""
+    shown = rows[:JOB_ITEMS_SHOWN]
+    more = len(rows) > JOB_ITEMS_SHOWN
+    body = job_body(job, [item_body(row, output_dir) for row in shown])
+    body["items_has_more"] = more
+    body["items_next"] = (f"/jobs/{job.id}/items?after={shown[-1].index}&limit={JOB_ITEMS_SHOWN}"
+                          if more else None)
+    return body
 
 
 def item_body(item: ItemRow, output_dir: Path) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 
 from replicate_generation.jobs import webhooks
-from replicate_generation.jobs.bodies import job_with_items
+from replicate_generation.jobs.bodies import JOB_ITEMS_SHOWN, job_with_first_items
 from replicate_generation.jobs.store import JobStore
 from replicate_generation.settings import Settings
 
@@ -48,7 +48,9 @@ class WebhookNotifier:
         job = outbox.claim_webhook(self._clock(), WEBHOOK_LEASE_SECONDS)
         if job is None or key is None or job.webhook_url is None:
             return False
-        payload = job_with_items(job, self._store.items(job.id), settings.output_dir)
+        # As GET /jobs/<id> shows it: a bounded first page, whatever the job's size.
+        payload = job_with_first_items(job, self._store.items_page(
+            job.id, limit=JOB_ITEMS_SHOWN + 1), settings.output_dir)
         attempt = job.webhook_attempts + 1
         secret = webhook_secret(key, webhook_scope(job.account, job.key_id))
         result = webhooks.deliver(
