@@ -7,6 +7,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+from replicate_generation.errors import StoreBusy, StoreUnavailable
 from replicate_generation.jobs.accounts import AccountMemory
 from replicate_generation.jobs.rows import JobRow
 from replicate_generation.jobs.store import JobStore
@@ -38,6 +39,8 @@ class Helping:
                 continue
             try:
                 self.help_once()
+            except (StoreBusy, StoreUnavailable):
+                continue  # the heartbeat's loop reports an outage; here it only waits
             except Exception:  # noqa: BLE001 - the loop must survive a busy database
                 log.exception("looking for other processes' work failed; retrying")
 
