@@ -284,6 +284,32 @@ def test_retention_deletes_a_jobs_events_with_the_job(app: Flask) -> None:
     assert client.get(f"/jobs/{job_id}/events", headers=ADMIN).status_code == 404
 
 
+def test_a_finished_items_events_say_what_its_row_and_its_jobs_row_store(app: Flask) -> None:
+    """The finish writes its events from what it stored (not read back): they must match the
+    item's row, the job's cost as each item ended, and its files follow at once."""
+    client = app.test_client()
+    job_id = submit(client, ["a picture", "#nsfw a picture"], ADMIN)
+    runner = app.extensions["jobs"]
+    assert runner.wait(job_id, timeout=20).state == "partially_failed"
+    events = [(e.kind, json.loads(e.data))
+              for e in runner.store.events.after(Scope(job_id=job_id), 0)]
+    items = {item.index: item for item in runner.store.items(job_id)}
+    assert items[0].state == "succeeded" and items[1].state == "failed"
+    finished = [(n, data) for n, (kind, data) in enumerate(events)
+                if kind == "item.state" and data["state"] not in ("queued", "running")]
+    assert sorted(data["index"] for _, data in finished) == [0, 1]
+    shown = ("state", "model_used", "cost_usd", "error", "error_type")
+    for _, data in finished:
+        assert {k: data[k] for k in shown} == {k: getattr(items[data["index"]], k) for k in shown}
+    costs = [data["cost_usd"] or 0.0 for _, data in finished]
+    assert [data["job_cost_usd"] for _, data in finished] == pytest.approx(
+        [sum(costs[:n + 1]) for n in range(len(costs))])
+    at = next(n for n, data in finished if data["index"] == 0)
+    assert events[at + 1][0] == "item.file" and events[at + 1][1]["index"] == 0
+    assert [data["index"] for kind, data in events if kind == "item.file"] == [0]
+    assert [Path(p).name for p in items[0].files] == [events[at + 1][1]["name"]]
+
+
 def test_a_wake_up_reaches_the_streams_of_another_process_on_the_host(
         make_settings: Callable[..., Settings]) -> None:
     assert_wakes_the_other(make_settings())

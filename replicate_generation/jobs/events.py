@@ -14,15 +14,14 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from sqlalchemy import ColumnElement, Connection, bindparam, func, insert, select
 
 from replicate_generation.jobs.database import JobDatabase
-from replicate_generation.jobs.rows import JobRow, count_items, job_cost
+from replicate_generation.jobs.rows import ITEM_STATES, JobRow, count_items, job_cost, kept_counts
 from replicate_generation.jobs.schema import job_events, job_items, jobs
 
 log = logging.getLogger(__name__)
@@ -41,8 +40,23 @@ _INSERT = insert(job_events)
 _ITEM_ROW = select(job_items.c.state, job_items.c.model_used, job_items.c.cost_usd,
                    job_items.c.error, job_items.c.error_type, job_items.c.files).where(
     job_items.c.job_id == bindparam("job_id"), job_items.c.idx == bindparam("idx"))
+# What an item's events say of its job (count_items and job_cost read the same row).
+_JOB_FACTS = select(jobs.c.account, jobs.c.key_id, jobs.c.cost_usd,
+                    *(jobs.c[f"{state}_items"] for state in ITEM_STATES)).where(
+    jobs.c.id == bindparam("job_id"))
 
 FileSize = Callable[[str], "int | None"]
+
+
+class StoredItem(NamedTuple):
+    """An item's columns its events show (_ITEM_ROW's), as the writer just stored them."""
+
+    state: str
+    model_used: str | None
+    cost_usd: float | None
+    error: str | None
+    error_type: str | None
+    files: str  # the JSON list stored
 
 
 @dataclass(frozen=True)
@@ -122,17 +136,28 @@ class EventLog:
         return {path: size(path) if size is not None else None for path in paths}
 
     def item_changed(self, conn: Connection, job_id: str, index: int, now: float,
-                     sizes: Mapping[str, int | None] | None = None) -> None:
-        """The item's state as stored now; a finished item's files follow, one event each
-        (`sizes`: their bytes)."""
-        row = conn.execute(_ITEM_ROW, {"job_id": job_id, "idx": index}).first()
+                     sizes: Mapping[str, int | None] | None = None, *,
+                     stored: StoredItem | None = None) -> None:
+        """The item's state as stored now (`stored`: what this write just stored, not read
+        again); a finished item's files follow, one event each (`sizes`: their bytes)."""
+        row = stored if stored is not None else conn.execute(
+            _ITEM_ROW, {"job_id": job_id, "idx": index}).first()
         if row is None:
             return
-        self._append(conn, job_id, "item.state", now, lambda: _item_state(conn, job_id, index,
-                                                                           row))
-        for path in json.loads(row.files):
-            self._append(conn, job_id, "item.file", now, partial(
-                _file, index, path, (sizes or {}).get(path)))
+        if self._db.backend == "postgresql":
+            conn.execute(_APPEND_ORDER)
+        # Read after the lock, as _append does: the owner, counts and cost in one statement.
+        job = conn.execute(_JOB_FACTS, {"job_id": job_id}).first()
+        if job is None:
+            return
+        bodies = [("item.state", _item_state(job, index, row))]
+        bodies += [("item.file", _file(index, path, (sizes or {}).get(path)))
+                   for path in json.loads(row.files)]
+        conn.execute(_INSERT, [
+            {"job_id": job_id, "account": job.account, "key_id": job.key_id, "at": now,
+             "kind": kind, "data": json.dumps({"job_id": job_id, **data}, separators=(",", ":"))}
+            for kind, data in bodies])  # one row at a time, in this order: ids follow it
+        conn.info.get(_APPENDED, []).append(True)
 
     def cancel_requested(self, conn: Connection, job_id: str, now: float) -> None:
         """The job asked to cancel, with the queued items this very write canceled."""
@@ -198,10 +223,10 @@ def _ended_at(conn: Connection, job_id: str, now: float, state: str) -> list[int
         job_items.c.finished_at == now).order_by(job_items.c.idx))]
 
 
-def _item_state(conn: Connection, job_id: str, index: int, row: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"index": index, "state": row.state,
-                            "counts": count_items(conn, job_id)}
+def _item_state(job: Any, index: int, row: Any) -> dict[str, Any]:
+    """An item.state event's data, from the item's row and its job's (_JOB_FACTS)."""
+    body: dict[str, Any] = {"index": index, "state": row.state, "counts": kept_counts(job)}
     if row.state not in ("queued", "running"):
         body.update(model_used=row.model_used, cost_usd=row.cost_usd, error=row.error,
-                    error_type=row.error_type, job_cost_usd=job_cost(conn, job_id))
+                    error_type=row.error_type, job_cost_usd=round(float(job.cost_usd or 0.0), 6))
     return body

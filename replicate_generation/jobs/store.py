@@ -27,7 +27,7 @@ from replicate_generation.jobs.audit import AuditLog
 from replicate_generation.jobs.claims import RUNNER_MAY_WRITE, ItemClaims
 from replicate_generation.jobs.counts import add_finished, move_items, state_counts
 from replicate_generation.jobs.database import JobDatabase
-from replicate_generation.jobs.events import EventLog, FileSize
+from replicate_generation.jobs.events import EventLog, FileSize, StoredItem
 from replicate_generation.jobs.keys import IssuedKeys
 from replicate_generation.jobs.outbox import WebhookOutbox
 from replicate_generation.jobs.owners import Owners
@@ -323,7 +323,11 @@ class JobStore:
             if outcome.files:
                 conn.execute(self._own_files,
                              [{"path": path, "job_id": job_id} for path in outcome.files])
-            self.events.item_changed(conn, job_id, index, now, sizes)
+            # As _FINISH stored it (a Double reads back as a float): no need to read it again.
+            stored = StoredItem(outcome.state, outcome.model_used,
+                                None if outcome.cost_usd is None else float(outcome.cost_usd),
+                                outcome.error, outcome.error_type, params["v_files"])
+            self.events.item_changed(conn, job_id, index, now, sizes, stored=stored)
         return True
 
     def finish_job_if_done(self, job_id: str, now: float, *,
