@@ -28,7 +28,7 @@ from replicate_generation.jobs.migrations import migrate
 from replicate_generation.jobs.retention import AccountBounds
 from replicate_generation.jobs.rows import CANCEL_UNCONFIRMED, ItemOutcome, NewItem, NewJob
 from replicate_generation.jobs.schema import database_url, open_engine
-from replicate_generation.jobs.store import JobStore
+from replicate_generation.jobs.store import ItemFinished, JobStore
 from replicate_generation.sqlite_db import patient_writes
 from shared_backends import missing
 
@@ -294,10 +294,11 @@ def test_an_item_starts_records_its_prediction_and_finishes_its_job(store: JobSt
     assert item.attempts == [{"model": "m"}]
     assert store.finish_item("job_r", 0, ItemOutcome(
         state="succeeded", model_used="m", files=["req/a.png"], cost_usd=0.03, notes=["n"],
-        placeholder=True), 3.0) is True
+        placeholder=True), 3.0) == ItemFinished(open_items=1)
     assert store.finish_job_if_done("job_r", 3.0) is None  # item 1 still queued
     assert store.finish_item("job_r", 1, ItemOutcome(state="failed", error="boom",
-                                                     error_type="model_error"), 4.0)
+                                                     error_type="model_error"), 4.0) == \
+        ItemFinished(open_items=0)  # the last: its writer closes the job
     assert store.start_item("job_r", 1, 5.0) is None  # it ended
     done = store.finish_job_if_done("job_r", 6.0)
     assert done is not None and done.state == "partially_failed" and done.finished_at == 6.0
@@ -517,7 +518,7 @@ def test_a_stale_owner_changes_nothing_once_another_claimed_its_job(store: JobSt
     assert store.start_item("job_f", 1, 101.0, fence=1) is None
     assert store.record_attempts("job_f", 0, [], None, fence=1) is False
     assert store.finish_item("job_f", 0, ItemOutcome(state="failed", files=["r/x"]), 101.0,
-                             fence=1) is False
+                             fence=1) is None
     assert store.owners.fail_queued_items("new", "acct_a", OK, 101.0, fence={"job_f": 1}) == []
     assert store.finish_job_if_done("job_f", 101.0, fence=1) is None
     assert store.items("job_f") == before and store.file_job("r/x") is None
@@ -662,7 +663,7 @@ def test_migrating_twice_changes_nothing(target: str) -> None:
 
 START_UP = """
 import sys, time
-from replicate_generation.jobs.store import JobStore
+from replicate_generation.jobs.store import ItemFinished, JobStore
 time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
 store = JobStore(sys.argv[1])
 store.owners.heartbeat(sys.argv[3], 1.0)

@@ -339,10 +339,12 @@ class JobRunner:
             result.error = GenerationError("internal_error", f"internal error: "
                                            f"{type(exc).__name__}")
         self._confirm_cancel(job, token, result)
-        if self.store.finish_item(job.id, index, _outcome(result), self._clock(),
-                                  fence=job.fence, runner=self.worker_id):
+        finished = self.store.finish_item(job.id, index, _outcome(result), self._clock(),
+                                          fence=job.fence, runner=self.worker_id)
+        if finished is not None:
             _count_spend(job, result)
-            self._close_if_done(job.id, fence=job.fence)
+            if not finished.open_items:  # the last item closes its job
+                self._close_if_done(job.id, fence=job.fence)
 
     def _open_item(self, job: JobRow, index: int) -> ItemRow | None:
         """The item to run, None if it ended or the job was fenced off. A fresh item stays

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlalchemy import (
@@ -60,6 +61,14 @@ _ITEM_CANCELED = (select(jobs.c.cancel_requested_at).where(jobs.c.id == job_item
                   .scalar_subquery())
 # What became of an intent; "not_ours": the job is no longer this owner's.
 IntentOutcome = Literal["stored", "canceled", "ended", "not_ours"]
+
+
+@dataclass(frozen=True)
+class ItemFinished:
+    """A finished item's write: how many of its job's items were still open after it (0: the
+    job may close now; read in the same transaction, so the last writer sees 0)."""
+
+    open_items: int
 
 
 class JobStore:
@@ -304,8 +313,8 @@ class JobStore:
             return {str(r.prediction_id) for r in conn.execute(query)}
 
     def finish_item(self, job_id: str, index: int, outcome: ItemOutcome, now: float, *,
-                    fence: int | None = None, runner: str | None = None) -> bool:
-        """Store how the item ended and own its files; False if the item is not there, the job
+                    fence: int | None = None, runner: str | None = None) -> ItemFinished | None:
+        """Store how the item ended and own its files; None if the item is not there, the job
         was fenced off or another process claimed the item (then nothing is written)."""
         params = {"w_job": job_id, "w_idx": index, "w_fence": fence, "w_runner": runner,
                   **_finished(outcome, now)}
@@ -316,7 +325,7 @@ class JobStore:
                 if _fence_holds(conn, job_id, fence) else None
             finish = _FINISH if fence is None else _FINISH_FENCED
             if before is None or not conn.execute(finish, params).rowcount:
-                return False
+                return None
             move_items(conn, job_id, before.state, outcome.state,
                        cost=(outcome.cost_usd or 0.0) - (before.cost_usd or 0.0))
             self.spend.record(conn, job_id, index, outcome.billed_seconds, now)
@@ -328,7 +337,8 @@ class JobStore:
                                 None if outcome.cost_usd is None else float(outcome.cost_usd),
                                 outcome.error, outcome.error_type, params["v_files"])
             self.events.item_changed(conn, job_id, index, now, sizes, stored=stored)
-        return True
+            still_open = conn.execute(_OPEN_ITEMS, {"job_id": job_id}).scalar()
+        return ItemFinished(open_items=int(still_open or 0))
 
     def finish_job_if_done(self, job_id: str, now: float, *,
                            fence: int | None = None) -> JobRow | None:
