@@ -248,22 +248,21 @@ class JobStore:
 
         Retried however busy the file: the create it records is paid for.
         """
-        stmt = update(job_items).where(job_items.c.job_id == job_id, job_items.c.idx == index,
-                                       *_item_fenced(fence), _runner_may_write(runner)).values(
-            attempts=json.dumps(attempts), prediction_id=prediction[0] if prediction else None,
-            prediction_model=prediction[1] if prediction else None)
+        params = {"w_job": job_id, "w_idx": index, "w_fence": fence, "w_runner": runner,
+                  "v_attempts": json.dumps(attempts),
+                  "v_prediction_id": prediction[0] if prediction else None,
+                  "v_prediction_model": prediction[1] if prediction else None}
+        stmt = _ATTEMPTS if fence is None else _ATTEMPTS_FENCED
         with self.db.write(patient=True) as conn:
-            return bool(conn.execute(stmt).rowcount)
+            return bool(conn.execute(stmt, params).rowcount)
 
     def item_to_run(self, job_id: str, index: int, *, fence: int | None,
                     runner: str | None = None) -> ItemRow | None:
         """The item, unless it ended, the job was fenced off or another process claimed the item
-        (a read: the item is marked
-        running by its first intent, `record_intent`, or by `start_item`)."""
-        query = select(*_ITEM_AND_FENCE).where(
-            job_items.c.job_id == job_id, job_items.c.idx == index)
+        (a read: the item is marked running by its first intent, `record_intent`, or by
+        `start_item`)."""
         with self.db.read() as conn:  # one read, not one for the fence and one for the item
-            row = conn.execute(query).first()
+            row = conn.execute(_ITEM_TO_RUN, {"job_id": job_id, "idx": index}).first()
             if row is None or row.state in ITEM_TERMINAL or row.runner not in (None, runner) or (
                     fence is not None and row.job_fence != fence):
                 return None
@@ -399,14 +398,6 @@ class JobStore:
             return state_counts(conn)
 
 
-def _item_fenced(fence: int | None) -> list[ColumnElement[bool]]:
-    return [] if fence is None else [_ITEM_FENCE == fence]
-
-
-def _runner_may_write(runner: str | None) -> ColumnElement[bool]:
-    return or_(job_items.c.runner.is_(None), job_items.c.runner == runner)
-
-
 # Built once: every item write runs these, and rebuilding them cost more than running them.
 _FINISH_WHERE = (job_items.c.job_id == bindparam("w_job"),
                  job_items.c.idx == bindparam("w_idx"), RUNNER_MAY_WRITE)
@@ -416,6 +407,13 @@ _FINISH_VALUES: dict[str, Any] = {name: bindparam(f"v_{name}") for name in (
 _FINISH = update(job_items).where(*_FINISH_WHERE).values(_FINISH_VALUES)
 _FINISH_FENCED = update(job_items).where(
     *_FINISH_WHERE, _ITEM_FENCE == bindparam("w_fence")).values(_FINISH_VALUES)
+_ATTEMPTS_VALUES: dict[str, Any] = {name: bindparam(f"v_{name}") for name in (
+    "attempts", "prediction_id", "prediction_model")}
+_ATTEMPTS = update(job_items).where(*_FINISH_WHERE).values(_ATTEMPTS_VALUES)
+_ATTEMPTS_FENCED = update(job_items).where(
+    *_FINISH_WHERE, _ITEM_FENCE == bindparam("w_fence")).values(_ATTEMPTS_VALUES)
+_ITEM_TO_RUN = select(*_ITEM_AND_FENCE).where(job_items.c.job_id == bindparam("job_id"),
+                                              job_items.c.idx == bindparam("idx"))
 _ITEM_BEFORE = select(job_items.c.state, job_items.c.cost_usd).where(
     job_items.c.job_id == bindparam("job_id"), job_items.c.idx == bindparam("idx")
 ).with_for_update(key_share=True)
