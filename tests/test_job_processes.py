@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import requests
 
-from conftest import ADMIN, SERVER_TOKEN, USER, USER_TOKEN
+from conftest import ADMIN, SERVER_TOKEN, USER, USER_TOKEN, HeldClock
 from replicate_generation.devtools.simulator import Simulator, token_hash
 from replicate_generation.jobs.store import JobStore
 from replicate_generation.settings import Settings
@@ -182,7 +182,13 @@ def test_a_user_job_orphaned_by_sigkill_resumes_once_its_owner_calls_again(
 
 
 def test_sigterm_past_the_grace_period_leaves_running_predictions_to_be_polled_next_start(
-        settings: Settings, start: Callable[..., Gunicorn], sim: Simulator) -> None:
+        make_settings: Callable[..., Settings], start: Callable[..., Gunicorn],
+        held_sim: tuple[Simulator, HeldClock]) -> None:
+    # The simulator's clock stands still until the second start: however slowly the first
+    # process stops, no prediction can end meanwhile.
+    sim, clock = held_sim
+    settings = make_settings(concurrent_limit=SLOTS, lease_ttl_seconds=LEASE_TTL,
+                             task_timeout_seconds=30, replicate_base_url=sim.base_url)
     prompts = [p.replace("#slow=2", "#slow=3") for p in PROMPTS]
     first = start(settings, SHUTDOWN_GRACE_SECONDS="0.3")
     job_id = submit(first, prompts, ADMIN)
@@ -201,6 +207,7 @@ def test_sigterm_past_the_grace_period_leaves_running_predictions_to_be_polled_n
     assert [i.state for i in items[SLOTS:]] == ["queued"] * len(QUICK)
     assert len(sim.predictions(SERVER_TOKEN)) == SLOTS
 
+    clock.release()
     second = start(settings)
     done = wait_terminal(second, job_id, ADMIN)
     assert_all_done_once(done, sim, SERVER_TOKEN, prompts, before, settings.output_dir)
