@@ -26,6 +26,7 @@ from sqlalchemy import Engine, event, text
 
 from conftest import ADMIN, ADMIN_KEY, OTHER, USER, HeldClock
 from replicate_generation.devtools.simulator import Simulator
+from replicate_generation.http.ended_pages import EndedPages
 from replicate_generation.jobs import migrations
 from replicate_generation.jobs.rows import ItemOutcome, NewItem, NewJob
 from replicate_generation.jobs.schema import open_engine
@@ -287,6 +288,38 @@ def _assert_lists_read_indexes(app: Flask, stored: int) -> None:
     reads = _plans(engine, seen, "jobs")
     assert reads and all(_uses_an_index_only(p, "jobs") for p in reads), reads
     assert all("jobs_open" in " ".join(p) for p in reads), reads
+
+
+def test_a_page_of_ended_items_is_read_from_the_store_once_and_answered_the_same(
+        app: Flask) -> None:
+    client = app.test_client()
+    job_id = _batch(client, [f"p{i}" for i in range(7)] + ["x #fail"])
+    engine = app.extensions["jobs"].store.db.engine
+    first = _ended(client, job_id)
+    first_page = client.get(f"/jobs/{job_id}/items?limit=3", headers=USER).get_json()
+    with _statements(engine) as seen:
+        again = _job(client, job_id)
+        again_page = client.get(f"/jobs/{job_id}/items?limit=3", headers=USER).get_json()
+        failed = client.get(f"/jobs/{job_id}/items?state=failed", headers=USER).get_json()
+    assert json.dumps(again, sort_keys=True) == json.dumps(first, sort_keys=True)
+    assert json.dumps(again_page, sort_keys=True) == json.dumps(first_page, sort_keys=True)
+    assert [i["prompt"] for i in failed["data"]] == ["x #fail"]
+    # Only the filtered page read items again: the ended pages are kept, the job row is not.
+    item_reads = [statement for statement, _ in seen if "FROM job_items" in statement]
+    assert len(item_reads) == 1, item_reads
+    assert any("FROM jobs" in statement for statement, _ in seen)
+
+
+def test_kept_pages_stay_within_their_byte_bound_dropping_the_least_recent() -> None:
+    pages = EndedPages(max_bytes=1000)
+    body = [{"prompt": "x" * 280}]
+    for n in range(5):
+        pages.put((f"job_{n}", -1, 50), body, None)
+        assert pages.get(("job_0", -1, 50)) is not None or n >= 3
+    kept = [n for n in range(5) if pages.get((f"job_{n}", -1, 50)) is not None]
+    assert kept == [0, 3, 4]  # job_0 was read at each step, so the others went first
+    pages.put(("huge", -1, 50), [{"prompt": "x" * 2000}], None)
+    assert pages.get(("huge", -1, 50)) is None
 
 
 def test_a_job_body_is_the_same_json_from_the_list_and_from_the_job(client: FlaskClient) -> None:

@@ -7,11 +7,12 @@ from typing import Any
 
 from replicate_generation.concurrency_manager import ConcurrencyManager
 from replicate_generation.http.auth import Caller
+from replicate_generation.http.ended_pages import EndedPages
 from replicate_generation.http.errors import STATUS_BY_KIND
 from replicate_generation.http.files import signed_items
 from replicate_generation.http.limit_fields import effective, limits_view, sources_view
 from replicate_generation.jobs.bodies import JOB_ITEMS_SHOWN, item_body, job_body
-from replicate_generation.jobs.rows import JobRow
+from replicate_generation.jobs.rows import ITEM_TERMINAL, JobRow
 from replicate_generation.jobs.runner import JobRunner
 from replicate_generation.models import schema_fetch
 from replicate_generation.models.catalogue import MODELS
@@ -22,6 +23,8 @@ SERVICE = "replicate-concurrent-generation"
 VERSION = "3.1.0"
 ITEM_PAGE_DEFAULT = 100
 ITEM_PAGE_MAX = 500
+# Pages whose items all ended, per process (they cannot change; a deleted job is a 404 first).
+_ENDED_PAGES = EndedPages()
 
 
 def health(settings: Settings, runner: JobRunner) -> dict[str, Any]:
@@ -123,16 +126,28 @@ def item_page(runner: JobRunner, job: JobRow, *, after: int, limit: int,
               state: str | None = None) -> dict[str, Any]:
     """Up to `limit` of the job's items past index `after` (of `state`, if given), in input
     order; `next_cursor` is the `after` of the next page."""
-    rows = runner.store.items_page(job.id, after=after, limit=limit + 1, state=state)
-    page = rows[:limit]
-    more = len(rows) > limit
-    cursor = str(page[-1].index) if more else None
+    items, cursor = _page_bodies(runner, job, after, limit, state)
     query = f"after={cursor}&limit={limit}" + (f"&state={state}" if state else "")
     return {"object": "list", "job_id": job.id,
-            "data": signed_items([item_body(row, runner.settings.output_dir) for row in page],
-                                 runner.generator.storage),
-            "has_more": more, "next_cursor": cursor,
-            "next": f"/jobs/{job.id}/items?{query}" if more else None}
+            "data": signed_items([dict(item) for item in items], runner.generator.storage),
+            "has_more": cursor is not None, "next_cursor": cursor,
+            "next": f"/jobs/{job.id}/items?{query}" if cursor is not None else None}
+
+
+def _page_bodies(runner: JobRunner, job: JobRow, after: int, limit: int,
+                 state: str | None) -> tuple[list[dict[str, Any]], str | None]:
+    """A page's item bodies and the next cursor; an unfiltered page of ended items is kept."""
+    key = (job.id, after, limit)
+    kept = _ENDED_PAGES.get(key) if state is None else None
+    if kept is not None:
+        return kept.items, kept.cursor
+    rows = runner.store.items_page(job.id, after=after, limit=limit + 1, state=state)
+    page = rows[:limit]
+    cursor = str(page[-1].index) if len(rows) > limit else None
+    items = [item_body(row, runner.settings.output_dir) for row in page]
+    if state is None and page and all(row.state in ITEM_TERMINAL for row in page):
+        _ENDED_PAGES.put(key, items, cursor)  # ended items never change again
+    return items, cursor
 
 
 def job_page(jobs: list[JobRow], limit: int) -> dict[str, Any]:
