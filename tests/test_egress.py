@@ -213,6 +213,14 @@ def test_a_slow_drip_is_cut_at_the_minimum_rate(
     assert len(downloads_seen(sim)) == 1  # refused, not retried
 
 
+def test_a_body_that_stalls_for_a_whole_window_is_refused_as_too_slow_not_retried(
+        service: Callable[..., FlaskClient], sim: Simulator) -> None:
+    # One byte a second: the 0.5 s read timeout (the stall window) fires between bytes.
+    status, body = generate(service(), "a fox #drip=1 #size=2000")
+    assert_refused(status, body, only_prediction(sim), "slower than 1000 bytes/s")
+    assert len(downloads_seen(sim)) == 1
+
+
 def test_a_drip_above_the_rate_is_cut_at_the_download_deadline(
         service: Callable[..., FlaskClient], sim: Simulator) -> None:
     started = time.monotonic()

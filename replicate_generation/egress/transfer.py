@@ -4,7 +4,7 @@ the bound; then its body, read at a minimum rate before a deadline and inflated 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from urllib.parse import urljoin
 
 import requests
@@ -97,11 +97,14 @@ class _Pace:
         elapsed = now - self._since
         if elapsed < self._policy.stall_seconds:
             return
-        rate = self._policy.min_bytes_per_second
-        if wire_bytes - self._mark < rate * elapsed:
-            raise EgressRefused(f"{self._label} arrived slower than {rate} bytes/s "
-                                "(EGRESS_MIN_BYTES_PER_SECOND)")
+        if wire_bytes - self._mark < self._policy.min_bytes_per_second * elapsed:
+            raise too_slow(self._label, self._policy)
         self._since, self._mark = now, wire_bytes
+
+
+def too_slow(label: str, policy: EgressPolicy) -> EgressRefused:
+    return EgressRefused(f"{label} arrived slower than {policy.min_bytes_per_second} bytes/s "
+                         "(EGRESS_MIN_BYTES_PER_SECOND)")
 
 
 def read_body(response: requests.Response, policy: EgressPolicy, *, deadline: float,
@@ -115,7 +118,7 @@ def read_body(response: requests.Response, policy: EgressPolicy, *, deadline: fl
     raw = response.raw
     pace = _Pace(policy, clock, deadline, label)
     decoded = 0
-    while chunk := raw.read1(_CHUNK_BYTES, decode_content=True):
+    while chunk := _read_piece(raw, label, policy):
         decoded += len(chunk)
         wire = max(1, raw.tell())  # compressed bytes off the socket so far
         if decoded > _RATIO_FLOOR_BYTES and decoded > policy.max_decompression_ratio * wire:
@@ -123,3 +126,12 @@ def read_body(response: requests.Response, policy: EgressPolicy, *, deadline: fl
                                 "times its transferred size (EGRESS_MAX_DECOMPRESSION_RATIO)")
         pace.step(wire)
         yield chunk
+
+
+def _read_piece(raw: Any, label: str, policy: EgressPolicy) -> bytes:
+    """The next piece; nothing for a whole stall window (the read timeout) is below any rate."""
+    try:
+        piece: bytes = raw.read1(_CHUNK_BYTES, decode_content=True)
+    except urllib3.exceptions.ReadTimeoutError:
+        raise too_slow(label, policy) from None
+    return piece

@@ -282,7 +282,5 @@ def _copy_body(response: requests.Response, sink: Sink, label: str, fetch: Fetch
             sink.write(chunk)
     except urllib3.exceptions.DecodeError:
         raise DownloadError(f"{label} has a corrupt content encoding") from None
-    except urllib3.exceptions.ReadTimeoutError:
-        raise _Retryable("timed out") from None
     except urllib3.exceptions.HTTPError:  # connection reset, truncated body, ...
         raise _Retryable("connection broke off") from None
