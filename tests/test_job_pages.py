@@ -34,6 +34,7 @@ from replicate_generation.jobs.store import JobStore
 from replicate_generation.settings import Settings
 from servers import ROOT, Gunicorn, service_env, wait_for
 from shared_backends import postgres_database
+from test_job_store_contract import together
 
 # What GET /jobs/<id> of a 1,000-item job may weigh: the summary and 50 items, not 1,000.
 SUMMARY_BYTES_MAX = 64 * 1024
@@ -407,26 +408,6 @@ def test_kept_counts_cost_and_totals_follow_every_item_write(target: str) -> Non
         store.close()
 
 
-def _together(*calls: Callable[[], Any]) -> list[Any]:
-    """Run the calls in threads released at once by a barrier; each result or its exception."""
-    barrier = threading.Barrier(len(calls))
-    results: list[Any] = [None] * len(calls)
-
-    def run(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = calls[i]()
-        except Exception as error:  # noqa: BLE001 - returned to the test
-            results[i] = error
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results
-
-
 def test_items_ending_while_the_job_is_canceled_never_deadlock_and_keep_the_counts(
         target: str) -> None:
     stores = [JobStore(target), JobStore(target)]
@@ -446,7 +427,7 @@ def test_items_ending_while_the_job_is_canceled_never_deadlock_and_keep_the_coun
             lambda: stores[1].request_cancel("job_race", 2.0),
             lambda: stores[0].owners.fail_queued_items("w", "acct_a", ItemOutcome(
                 state="failed", error="401", error_type="replicate_unauthorized"), 2.0)]
-        results = _together(*calls)
+        results = together(*calls)
         assert not [r for r in results if isinstance(r, Exception)], results
         _assert_kept_is_counted(store, ["job_race"])
         job = store.get("job_race")
