@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -252,3 +253,33 @@ def test_a_sync_caller_that_gives_up_leaves_a_job_that_completes(
     assert job["state"] == "succeeded"
     assert [Path(i["files"][0]).stem for i in job["items"]] == ["a", "b"]
     assert sorted(creates_by_prompt(sim, SERVER_TOKEN).values()) == [1, 1]
+
+
+def test_items_a_live_helper_gives_back_are_run_by_their_owner(
+        make_settings: Callable[..., Settings], start: Callable[..., Gunicorn],
+        held_sim: tuple[Simulator, HeldClock]) -> None:
+    # A long lease: the helper below stays alive, so nothing is freed as a dead runner's.
+    sim, clock = held_sim
+    settings = make_settings(concurrent_limit=SLOTS, lease_ttl_seconds=120,
+                             task_timeout_seconds=30, replicate_base_url=sim.base_url)
+    prompts = [f"given back {i}" for i in range(20)]  # the owner's first window is 16
+    server = start(settings)
+    job_id = submit(server, prompts, ADMIN)
+    wait_for(lambda: len(sim.predictions(SERVER_TOKEN)) == SLOTS, what="every slot taken")
+    # This test plays another process of the same account: it claims the rest of the job ...
+    helper = JobStore(str(settings.state_file))
+    helper.owners.heartbeat("helper", time.time())
+    job = helper.get(job_id)
+    assert job is not None
+    assert helper.claims.claim(job_id, "helper", 10, fence=job.fence) == list(range(16, 20))
+    clock.release()
+    # ... the owner runs its own 16 and finds nothing more to claim ...
+    wait_for(lambda: get_job(server, job_id, ADMIN)["counts"]["succeeded"] == 16,
+             what="the owner's window to finish")
+    assert len(sim.predictions(SERVER_TOKEN)) == 16
+    # ... then the helper stops without starting them: they are the owner's to run again.
+    helper.claims.give_back("helper")
+    done = wait_terminal(server, job_id, ADMIN)
+    assert done["state"] == "succeeded", done
+    assert creates_by_prompt(sim, SERVER_TOKEN) == dict.fromkeys(prompts, 1)
+    helper.close()

@@ -504,6 +504,23 @@ def test_a_helper_is_offered_only_live_owners_open_uncanceled_jobs(store: JobSto
     assert store.claims.to_help("b", ["acct_a"], "service") == []
 
 
+def test_a_new_jobs_first_window_is_its_owners_and_given_back_items_are_left_behind(
+        store: JobStore) -> None:
+    store.create(new_job("job_w", 5), "a", 1.0, first_window=3)
+    store.create(new_job("job_v", 2), "a", 1.0, first_window=3)
+    store.owners.heartbeat("a", 1.0)
+    store.owners.heartbeat("b", 1.0)
+    assert store.claims.runs("job_w", 2, "a", 1) and not store.claims.runs("job_w", 2, "b", 1)
+    assert store.claims.claim("job_w", "b", 9, fence=1) == [3, 4]
+    # Nothing unclaimed: nothing left behind, whatever runs here.
+    assert store.claims.left_behind("a", []) == []
+    store.claims.give_back("b")
+    assert store.claims.left_behind("a", []) == [("job_w", 1)]
+    assert store.claims.left_behind("a", ["job_w"]) == []  # a window here claims them itself
+    assert store.claims.left_behind("b", []) == []  # only the owner takes them back this way
+    assert store.claims.claim("job_w", "a", 9, fence=1, as_owner=True) == [3, 4]
+
+
 def test_a_stale_owner_changes_nothing_once_another_claimed_its_job(store: JobStore) -> None:
     job, _ = store.create(new_job("job_f", 3), "old", 0.0)
     store.owners.heartbeat("old", 0.0)

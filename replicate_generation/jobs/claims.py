@@ -7,7 +7,7 @@ fence still voids every write of a job re-claimed from a dead owner.
 
 from __future__ import annotations
 
-from collections.abc import Container, Sequence
+from collections.abc import Collection, Container, Sequence
 
 from sqlalchemy import Select, and_, bindparam, exists, or_, select, update
 
@@ -102,6 +102,19 @@ class ItemClaims:
         with self._db.read() as conn:
             return [(str(r.id), int(r.fence)) for r in conn.execute(query)
                     if r.account in accounts]
+
+    def left_behind(self, worker: str, running_here: Collection[str],
+                    limit: int = 20) -> list[tuple[str, int]]:
+        """Open jobs `worker` owns with queued items nobody claimed and none of its windows open,
+        because a helper gave them back or took them before the owner could: (job id, fence)."""
+        waiting = exists().where(job_items.c.job_id == jobs.c.id, job_items.c.state == "queued",
+                                 job_items.c.runner.is_(None))
+        query = (select(jobs.c.id, jobs.c.fence).where(
+            jobs.c.owner == worker, jobs.c.state.in_(OPEN_STATES),
+            jobs.c.id.not_in(list(running_here)), waiting)
+            .order_by(jobs.c.created_at).limit(limit))
+        with self._db.read() as conn:
+            return [(str(r.id), int(r.fence)) for r in conn.execute(query)]
 
 
 # An item's write holds only while it is unclaimed or claimed by the writer (`w_runner`).

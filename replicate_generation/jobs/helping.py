@@ -1,11 +1,12 @@
 """A process with room for an account claims windows of that account's jobs owned by other
-processes, so a big job runs on every worker and replica instead of only the one that took it."""
+processes, so a big job runs on every worker and replica instead of only the one that took it;
+and takes back its own jobs' items that a helper gave back or claimed before it could."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from replicate_generation.errors import StoreBusy, StoreUnavailable
 from replicate_generation.jobs.accounts import AccountMemory
@@ -23,13 +24,15 @@ class Helping:
 
     def __init__(self, store: JobStore, accounts: AccountMemory, *, worker_id: str, origin: str,
                  has_room: Callable[[str], bool], help_job: Callable[[JobRow, str], bool],
-                 stopping: Callable[[], bool], stop: threading.Event) -> None:
+                 running_here: Callable[[], Collection[str]], stopping: Callable[[], bool],
+                 stop: threading.Event) -> None:
         self._store = store
         self._accounts = accounts
         self._worker_id = worker_id
         self._origin = origin
         self._has_room = has_room
         self._help_job = help_job
+        self._running_here = running_here
         self._stopping = stopping
         self._stop = stop
 
@@ -45,16 +48,21 @@ class Helping:
                 log.exception("looking for other processes' work failed; retrying")
 
     def help_once(self) -> int:
-        """Claim a window of each job this process has room for; how many it took on."""
+        """Claim a window of each job this process has room for, its own jobs' left-behind items
+        first; how many jobs it took on."""
         tokens, _ = self._accounts.to_check()
         if not tokens:
             return 0
+        claims = self._store.claims
+        found = claims.left_behind(self._worker_id, self._running_here()) \
+            + claims.to_help(self._worker_id, tokens, self._origin)
         taken = 0
-        for job_id, fence in self._store.claims.to_help(self._worker_id, tokens, self._origin):
+        for job_id, fence in found:
             job = self._store.get(job_id)
             if job is None or job.fence != fence or not self._has_room(job.account):
                 continue
-            if self._help_job(job, tokens[job.account]):
-                log.info("helping with job %s", job.id)
+            token = tokens.get(job.account)
+            if token is not None and self._help_job(job, token):
+                log.info("taking on items of job %s", job.id)
                 taken += 1
         return taken

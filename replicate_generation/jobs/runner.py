@@ -129,6 +129,7 @@ class JobRunner:
         self.store.owners.heartbeat(self.worker_id, clock())
         self.helping = Helping(self.store, self.accounts, worker_id=self.worker_id,
                                origin=origin, has_room=self._has_room, help_job=self.help,
+                               running_here=self._windows.job_ids,
                                stopping=lambda: self._stopping or self._suspending,
                                stop=self._stop)
         self._threads = [
@@ -187,12 +188,16 @@ class JobRunner:
                      key_id=submission.key_id, caller=submission.caller,
                      priority="interactive" if submission.interactive else "batch",
                      start_deadline=submission.start_deadline)
+        size = window_size(self.generator.manager.limits().max_concurrent)
         job, created = self.store.create(new, self.worker_id, self._clock(),
                                          bounds=bounds_for(self.settings, token),
-                                         budgets=submission.budgets)
-        if created:
+                                         budgets=submission.budgets, first_window=size)
+        first = list(range(min(size, len(new.items))))
+        if created and not first:
+            self._close_if_done(job.id)
+        elif created:
             try:
-                self._queue(job, token)
+                self._start_window(job, token, first)
             except (QueueFull, ShuttingDown):
                 # Refused as a whole (429/503): the caller retries; nothing was run or paid.
                 self.store.retention.delete([job.id])
@@ -223,9 +228,10 @@ class JobRunner:
         return self.generator.dispatcher.queued(account) < window_size(limit)
 
     def help(self, job: JobRow, token: str) -> bool:
-        """Claim and queue a window of another process's job; False if nothing was left."""
+        """Claim and queue a window of a job: another process's, or one of this process's own
+        that no window here runs; False if nothing was left."""
         try:
-            return self._open_window(job, token, as_owner=False)
+            return self._open_window(job, token, as_owner=job.owner == self.worker_id)
         except (QueueFull, ShuttingDown):
             return False
 
@@ -235,6 +241,12 @@ class JobRunner:
                                           as_owner=as_owner)
         if not claimed:
             return False
+        self._start_window(job, token, claimed)
+        return True
+
+    def _start_window(self, job: JobRow, token: str, claimed: list[int]) -> None:
+        """Queue the first of these claimed items; the rest wait in the job's window here."""
+        size = window_size(self.generator.manager.limits().max_concurrent)
         turn = self._turn_of(job)
         first = self._windows.open((job.id, job.fence), job.account, claimed, size)
         try:
@@ -243,7 +255,6 @@ class JobRunner:
             self._windows.drop(job.id)
             self.store.claims.give_back(self.worker_id, [job.id])
             raise
-        return True
 
     def _push(self, job: JobRow, indexes: list[int], token: str, turn: Turn) -> None:
         if indexes:

@@ -104,9 +104,10 @@ class JobStore:
     # -- submitting ------------------------------------------------------------------------
 
     def create(self, job: NewJob, owner: str, now: float, *,
-               bounds: AccountBounds | None = None,
-               budgets: Sequence[Budget] = ()) -> tuple[JobRow, bool]:
-        """Insert a job and its items; return (job, created), or a known Idempotency-Key's job.
+               bounds: AccountBounds | None = None, budgets: Sequence[Budget] = (),
+               first_window: int = 0) -> tuple[JobRow, bool]:
+        """Insert a job and its items, its first `first_window` items claimed by `owner`; return
+        (job, created), or a known Idempotency-Key's job.
 
         IdempotencyConflict for another body; AccountStoreFull past the account's `bounds` and
         BudgetExceeded past any of `budgets` (nothing stored); rows are built before the lock
@@ -115,6 +116,7 @@ class JobStore:
         items, values = pack_items(job.id, (item.spec for item in job.items))
         for row, item in zip(items, job.items, strict=True):
             row["reserved_usd"] = item.reserved_usd
+            row["runner"] = owner if row["idx"] < first_window else None
         size = record_size(items, values)
         with self.events.write() as conn:
             existing = _keyed_job(conn, job)

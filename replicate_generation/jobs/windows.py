@@ -98,6 +98,11 @@ class ItemWindows:
         with self._lock:
             return key in self._jobs
 
+    def job_ids(self) -> set[str]:
+        """The jobs with a window here."""
+        with self._lock:
+            return {job_id for job_id, _ in self._jobs}
+
     def drop(self, job_id: str) -> None:
         """Forget the job here (canceled, handed back, or done), whatever its fence."""
         with self._lock:
