@@ -147,8 +147,9 @@ def test_a_prediction_still_queued_at_replicate_at_its_deadline_is_aborted_and_t
     sim.configure(queue_seconds=100.0)  # Replicate has no GPU for it in time
     client = make_app(replicate_base_url=sim.base_url, **HELD).test_client()
     job = submit_async(client, batch(["waits for a GPU"], deadline_seconds=30), USER)
-    wait_for(lambda: len(sim.predictions(USER_TOKEN)) == 1, 10, "the create")
-    header = creates_seen(sim)[0]["cancel_after"]
+    # The request log gets its line once the answer is sent, after the prediction exists.
+    (create,) = wait_for(lambda: creates_seen(sim), 10, "the create's answer")
+    header = create["cancel_after"]
     match = re.fullmatch(r"(\d+)s", header or "")
     assert match is not None and 25 <= int(match.group(1)) <= 30, header
     clock.advance(31)
