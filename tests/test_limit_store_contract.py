@@ -12,6 +12,7 @@ import math
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -630,6 +631,30 @@ def test_a_refused_waiter_learns_how_many_enter_before_it(make_store: StoreFacto
     assert store.try_acquire_ranked(ACCOUNT, "t3") == (None, 2)
     store.set_overrides({"max_concurrent": 1})  # lowered below what is held: one must leave
     assert store.try_acquire_ranked(ACCOUNT, "t2") == (None, 2)
+
+
+def test_a_sqlite_waiter_still_behind_others_looks_without_writing(tmp_path: Path) -> None:
+    path = tmp_path / "limits.sqlite3"
+    store = SQLiteLimitStore(path, Limits(1, 60), clock=FakeClock(), lease_ttl=30)
+    holder, _ = store.try_acquire_ranked(ACCOUNT, "holder")
+    assert holder is not None
+    assert [store.try_acquire_ranked(ACCOUNT, t) for t in ("first", "second")] == \
+        [(None, 1), (None, 2)]
+    watcher = sqlite3.connect(path)  # its data_version moves with every other connection's commit
+    try:
+        before = watcher.execute("PRAGMA data_version").fetchone()
+        assert [store.try_acquire_ranked(ACCOUNT, "second") for _ in range(5)] == [(None, 2)] * 5
+        assert watcher.execute("PRAGMA data_version").fetchone() == before
+        store.release(holder)
+        assert store.try_acquire_ranked(ACCOUNT, "second") == (None, 1)  # "first" goes first
+        released = watcher.execute("PRAGMA data_version").fetchone()
+        assert released != before  # the release alone was written
+        granted, _ = store.try_acquire_ranked(ACCOUNT, "first")
+        assert granted is not None
+        assert watcher.execute("PRAGMA data_version").fetchone() != released
+    finally:
+        watcher.close()
+        store.close()
 
 
 def test_release_leave_queue_and_renew_run_twice_are_harmless(make_store: StoreFactory) -> None:

@@ -253,6 +253,10 @@ class SQLiteLimitStore:
 
     def try_acquire_ranked(self, account: str, ticket: str, turn: Turn = ANYONE,
                            limit: int | None = None) -> tuple[str | None, int]:
+        # Most looks find the waiter still behind others: a read answers them, no write lock.
+        rank = self._rank_while_waiting(account, ticket, limit)
+        if rank is not None:
+            return None, rank
         with self._db.write() as conn:
             now = self._clock()
             # Purged inside the granting transaction: dead holders' slots free with no reaper.
@@ -275,6 +279,21 @@ class SQLiteLimitStore:
                 (lease_id, account, now + self._ttl),
             )
             return lease_id, 0
+
+    def _rank_while_waiting(self, account: str, ticket: str, limit: int | None) -> int | None:
+        """A placed ticket's rank while others enter first; None when it may enter now, is not
+        placed, or its expiry is due a refresh: then the granting write decides."""
+        with self._db.read() as conn:
+            now = self._clock()
+            mine = turns.placed(conn, ticket, fresh_after=now + self._ttl / 2)
+            if mine is None:
+                return None
+            shared = self._limits(conn).max_concurrent
+            held = _count(conn, "SELECT COUNT(*) FROM cm_leases WHERE account = ? AND expires > ?",
+                          (account, now))
+            free = (shared if limit is None else min(shared, limit)) - held
+            ahead = turns.ahead(conn, account, mine, live_at=now)
+        return ahead - free + 1 if ahead >= free else None
 
     def renew(self, lease_ids: Sequence[str], ticket_ids: Sequence[str]) -> None:
         if not lease_ids and not ticket_ids:

@@ -60,10 +60,22 @@ def place(conn: sqlite3.Connection, account: str, ticket: str, turn: Turn, expir
     return Place(turn.band, start, cursor.lastrowid)
 
 
-def ahead(conn: sqlite3.Connection, account: str, mine: Place) -> int:
-    """Tickets of the account that enter before this one."""
-    row = conn.execute("SELECT COUNT(*) FROM cm_tickets WHERE account = ?"
-                       " AND (band, tag, seq) < (?, ?, ?)", (account, *mine)).fetchone()
+def placed(conn: sqlite3.Connection, ticket: str, *, fresh_after: float) -> Place | None:
+    """The ticket's place, if it waits and expires after `fresh_after`."""
+    row = conn.execute("SELECT band, tag, seq FROM cm_tickets WHERE ticket = ? AND expires > ?",
+                       (ticket, fresh_after)).fetchone()
+    return None if row is None else Place(int(row[0]), float(row[1]), int(row[2]))
+
+
+def ahead(conn: sqlite3.Connection, account: str, mine: Place,
+          live_at: float | None = None) -> int:
+    """Tickets of the account that enter before this one (those still live at `live_at`)."""
+    sql = "SELECT COUNT(*) FROM cm_tickets WHERE account = ? AND (band, tag, seq) < (?, ?, ?)"
+    params: tuple[object, ...] = (account, *mine)
+    if live_at is not None:
+        sql += " AND expires > ?"
+        params += (live_at,)
+    row = conn.execute(sql, params).fetchone()
     return int(row[0])
 
 
