@@ -16,6 +16,19 @@ from replicate_generation.jobs.rows import OPEN_STATES
 from replicate_generation.jobs.schema import job_items, job_workers, jobs
 
 _LIVE = select(job_workers.c.id)
+# A job with queued items nobody claimed.
+_WAITING = exists().where(job_items.c.job_id == jobs.c.id, job_items.c.state == "queued",
+                          job_items.c.runner.is_(None))
+# Built once: the helping thread runs these twice a second in every process.
+_TO_HELP = (select(jobs.c.id, jobs.c.account, jobs.c.fence).where(
+    jobs.c.state.in_(OPEN_STATES), jobs.c.origin == bindparam("origin"),
+    jobs.c.owner.is_not(None), jobs.c.owner != bindparam("worker"), jobs.c.owner.in_(_LIVE),
+    jobs.c.cancel_requested_at.is_(None), _WAITING)
+    .order_by(jobs.c.created_at).limit(bindparam("limit")))
+_LEFT_BEHIND = (select(jobs.c.id, jobs.c.fence).where(
+    jobs.c.owner == bindparam("worker"), jobs.c.state.in_(OPEN_STATES),
+    jobs.c.id.not_in(bindparam("here", expanding=True)), _WAITING)
+    .order_by(jobs.c.created_at).limit(bindparam("limit")))
 
 
 def _unclaimed(job_id: str, states: Sequence[str], count: int) -> Select[tuple[int]]:
@@ -92,29 +105,18 @@ class ItemClaims:
                 limit: int = 20) -> list[tuple[str, int]]:
         """Open jobs of other live processes, of `accounts`, with queued items nobody claimed:
         (job id, fence), oldest first."""
-        waiting = exists().where(job_items.c.job_id == jobs.c.id, job_items.c.state == "queued",
-                                 job_items.c.runner.is_(None))
-        query = (select(jobs.c.id, jobs.c.account, jobs.c.fence).where(
-            jobs.c.state.in_(OPEN_STATES), jobs.c.origin == origin,
-            jobs.c.owner.is_not(None), jobs.c.owner != worker, jobs.c.owner.in_(_LIVE),
-            jobs.c.cancel_requested_at.is_(None), waiting)
-            .order_by(jobs.c.created_at).limit(limit))
         with self._db.read() as conn:
-            return [(str(r.id), int(r.fence)) for r in conn.execute(query)
-                    if r.account in accounts]
+            rows = conn.execute(_TO_HELP, {"worker": worker, "origin": origin, "limit": limit})
+            return [(str(r.id), int(r.fence)) for r in rows if r.account in accounts]
 
     def left_behind(self, worker: str, running_here: Collection[str],
                     limit: int = 20) -> list[tuple[str, int]]:
         """Open jobs `worker` owns with queued items nobody claimed and none of its windows open,
         because a helper gave them back or took them before the owner could: (job id, fence)."""
-        waiting = exists().where(job_items.c.job_id == jobs.c.id, job_items.c.state == "queued",
-                                 job_items.c.runner.is_(None))
-        query = (select(jobs.c.id, jobs.c.fence).where(
-            jobs.c.owner == worker, jobs.c.state.in_(OPEN_STATES),
-            jobs.c.id.not_in(list(running_here)), waiting)
-            .order_by(jobs.c.created_at).limit(limit))
         with self._db.read() as conn:
-            return [(str(r.id), int(r.fence)) for r in conn.execute(query)]
+            rows = conn.execute(_LEFT_BEHIND, {"worker": worker, "here": list(running_here),
+                                               "limit": limit})
+            return [(str(r.id), int(r.fence)) for r in rows]
 
 
 # An item's write holds only while it is unclaimed or claimed by the writer (`w_runner`).
