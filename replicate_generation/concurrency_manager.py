@@ -85,30 +85,39 @@ class ConcurrencyManager:
     # -- concurrency ------------------------------------------------------------
 
     @contextmanager
-    def slot(self, account: str, deadline: float, turn: Turn = ANYONE) -> Iterator[None]:
+    def slot(self, account: str, deadline: float,
+             turn: Turn = ANYONE) -> Iterator[Callable[[], None]]:
         """Hold one of the account's in-flight slots for the body of the block; `turn` places
-        the wait among the account's others (interactive first, then fair shares)."""
+        the wait among the account's others (interactive first, then fair shares). The block
+        gets a function that frees the slot early, once its prediction is seen to end."""
         started = time.monotonic()
-        with self._caller_slot(account, deadline, turn):
+        with self._caller_slot(account, deadline, turn) as free_own:
             lease_id = self._acquire(account, deadline, turn)
             metrics.limiter_waited("slot", started)
+            free = _once(partial(self._release_both, lease_id, free_own))
             try:
-                yield
+                yield free
             finally:
-                self._release(lease_id)
+                free()
+
+    def _release_both(self, lease_id: str, free_own: Callable[[], None]) -> None:
+        self._release(lease_id)
+        free_own()
 
     @contextmanager
-    def _caller_slot(self, account: str, deadline: float, turn: Turn) -> Iterator[None]:
+    def _caller_slot(self, account: str, deadline: float,
+                     turn: Turn) -> Iterator[Callable[[], None]]:
         """A capped caller first takes one of its own slots, counted beside the account's, so
         its waiters never stand in the account's line while it is at its bound."""
         if turn.cap is None:
-            yield
+            yield _nothing
             return
         own = self._acquire(caller_account(account, turn.caller), deadline, ANYONE, turn.cap)
+        free = _once(partial(self._release, own))
         try:
-            yield
+            yield free
         finally:
-            self._release(own)
+            free()
 
     def _acquire(self, account: str, deadline: float, turn: Turn,
                  limit: int | None = None) -> str:
@@ -327,3 +336,19 @@ class ConcurrencyManager:
             self._open()
         if self._closed:
             raise RuntimeError("ConcurrencyManager has been shut down")
+
+
+def _nothing() -> None:
+    return None
+
+
+def _once(step: Callable[[], object]) -> Callable[[], None]:
+    """`step`, run at its first call only."""
+    done = False
+
+    def run() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            step()
+    return run

@@ -164,6 +164,10 @@ def _never() -> bool:
     return False
 
 
+def _pass() -> None:
+    return None
+
+
 def _ignore(_attempt: Attempt) -> None:
     return None
 
@@ -201,11 +205,11 @@ def generate(job: Job, rt: Runtime, attempts: list[Attempt] | None = None, *,
     client = rt.clients.get(job.token)
     in_slot = False
     try:
-        with rt.manager.slot(job.account, slot_by, job.turn):
+        with rt.manager.slot(job.account, slot_by, job.turn) as free_slot:
             in_slot = True
             if resume is None:
                 prediction = _create(client, job, rt, deadline, attempts, hooks, pending,
-                                     start_by)
+                                     start_by, ended=free_slot)
             else:
                 prediction = SimpleNamespace(id=resume, status="starting")
             final = _await_terminal(client, job, rt, prediction, deadline, hooks,
@@ -239,7 +243,7 @@ def _expired(why: str) -> GenerationError:
 
 def _create(client: replicate.Client, job: Job, rt: Runtime, deadline: float,
             attempts: list[Attempt], hooks: Hooks, pending: Attempt | None = None,
-            start_by: float | None = None) -> Any:
+            start_by: float | None = None, *, ended: Callable[[], None] = _pass) -> Any:
     """Create the prediction exactly once: 429s back off the whole account and retry; a create
     whose answer is lost or ambiguous is looked up before it is ever sent again. None is sent
     after `start_by` (rt.clock()): GenerationError("expired") instead."""
@@ -262,7 +266,7 @@ def _create(client: replicate.Client, job: Job, rt: Runtime, deadline: float,
             raise
         prediction, definite = _send_create(client, job, rt, deadline, attempt, start_by)
         if prediction is not None:
-            return _created(job, rt, attempt, prediction, hooks)
+            return _created(job, rt, attempt, prediction, hooks, ended)
         if not definite:
             adopted = _settle(client, job, rt, deadline, attempt, hooks)
             if adopted is not None:
@@ -331,7 +335,12 @@ def _send_create(client: replicate.Client, job: Job, rt: Runtime, deadline: floa
         return None, False
 
 
-def _created(job: Job, rt: Runtime, attempt: Attempt, prediction: Any, hooks: Hooks) -> Any:
+def _created(job: Job, rt: Runtime, attempt: Attempt, prediction: Any, hooks: Hooks,
+             ended: Callable[[], None] = _pass) -> Any:
+    """Record a new prediction's id; one that a held create saw end first calls `ended` (its
+    slot is free before the write, so the account's next create need not wait on it)."""
+    if prediction.status in TERMINAL:
+        ended()
     attempt.prediction_id = prediction.id
     attempt.status = prediction.status
     attempt.error = None

@@ -25,7 +25,7 @@ import pytest
 
 from replicate_generation.concurrency_manager import ConcurrencyManager
 from replicate_generation.errors import StoreUnavailable
-from replicate_generation.limits.base import Limits
+from replicate_generation.limits.base import Limits, Turn
 from replicate_generation.limits.sqlite import SQLiteLimitStore
 from test_limit_store_contract import FakeClock, slot_waiter, wait_until
 
@@ -119,7 +119,7 @@ def test_sqlite_check_reads_the_file_and_close_is_harmless(tmp_path: Path) -> No
 
 OPENER = r"""
 import os, sys, time
-from replicate_generation.limits.base import Limits
+from replicate_generation.limits.base import Limits, Turn
 from replicate_generation.limits.sqlite import SQLiteLimitStore
 
 db, go = sys.argv[1], sys.argv[2]
@@ -166,6 +166,23 @@ def test_processes_opening_a_new_file_at_once_all_succeed(tmp_path: Path) -> Non
         assert [worker.wait(timeout=60) for worker in workers] == [0] * 8
     for k in range(60):
         assert SQLiteLimitStore(f"{db}.{k}", Limits(3, 1000)).stats("shared")[0].in_flight == 3
+
+
+def test_a_slot_freed_early_lets_the_next_in_while_its_block_still_runs(tmp_path: Path) -> None:
+    store = sqlite_store(tmp_path, Limits(1, 600))
+    manager = ConcurrencyManager(store, poll_interval=0.01)
+    capped = Turn(caller="key-a", cap=1)
+    with manager.slot(ACCOUNT, time.time() + 30, capped) as free:
+        with slot_waiter(manager) as entered:
+            assert not entered.wait(0.2)  # the account's one slot is held
+            free()  # its prediction ended: the slot goes before the block's last writes
+            assert entered.wait(10)
+        free()  # freeing again, and leaving the block, release nothing twice
+        # The caller's own slot went too: the same caller gets in at once.
+        with manager.slot(ACCOUNT, time.time() + 1, capped):
+            assert store.stats(ACCOUNT)[0].in_flight == 1
+    assert store.stats(ACCOUNT)[0].in_flight == 0
+    manager.shutdown()
 
 
 # --------------------------------------------------------------------------
