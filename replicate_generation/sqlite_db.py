@@ -33,6 +33,10 @@ STORE_BUSY_RETRY_AFTER_S = 2
 _BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
 # The WAL file is cut back to this after a checkpoint (else it keeps its largest size for good).
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+# Each connection's page cache, in KiB when negative: a process has one connection per thread,
+# so SQLite's 2 MiB default grew every worker by tens of MiB as the file grew; the OS caches
+# the file once for all of them.
+CACHE_SIZE = -256
 # Pages (4 KiB) one reclaim step frees: a write lock held for tens of milliseconds.
 RECLAIM_PAGES = 2048
 # A file from before incremental auto-vacuum is rebuilt (VACUUM) only up to this size.
@@ -146,6 +150,7 @@ class Database:
         # In WAL mode NORMAL survives process crashes; only an OS crash can lose the last commits.
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+        conn.execute(f"PRAGMA cache_size = {CACHE_SIZE}")
         self._local.conn = conn
         self._local.pid = os.getpid()
         return conn
@@ -246,6 +251,7 @@ def _on_connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:
     dbapi_connection.isolation_level = None
     dbapi_connection.execute("PRAGMA synchronous = NORMAL")
     dbapi_connection.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+    dbapi_connection.execute(f"PRAGMA cache_size = {CACHE_SIZE}")
 
 
 def driver_connection(conn: Connection) -> sqlite3.Connection:

@@ -13,7 +13,7 @@ from replicate_generation.errors import StoreBusy
 from replicate_generation.jobs import database
 from replicate_generation.jobs.rows import NewItem, NewJob
 from replicate_generation.jobs.store import JobStore
-from replicate_generation.sqlite_db import patient_writes
+from replicate_generation.sqlite_db import CACHE_SIZE, Database, patient_writes
 
 
 def make_job(store: JobStore, job_id: str, origin: str, owner: str, now: float) -> None:
@@ -73,3 +73,17 @@ def test_a_locked_state_file_makes_writes_wait_then_refuse_while_patient_ones_wa
     item = store.item("job_1", 0)
     assert item is not None and item.prediction_id == "pred_1"
     store.close()
+
+
+def test_every_connection_to_the_state_file_keeps_a_small_page_cache(tmp_path: Path) -> None:
+    # One connection per thread: SQLite's 2 MiB default cache each grew workers with the file.
+    path = tmp_path / "state.sqlite3"
+    store = JobStore(str(path))
+    try:
+        with store.db.read() as conn:  # the job store's pooled connections
+            assert conn.exec_driver_sql("PRAGMA cache_size").scalar() == CACHE_SIZE
+    finally:
+        store.close()
+    # The limit store's per-thread connections.
+    assert Database(path).connection().execute("PRAGMA cache_size").fetchone() == (CACHE_SIZE,)
+    assert -1024 <= CACHE_SIZE < 0  # at most 1 MiB each (negative: KiB)
