@@ -137,19 +137,20 @@ class EventLog:
 
     def item_changed(self, conn: Connection, job_id: str, index: int, now: float,
                      sizes: Mapping[str, int | None] | None = None, *,
-                     stored: StoredItem | None = None) -> None:
+                     stored: StoredItem | None = None) -> int | None:
         """The item's state as stored now (`stored`: what this write just stored, not read
-        again); a finished item's files follow, one event each (`sizes`: their bytes)."""
+        again); a finished item's files follow, one event each (`sizes`: their bytes). Returns
+        the job's open items as this write leaves them (None: no such item or job)."""
         row = stored if stored is not None else conn.execute(
             _ITEM_ROW, {"job_id": job_id, "idx": index}).first()
         if row is None:
-            return
+            return None
         if self._db.backend == "postgresql":
             conn.execute(_APPEND_ORDER)
         # Read after the lock, as _append does: the owner, counts and cost in one statement.
         job = conn.execute(_JOB_FACTS, {"job_id": job_id}).first()
         if job is None:
-            return
+            return None
         bodies = [("item.state", _item_state(job, index, row))]
         bodies += [("item.file", _file(index, path, (sizes or {}).get(path)))
                    for path in json.loads(row.files)]
@@ -158,6 +159,7 @@ class EventLog:
              "kind": kind, "data": json.dumps({"job_id": job_id, **data}, separators=(",", ":"))}
             for kind, data in bodies])  # one row at a time, in this order: ids follow it
         conn.info.get(_APPENDED, []).append(True)
+        return int(job.queued_items) + int(job.running_items)
 
     def cancel_requested(self, conn: Connection, job_id: str, now: float) -> None:
         """The job asked to cancel, with the queued items this very write canceled."""

@@ -280,14 +280,16 @@ class JobStore:
                   "v_attempts": json.dumps(attempts), "v_now": now}
         with self.events.write(patient=True) as conn:
             # The job's row first, as every writer locks it (PostgreSQL: no deadlock).
-            before = _locked_state(conn, job_id, index) if _fence_holds(conn, job_id,
-                                                                       fence) else None
+            before = conn.execute(_ITEM_LOCKED, {"job_id": job_id, "idx": index}).first() \
+                if _fence_holds(conn, job_id, fence) else None
             intent = _INTENT if fence is None else _INTENT_FENCED
             if before is not None and conn.execute(intent, params).rowcount:
-                move_items(conn, job_id, before, "running")
+                move_items(conn, job_id, before.state, "running")
                 conn.execute(_JOB_STARTED, {"w_job": job_id, "v_now": now})
-                if before != "running":  # a retry's intent changes nothing a stream shows
-                    self.events.item_changed(conn, job_id, index, now)
+                if before.state != "running":  # a retry's intent changes nothing a stream shows
+                    # The intent changes only the state of what the event shows: not read again.
+                    stored = StoredItem("running", *before[1:])
+                    self.events.item_changed(conn, job_id, index, now, stored=stored)
                 return "stored"
         return self._why_no_intent(job_id, index, owner, fence)
 
@@ -337,8 +339,9 @@ class JobStore:
             stored = StoredItem(outcome.state, outcome.model_used,
                                 None if outcome.cost_usd is None else float(outcome.cost_usd),
                                 outcome.error, outcome.error_type, params["v_files"])
-            self.events.item_changed(conn, job_id, index, now, sizes, stored=stored)
-            still_open = conn.execute(_OPEN_ITEMS, {"job_id": job_id}).scalar()
+            still_open = self.events.item_changed(conn, job_id, index, now, sizes, stored=stored)
+            if still_open is None:
+                still_open = conn.execute(_OPEN_ITEMS, {"job_id": job_id}).scalar()
         return ItemFinished(open_items=int(still_open or 0))
 
     def finish_job_if_done(self, job_id: str, now: float, *,
@@ -435,7 +438,9 @@ _JOB_STARTED = update(jobs).where(jobs.c.id == bindparam("w_job"), jobs.c.state 
     state="running", started_at=func.coalesce(jobs.c.started_at, bindparam("v_now")))
 _FENCE = select(jobs.c.fence).where(jobs.c.id == bindparam("job_id")).with_for_update(
     read=True, key_share=True)
-_ITEM_STATE = select(job_items.c.state).where(
+# The item's state and what its events show (events.StoredItem's order), its row locked.
+_ITEM_LOCKED = select(job_items.c.state, job_items.c.model_used, job_items.c.cost_usd,
+                      job_items.c.error, job_items.c.error_type, job_items.c.files).where(
     job_items.c.job_id == bindparam("job_id"), job_items.c.idx == bindparam("idx")
 ).with_for_update(key_share=True)
 
@@ -459,11 +464,6 @@ def _keyed_job(conn: Connection, job: NewJob) -> JobRow | None:
     if existing.request_hash != job.request_hash or existing.key_id != job.key_id:
         raise IdempotencyConflict(job.idempotency_key)
     return existing
-
-
-def _locked_state(conn: Connection, job_id: str, index: int) -> str | None:
-    """The item's state, its row locked until the write ends (PostgreSQL)."""
-    return conn.execute(_ITEM_STATE, {"job_id": job_id, "idx": index}).scalar()
 
 
 def _final_state(job: JobRow, counts: dict[str, int], unconfirmed: int = 0) -> str:
