@@ -37,8 +37,9 @@ READ_BATCH = 200
 _OWNER = select(jobs.c.account, jobs.c.key_id).where(jobs.c.id == bindparam("job_id"))
 _APPEND_ORDER = select(func.pg_advisory_xact_lock(_APPEND_LOCK))
 _INSERT = insert(job_events)
-_ITEM_ROW = select(job_items.c.state, job_items.c.model_used, job_items.c.cost_usd,
-                   job_items.c.error, job_items.c.error_type, job_items.c.files).where(
+# An item's columns its events show; the store's intent reads them too, locking the row.
+ITEM_ROW = select(job_items.c.state, job_items.c.model_used, job_items.c.cost_usd,
+                  job_items.c.error, job_items.c.error_type, job_items.c.files).where(
     job_items.c.job_id == bindparam("job_id"), job_items.c.idx == bindparam("idx"))
 # What an item's events say of its job (count_items and job_cost read the same row).
 _JOB_FACTS = select(jobs.c.account, jobs.c.key_id, jobs.c.cost_usd,
@@ -49,7 +50,7 @@ FileSize = Callable[[str], "int | None"]
 
 
 class StoredItem(NamedTuple):
-    """An item's columns its events show (_ITEM_ROW's), as the writer just stored them."""
+    """An item's columns its events show (ITEM_ROW's), as the writer just stored them."""
 
     state: str
     model_used: str | None
@@ -142,7 +143,7 @@ class EventLog:
         again); a finished item's files follow, one event each (`sizes`: their bytes). Returns
         the job's open items as this write leaves them (None: no such item or job)."""
         row = stored if stored is not None else conn.execute(
-            _ITEM_ROW, {"job_id": job_id, "idx": index}).first()
+            ITEM_ROW, {"job_id": job_id, "idx": index}).first()
         if row is None:
             return None
         if self._db.backend == "postgresql":

@@ -28,7 +28,7 @@ from replicate_generation.jobs.audit import AuditLog
 from replicate_generation.jobs.claims import RUNNER_MAY_WRITE, ItemClaims
 from replicate_generation.jobs.counts import add_finished, move_items, state_counts
 from replicate_generation.jobs.database import JobDatabase
-from replicate_generation.jobs.events import EventLog, FileSize, StoredItem
+from replicate_generation.jobs.events import ITEM_ROW, EventLog, FileSize, StoredItem
 from replicate_generation.jobs.keys import IssuedKeys
 from replicate_generation.jobs.outbox import WebhookOutbox
 from replicate_generation.jobs.owners import Owners
@@ -439,10 +439,7 @@ _JOB_STARTED = update(jobs).where(jobs.c.id == bindparam("w_job"), jobs.c.state 
 _FENCE = select(jobs.c.fence).where(jobs.c.id == bindparam("job_id")).with_for_update(
     read=True, key_share=True)
 # The item's state and what its events show (events.StoredItem's order), its row locked.
-_ITEM_LOCKED = select(job_items.c.state, job_items.c.model_used, job_items.c.cost_usd,
-                      job_items.c.error, job_items.c.error_type, job_items.c.files).where(
-    job_items.c.job_id == bindparam("job_id"), job_items.c.idx == bindparam("idx")
-).with_for_update(key_share=True)
+_ITEM_LOCKED = ITEM_ROW.with_for_update(key_share=True)
 
 
 def _fence_holds(conn: Connection, job_id: str, fence: int | None) -> bool:
