@@ -40,6 +40,12 @@ def move_items(conn: Connection, job_id: str, before: str | None, after: str | N
         conn.execute(statement, {"w_job": job_id, "v_count": count, "v_cost": cost})
 
 
+def counts_moved(before: str, after: str) -> Update:
+    """The UPDATE of a job's row that moves one item between two states (`w_job`, `v_count`),
+    for a writer that sets more of the row in the same statement."""
+    return _move(before, after, False)
+
+
 @cache
 def _move(before: str | None, after: str | None, with_cost: bool) -> Update:
     """The UPDATE that moves counts between two states (and adds a cost), built once per pair."""

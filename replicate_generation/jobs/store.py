@@ -15,6 +15,7 @@ from sqlalchemy import (
     Connection,
     and_,
     bindparam,
+    case,
     func,
     insert,
     or_,
@@ -26,7 +27,12 @@ from sqlalchemy import (
 from replicate_generation.errors import IdempotencyConflict
 from replicate_generation.jobs.audit import AuditLog
 from replicate_generation.jobs.claims import RUNNER_MAY_WRITE, ItemClaims
-from replicate_generation.jobs.counts import add_finished, move_items, state_counts
+from replicate_generation.jobs.counts import (
+    add_finished,
+    counts_moved,
+    move_items,
+    state_counts,
+)
 from replicate_generation.jobs.database import JobDatabase
 from replicate_generation.jobs.events import ITEM_ROW, EventLog, FileSize, StoredItem
 from replicate_generation.jobs.keys import IssuedKeys
@@ -284,12 +290,13 @@ class JobStore:
                 if _fence_holds(conn, job_id, fence) else None
             intent = _INTENT if fence is None else _INTENT_FENCED
             if before is not None and conn.execute(intent, params).rowcount:
-                move_items(conn, job_id, before.state, "running")
-                conn.execute(_JOB_STARTED, {"w_job": job_id, "v_now": now})
-                if before.state != "running":  # a retry's intent changes nothing a stream shows
-                    # The intent changes only the state of what the event shows: not read again.
-                    stored = StoredItem("running", *before[1:])
-                    self.events.item_changed(conn, job_id, index, now, stored=stored)
+                if before.state == "running":  # a retry's intent changes nothing a stream shows
+                    conn.execute(_JOB_STARTED, {"w_job": job_id, "v_now": now})
+                    return "stored"
+                conn.execute(_ITEM_STARTED, {"w_job": job_id, "v_count": 1, "v_now": now})
+                # The intent changes only the state of what the event shows: not read again.
+                stored = StoredItem("running", *before[1:])
+                self.events.item_changed(conn, job_id, index, now, stored=stored)
                 return "stored"
         return self._why_no_intent(job_id, index, owner, fence)
 
@@ -436,6 +443,12 @@ _INTENT_FENCED = update(job_items).where(
     *_INTENT_WHERE, _ITEM_FENCE == bindparam("w_fence")).values(_INTENT_VALUES)
 _JOB_STARTED = update(jobs).where(jobs.c.id == bindparam("w_job"), jobs.c.state == "queued").values(
     state="running", started_at=func.coalesce(jobs.c.started_at, bindparam("v_now")))
+# A queued item's intent: its job's counts move and the job starts, in one statement.
+_STARTING = jobs.c.state == "queued"
+_ITEM_STARTED = counts_moved("queued", "running").values(
+    state=case((_STARTING, "running"), else_=jobs.c.state),
+    started_at=case((_STARTING, func.coalesce(jobs.c.started_at, bindparam("v_now"))),
+                    else_=jobs.c.started_at))
 _FENCE = select(jobs.c.fence).where(jobs.c.id == bindparam("job_id")).with_for_update(
     read=True, key_share=True)
 # The item's state and what its events show (events.StoredItem's order), its row locked.
