@@ -12,6 +12,7 @@ from sqlalchemy import (
     Column,
     ColumnElement,
     Connection,
+    Row,
     Select,
     Update,
     bindparam,
@@ -28,16 +29,21 @@ from replicate_generation.jobs.schema import job_totals, jobs
 COUNT_COLUMNS: dict[str, Column[Any]] = {state: jobs.c[f"{state}_items"] for state in ITEM_STATES}
 # Written as literals: SQLite uses the partial index jobs_open only for its own WHERE, verbatim.
 OPEN_JOB = jobs.c.state.in_([literal_column("'queued'"), literal_column("'running'")])
+# What an item's events say of its job: its owner, cost and counts as the write leaves them.
+JOB_FACTS: list[ColumnElement[Any]] = [jobs.c.account, jobs.c.key_id, jobs.c.cost_usd,
+                                       *COUNT_COLUMNS.values()]
 
 
 def move_items(conn: Connection, job_id: str, before: str | None, after: str | None,
-               count: int = 1, *, cost: float = 0.0) -> None:
+               count: int = 1, *, cost: float = 0.0) -> Row[Any] | None:
     """`count` of the job's items went from state `before` to `after` (None: not there);
-    `cost` is added to the job's summed cost."""
+    `cost` is added to the job's summed cost. Returns the job's JOB_FACTS as the move left
+    them (None: nothing moved, or no such job)."""
     moved = before != after and bool(count)
-    if moved or cost:
-        statement = _move(before if moved else None, after if moved else None, bool(cost))
-        conn.execute(statement, {"w_job": job_id, "v_count": count, "v_cost": cost})
+    if not (moved or cost):
+        return None
+    statement = _move_returning(before if moved else None, after if moved else None, bool(cost))
+    return conn.execute(statement, {"w_job": job_id, "v_count": count, "v_cost": cost}).first()
 
 
 def counts_moved(before: str, after: str) -> Update:
@@ -57,6 +63,11 @@ def _move(before: str | None, after: str | None, with_cost: bool) -> Update:
     if with_cost:
         values[jobs.c.cost_usd] = jobs.c.cost_usd + bindparam("v_cost")
     return update(jobs).where(jobs.c.id == bindparam("w_job")).values(values)
+
+
+@cache
+def _move_returning(before: str | None, after: str | None, with_cost: bool) -> Update:
+    return _move(before, after, with_cost).returning(*JOB_FACTS)
 
 
 def end_queued_items(conn: Connection, job_ids: Sequence[str], after: str) -> None:

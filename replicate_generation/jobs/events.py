@@ -18,10 +18,11 @@ from pathlib import PurePosixPath
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
-from sqlalchemy import ColumnElement, Connection, bindparam, func, insert, select
+from sqlalchemy import ColumnElement, Connection, Row, bindparam, func, insert, select
 
+from replicate_generation.jobs.counts import JOB_FACTS
 from replicate_generation.jobs.database import JobDatabase
-from replicate_generation.jobs.rows import ITEM_STATES, JobRow, count_items, job_cost, kept_counts
+from replicate_generation.jobs.rows import JobRow, count_items, job_cost, kept_counts
 from replicate_generation.jobs.schema import job_events, job_items, jobs
 
 log = logging.getLogger(__name__)
@@ -41,10 +42,7 @@ _INSERT = insert(job_events)
 ITEM_ROW = select(job_items.c.state, job_items.c.model_used, job_items.c.cost_usd,
                   job_items.c.error, job_items.c.error_type, job_items.c.files).where(
     job_items.c.job_id == bindparam("job_id"), job_items.c.idx == bindparam("idx"))
-# What an item's events say of its job (count_items and job_cost read the same row).
-_JOB_FACTS = select(jobs.c.account, jobs.c.key_id, jobs.c.cost_usd,
-                    *(jobs.c[f"{state}_items"] for state in ITEM_STATES)).where(
-    jobs.c.id == bindparam("job_id"))
+_JOB_FACTS = select(*JOB_FACTS).where(jobs.c.id == bindparam("job_id"))
 
 FileSize = Callable[[str], "int | None"]
 
@@ -138,10 +136,13 @@ class EventLog:
 
     def item_changed(self, conn: Connection, job_id: str, index: int, now: float,
                      sizes: Mapping[str, int | None] | None = None, *,
-                     stored: StoredItem | None = None) -> int | None:
+                     stored: StoredItem | None = None, facts: Row[Any] | None = None,
+                     ) -> int | None:
         """The item's state as stored now (`stored`: what this write just stored, not read
         again); a finished item's files follow, one event each (`sizes`: their bytes). Returns
-        the job's open items as this write leaves them (None: no such item or job)."""
+        the job's open items as this write leaves them (None: no such item or job). `facts`:
+        the job's JOB_FACTS as this write's update of its row returned them (its row stays
+        locked to the commit, so no later write of the job can come between)."""
         row = stored if stored is not None else conn.execute(
             ITEM_ROW, {"job_id": job_id, "idx": index}).first()
         if row is None:
@@ -149,7 +150,8 @@ class EventLog:
         if self._db.backend == "postgresql":
             conn.execute(_APPEND_ORDER)
         # Read after the lock, as _append does: the owner, counts and cost in one statement.
-        job = conn.execute(_JOB_FACTS, {"job_id": job_id}).first()
+        job = facts if facts is not None else conn.execute(
+            _JOB_FACTS, {"job_id": job_id}).first()
         if job is None:
             return None
         bodies = [("item.state", _item_state(job, index, row))]

@@ -33,14 +33,21 @@ class WebhookNotifier:
     def run(self) -> None:
         while not self._stop.is_set():
             try:
-                delivered = self._deliver_one()
+                pause = self._pause()
+                if pause is None and self._deliver_one():
+                    continue
             except Exception:  # noqa: BLE001 - the loop must survive a bad receiver or database
                 log.exception("webhook delivery failed; retrying")
-                delivered = False
-            if not delivered:
-                due = self._store.outbox.next_webhook_at()
-                pause = 1.0 if due is None else min(1.0, max(0.02, due - self._clock()))
-                self._stop.wait(pause)
+                pause = 1.0
+            self._stop.wait(pause or 0.02)
+
+    def _pause(self) -> float | None:
+        """How long until a delivery is due (at most 1 s); None when one is due now. A read:
+        only a due delivery takes the write that leases it."""
+        due = self._store.outbox.next_webhook_at()
+        if due is not None and due <= self._clock():
+            return None
+        return 1.0 if due is None else min(1.0, max(0.02, due - self._clock()))
 
     def _deliver_one(self) -> bool:
         settings, outbox = self._settings, self._store.outbox

@@ -28,6 +28,7 @@ from replicate_generation.errors import IdempotencyConflict
 from replicate_generation.jobs.audit import AuditLog
 from replicate_generation.jobs.claims import RUNNER_MAY_WRITE, ItemClaims
 from replicate_generation.jobs.counts import (
+    JOB_FACTS,
     add_finished,
     counts_moved,
     move_items,
@@ -287,18 +288,24 @@ class JobStore:
         with self.events.write(patient=True) as conn:
             # The job's row first, as every writer locks it (PostgreSQL: no deadlock).
             before = conn.execute(_ITEM_LOCKED, {"job_id": job_id, "idx": index}).first() \
-                if _fence_holds(conn, job_id, fence) else None
+                if self._job_locked(conn, job_id, fence) else None
             intent = _INTENT if fence is None else _INTENT_FENCED
             if before is not None and conn.execute(intent, params).rowcount:
                 if before.state == "running":  # a retry's intent changes nothing a stream shows
                     conn.execute(_JOB_STARTED, {"w_job": job_id, "v_now": now})
                     return "stored"
-                conn.execute(_ITEM_STARTED, {"w_job": job_id, "v_count": 1, "v_now": now})
+                facts = conn.execute(_ITEM_STARTED, {"w_job": job_id, "v_count": 1,
+                                                     "v_now": now}).first()
                 # The intent changes only the state of what the event shows: not read again.
                 stored = StoredItem("running", *before[1:])
-                self.events.item_changed(conn, job_id, index, now, stored=stored)
+                self.events.item_changed(conn, job_id, index, now, stored=stored, facts=facts)
                 return "stored"
         return self._why_no_intent(job_id, index, owner, fence)
+
+    def _job_locked(self, conn: Connection, job_id: str, fence: int | None) -> bool:
+        """For a write whose own statements check the fence: PostgreSQL share-locks the job's
+        row first (every writer's lock order); SQLite's one writer holds the whole file."""
+        return self.db.backend != "postgresql" or _fence_holds(conn, job_id, fence)
 
     def _why_no_intent(self, job_id: str, index: int, owner: str,
                        fence: int | None) -> IntentOutcome:
@@ -332,12 +339,12 @@ class JobStore:
         with self.events.write() as conn:
             # The job's row first, as every writer locks it (PostgreSQL: no deadlock).
             before = conn.execute(_ITEM_BEFORE, {"job_id": job_id, "idx": index}).first() \
-                if _fence_holds(conn, job_id, fence) else None
+                if self._job_locked(conn, job_id, fence) else None
             finish = _FINISH if fence is None else _FINISH_FENCED
             if before is None or not conn.execute(finish, params).rowcount:
                 return None
-            move_items(conn, job_id, before.state, outcome.state,
-                       cost=(outcome.cost_usd or 0.0) - (before.cost_usd or 0.0))
+            facts = move_items(conn, job_id, before.state, outcome.state,
+                               cost=(outcome.cost_usd or 0.0) - (before.cost_usd or 0.0))
             self.spend.record(conn, job_id, index, outcome.billed_seconds, now)
             if outcome.files:
                 conn.execute(self._own_files,
@@ -346,7 +353,8 @@ class JobStore:
             stored = StoredItem(outcome.state, outcome.model_used,
                                 None if outcome.cost_usd is None else float(outcome.cost_usd),
                                 outcome.error, outcome.error_type, params["v_files"])
-            still_open = self.events.item_changed(conn, job_id, index, now, sizes, stored=stored)
+            still_open = self.events.item_changed(conn, job_id, index, now, sizes, stored=stored,
+                                                  facts=facts)
             if still_open is None:
                 still_open = conn.execute(_OPEN_ITEMS, {"job_id": job_id}).scalar()
         return ItemFinished(open_items=int(still_open or 0))
@@ -448,7 +456,7 @@ _STARTING = jobs.c.state == "queued"
 _ITEM_STARTED = counts_moved("queued", "running").values(
     state=case((_STARTING, "running"), else_=jobs.c.state),
     started_at=case((_STARTING, func.coalesce(jobs.c.started_at, bindparam("v_now"))),
-                    else_=jobs.c.started_at))
+                    else_=jobs.c.started_at)).returning(*JOB_FACTS)
 _FENCE = select(jobs.c.fence).where(jobs.c.id == bindparam("job_id")).with_for_update(
     read=True, key_share=True)
 # The item's state and what its events show (events.StoredItem's order), its row locked.
