@@ -127,6 +127,7 @@ class TaskResult:
     placeholder: bool = False
     notes: list[str] = field(default_factory=list)
     billed_seconds: float | None = None
+    sizes: dict[str, int] = field(default_factory=dict)  # bytes of the files this run wrote
 
     @property
     def ok(self) -> bool:
@@ -169,6 +170,7 @@ def execute(task: Task, token: str, rt: Runtime, dest_dir: Path, result: TaskRes
         saved = write_placeholder(task.model_requested, dest_dir, task.stem,
                                   root=rt.output_root)
         result.files, result.placeholder = [saved.relative], True
+        result.sizes = {saved.relative: saved.size}
 
 
 def _succeeded(result: TaskResult, spec: ModelSpec, mapped: dict[str, object],
@@ -177,6 +179,7 @@ def _succeeded(result: TaskResult, spec: ModelSpec, mapped: dict[str, object],
     (None, not a guess, when that is unknown)."""
     result.error, result.model_used = None, spec
     result.files = [f.relative for f in generated.files]
+    result.sizes = {f.relative: f.size for f in generated.files}
     result.billed_seconds = generated.billed_seconds
     result.cost_usd = billed_cost(spec, mapped, generated.billed_seconds, rt.prices)
     metrics.cost(spec.id if spec.curated else "other", result.cost_usd)

@@ -129,10 +129,12 @@ class EventLog:
         self._append(conn, job_id, "job.created", now, lambda: {
             "state": "queued", "counts": count_items(conn, job_id)})
 
-    def file_sizes(self, paths: Sequence[str]) -> dict[str, int | None]:
-        """Each output's bytes (None: unknown), looked up before a write, not inside it."""
-        size = self._file_size
-        return {path: size(path) if size is not None else None for path in paths}
+    def file_sizes(self, paths: Sequence[str], *,
+                   known: Mapping[str, int] | None = None) -> dict[str, int | None]:
+        """Each output's bytes (None: unknown): `known`, else looked up (before a write)."""
+        size, known = self._file_size, known or {}
+        return {path: known[path] if path in known else size(path) if size is not None else None
+                for path in paths}
 
     def item_changed(self, conn: Connection, job_id: str, index: int, now: float,
                      sizes: Mapping[str, int | None] | None = None, *,

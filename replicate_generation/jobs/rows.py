@@ -130,6 +130,7 @@ class ItemOutcome:
     notes: list[str] = field(default_factory=list)
     # What Replicate billed the last prediction for (its metrics.predict_time).
     billed_seconds: float | None = None
+    sizes: dict[str, int] = field(default_factory=dict)  # files' bytes known from writing them
 
 
 JOB_COLUMNS = [jobs.c[name] for name in (

@@ -544,7 +544,7 @@ def _outcome(result: TaskResult) -> ItemOutcome:
         attempts=[a.as_dict() for a in result.attempts], files=result.files,
         error=str(error) if error else None, error_type=error.kind if error else None,
         cost_usd=result.cost_usd, placeholder=result.placeholder, notes=result.notes,
-        billed_seconds=result.billed_seconds)
+        billed_seconds=result.billed_seconds, sizes=result.sizes)
 
 
 def _file_size(storage: OutputStorage, relative: str) -> int | None:

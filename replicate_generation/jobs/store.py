@@ -335,7 +335,8 @@ class JobStore:
         was fenced off or another process claimed the item (then nothing is written)."""
         params = {"w_job": job_id, "w_idx": index, "w_fence": fence, "w_runner": runner,
                   **_finished(outcome, now)}
-        sizes = self.events.file_sizes(outcome.files)  # asked before the write: a bucket is slow
+        # Asked before the write (a bucket is slow), and only of files not just written.
+        sizes = self.events.file_sizes(outcome.files, known=outcome.sizes)
         with self.events.write() as conn:
             # The job's row first, as every writer locks it (PostgreSQL: no deadlock).
             before = conn.execute(_ITEM_BEFORE, {"job_id": job_id, "idx": index}).first() \
@@ -343,12 +344,14 @@ class JobStore:
             finish = _FINISH if fence is None else _FINISH_FENCED
             if before is None or not conn.execute(finish, params).rowcount:
                 return None
-            facts = move_items(conn, job_id, before.state, outcome.state,
-                               cost=(outcome.cost_usd or 0.0) - (before.cost_usd or 0.0))
             self.spend.record(conn, job_id, index, outcome.billed_seconds, now)
             if outcome.files:
                 conn.execute(self._own_files,
                              [{"path": path, "job_id": job_id} for path in outcome.files])
+            # Last but the event: the job's row stays locked from here to the commit, and every
+            # item of the job waits on it (PostgreSQL).
+            facts = move_items(conn, job_id, before.state, outcome.state,
+                               cost=(outcome.cost_usd or 0.0) - (before.cost_usd or 0.0))
             # As _FINISH stored it (a Double reads back as a float): no need to read it again.
             stored = StoredItem(outcome.state, outcome.model_used,
                                 None if outcome.cost_usd is None else float(outcome.cost_usd),
