@@ -9,6 +9,7 @@ from urllib.parse import urljoin
 
 import requests
 import urllib3.exceptions
+from requests.structures import CaseInsensitiveDict
 
 from replicate_generation.egress.pinning import pinned_tries
 from replicate_generation.egress.policy import EgressPolicy, Hop
@@ -58,15 +59,32 @@ def _get_hop(session: requests.Session, hop: Hop, headers: Mapping[str, str | No
     """GET one checked hop at its pinned addresses, the next one only if none connected."""
     tries = pinned_tries(hop.target, hop.addresses)
     for number, (attempt_url, extra) in enumerate(tries, start=1):
+        request = _prepared_get(session, attempt_url, {
+            **headers, "Accept-Encoding": _ACCEPT_ENCODING, **extra})
         try:
-            return session.get(
-                attempt_url, headers={**headers, "Accept-Encoding": _ACCEPT_ENCODING, **extra},
-                stream=True, allow_redirects=False,
+            return session.send(
+                request, stream=True, allow_redirects=False, verify=session.verify,
+                cert=session.cert, proxies=session.proxies,
                 timeout=(min(_CONNECT_TIMEOUT, timeout), read_timeout))
         except requests.ConnectionError as exc:
             if number == len(tries) or not never_connected(exc):
                 raise
     raise AssertionError("unreachable: pinned_tries is never empty")
+
+
+def _prepared_get(session: requests.Session, url: str,
+                  headers: Mapping[str, str | None]) -> requests.PreparedRequest:
+    """The GET as the session would prepare it (its headers, None dropping one, its auth,
+    cookies, params and hooks) but never from the environment: a pinned request goes nowhere
+    else. Session.request merges all that through generic paths that cost more than the send."""
+    merged: CaseInsensitiveDict[str | bytes | None] = CaseInsensitiveDict(session.headers)
+    merged.update(headers)
+    request = requests.PreparedRequest()
+    request.prepare(method="GET", url=url,
+                    headers={name: value for name, value in merged.items() if value is not None},
+                    params=session.params, auth=session.auth, cookies=session.cookies,
+                    hooks=session.hooks)
+    return request
 
 
 def never_connected(exc: requests.RequestException) -> bool:
