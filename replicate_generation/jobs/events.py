@@ -112,7 +112,8 @@ class EventLog:
             try:
                 yield conn
             finally:
-                conn.info.pop(_APPENDED, None)
+                if not conn.invalidated:  # a lost server's connection has no info left to read
+                    conn.info.pop(_APPENDED, None)
         if appended:
             self._announce()
 

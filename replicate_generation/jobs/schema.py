@@ -4,10 +4,11 @@ ships with a new migration revision."""
 from __future__ import annotations
 
 import os
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import (
     URL,
@@ -22,11 +23,13 @@ from sqlalchemy import (
     Table,
     Text,
     create_engine,
+    event,
     exc,
     make_url,
     text,
 )
-from sqlalchemy.pool import Pool
+from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.pool import ConnectionPoolEntry, Pool
 
 from replicate_generation.errors import StoreUnavailable
 from replicate_generation.sqlite_db import WRITE_PATIENCE_S, sqlite_engine
@@ -39,6 +42,9 @@ PG_POOL_OVERFLOW = 4
 # No server-side prepared statements: behind PgBouncer in transaction mode each transaction may
 # reach another server session, where psycopg's "_pg3_N" would be missing or already there.
 PG_CONNECT_ARGS = {"connect_timeout": 5, "prepare_threshold": None}
+PING_AFTER_IDLE_S = 1.0
+_IDLE_SINCE = "rg_idle_since"
+_LOST_SERVER_STATES = ("57P01", "57P02", "57P03", "08")
 
 metadata = MetaData()
 
@@ -271,11 +277,46 @@ def open_engine(target: str) -> Engine:
     else:
         # Kept open: an overflow connection costs a new server process per use, more than the query.
         engine = create_engine(
-            url, pool_pre_ping=True, isolation_level="READ COMMITTED", pool_size=PG_POOL_SIZE,
+            url, isolation_level="READ COMMITTED", pool_size=PG_POOL_SIZE,
             max_overflow=PG_POOL_OVERFLOW, pool_timeout=WRITE_PATIENCE_S,
             connect_args=PG_CONNECT_ARGS)
+        _ping_when_idle(engine)
+        _shutdown_is_disconnect(engine)
     _ENGINES.add(engine)
     return engine
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Pre-ping only a connection idle for PING_AFTER_IDLE_S: a busy worker's connections are
+    in use every few milliseconds, and a ping per transaction was a round trip per write. A
+    server lost under a busy connection fails that one statement (StoreUnavailable); the pool
+    then replaces every connection older than the failure."""
+
+    @event.listens_for(engine, "checkin")
+    def _idle_from(_dbapi: Any, record: ConnectionPoolEntry) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping_if_idle(dbapi: Any, record: ConnectionPoolEntry, _proxy: Any) -> None:
+        since = record.info.get(_IDLE_SINCE)
+        if since is None or time.monotonic() - since < PING_AFTER_IDLE_S:
+            return  # new, or used a moment ago
+        try:
+            engine.dialect.do_ping(dbapi)
+        except engine.dialect.loaded_dbapi.Error as error:
+            raise exc.DisconnectionError("the idle connection was lost") from error
+
+
+def _shutdown_is_disconnect(engine: Engine) -> None:
+    """A server shutting down (SQLSTATE 57P01-57P03) or a connection exception (class 08) ends
+    the connection: marked so, the pool drops it (and its older ones) and the caller sees
+    StoreUnavailable, not a database error (psycopg notices the closed socket only later)."""
+
+    @event.listens_for(engine, "handle_error")
+    def _mark_lost(context: ExceptionContext) -> None:
+        state = str(getattr(context.original_exception, "sqlstate", None) or "")
+        if state.startswith(_LOST_SERVER_STATES):
+            context.is_disconnect = True
 
 
 def backend_of(engine: Engine) -> Backend:
