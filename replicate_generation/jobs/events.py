@@ -133,9 +133,11 @@ class EventLog:
     def file_sizes(self, paths: Sequence[str], *,
                    known: Mapping[str, int] | None = None) -> dict[str, int | None]:
         """Each output's bytes (None: unknown): `known`, else looked up (before a write)."""
-        size, known = self._file_size, known or {}
-        return {path: known[path] if path in known else size(path) if size is not None else None
-                for path in paths}
+        known = known or {}
+        return {path: known[path] if path in known else self._size_of(path) for path in paths}
+
+    def _size_of(self, path: str) -> int | None:
+        return self._file_size(path) if self._file_size is not None else None
 
     def item_changed(self, conn: Connection, job_id: str, index: int, now: float,
                      sizes: Mapping[str, int | None] | None = None, *,

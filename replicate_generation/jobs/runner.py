@@ -197,7 +197,7 @@ class JobRunner:
             self._close_if_done(job.id)
         elif created:
             try:
-                self._start_window(job, token, first)
+                self._start_window(job, token, first, size)
             except (QueueFull, ShuttingDown):
                 # Refused as a whole (429/503): the caller retries; nothing was run or paid.
                 self.store.retention.delete([job.id])
@@ -241,12 +241,12 @@ class JobRunner:
                                           as_owner=as_owner)
         if not claimed:
             return False
-        self._start_window(job, token, claimed)
+        self._start_window(job, token, claimed, size)
         return True
 
-    def _start_window(self, job: JobRow, token: str, claimed: list[int]) -> None:
-        """Queue the first of these claimed items; the rest wait in the job's window here."""
-        size = window_size(self.generator.manager.limits().max_concurrent)
+    def _start_window(self, job: JobRow, token: str, claimed: list[int], size: int) -> None:
+        """Queue the first of these claimed items; the rest wait in the job's window here (of
+        `size`, as the caller claimed them: the limits are not read again)."""
         turn = self._turn_of(job)
         first = self._windows.open((job.id, job.fence), job.account, claimed, size)
         try:
