@@ -183,3 +183,25 @@ def _other_account_sees_nothing(page: Any, url: str, job_id: str) -> None:
     with pytest.raises(AssertionError):  # without the CSRF header, no state change
         response = page.request.post(f"{url}/console/api/jobs/{job_id}/cancel")
         assert response.status != 403
+
+
+def test_a_cancel_answer_arriving_after_the_jobs_end_does_not_undo_it(
+        browser_page: tuple[Any, Any, Watch], console: Gunicorn) -> None:
+    """The stream's job.finished can overtake the cancel's own answer ("cancel_requested"):
+    the answer, held here until the page shows the end, must not move the job back."""
+    _, page, watch = browser_page
+    _sign_in(page, console.url, ADMIN_KEY, admin=True)
+    _submit(page, [("stuck_1", "#hang waits forever"), ("stuck_2", "#hang waits too")])
+    page.click("#new-job")
+    _wait_state(page, ("running",))
+    held: list[tuple[Any, Any]] = []
+    page.route("**/cancel", lambda route: held.append((route, route.fetch())))
+    page.click("#cancel")
+    _wait_state(page, ("canceled",))  # from the stream, the cancel's answer still held
+    assert len(held) == 1 and held[0][1].json()["state"] == "cancel_requested"
+    route, answer = held[0]
+    with page.expect_event("requestfinished"):
+        route.fulfill(response=answer)
+    page.evaluate("() => new Promise((done) => setTimeout(done, 100))")  # its handler has run
+    assert page.get_attribute("#job-state", "data-state") == "canceled"
+    assert not watch.errors, watch.errors

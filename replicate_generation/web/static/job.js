@@ -216,7 +216,9 @@ async function act(path, then) {
   catch (error) { message(error); }
 }
 
+// The answer may arrive after the stream's job.finished: it never moves the job back from it.
 document.getElementById("cancel").addEventListener("click", () => act("cancel", (body) => {
+  if (TERMINAL.includes(job.state)) return;
   if (body.state) job.state = body.state;
   if (body.counts) job.counts = body.counts;
   showJob();
