@@ -168,8 +168,8 @@ def test_the_poll_budget_holds_with_60_long_predictions_across_two_processes(
     gets = sorted(r["t"] for r in sim.requests_log()
                   if r["method"] == "GET" and r["path"].startswith("/v1/predictions"))
     busiest = max(sum(1 for t in gets if start <= t < start + 5) for start in gets)
-    # 5 s at the pace, plus the burst, plus one poll the loaded host delivered late into the
-    # window (arrival times, not send times, are what the simulator logs).
-    assert busiest <= polls_per_minute / 60 * 5 + 3, busiest
+    # 5 s at the pace plus the burst, and 1 s of polls a loaded host sent late into the window
+    # (the simulator logs arrivals); Replicate's bucket, checked next, is the judge of overruns.
+    assert busiest <= polls_per_minute / 60 * (5 + 1) + 1, busiest
     assert not [r for r in sim.requests_log() if r["method"] == "GET" and r["status"] == 429]
     assert sim.stats(SERVER_TOKEN)["inflight_peak"] > 50  # both processes really overlapped
