@@ -85,10 +85,11 @@ def _draw_text(grid: Cells, text: str, left: int, top: int) -> None:
 
 def png(prompt: str, width: int, height: int, cell: int = 2) -> bytes:
     grid = cells(prompt, -(-width // cell), -(-height // cell))
-    lines = []
-    for y in range(height):
-        row = grid[y // cell]
-        lines.append(b"\x00" + b"".join(bytes(row[x // cell]) for x in range(width)))
+    # Drawn once per distinct grid row, shared by every pixel row it spans.
+    distinct = {row: b"\x00" + b"".join(bytes(colour) * cell for colour in row)[:3 * width]
+                for row in set(map(tuple, grid))}
+    drawn = [distinct[tuple(row)] for row in grid]
+    lines = [drawn[y // cell] for y in range(height)]
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header)
             + _chunk(b"IDAT", zlib.compress(b"".join(lines), 9)) + _chunk(b"IEND", b""))
@@ -106,23 +107,18 @@ class _Bits:
     """An MSB-first bit writer with JPEG's 0xFF byte stuffing."""
 
     def __init__(self) -> None:
-        self.out = bytearray()
-        self.acc, self.count = 0, 0
+        self.parts: list[str] = []
 
     def put(self, value: int, width: int) -> None:
-        for shift in range(width - 1, -1, -1):
-            self.acc = self.acc << 1 | (value >> shift & 1)
-            self.count += 1
-            if self.count == 8:
-                self.out.append(self.acc)
-                if self.acc == 0xFF:
-                    self.out.append(0)
-                self.acc, self.count = 0, 0
+        if width:
+            self.parts.append(format(value, f"0{width}b"))
 
     def flush(self) -> bytes:
-        while self.count:
-            self.put(1, 1)
-        return bytes(self.out)
+        """The bits padded with ones to a byte, each 0xFF byte followed by a stuffed 0x00."""
+        bits = "".join(self.parts)
+        bits += "1" * (-len(bits) % 8)
+        packed = int(bits, 2).to_bytes(len(bits) // 8, "big") if bits else b""
+        return packed.replace(b"\xff", b"\xff\x00")
 
 
 def _ycbcr(colour: Colour) -> tuple[float, float, float]:
@@ -174,9 +170,11 @@ def webp(prompt: str, width: int, height: int, cell: int = 2) -> bytes:
     background = colour_of(prompt)
     ink: Colour = (255, 255, 255) if sum(background) < 384 else (0, 0, 0)
     grid = cells(prompt, -(-width // cell), -(-height // cell))
-    mask = [[grid[y // cell][x // cell] == (255, 255, 255) for x in range(width)]
-            for y in range(height)]
-    return two_colour(mask, background, ink)
+    # One mask row per distinct grid row, shared by every pixel row it spans.
+    distinct = {row: [colour == (255, 255, 255) for colour in row for _ in range(cell)][:width]
+                for row in set(map(tuple, grid))}
+    inked = [distinct[tuple(row)] for row in grid]
+    return two_colour([inked[y // cell] for y in range(height)], background, ink)
 
 
 RENDERERS: dict[str, Callable[[str, int, int], bytes]] = {"png": png, "jpg": jpeg, "webp": webp}

@@ -73,9 +73,9 @@ def normal_code(counts: Counter[int], alphabet: int) -> tuple[str, dict[int, str
     return header + "0" + "".join(length_codes[length] for length in sequence), canonical(lengths)
 
 
-def code_for(symbols: Sequence[int], alphabet: int) -> tuple[str, dict[int, str]]:
-    counts = Counter(symbols)
-    return simple_code(symbols) if len(counts) <= 2 else normal_code(counts, alphabet)
+def code_for(counts: Counter[int], alphabet: int) -> tuple[str, dict[int, str]]:
+    """A prefix code for symbols seen this often: the simple kind for one or two."""
+    return simple_code(list(counts)) if len(counts) <= 2 else normal_code(counts, alphabet)
 
 
 def _palette(background: Colour, ink: Colour) -> str:
@@ -92,16 +92,28 @@ def _palette(background: Colour, ink: Colour) -> str:
     return bits + "".join(first for first, _ in codes) + "".join(second for _, second in codes)
 
 
+def _bundle(row: Sequence[bool]) -> list[int]:
+    """Eight pixels a byte, the first in the lowest bit (a two-entry palette's bundling)."""
+    return [sum(1 << i for i, inked in enumerate(row[x:x + 8]) if inked)
+            for x in range(0, len(row), 8)]
+
+
 def two_colour(mask: Sequence[Sequence[bool]], background: Colour, ink: Colour) -> bytes:
     """A lossless WebP of ``mask`` (rows of booleans, True is ink)."""
     height, width = len(mask), len(mask[0])
-    bundled = [sum(1 << i for i, inked in enumerate(row[x:x + 8]) if inked)
-               for row in mask for x in range(0, width, 8)]
-    green_header, green = code_for(bundled, GREEN_ALPHABET)
+    # A picture repeats its rows (one list for each): each is bundled, counted and coded once.
+    rows = [id(row) for row in mask]
+    repeats = Counter(rows)
+    packed = {id(row): _bundle(row) for row in {id(row): row for row in mask}.values()}
+    counts: Counter[int] = Counter()
+    for row, times in repeats.items():
+        counts.update({value: seen * times for value, seen in Counter(packed[row]).items()})
+    green_header, green = code_for(counts, GREEN_ALPHABET)
+    coded = {row: "".join(green[value] for value in values) for row, values in packed.items()}
     bits = "".join((field(0x2F, 8), field(width - 1, 14), field(height - 1, 14), "0",
                     field(0, 3), "1", field(3, 2), field(1, 8), _palette(background, ink),
                     "0", "0", "0", green_header, *(simple_code([0])[0] for _ in range(4)),
-                    *(green[value] for value in bundled)))
+                    *(coded[row] for row in rows)))
     payload = int(bits[::-1] or "0", 2).to_bytes((len(bits) + 7) // 8, "little")
     chunk = b"VP8L" + struct.pack("<I", len(payload)) + payload + b"\x00" * (len(payload) % 2)
     return b"RIFF" + struct.pack("<I", 4 + len(chunk)) + b"WEBP" + chunk
