@@ -16,7 +16,8 @@ lines up with the service's intervals), and one row:
   then, and the reads below find it still running (the service busy with it);
 * GET /jobs/<id> once the job has ended (or at the cut), paced open-loop at 200 req/s for 4 s:
   bytes, p50/p99 ms (from each request's scheduled send time, so a late send counts) and the
-  rate achieved.
+  rate achieved; busy p99: for 5,000 items or more, the same reads 3 s into the job's run,
+  beside it, as a client polling a running job meets them (their CPU is in the row's).
 
 A second table says where the CPU went: the service's idle CPU (measured for 2 s before the
 submit) and its share per item, this process's CPU per item (the simulator, mostly: its werkzeug
@@ -27,9 +28,9 @@ Beside each row, the pool (bench/batch_throughput.py's baseline): 60 threads cal
 replicate.Client.run with the client's defaults against the same simulator, reading every output;
 its CPU is the sum of its threads' thread_time. Run once per N, up to --pool-max items.
 
-Goals (#22): GET /jobs/<id> p99 <= 50 ms at 200 req/s on a 5,000-item job; RSS growth < 2 KiB per
-queued item, read as the growth added per item between sizes of 1,000 and more (smaller jobs are
-mostly fixed costs); service CPU per item <= 2x the pool's.
+Goals (#22): GET /jobs/<id> p99 <= 50 ms at 200 req/s on a 5,000-item job, ended and running;
+RSS growth < 2 KiB per queued item, read as the growth added per item between sizes of 1,000 and
+more (smaller jobs are mostly fixed costs); service CPU per item <= 2x the pool's.
 
     .venv/bin/python bench/growth.py                      # N = 10 100 1000 5000 20000
     .venv/bin/python bench/growth.py --items 10 100 --backends sqlite
@@ -41,12 +42,14 @@ and a throw-away database per row, removed afterwards). All traffic stays on 127
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -91,6 +94,8 @@ BACKEND_LABELS = {"sqlite": "sqlite", "pg": "pg+redis"}
 IDLE_SECONDS = 2.0  # the service's idle CPU is measured over this long before each submit
 ROW_SECONDS = 80.0  # the default cut: keeps the default run near 10 minutes on 2 busy cores
 TERMINAL = ("succeeded", "failed", "canceled", "expired")
+BUSY_READS_FROM = 5000  # jobs this big are also read while they run (the goal's size)
+BUSY_READS_AFTER = 3.0  # seconds after the submit: every worker is busy with the job by then
 
 
 @dataclass
@@ -132,6 +137,7 @@ class Row:
     sim_cpu: float  # this process (the simulator, mostly) over `wall`, seconds
     db_cpu: float | None  # PostgreSQL's server processes for the run's database, seconds
     reads: Reads
+    busy_reads: Reads | None = None  # the same reads while the job ran, for big jobs
     pool_items_per_s: float | None = None
     pool_cpu_ms_per_item: float | None = None
 
@@ -313,11 +319,13 @@ def run_row(server: Gunicorn, store: Backend, prompts: list[str],
     sampler, started = RssSampler(server.proc.pid), time.time()
     try:
         job_id, submit_s = submit(server, prompts)
+        busy = busy_reads(server.url, job_id, args.read_seconds, len(prompts))
         job, ended = watch(server, job_id, time.monotonic() + args.row_seconds)
         cpu, own, db = meter.read()
         wall = (epoch(job["finished_at"]) if ended else time.time()) - started
     finally:
         peak = sampler.stop()
+    busy_result = busy.result() if busy is not None else None
     state = store.state_bytes()
     # A cut job is read still running: a cancel of thousands of queued items took over 120 s.
     reads = measured_reads(server.url, tree, job_id, args.read_seconds)
@@ -325,17 +333,39 @@ def run_row(server: Gunicorn, store: Backend, prompts: list[str],
     return Row(backend=store.name, items=len(prompts), done=sum(counts[s] for s in TERMINAL),
                ok=counts["succeeded"], ended=ended, submit_ms=submit_s * 1000, rss_peak=peak,
                rss_growth=peak - before, state_bytes=state, wall=wall, cpu=cpu,
-               idle_ms_per_s=idle, sim_cpu=own, db_cpu=db, reads=reads)
+               idle_ms_per_s=idle, sim_cpu=own, db_cpu=db, reads=reads, busy_reads=busy_result)
+
+
+def busy_reads(url: str, job_id: str, seconds: float, items: int) -> Future[Reads] | None:
+    """For a big job, the paced reads BUSY_READS_AFTER s into its run, beside the watch: what a
+    client polling a running job sees (their CPU counts in the row's, as a poller's would)."""
+    if items < BUSY_READS_FROM:
+        return None
+    future: Future[Reads] = Future()
+
+    def read_later() -> None:
+        time.sleep(BUSY_READS_AFTER)
+        future.set_result(reads_elsewhere(f"{url}/jobs/{job_id}", READ_RATE, seconds))
+
+    threading.Thread(target=read_later, daemon=True).start()
+    return future
 
 
 def measured_reads(url: str, tree: list[int], job_id: str, seconds: float) -> Reads:
     cpu_before = cpu_seconds(tree)
-    reads = paced_reads(f"{url}/jobs/{job_id}", READ_RATE, seconds)
+    reads = reads_elsewhere(f"{url}/jobs/{job_id}", READ_RATE, seconds)
     reads.cpu_seconds = cpu_seconds(tree) - cpu_before
     return reads
 
 
 # --------------------------------------------------------------------------- paced reads
+
+
+def reads_elsewhere(link: str, rate: float, seconds: float) -> Reads:
+    """paced_reads in a process of its own: in this one the simulator's threads would hold the
+    readers' GIL, and their wait would count against the service."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(paced_reads, link, rate, seconds).result()
 
 
 def paced_reads(link: str, rate: float, seconds: float) -> Reads:
@@ -396,7 +426,8 @@ def measure_pool(sim: Simulator, items: int) -> tuple[float, float]:
 
 
 HEADER = (f"{'backend':<9}{'N':>6}{'done':>7}{'submit ms':>10}{'RSS MiB':>8}{'+KiB':>7}"
-          f"{'state KiB':>10}{'GET B':>7}{'p50 ms':>8}{'p99 ms':>8}{'req/s':>6}{'items/s':>8}"
+          f"{'state KiB':>10}{'GET B':>7}{'p50 ms':>8}{'p99 ms':>8}{'req/s':>6}{'busy p99':>9}"
+          f"{'items/s':>8}"
           f"{'CPU ms/it':>10}{'pool it/s':>10}{'pool CPU':>9}{'ratio':>6}")
 DETAIL_HEADER = (f"{'backend':<9}{'N':>6}{'wall s':>8}{'idle ms/s':>10}{'idle ms/it':>11}"
                  f"{'sim ms/it':>10}{'pg ms/it':>9}{'ms/GET':>7}{'GET err':>8}{'ok':>7}")
@@ -408,13 +439,14 @@ def p(values: list[float], q: float) -> float:
 
 def row_text(row: Row) -> str:
     r = row.reads
+    busy = "-" if row.busy_reads is None else f"{p(row.busy_reads.latencies, 0.99):.1f}"
     done = f"{row.done}{'' if row.ended else '*'}"
     pool = ("-", "-", "-") if row.pool_items_per_s is None else (
         f"{row.pool_items_per_s:.0f}", f"{row.pool_cpu_ms_per_item:.2f}", f"{row.cpu_ratio:.2f}")
     return (f"{BACKEND_LABELS[row.backend]:<9}{row.items:>6}{done:>7}{row.submit_ms:>10.0f}"
             f"{row.rss_peak / MIB:>8.0f}{row.rss_growth / KIB:>7.0f}"
             f"{row.state_bytes / KIB:>10.0f}{max(r.sizes, default=0):>7}"
-            f"{p(r.latencies, 0.5):>8.1f}{p(r.latencies, 0.99):>8.1f}{r.rate:>6.0f}"
+            f"{p(r.latencies, 0.5):>8.1f}{p(r.latencies, 0.99):>8.1f}{r.rate:>6.0f}{busy:>9}"
             f"{row.items_per_s:>8.1f}{row.cpu_ms_per_item:>10.2f}"
             f"{pool[0]:>10}{pool[1]:>9}{pool[2]:>6}")
 
@@ -440,10 +472,14 @@ def print_details(rows: list[Row]) -> None:
 def latency_goals(rows: list[Row]) -> list[Goal]:
     goals = []
     for row in rows:
-        if row.items == 5000 and row.reads.latencies:
-            p99 = pct(row.reads.latencies, 0.99)
-            achieved = row.reads.rate >= 0.95 * READ_RATE and row.reads.errors == 0
-            goals.append(Goal(f"{BACKEND_LABELS[row.backend]} GET /jobs/<id> p99, 5,000 items",
+        if row.items != 5000:
+            continue
+        for when, reads in (("ended", row.reads), ("running", row.busy_reads)):
+            if reads is None or not reads.latencies:
+                continue
+            p99 = pct(reads.latencies, 0.99)
+            achieved = reads.rate >= 0.95 * READ_RATE and reads.errors == 0
+            goals.append(Goal(f"{BACKEND_LABELS[row.backend]} GET /jobs/<id> p99, 5,000, {when}",
                               f"{p99:.1f} ms", f"<= 50 at {READ_RATE:.0f}/s",
                               p99 <= 50 and achieved))
     return goals
