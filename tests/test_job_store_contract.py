@@ -28,7 +28,7 @@ from replicate_generation.jobs.migrations import migrate
 from replicate_generation.jobs.retention import AccountBounds
 from replicate_generation.jobs.rows import CANCEL_UNCONFIRMED, ItemOutcome, NewItem, NewJob
 from replicate_generation.jobs.schema import database_url, open_engine
-from replicate_generation.jobs.store import ItemFinished, JobStore
+from replicate_generation.jobs.store import INSERT_CHUNK, ItemFinished, JobStore
 from replicate_generation.sqlite_db import patient_writes
 from shared_backends import missing
 
@@ -267,6 +267,25 @@ def test_items_keep_their_order_and_a_long_shared_value_is_stored_once(
     assert one is not None and one.spec["input"]["image"] == image
     assert store.open_indexes("job_v") == list(range(5))
     assert store.item("job_v", 9) is None
+
+
+def test_a_job_of_several_insert_chunks_keeps_every_item_its_spec_and_first_claims(
+        store: JobStore, target: str) -> None:
+    count = 2 * INSERT_CHUNK + 7  # two whole chunks and part of a third
+    items = [NewItem(spec={"input": {"prompt": f"p{i}"}}) for i in range(count)]
+    job, created = store.create(NewJob(id="job_c", account="a", kind="batch", request_id="r",
+                                       items=items), "w", 1.0, first_window=3)
+    assert created and job.item_count == count
+    loaded = store.items("job_c")
+    assert [i.index for i in loaded] == list(range(count))
+    assert [i.spec["input"]["prompt"] for i in loaded] == [f"p{i}" for i in range(count)]
+    engine = open_engine(target)
+    try:
+        with engine.connect() as conn:
+            claimed = conn.execute(text("SELECT idx FROM job_items WHERE runner = 'w'")).all()
+    finally:
+        engine.dispose()
+    assert sorted(row.idx for row in claimed) == [0, 1, 2]
 
 
 def test_jobs_are_listed_newest_first_page_by_page(store: JobStore) -> None:

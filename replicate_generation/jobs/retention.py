@@ -4,7 +4,7 @@ their items, shared values and file records, many jobs per short transaction."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, delete, func, or_, select
@@ -39,10 +39,9 @@ def bounds_for(settings: Settings, token: str) -> AccountBounds | None:
                          retention_seconds=settings.job_retention_seconds)
 
 
-def record_size(items: Sequence[dict[str, object]], values: Sequence[dict[str, object]]) -> int:
+def record_size(specs: Sequence[str], values: Iterable[str]) -> int:
     """The bytes a job's rows take when stored: its items' specs and its shared values."""
-    return (sum(len(str(item["spec"]).encode()) for item in items)
-            + sum(len(str(value["value"]).encode()) for value in values))
+    return sum(len(spec.encode()) for spec in specs) + sum(len(value.encode()) for value in values)
 
 
 def check_room(conn: Connection, account: str, size: int, bounds: AccountBounds,

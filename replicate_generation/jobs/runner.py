@@ -40,12 +40,12 @@ from replicate_generation.jobs.rows import (
     ItemOutcome,
     ItemRow,
     JobRow,
-    NewItem,
     NewJob,
 )
 from replicate_generation.jobs.spend import Budget
 from replicate_generation.jobs.store import JobStore
 from replicate_generation.jobs.stream_wakeups import StreamWakeups
+from replicate_generation.jobs.task_items import TaskItems
 from replicate_generation.jobs.windows import ItemWindows, window_size
 from replicate_generation.limits.base import Turn
 from replicate_generation.model_functions import TERMINAL, Attempt, Hooks
@@ -179,9 +179,7 @@ class JobRunner:
         prices = self.generator.runtime.prices
         new = NewJob(id="job_" + secrets.token_urlsafe(16), account=account_key(token),
                      kind=submission.kind, request_id=request_id,
-                     items=[NewItem(spec={**t.to_record(), "http_request_id": current_request_id()},
-                                    reserved_usd=t.max_cost_usd(prices))
-                            for t in submission.tasks],
+                     items=TaskItems(submission.tasks, current_request_id(), prices),
                      idempotency_key=_scoped(submission.idempotency_key, submission.key_id),
                      request_hash=submission.request_hash, webhook_url=submission.webhook_url,
                      webhook_private=submission.webhook_private, origin=self.origin,

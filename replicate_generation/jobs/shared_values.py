@@ -17,17 +17,12 @@ SHARED_VALUE_MIN_CHARS = 1024
 _SHARED_REF = "$shared"
 
 
-def pack_items(job_id: str, specs: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]],
-                                                                       list[dict[str, Any]]]:
-    """Item rows (job_id, idx, spec JSON) with long input strings replaced by references, and
-    the (job_id, digest, value) rows those references name, each value once."""
+def pack_specs(specs: Iterable[dict[str, Any]]) -> tuple[list[str], dict[str, str]]:
+    """Each spec as JSON text with long input strings replaced by references, and the values
+    those references name (by digest), each once; the specs are read once, as they come."""
     digests: dict[int, str] = {}  # by id(): 1,000 items sharing one string hash it once
     values: dict[str, str] = {}
-    rows = [{"job_id": job_id, "idx": index,
-             "spec": json.dumps(_pack(spec, digests, values))}
-            for index, spec in enumerate(specs)]
-    return rows, [{"job_id": job_id, "digest": digest, "value": value}
-                  for digest, value in values.items()]
+    return [json.dumps(_pack(spec, digests, values)) for spec in specs], values
 
 
 def _pack(spec: dict[str, Any], digests: dict[int, str], values: dict[str, str]) -> dict[str, Any]:

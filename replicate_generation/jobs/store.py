@@ -6,7 +6,7 @@ may keep and old jobs' removal (`retention`)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -50,13 +50,14 @@ from replicate_generation.jobs.rows import (
     ItemOutcome,
     ItemRow,
     JobRow,
+    NewItem,
     NewJob,
     item_row,
     job_row,
     load_job,
 )
 from replicate_generation.jobs.schema import job_files, job_items, job_values, jobs
-from replicate_generation.jobs.shared_values import all_values, pack_items, values_of
+from replicate_generation.jobs.shared_values import all_values, pack_specs, values_of
 from replicate_generation.jobs.spend import Budget, SpendLedger, check_budget
 
 # The fence of the job an item belongs to, correlated with the item a statement touches.
@@ -66,6 +67,8 @@ _ITEM_AND_FENCE: list[ColumnElement[Any]] = [*_ITEM_AND_RUNNER, _ITEM_FENCE.labe
 _ITEM_OWNER = select(jobs.c.owner).where(jobs.c.id == job_items.c.job_id).scalar_subquery()
 _ITEM_CANCELED = (select(jobs.c.cancel_requested_at).where(jobs.c.id == job_items.c.job_id)
                   .scalar_subquery())
+# Item rows per insert: a big job's parameters are built a chunk at a time.
+INSERT_CHUNK = 500
 # What became of an intent; "not_ours": the job is no longer this owner's.
 IntentOutcome = Literal["stored", "canceled", "ended", "not_ours"]
 
@@ -120,11 +123,9 @@ class JobStore:
         BudgetExceeded past any of `budgets` (nothing stored); rows are built before the lock
         to keep it short.
         """
-        items, values = pack_items(job.id, (item.spec for item in job.items))
-        for row, item in zip(items, job.items, strict=True):
-            row["reserved_usd"] = item.reserved_usd
-            row["runner"] = owner if row["idx"] < first_window else None
-        size = record_size(items, values)
+        reserved: list[float | None] = []
+        specs, values = pack_specs(_noting_cost(job.items, reserved))
+        size = record_size(specs, values.values())
         with self.events.write() as conn:
             existing = _keyed_job(conn, job)
             if existing is not None:
@@ -132,7 +133,7 @@ class JobStore:
             if bounds is not None:
                 check_room(conn, job.account, size, bounds, now)
             for budget in budgets:
-                check_budget(conn, budget, [item.reserved_usd for item in job.items], now)
+                check_budget(conn, budget, reserved, now)
             if conn.execute(self._insert_job, _new_job(job, owner, now, size)).first() is None:
                 # Another process created the key's job meanwhile (PostgreSQL only).
                 raced = _keyed_job(conn, job)
@@ -140,14 +141,27 @@ class JobStore:
                 return raced, False
             if values:
                 conn.execute(self.db.insert(job_values).on_conflict_do_nothing(
-                    index_elements=[job_values.c.job_id, job_values.c.digest]), values)
-            if items:
-                conn.execute(insert(job_items).values(state="queued", queued_at=now), items)
+                    index_elements=[job_values.c.job_id, job_values.c.digest]),
+                    [{"job_id": job.id, "digest": d, "value": v} for d, v in values.items()])
+            self._insert_items(conn, job.id, specs, reserved, (owner, first_window), now)
             self.events.job_created(conn, job.id, now)
             created = load_job(conn, job.id)
         assert created is not None  # noqa: S101 - inserted in this transaction
         created.cost_usd = 0.0  # nothing has run yet
         return created, True
+
+    def _insert_items(self, conn: Connection, job_id: str, specs: Sequence[str],
+                      reserved: Sequence[float | None], window: tuple[str, int],
+                      now: float) -> None:
+        """The job's items, queued, the first `window[1]` claimed by `window[0]`; a chunk of
+        rows at a time, so their parameters never exist for the whole job at once."""
+        owner, first_window = window
+        statement = insert(job_items).values(state="queued", queued_at=now)
+        for start in range(0, len(specs), INSERT_CHUNK):
+            conn.execute(statement, [
+                {"job_id": job_id, "idx": idx, "spec": specs[idx], "reserved_usd": reserved[idx],
+                 "runner": owner if idx < first_window else None}
+                for idx in range(start, min(start + INSERT_CHUNK, len(specs)))])
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -503,6 +517,14 @@ def _unconfirmed_cancels(conn: Connection, job_id: str) -> int:
     count = conn.execute(select(func.count()).select_from(job_items).where(
         job_items.c.job_id == job_id, job_items.c.error_type == CANCEL_UNCONFIRMED)).scalar()
     return int(count or 0)
+
+
+def _noting_cost(items: Iterable[NewItem],
+                 reserved: list[float | None]) -> Iterator[dict[str, Any]]:
+    """Each item's spec, its most possible cost appended to `reserved` as it passes."""
+    for item in items:
+        reserved.append(item.reserved_usd)
+        yield item.spec
 
 
 def _new_job(job: NewJob, owner: str, now: float, size: int) -> dict[str, Any]:
