@@ -8,6 +8,9 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# Two malloc arenas, not 8 per core: each of a worker's many threads otherwise grows its own heap.
+ENV MALLOC_ARENA_MAX=2
+
 # nginx takes slow clients and odd requests off gunicorn. Debian's, of the release FROM fixes:
 # its security updates replace the archive's version, so a pin would break rebuilds (DL3008).
 # hadolint ignore=DL3008

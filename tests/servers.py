@@ -209,6 +209,7 @@ def service_env(settings: Settings, workers: int = 2) -> dict[str, str]:
         "WEB_CONCURRENCY": str(workers),
         "GUNICORN_THREADS": "8",
         "LOG_LEVEL": "DEBUG",
+        "MALLOC_ARENA_MAX": "2",  # as the image sets it
         **backend_env(settings),
     }
 
