@@ -4,6 +4,7 @@ read the same way, no user info; `Target` is the URL normalised, ready to pin.""
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import SplitResult, urlsplit
@@ -14,6 +15,8 @@ from replicate_generation.egress.addresses import IP
 from replicate_generation.errors import EgressRefused
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
+# Printable ASCII but the space: what a URL may hold as sent.
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]*")
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ def _check_text(url: str, label: str, max_length: int) -> None:
     """At most max_length printable ASCII characters, no spaces or backslash."""
     if len(url) > max_length:
         raise EgressRefused(f"{label} is longer than {max_length} characters")
-    if any(not ch.isascii() or not ch.isprintable() or ch.isspace() for ch in url):
+    if _VISIBLE_ASCII.fullmatch(url) is None:
         raise EgressRefused(f"{label} must be ASCII with no whitespace or control characters"
                             " (percent-encode the path, punycode the host name)")
     if "\\" in url:

@@ -188,7 +188,8 @@ def _redact(url: str) -> str:
     if ":" in host:
         host = f"[{host}]"
     text = f"{parts.scheme}://{host}{'' if port is None else f':{port}'}{parts.path}"
-    text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    if not text.isprintable():
+        text = "".join(ch if ch.isprintable() else "?" for ch in text)
     return text if len(text) <= 200 else text[:197] + "..."
 
 
