@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -308,6 +309,19 @@ def test_a_finished_items_events_say_what_its_row_and_its_jobs_row_store(app: Fl
     assert events[at + 1][0] == "item.file" and events[at + 1][1]["index"] == 0
     assert [data["index"] for kind, data in events if kind == "item.file"] == [0]
     assert [Path(p).name for p in items[0].files] == [events[at + 1][1]["name"]]
+
+
+def test_a_wait_on_a_job_another_process_ends_returns_at_its_end_not_at_a_reread(
+        make_app: Callable[..., Flask], sim: Simulator) -> None:
+    """A synchronous request waits in one process while another runs its job (a helper took
+    its items): the other's events wake it, so it does not wait for its next look."""
+    sim.config.run_seconds = 1.0
+    here, there = make_app(), make_app()  # one state file: two processes' views
+    job_id = submit(there.test_client(), ["a picture"], ADMIN)
+    started = time.monotonic()
+    job = here.extensions["jobs"].wait(job_id, timeout=120, reread=60)
+    assert job is not None and job.state == "succeeded"
+    assert time.monotonic() - started < 30  # a re-read would have come after 60 s
 
 
 def test_a_wake_up_reaches_the_streams_of_another_process_on_the_host(

@@ -66,6 +66,10 @@ log = logging.getLogger(__name__)
 
 # How long a canceled item keeps asking Replicate until its prediction is seen to stop.
 CANCEL_CONFIRM_SECONDS = 30.0
+# A synchronous request re-reads its job at least this often (wake-ups are hints), and no
+# more often than the second, though every item of every job wakes it.
+WAIT_REREAD_S = 0.5
+WAIT_MIN_REREAD_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -444,23 +448,33 @@ class JobRunner:
 
     # -- reading and steering ----------------------------------------------------------------
 
-    def wait(self, job_id: str, timeout: float | None = None) -> JobRow | None:
-        """Block until the job ends (here or in another process); None on timeout."""
+    def wait(self, job_id: str, timeout: float | None = None, *,
+             reread: float = WAIT_REREAD_S) -> JobRow | None:
+        """Block until the job ends (here or in another process); None on timeout. An end
+        elsewhere wakes it; if that hint is lost, the store is re-read every `reread` s."""
         give_up = None if timeout is None else time.monotonic() + timeout
+        self.stream_wakeups.listen()  # an end in another process arrives as an event wake-up
         with self._lock:
-            event = self._done.setdefault(job_id, threading.Event())
+            ended_here = self._done.setdefault(job_id, threading.Event())
         try:
             while True:
+                seen = self.stream_wakeups.generation()
                 job = self.store.get(job_id)
                 if job is None or job.terminal:
                     return job
                 if give_up is not None and time.monotonic() >= give_up:
                     return None
-                # Locally finished jobs set the event; others are seen by re-reading the store.
-                event.wait(0.5)
+                self._await_change(seen, ended_here, reread)
         finally:
             with self._lock:
                 self._done.pop(job_id, None)
+
+    def _await_change(self, seen: int, ended_here: threading.Event, reread: float) -> None:
+        """Until any process appends events or `reread` passes; every item's events wake it, so
+        it re-reads no sooner than WAIT_MIN_REREAD_S, unless the job ended here."""
+        started = time.monotonic()
+        self.stream_wakeups.wait(seen, reread)
+        ended_here.wait(max(0.0, started + WAIT_MIN_REREAD_S - time.monotonic()))
 
     def cancel(self, job_id: str) -> JobRow | None:
         """Drop queued items now; running ones are canceled on Replicate by their runner (also
