@@ -10,12 +10,14 @@ import hashlib
 import struct
 import zlib
 from collections.abc import Callable
+from typing import TypeVar
 
 from replicate_generation.devtools.simulator.webp import two_colour
 
 LONG_SIDE = 256
 Colour = tuple[int, int, int]
 Cells = list[list[Colour]]
+Drawn = TypeVar("Drawn")
 
 # Rows of 5 bits, top to bottom; unknown characters draw as a space.
 _FONT: dict[str, tuple[int, ...]] = {
@@ -80,16 +82,22 @@ def _draw_text(grid: Cells, text: str, left: int, top: int) -> None:
                     grid[y][x] = (255, 255, 255)
 
 
+def pixel_rows(grid: Cells, cell: int, height: int,
+               draw: Callable[[tuple[Colour, ...]], Drawn]) -> list[Drawn]:
+    """A picture's `height` rows of pixels: each distinct grid row drawn once, the one object
+    shared by every pixel row it spans (a picture is a few rows, repeated)."""
+    distinct = {row: draw(row) for row in set(map(tuple, grid))}
+    drawn = [distinct[tuple(row)] for row in grid]
+    return [drawn[y // cell] for y in range(height)]
+
+
 # --------------------------------------------------------------------------- PNG
 
 
 def png(prompt: str, width: int, height: int, cell: int = 2) -> bytes:
     grid = cells(prompt, -(-width // cell), -(-height // cell))
-    # Drawn once per distinct grid row, shared by every pixel row it spans.
-    distinct = {row: b"\x00" + b"".join(bytes(colour) * cell for colour in row)[:3 * width]
-                for row in set(map(tuple, grid))}
-    drawn = [distinct[tuple(row)] for row in grid]
-    lines = [drawn[y // cell] for y in range(height)]
+    lines = pixel_rows(grid, cell, height, lambda row: b"\x00" + b"".join(
+        bytes(colour) * cell for colour in row)[:3 * width])
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header)
             + _chunk(b"IDAT", zlib.compress(b"".join(lines), 9)) + _chunk(b"IEND", b""))
@@ -170,11 +178,9 @@ def webp(prompt: str, width: int, height: int, cell: int = 2) -> bytes:
     background = colour_of(prompt)
     ink: Colour = (255, 255, 255) if sum(background) < 384 else (0, 0, 0)
     grid = cells(prompt, -(-width // cell), -(-height // cell))
-    # One mask row per distinct grid row, shared by every pixel row it spans.
-    distinct = {row: [colour == (255, 255, 255) for colour in row for _ in range(cell)][:width]
-                for row in set(map(tuple, grid))}
-    inked = [distinct[tuple(row)] for row in grid]
-    return two_colour([inked[y // cell] for y in range(height)], background, ink)
+    mask = pixel_rows(grid, cell, height, lambda row: [
+        colour == (255, 255, 255) for colour in row for _ in range(cell)][:width])
+    return two_colour(mask, background, ink)
 
 
 RENDERERS: dict[str, Callable[[str, int, int], bytes]] = {"png": png, "jpg": jpeg, "webp": webp}

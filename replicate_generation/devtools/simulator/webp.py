@@ -104,7 +104,8 @@ def two_colour(mask: Sequence[Sequence[bool]], background: Colour, ink: Colour) 
     # A picture repeats its rows (one list for each): each is bundled, counted and coded once.
     rows = [id(row) for row in mask]
     repeats = Counter(rows)
-    packed = {id(row): _bundle(row) for row in {id(row): row for row in mask}.values()}
+    distinct = {id(row): row for row in mask}
+    packed = {key: _bundle(row) for key, row in distinct.items()}
     counts: Counter[int] = Counter()
     for row, times in repeats.items():
         counts.update({value: seen * times for value, seen in Counter(packed[row]).items()})
