@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import resource
+import secrets
 import shutil
 import socket
 import threading
@@ -12,9 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
+from replicate_generation.limits.redis_client import RedisConnection, ReleaseListener
 from replicate_generation.limits.release_count import ReleaseCount
 from replicate_generation.limits.wakeups import HostWakeups, wakeup_directory
+from shared_backends import REDIS_URL
 
 
 class Counter:
@@ -180,3 +184,27 @@ def test_wake_ups_reach_a_process_with_descriptors_past_select_limit(
     finally:
         for fd in filler:
             os.close(fd)
+
+
+
+def test_a_redis_listener_whose_connection_closes_under_it_listens_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store closes its connection while the listener's thread may be inside a read (redis-py
+    then fails in its parser): the thread goes on, on a new connection, and ends when told."""
+    died: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
+    connection = RedisConnection(REDIS_URL, cluster=False, socket_timeout=2.0, scripts={})
+    channel, heard = "t" + secrets.token_hex(6), threading.Event()
+    listener = ReleaseListener(connection, channel)
+    listener.add(heard.set)
+    publisher = redis.Redis.from_url(REDIS_URL)
+    try:
+        for _ in range(3):
+            heard.clear()
+            while not heard.wait(0.05):  # until it is subscribed and reading
+                publisher.publish(channel, "x")
+            connection.close()
+    finally:
+        listener.close()
+        publisher.close()
+    assert died == []

@@ -247,9 +247,18 @@ class ReleaseListener:
         try:
             pubsub.subscribe(self._channel)
             while not self._stop.is_set():
-                if pubsub.get_message(timeout=_LISTEN_TIMEOUT_S) is not None:
+                if _next_message(pubsub) is not None:
                     for callback in list(self._callbacks):
                         callback()
         finally:
             with contextlib.suppress(RedisError, RedisClusterException, OSError, ValueError):
                 pubsub.close()
+
+
+def _next_message(pubsub: Any) -> Any:
+    """The next message within _LISTEN_TIMEOUT_S; a connection closed under the read (the store
+    closing) makes redis-py fail in its parser, which is read as the connection lost."""
+    try:
+        return pubsub.get_message(timeout=_LISTEN_TIMEOUT_S)
+    except AttributeError as exc:  # its buffer is None once another thread disconnected it
+        raise RedisConnectionError("the connection was closed under the listener") from exc
