@@ -11,12 +11,14 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from alembic import command
 from alembic.config import Config
@@ -24,14 +26,15 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, event, text
 
-from conftest import ADMIN, ADMIN_KEY, OTHER, USER, HeldClock
+from conftest import ADMIN, ADMIN_KEY, OTHER, SERVER_TOKEN, USER, HeldClock
 from replicate_generation.devtools.simulator import Simulator
 from replicate_generation.http.ended_pages import EndedPages
 from replicate_generation.jobs import migrations
 from replicate_generation.jobs.rows import ItemOutcome, NewItem, NewJob
-from replicate_generation.jobs.schema import open_engine
+from replicate_generation.jobs.schema import PG_POOL_OVERFLOW, PG_POOL_SIZE, open_engine
 from replicate_generation.jobs.store import JobStore
 from replicate_generation.settings import Settings
+from replicate_generation.sqlite_db import WRITE_PATIENCE_S
 from servers import ROOT, Gunicorn, service_env, wait_for
 from shared_backends import postgres_database
 from test_job_store_contract import together
@@ -181,9 +184,9 @@ def test_the_console_reads_a_jobs_items_a_page_at_a_time(client: FlaskClient) ->
 
 
 @contextmanager
-def _statements(engine: Engine) -> Iterator[list[tuple[str, Any]]]:
-    """Every SQL statement the engine runs meanwhile for this thread (the test client's
-    requests, not the service's background work), with its parameters."""
+def _statements(engines: tuple[Engine, ...]) -> Iterator[list[tuple[str, Any]]]:
+    """Every SQL statement the store's engines (writes, reads) run meanwhile for this thread
+    (the test client's requests, not the service's background work), with its parameters."""
     seen: list[tuple[str, Any]] = []
     mine = threading.get_ident()
 
@@ -192,11 +195,13 @@ def _statements(engine: Engine) -> Iterator[list[tuple[str, Any]]]:
         if threading.get_ident() == mine:
             seen.append((statement, parameters))
 
-    event.listen(engine, "before_cursor_execute", record)
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", record)
     try:
         yield seen
     finally:
-        event.remove(engine, "before_cursor_execute", record)
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", record)
 
 
 def _plans(engine: Engine, statements: list[tuple[str, Any]], table: str) -> list[list[str]]:
@@ -264,8 +269,9 @@ def _assert_lists_read_indexes(app: Flask, stored: int) -> None:
     _store_many_jobs(app, stored)
     job_id = _batch(client, ["a", "b"])
     _ended(client, job_id)
-    engine = app.extensions["jobs"].store.db.engine
-    with _statements(engine) as seen:
+    db = app.extensions["jobs"].store.db
+    engine = db.engine
+    with _statements(db.engines) as seen:
         first = client.get("/jobs?limit=5", headers=ADMIN).get_json()
         assert len(first["data"]) == 5 and first["has_more"]
         assert client.get(first["next"], headers=ADMIN).status_code == 200
@@ -279,7 +285,7 @@ def _assert_lists_read_indexes(app: Flask, stored: int) -> None:
     assert any("jobs_by_created" in " ".join(p) for p in lists), lists
     assert not any("FROM job_items" in statement for statement, _ in seen)
 
-    with _statements(engine) as seen:
+    with _statements(db.engines) as seen:
         scrape = client.get("/metrics", headers=ADMIN)
     assert scrape.status_code == 200
     text_body = scrape.get_data(as_text=True)
@@ -295,10 +301,10 @@ def test_a_page_of_ended_items_is_read_from_the_store_once_and_answered_the_same
         app: Flask) -> None:
     client = app.test_client()
     job_id = _batch(client, [f"p{i}" for i in range(7)] + ["x #fail"])
-    engine = app.extensions["jobs"].store.db.engine
+    db = app.extensions["jobs"].store.db
     first = _ended(client, job_id)
     first_page = client.get(f"/jobs/{job_id}/items?limit=3", headers=USER).get_json()
-    with _statements(engine) as seen:
+    with _statements(db.engines) as seen:
         again = _job(client, job_id)
         again_page = client.get(f"/jobs/{job_id}/items?limit=3", headers=USER).get_json()
         failed = client.get(f"/jobs/{job_id}/items?state=failed", headers=USER).get_json()
@@ -512,3 +518,40 @@ def test_a_service_run_records_every_item_of_a_job_bigger_than_its_first_page(
         assert all(r["success"] for r in found) and len({r["job_id"] for r in found}) == 1
     finally:
         service.stop()
+
+
+def test_a_jobs_page_answers_at_once_while_its_item_writers_wait_on_the_jobs_row(
+        make_app: Callable[..., Flask], held_sim: tuple[Simulator, HeldClock]) -> None:
+    """PostgreSQL: item writes queued on a busy job's row hold every write connection; a GET
+    reads through its own pool and answers at once, not after the store's patience."""
+    sim, clock = held_sim
+    writers = PG_POOL_SIZE + PG_POOL_OVERFLOW
+    items = writers + 6
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(postgres_database())
+        app = make_app(database_url=url, replicate_base_url=sim.base_url, sync_wait_seconds=0,
+                       concurrent_limit=items)
+        stack.callback(app.extensions["jobs"].close)  # before its database goes
+        client = app.test_client()
+        job_id = _batch(client, [f"a lake at dawn {i}" for i in range(items)], ADMIN)
+        wait_for(lambda: len(sim.predictions(SERVER_TOKEN)) == items, what="every create")
+        with psycopg.connect(url) as holder:
+            holder.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
+            clock.release()  # every item ends, and its write queues on the job's row
+            wait_for(lambda: _waiting_on_locks(url) >= writers,
+                     what="every write connection waiting on the job's row")
+            started = time.monotonic()
+            response = client.get(f"/jobs/{job_id}", headers=ADMIN)
+            assert response.status_code == 200, response.get_json()
+            assert time.monotonic() - started < WRITE_PATIENCE_S / 2
+            assert response.get_json()["counts"]["succeeded"] < items
+        job = _ended(client, job_id, ADMIN)
+        assert job["state"] == "succeeded" and job["counts"]["succeeded"] == items
+        assert len(sim.predictions(SERVER_TOKEN)) == items
+
+
+def _waiting_on_locks(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                           "current_database() AND wait_event_type = 'Lock'").fetchone()
+    return int(row[0]) if row else 0

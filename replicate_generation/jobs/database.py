@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, Select, Table, exc, func, select
+from sqlalchemy import Connection, Engine, Select, Table, exc, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from replicate_generation.errors import StoreBusy, StoreUnavailable
@@ -60,14 +60,22 @@ class JobDatabase:
         except BaseException:
             self.engine.dispose()
             raise
+        # SQLite reads share the writers' engine (a connection per thread, WAL readers never wait).
+        self._reads = self.engine if self.backend == "sqlite" else open_engine(target, reads=True)
 
     @property
     def backend(self) -> Backend:
         return backend_of(self.engine)
 
+    @property
+    def engines(self) -> tuple[Engine, ...]:
+        """The writers' engine, then the readers' where they have their own (PostgreSQL)."""
+        return (self.engine,) if self._reads is self.engine else (self.engine, self._reads)
+
     def close(self) -> None:
         """Close the pooled connections (new ones are opened if used again)."""
         self.engine.dispose()
+        self._reads.dispose()
 
     # -- connections and transactions ------------------------------------------------------
 
@@ -82,7 +90,7 @@ class JobDatabase:
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        """A read transaction (SQLite: a snapshot; PostgreSQL: READ COMMITTED). Inside
+        """A read (SQLite: one snapshot; PostgreSQL: autocommit, a snapshot per statement). Inside
         `patient_writes()` (an item holding a slot) it waits for PostgreSQL to come back."""
         patience = None if writes_are_patient() else WRITE_PATIENCE_S
         with self._session(patience, write=False) as conn, _busy_is_store_busy():
@@ -99,22 +107,26 @@ class JobDatabase:
 
     @contextmanager
     def _session(self, patience: float | None, *, write: bool) -> Iterator[Connection]:
-        conn = self._connect(patience)
+        conn = self._connect(self.engine if write else self._reads, patience)
         with reachable(self.engine), conn:
             if self.backend == "sqlite":
                 with sqlite_transaction(conn, immediate=write, patience=patience):
                     yield conn
+            elif not write:
+                # READ COMMITTED snapshots each statement anyway: no BEGIN and COMMIT round trips.
+                yield conn
             else:
                 with conn.begin():
                     yield conn
 
-    def _connect(self, patience: float | None) -> Connection:
+    @staticmethod
+    def _connect(engine: Engine, patience: float | None) -> Connection:
         """A pooled connection; a patient caller waits for PostgreSQL to be reachable."""
         tries = 0
         while True:
             try:
-                with reachable(self.engine, connecting=True):
-                    return self.engine.connect()
+                with reachable(engine, connecting=True):
+                    return engine.connect()
             except StoreUnavailable:
                 if patience is not None:
                     raise

@@ -36,9 +36,12 @@ from replicate_generation.sqlite_db import WRITE_PATIENCE_S, sqlite_engine
 
 Backend = Literal["sqlite", "postgresql"]
 
-# Per process: 4 gunicorn workers stay well under PostgreSQL's default 100 connections.
-PG_POOL_SIZE = 16
-PG_POOL_OVERFLOW = 4
+# Per process, writes and reads: 4 gunicorn workers stay under PostgreSQL's default 100.
+PG_POOL_SIZE = 12
+PG_POOL_OVERFLOW = 2
+# Reads have their own pool: a GET never waits behind writers queued on a busy job's row.
+PG_READ_POOL_SIZE = 4
+PG_READ_POOL_OVERFLOW = 4
 # No server-side prepared statements: behind PgBouncer in transaction mode each transaction may
 # reach another server session, where psycopg's "_pg3_N" would be missing or already there.
 PG_CONNECT_ARGS = {"connect_timeout": 5, "prepare_threshold": None}
@@ -270,16 +273,18 @@ def database_url(target: str) -> URL:
     raise ValueError(f"unsupported database {url.drivername!r}: use sqlite or postgresql")
 
 
-def open_engine(target: str) -> Engine:
+def open_engine(target: str, *, reads: bool = False) -> Engine:
+    """The engine of a database URL or SQLite path; `reads`: PostgreSQL's autocommit read pool."""
     url = database_url(target)
     if url.get_backend_name() == "sqlite":
         engine = sqlite_engine(url.database or "")
     else:
+        size, overflow = (PG_READ_POOL_SIZE, PG_READ_POOL_OVERFLOW) if reads else (
+            PG_POOL_SIZE, PG_POOL_OVERFLOW)
         # Kept open: an overflow connection costs a new server process per use, more than the query.
         engine = create_engine(
-            url, isolation_level="READ COMMITTED", pool_size=PG_POOL_SIZE,
-            max_overflow=PG_POOL_OVERFLOW, pool_timeout=WRITE_PATIENCE_S,
-            connect_args=PG_CONNECT_ARGS)
+            url, isolation_level="AUTOCOMMIT" if reads else "READ COMMITTED", pool_size=size,
+            max_overflow=overflow, pool_timeout=WRITE_PATIENCE_S, connect_args=PG_CONNECT_ARGS)
         _ping_when_idle(engine)
         _shutdown_is_disconnect(engine)
     _ENGINES.add(engine)
