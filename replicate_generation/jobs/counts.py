@@ -23,6 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+from replicate_generation.jobs.event_order import taking_append_order
 from replicate_generation.jobs.rows import ITEM_STATES, JOB_TERMINAL, kept_counts
 from replicate_generation.jobs.schema import job_totals, jobs
 
@@ -35,14 +36,18 @@ JOB_FACTS: list[ColumnElement[Any]] = [jobs.c.account, jobs.c.key_id, jobs.c.cos
 
 
 def move_items(conn: Connection, job_id: str, before: str | None, after: str | None,
-               count: int = 1, *, cost: float = 0.0) -> Row[Any] | None:
+               count: int = 1, *, cost: float = 0.0, then_append: bool = False
+               ) -> Row[Any] | None:
     """`count` of the job's items went from state `before` to `after` (None: not there);
     `cost` is added to the job's summed cost. Returns the job's JOB_FACTS as the move left
-    them (None: nothing moved, or no such job)."""
+    them (None: nothing moved, or no such job). `then_append`: an event of this move follows,
+    so on PostgreSQL the update takes the append order's lock too (event_order)."""
     moved = before != after and bool(count)
     if not (moved or cost):
         return None
-    statement = _move_returning(before if moved else None, after if moved else None, bool(cost))
+    ordered = then_append and conn.dialect.name == "postgresql"
+    statement = _move_returning(before if moved else None, after if moved else None, bool(cost),
+                                ordered)
     return conn.execute(statement, {"w_job": job_id, "v_count": count, "v_cost": cost}).first()
 
 
@@ -66,8 +71,10 @@ def _move(before: str | None, after: str | None, with_cost: bool) -> Update:
 
 
 @cache
-def _move_returning(before: str | None, after: str | None, with_cost: bool) -> Update:
-    return _move(before, after, with_cost).returning(*JOB_FACTS)
+def _move_returning(before: str | None, after: str | None, with_cost: bool,
+                    ordered: bool) -> Update:
+    statement = _move(before, after, with_cost).returning(*JOB_FACTS)
+    return statement.returning(taking_append_order()) if ordered else statement
 
 
 def end_queued_items(conn: Connection, job_ids: Sequence[str], after: str) -> None:

@@ -22,13 +22,12 @@ from sqlalchemy import ColumnElement, Connection, Row, bindparam, func, insert, 
 
 from replicate_generation.jobs.counts import JOB_FACTS
 from replicate_generation.jobs.database import JobDatabase
+from replicate_generation.jobs.event_order import APPEND_ORDER, took_append_order
 from replicate_generation.jobs.rows import JobRow, count_items, job_cost, kept_counts
 from replicate_generation.jobs.schema import job_events, job_items, jobs
 
 log = logging.getLogger(__name__)
 
-# pg_advisory_xact_lock key of the appends: "rg_evts".
-_APPEND_LOCK = 0x72675F65767473
 # conn.info key: whether this transaction appended, so its commit wakes the streams.
 _APPENDED = "rg_job_events_appended"
 # Events one read returns at most (a stream reads again at once while there are more).
@@ -36,7 +35,6 @@ READ_BATCH = 200
 
 # Built once: rebuilding a statement per append cost more than running it.
 _OWNER = select(jobs.c.account, jobs.c.key_id).where(jobs.c.id == bindparam("job_id"))
-_APPEND_ORDER = select(func.pg_advisory_xact_lock(_APPEND_LOCK))
 _INSERT = insert(job_events)
 # An item's columns its events show; the store's intent reads them too, locking the row.
 ITEM_ROW = select(job_items.c.state, job_items.c.model_used, job_items.c.cost_usd,
@@ -147,13 +145,14 @@ class EventLog:
         again); a finished item's files follow, one event each (`sizes`: their bytes). Returns
         the job's open items as this write leaves them (None: no such item or job). `facts`:
         the job's JOB_FACTS as this write's update of its row returned them (its row stays
-        locked to the commit, so no later write of the job can come between)."""
+        locked to the commit, so no later write of the job can come between), with the append
+        order's lock when that update took it (event_order)."""
         row = stored if stored is not None else conn.execute(
             ITEM_ROW, {"job_id": job_id, "idx": index}).first()
         if row is None:
             return None
-        if self._db.backend == "postgresql":
-            conn.execute(_APPEND_ORDER)
+        if self._db.backend == "postgresql" and not took_append_order(facts):
+            conn.execute(APPEND_ORDER)
         # Read after the lock, as _append does: the owner, counts and cost in one statement.
         job = facts if facts is not None else conn.execute(
             _JOB_FACTS, {"job_id": job_id}).first()
@@ -196,7 +195,7 @@ class EventLog:
         if owner is None:
             return
         if self._db.backend == "postgresql":
-            conn.execute(_APPEND_ORDER)
+            conn.execute(APPEND_ORDER)
         body = json.dumps({"job_id": job_id, **data()}, separators=(",", ":"))
         conn.execute(_INSERT, {"job_id": job_id, "account": owner.account,
                                "key_id": owner.key_id, "at": now, "kind": kind, "data": body})

@@ -35,6 +35,7 @@ from replicate_generation.jobs.counts import (
     state_counts,
 )
 from replicate_generation.jobs.database import JobDatabase
+from replicate_generation.jobs.event_order import taking_append_order
 from replicate_generation.jobs.events import ITEM_ROW, EventLog, FileSize, StoredItem
 from replicate_generation.jobs.keys import IssuedKeys
 from replicate_generation.jobs.outbox import WebhookOutbox
@@ -308,8 +309,9 @@ class JobStore:
                 if before.state == "running":  # a retry's intent changes nothing a stream shows
                     conn.execute(_JOB_STARTED, {"w_job": job_id, "v_now": now})
                     return "stored"
-                facts = conn.execute(_ITEM_STARTED, {"w_job": job_id, "v_count": 1,
-                                                     "v_now": now}).first()
+                started = _ITEM_STARTED if self.db.backend == "sqlite" else _ITEM_STARTED_ORDERED
+                facts = conn.execute(started, {"w_job": job_id, "v_count": 1,
+                                               "v_now": now}).first()
                 # The intent changes only the state of what the event shows: not read again.
                 stored = StoredItem("running", *before[1:])
                 self.events.item_changed(conn, job_id, index, now, stored=stored, facts=facts)
@@ -365,7 +367,8 @@ class JobStore:
             # Last but the event: the job's row stays locked from here to the commit, and every
             # item of the job waits on it (PostgreSQL).
             facts = move_items(conn, job_id, before.state, outcome.state,
-                               cost=(outcome.cost_usd or 0.0) - (before.cost_usd or 0.0))
+                               cost=(outcome.cost_usd or 0.0) - (before.cost_usd or 0.0),
+                               then_append=True)
             # As _FINISH stored it (a Double reads back as a float): no need to read it again.
             stored = StoredItem(outcome.state, outcome.model_used,
                                 None if outcome.cost_usd is None else float(outcome.cost_usd),
@@ -474,6 +477,7 @@ _ITEM_STARTED = counts_moved("queued", "running").values(
     state=case((_STARTING, "running"), else_=jobs.c.state),
     started_at=case((_STARTING, func.coalesce(jobs.c.started_at, bindparam("v_now"))),
                     else_=jobs.c.started_at)).returning(*JOB_FACTS)
+_ITEM_STARTED_ORDERED = _ITEM_STARTED.returning(taking_append_order())
 _FENCE = select(jobs.c.fence).where(jobs.c.id == bindparam("job_id")).with_for_update(
     read=True, key_share=True)
 # The item's state and what its events show (events.StoredItem's order), its row locked.
