@@ -6,6 +6,7 @@ the outage test runs a private server (tests/pg_server.py) that it stops and res
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import sqlite3
@@ -189,6 +190,15 @@ def rows(target: str, table: str) -> int:
         engine.dispose()
 
 
+def stored_column(target: str, query: str) -> list[str]:
+    engine = open_engine(target)
+    try:
+        with engine.connect() as conn:
+            return [str(value) for (value,) in conn.execute(text(query))]
+    finally:
+        engine.dispose()
+
+
 def together(*calls: Callable[[], Any]) -> list[Any]:
     """Run the calls in threads released at once; their results in order."""
     barrier = threading.Barrier(len(calls))
@@ -257,7 +267,8 @@ def test_items_keep_their_order_and_a_long_shared_value_is_stored_once(
              for i in range(5)]
     store.create(NewJob(id="job_v", account="a", kind="batch", request_id="r", items=items),
                  "w", 1.0)
-    assert rows(target, "job_values") == 1
+    stored = stored_column(target, "SELECT value FROM job_values")
+    assert sum(image in value for value in stored) == 1  # the template holds its reference
     loaded = store.items("job_v")
     assert [i.index for i in loaded] == list(range(5))
     assert [i.spec["input"]["prompt"] for i in loaded] == [f"p{i}" for i in range(5)]
@@ -267,6 +278,29 @@ def test_items_keep_their_order_and_a_long_shared_value_is_stored_once(
     assert one is not None and one.spec["input"]["image"] == image
     assert store.open_indexes("job_v") == list(range(5))
     assert store.item("job_v", 9) is None
+
+
+def test_items_store_only_what_differs_from_the_first_and_load_whole(
+        store: JobStore, target: str) -> None:
+    shared = {"aspect_ratio": "1:1", "output_format": "webp", "guidance": 3.5,
+              "go_fast": True, "num_outputs": 1, "note": "x" * 300}
+    first = {"model": "flux-dev", "input": {"prompt": "p0", "seed": 1, **shared},
+             "stem": "s0", "chain": ["qwen-image"], "routed": None, "notes": []}
+    specs = [first] + [{**first, "input": {**first["input"], "prompt": f"p{i}", "seed": i},
+                        "stem": f"s{i}"} for i in range(1, 40)]
+    # A mixed job: another model, a key the first lacks, and keys of the first left out.
+    specs.append({"model": "qwen-image", "input": {"prompt": "other", "width": 512},
+                  "stem": "other", "extra": {"k": [1, 2]}})
+    specs.append({"model": "flux-dev", "input": "not an object", "stem": "odd"})
+    store.create(NewJob(id="job_t", account="a", kind="batch", request_id="r",
+                        items=[NewItem(spec=spec) for spec in specs]), "w", 1.0)
+    assert [item.spec for item in store.items("job_t")] == specs
+    assert all((one := store.item("job_t", i)) is not None and one.spec == specs[i]
+               for i in (0, 7, 40, 41))
+    sizes = [len(v) for v in stored_column(
+        target, "SELECT spec FROM job_items WHERE job_id = 'job_t' ORDER BY idx")]
+    whole = len(json.dumps(first))
+    assert max(sizes[:40]) < whole / 4, sizes  # a prompt, a seed and a name each
 
 
 def test_a_job_of_several_insert_chunks_keeps_every_item_its_spec_and_first_claims(
