@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, select
 
-from replicate_generation.jobs.schema import job_values
+from replicate_generation.jobs.schema import job_items, job_values
 
 # Input strings at least this long are stored once per job and referenced from each item's spec.
 SHARED_VALUE_MIN_CHARS = 1024
@@ -149,11 +149,21 @@ def _references(value: Any) -> set[str]:
     return set()
 
 
+# The job's template beside an item's row: read in the item's own statement, not one more.
+ITEM_TEMPLATE = select(job_values.c.value).where(
+    job_values.c.job_id == job_items.c.job_id,
+    job_values.c.digest == _TEMPLATE_NAME).scalar_subquery().label("template")
+
+
 def values_of(conn: Connection, job_id: str, row: Row[Any]) -> dict[str, str]:
-    """Only the shared values one item's spec refers to (its template's, too)."""
+    """Only the shared values one item's spec refers to (its template's, too, which the row
+    carries when selected with ITEM_TEMPLATE)."""
     spec = json.loads(row.spec)
     templated = isinstance(spec, dict) and _TEMPLATE in spec
-    found = _values(conn, job_id, [_TEMPLATE_NAME] if templated else [])
+    if templated and "template" in row._fields:
+        found = {_TEMPLATE_NAME: str(row.template)}
+    else:
+        found = _values(conn, job_id, [_TEMPLATE_NAME] if templated else [])
     references = _references(spec)
     if templated:
         references |= _references(json.loads(found[_TEMPLATE_NAME]))

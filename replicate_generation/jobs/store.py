@@ -58,13 +58,20 @@ from replicate_generation.jobs.rows import (
     load_job,
 )
 from replicate_generation.jobs.schema import job_files, job_items, job_values, jobs
-from replicate_generation.jobs.shared_values import all_values, pack_specs, values_of
+from replicate_generation.jobs.shared_values import (
+    ITEM_TEMPLATE,
+    all_values,
+    pack_specs,
+    values_of,
+)
 from replicate_generation.jobs.spend import Budget, SpendLedger, check_budget
 
 # The fence of the job an item belongs to, correlated with the item a statement touches.
 _ITEM_FENCE = select(jobs.c.fence).where(jobs.c.id == job_items.c.job_id).scalar_subquery()
 _ITEM_AND_RUNNER: list[ColumnElement[Any]] = [*ITEM_COLUMNS, job_items.c.runner]
 _ITEM_AND_FENCE: list[ColumnElement[Any]] = [*_ITEM_AND_RUNNER, _ITEM_FENCE.label("job_fence")]
+# Beside an item's columns: its job's template, so loading the item is one statement.
+_TEMPLATE: list[ColumnElement[Any]] = [ITEM_TEMPLATE]
 _ITEM_OWNER = select(jobs.c.owner).where(jobs.c.id == job_items.c.job_id).scalar_subquery()
 _ITEM_CANCELED = (select(jobs.c.cancel_requested_at).where(jobs.c.id == job_items.c.job_id)
                   .scalar_subquery())
@@ -201,7 +208,7 @@ class JobStore:
 
     def item(self, job_id: str, index: int) -> ItemRow | None:
         with self.db.read() as conn:
-            row = conn.execute(select(*ITEM_COLUMNS).where(
+            row = conn.execute(select(*ITEM_COLUMNS, *_TEMPLATE).where(
                 job_items.c.job_id == job_id, job_items.c.idx == index)).first()
             return item_row(row, values_of(conn, job_id, row)) if row is not None else None
 
@@ -452,8 +459,8 @@ _ATTEMPTS_VALUES: dict[str, Any] = {name: bindparam(f"v_{name}") for name in (
 _ATTEMPTS = update(job_items).where(*_FINISH_WHERE).values(_ATTEMPTS_VALUES)
 _ATTEMPTS_FENCED = update(job_items).where(
     *_FINISH_WHERE, _ITEM_FENCE == bindparam("w_fence")).values(_ATTEMPTS_VALUES)
-_ITEM_TO_RUN = select(*_ITEM_AND_FENCE).where(job_items.c.job_id == bindparam("job_id"),
-                                              job_items.c.idx == bindparam("idx"))
+_ITEM_TO_RUN = select(*_ITEM_AND_FENCE, *_TEMPLATE).where(
+    job_items.c.job_id == bindparam("job_id"), job_items.c.idx == bindparam("idx"))
 _ITEM_BEFORE = select(job_items.c.state, job_items.c.cost_usd).where(
     job_items.c.job_id == bindparam("job_id"), job_items.c.idx == bindparam("idx")
 ).with_for_update(key_share=True)
