@@ -226,7 +226,8 @@ def test_cancel_mid_run_cancels_running_predictions_and_never_creates_queued_one
     app = make_app(concurrent_limit=2)
     client = app.test_client()
     # Item 0 is quick and finishes; 1 and 2 then hold both slots; 3 to 5 wait.
-    prompts = ["quick one"] + [f"#slow=3 slow {i}" for i in range(1, 6)]
+    # Long enough that no load lets a slow one end before the cancel reaches it.
+    prompts = ["quick one"] + [f"#slow=60 slow {i}" for i in range(1, 6)]
     job = submit_async(client, batch(prompts, output_format="png"), ADMIN)
     job_id = job["id"]
 
