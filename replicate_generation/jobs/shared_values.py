@@ -33,28 +33,21 @@ def pack_specs(specs: Iterable[dict[str, Any]]) -> tuple[list[str], dict[str, st
     digests: dict[int, str] = {}  # by id(): 1,000 items sharing one string hash it once
     values: dict[str, str] = {}
     texts: list[str] = []
-    template: dict[str, Any] | None = None
     first: dict[str, Any] | None = None
     for spec in specs:
         packed = _pack(spec, digests, values)
-        if first is None:
+        if first is None:  # stored whole, unless a second item makes it the template
             first = packed
             texts.append(_text(packed))
             continue
-        if template is None:
-            template = _template(first, values)
-            texts[0] = _text(_difference(first, template))
-        texts.append(_text(_difference(packed, template)))
+        if _TEMPLATE_NAME not in values:
+            values[_TEMPLATE_NAME], texts[0] = texts[0], _text({_TEMPLATE: 1})
+        texts.append(_text(_difference(packed, first)))
     return texts, values
 
 
 def _text(spec: dict[str, Any]) -> str:
     return json.dumps(spec, separators=(",", ":"))
-
-
-def _template(spec: dict[str, Any], values: dict[str, str]) -> dict[str, Any]:
-    values[_TEMPLATE_NAME] = _text(spec)
-    return spec
 
 
 def _difference(spec: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
@@ -152,7 +145,7 @@ def _references(value: Any) -> set[str]:
 # The job's template beside an item's row: read in the item's own statement, not one more.
 ITEM_TEMPLATE = select(job_values.c.value).where(
     job_values.c.job_id == job_items.c.job_id,
-    job_values.c.digest == _TEMPLATE_NAME).scalar_subquery().label("template")
+    job_values.c.digest == _TEMPLATE_NAME).scalar_subquery().label(_TEMPLATE_NAME)
 
 
 def values_of(conn: Connection, job_id: str, row: Row[Any]) -> dict[str, str]:
@@ -160,12 +153,12 @@ def values_of(conn: Connection, job_id: str, row: Row[Any]) -> dict[str, str]:
     carries when selected with ITEM_TEMPLATE)."""
     spec = json.loads(row.spec)
     templated = isinstance(spec, dict) and _TEMPLATE in spec
-    if templated and "template" in row._fields:
-        found = {_TEMPLATE_NAME: str(row.template)}
+    if templated and _TEMPLATE_NAME in row._fields:
+        found = {_TEMPLATE_NAME: str(row._mapping[_TEMPLATE_NAME])}
     else:
         found = _values(conn, job_id, [_TEMPLATE_NAME] if templated else [])
     references = _references(spec)
-    if templated:
+    if templated and _SHARED_REF in found[_TEMPLATE_NAME]:  # parsed only if it refers on
         references |= _references(json.loads(found[_TEMPLATE_NAME]))
     wanted = sorted(references - set(found))
     return {**found, **_values(conn, job_id, wanted)} if wanted else found

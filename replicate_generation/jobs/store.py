@@ -250,9 +250,9 @@ class JobStore:
             # The job's row first: every writer locks a job before its items (no deadlock).
             if not _fence_holds(conn, job_id, fence):
                 return None
-            row = conn.execute(select(*_ITEM_AND_RUNNER).where(
+            row = conn.execute(select(*_ITEM_AND_RUNNER, *_TEMPLATE).where(
                 job_items.c.job_id == job_id, job_items.c.idx == index)
-                .with_for_update(key_share=True)).first()
+                .with_for_update(key_share=True, of=job_items)).first()
             if row is None or row.state in ITEM_TERMINAL or row.runner not in (None, runner):
                 return None
             conn.execute(update(job_items).where(job_items.c.job_id == job_id,
